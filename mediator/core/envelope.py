@@ -1,0 +1,172 @@
+"""Helpers over the canonical envelope (``mediator.v1.Envelope``, CloudEvents Protobuf compatible).
+
+Bindings see an event as its *context attributes* (CloudEvents names, canonical string values) plus
+the data bytes; these helpers convert between that view and the Protobuf message.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from mediator.core.errors import Rejected, RejectCode
+from mediator.v1.envelope_pb2 import AttributeValue, Envelope, Provenance
+
+__all__ = [
+    "SPEC_VERSION",
+    "AttributeValue",
+    "Envelope",
+    "Provenance",
+    "attribute",
+    "context_attributes",
+    "data_bytes",
+    "from_context_attributes",
+    "new_event",
+    "set_attribute",
+]
+
+SPEC_VERSION = "1.0"
+REQUIRED = ("id", "source", "specversion", "type")
+_NAME = re.compile(r"^[a-z0-9]{1,64}$")
+# Attributes whose CloudEvents type is not String; everything else unknown travels as a string.
+_TIMESTAMP_ATTRS = frozenset({"time"})
+_URI_ATTRS = frozenset({"dataschema"})
+
+
+def valid_attribute_name(name: str) -> bool:
+    """CloudEvents 1.0: lower-case ASCII letters and digits only."""
+    return _NAME.fullmatch(name) is not None
+
+
+def new_event(
+    *,
+    type: str,
+    source: str,
+    data: bytes,
+    content_type: str | None = None,
+    id: str | None = None,
+    subject: str | None = None,
+    provenance: Provenance | None = None,
+) -> Envelope:
+    """A fresh event stamped with a random id (unless given) and the current time."""
+    env = Envelope(id=id or str(uuid.uuid4()), source=source, spec_version=SPEC_VERSION, type=type)
+    env.binary_data = data
+    ts = env.attributes["time"].ce_timestamp
+    ts.GetCurrentTime()
+    if content_type:
+        env.attributes["datacontenttype"].ce_string = content_type
+    if subject:
+        env.attributes["subject"].ce_string = subject
+    if provenance is not None:
+        env.provenance.CopyFrom(provenance)
+    return env
+
+
+def value_to_str(value: AttributeValue) -> str:
+    """The canonical string form of an attribute value (CloudEvents 1.0 section 'Type System')."""
+    kind = value.WhichOneof("attr")
+    if kind == "ce_boolean":
+        return "true" if value.ce_boolean else "false"
+    if kind == "ce_integer":
+        return str(value.ce_integer)
+    if kind == "ce_bytes":
+        return base64.b64encode(value.ce_bytes).decode("ascii")
+    if kind == "ce_timestamp":
+        return value.ce_timestamp.ToJsonString()
+    if kind == "ce_uri":
+        return value.ce_uri
+    if kind == "ce_uri_ref":
+        return value.ce_uri_ref
+    return value.ce_string
+
+
+def attribute(env: Envelope, name: str) -> str | None:
+    """Any context attribute (required ones included) as its canonical string, or None if absent."""
+    if name == "id":
+        return env.id
+    if name == "source":
+        return env.source
+    if name == "specversion":
+        return env.spec_version
+    if name == "type":
+        return env.type
+    if name in env.attributes:
+        return value_to_str(env.attributes[name])
+    return None
+
+
+def set_attribute(env: Envelope, name: str, value: str) -> None:
+    """Set a context attribute from its string form; raises Rejected on a bad name or time."""
+    if name == "id":
+        env.id = value
+    elif name == "source":
+        env.source = value
+    elif name == "specversion":
+        env.spec_version = value
+    elif name == "type":
+        env.type = value
+    elif not valid_attribute_name(name):
+        raise Rejected(RejectCode.INVALID, f"invalid attribute name {name!r}: lower-case letters and digits only")
+    elif name in _TIMESTAMP_ATTRS:
+        ts = Timestamp()
+        try:
+            ts.FromJsonString(value)
+        except ValueError as exc:
+            raise Rejected(RejectCode.INVALID, f"attribute {name!r} is not an RFC 3339 timestamp") from exc
+        env.attributes[name].ce_timestamp.CopyFrom(ts)
+    elif name in _URI_ATTRS:
+        env.attributes[name].ce_uri = value
+    else:
+        env.attributes[name].ce_string = value
+
+
+def iter_attributes(env: Envelope) -> Iterator[tuple[str, str]]:
+    """Every context attribute as (name, canonical string): the required four first."""
+    yield "specversion", env.spec_version
+    yield "id", env.id
+    yield "source", env.source
+    yield "type", env.type
+    for name, value in env.attributes.items():
+        yield name, value_to_str(value)
+
+
+def context_attributes(env: Envelope) -> dict[str, str]:
+    return dict(iter_attributes(env))
+
+
+def data_bytes(env: Envelope) -> bytes:
+    """The event data as bytes: binary as is, text UTF-8 encoded, Protobuf data as its serialized Any value."""
+    kind = env.WhichOneof("data")
+    if kind == "binary_data":
+        return env.binary_data
+    if kind == "text_data":
+        return env.text_data.encode("utf-8")
+    if kind == "proto_data":
+        return env.proto_data.value
+    return b""
+
+
+def validate(env: Envelope) -> None:
+    """Raise Rejected unless the event carries the four required attributes and a supported spec version."""
+    missing = [n for n in REQUIRED if not attribute(env, n)]
+    if missing:
+        raise Rejected(RejectCode.INVALID, "missing required attribute(s): " + ", ".join(missing))
+    if env.spec_version != SPEC_VERSION:
+        raise Rejected(RejectCode.INVALID, f"unsupported specversion {env.spec_version!r}, expected 1.0")
+    for name in env.attributes:
+        if not valid_attribute_name(name):
+            raise Rejected(RejectCode.INVALID, f"invalid attribute name {name!r}")
+
+
+def from_context_attributes(attrs: Mapping[str, str], data: bytes) -> Envelope:
+    """Build and validate an envelope from string attributes (a binary-mode binding's view)."""
+    env = Envelope()
+    for name, value in attrs.items():
+        set_attribute(env, name, value)
+    env.binary_data = data
+    validate(env)
+    return env

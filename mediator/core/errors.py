@@ -1,0 +1,70 @@
+"""The error hierarchy every part of the daemon speaks.
+
+Adapters convert library exceptions at their boundary (``raise RetryableDeliveryError(...) from exc``);
+core code never sees an aiomqtt, aio-pika, aiohttp or grpc type.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class MediatorError(Exception):
+    """Base of every error the daemon raises on purpose."""
+
+
+class ConfigError(MediatorError):
+    """A configuration file is unreadable or invalid. ``problems`` holds one line per error."""
+
+    def __init__(self, file: str, problems: list[str]) -> None:
+        self.file = file
+        self.problems = problems
+        super().__init__(f"{file}: " + "; ".join(problems))
+
+
+class RejectCode(Enum):
+    """Why a sender's message was refused; each inbound maps it onto its protocol's answer."""
+
+    INVALID = "invalid"  # HTTP 400, INVALID_ARGUMENT
+    UNAUTHENTICATED = "unauthenticated"  # 401
+    FORBIDDEN = "forbidden"  # 403, PERMISSION_DENIED
+    TOO_LARGE = "too_large"  # 413
+    UNSUPPORTED_MEDIA = "unsupported_media"  # 415
+    RATE_LIMITED = "rate_limited"  # 429, RESOURCE_EXHAUSTED
+
+
+class Rejected(MediatorError):
+    """The sender's fault; never retried."""
+
+    def __init__(self, code: RejectCode, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code.value}: {reason}")
+
+
+class NotReady(MediatorError):
+    """Draining, overloaded or unable to commit: 503 / UNAVAILABLE / no ack, so the sender retries."""
+
+    def __init__(self, reason: str, retry_after_s: float = 1.0) -> None:
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        super().__init__(reason)
+
+
+class DeliveryError(MediatorError):
+    """An outbound could not deliver."""
+
+
+class RetryableDeliveryError(DeliveryError):
+    """Timeout, connection loss, 5xx, broker nack: try again later.
+
+    ``retry_after_s`` is the peer's own hint (HTTP Retry-After), if it gave one.
+    """
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(reason)
+
+
+class TerminalDeliveryError(DeliveryError):
+    """Unroutable, 4xx, too large: retrying cannot help, so the delivery is dead-lettered."""

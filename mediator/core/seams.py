@@ -1,0 +1,138 @@
+"""The seams between the core and the protocol adapters.
+
+An adapter package (``adapters/<kind>/``) exports ``ADAPTER: AdapterSpec``. The composition root
+(``mediator.registry``) is the only place that names adapter packages; nothing else under ``mediator/``
+imports them, and adapters never import each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mediator.core.envelope import Envelope
+from mediator.core.health import Health
+
+
+class Sink(Protocol):
+    """Where inbound adapters hand events. Shared by every inbound; safe to call concurrently."""
+
+    async def accept(self, events: Sequence[Envelope]) -> None:
+        """Run the ingress stages, route, and commit ``events`` to the outbox as one unit.
+
+        Returns only when every event is safe (committed, or recognised as a duplicate); only then may the
+        adapter acknowledge its sender. Raises ``Rejected`` (the sender's fault: answer with the mapped
+        refusal and never retry) or ``NotReady`` (draining, overloaded or unable to commit: answer 503 /
+        UNAVAILABLE, or withhold the ack so the broker redelivers). Cancellation abandons the commit
+        wait; the events may or may not be committed, so the adapter must not acknowledge.
+        """
+        ...
+
+    async def dead_letter(self, event: Envelope, reason: str) -> None:
+        """Commit a message the inbound could not decode (``event`` wraps its raw bytes) as a dead
+        letter with ``reason``; returns when it is safe, after which the adapter acknowledges it so it
+        never loops. Raises ``NotReady`` like ``accept``."""
+        ...
+
+
+class Service(Protocol):
+    """A long-lived part of an adapter: a listener, a consumer, a broker connection."""
+
+    name: str
+
+    async def run(self) -> None:
+        """Run until cancelled. Connects (and reconnects with backoff) by itself and never raises on a
+        broker outage: it reports its state to ``Health`` instead. Cancellation closes everything it
+        opened before returning; only a bug or a bind failure at start-up may escape as an exception."""
+        ...
+
+
+class Outbound(Protocol):
+    """A destination protocol endpoint. The dispatcher calls ``send`` up to ``max_in_flight`` times
+    concurrently and classifies the outcome."""
+
+    name: str
+    max_in_flight: int
+
+    async def send(self, event: Envelope, address: str, format: str) -> None:
+        """Deliver one event to ``address`` in ``format`` (see ``mediator.core.formats.FORMATS``).
+
+        Returns only when the peer confirmed (MQTT PUBACK, AMQP publisher confirm, HTTP 2xx, gRPC stream
+        write). Raises ``RetryableDeliveryError`` (not connected, timeout, broker nack, 5xx) or
+        ``TerminalDeliveryError`` (unroutable, 4xx, too large). Must itself be bounded in time.
+        """
+        ...
+
+
+class ConfigModel(BaseModel):
+    """Base of every config model: unknown keys are errors and values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetryConfig(ConfigModel):
+    """Dispatch policy of one outbound."""
+
+    max_attempts: int = Field(default=10, ge=1)
+    backoff_initial_s: float = Field(default=0.2, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+
+
+class InboundConfigBase(ConfigModel):
+    """An inbound section. ``connection()`` names the listener or broker it uses, if any."""
+
+    kind: str
+
+    def connection(self) -> str | None:
+        return None
+
+
+class OutboundConfigBase(ConfigModel):
+    kind: str
+    max_in_flight: int = Field(default=256, ge=1, le=65536)
+    send_timeout_s: float = Field(default=10.0, gt=0)
+    retry: RetryConfig = RetryConfig()
+
+    def connection(self) -> str | None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterConfig:
+    """The sections of the whole config that belong to one adapter kind, by admin-chosen name."""
+
+    listeners: Mapping[str, ConfigModel] = field(default_factory=dict)
+    brokers: Mapping[str, ConfigModel] = field(default_factory=dict)
+    inbounds: Mapping[str, InboundConfigBase] = field(default_factory=dict)
+    outbounds: Mapping[str, OutboundConfigBase] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What the daemon lends to adapters."""
+
+    sink: Sink
+    health: Health
+
+
+@dataclass(slots=True)
+class Built:
+    """What an adapter built from its config: services to run and outbounds to dispatch to."""
+
+    services: list[Service] = field(default_factory=list)
+    outbounds: dict[str, Outbound] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSpec:
+    """One protocol's entry in the registry. A model is None when the protocol has no such section."""
+
+    kind: str
+    build: Callable[[AdapterConfig, Runtime], Built]
+    listener_model: type[ConfigModel] | None = None
+    broker_model: type[ConfigModel] | None = None
+    inbound_model: type[InboundConfigBase] | None = None
+    outbound_model: type[OutboundConfigBase] | None = None
