@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from mediator.core.errors import Rejected, RejectCode
+from mediator.core.errors import RejectCode, Rejected
 from mediator.v1.envelope_pb2 import AttributeValue, Envelope, Provenance
 
 __all__ = [

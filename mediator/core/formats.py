@@ -17,7 +17,7 @@ from mediator.core.envelope import (
     validate,
     value_to_str,
 )
-from mediator.core.errors import Rejected, RejectCode
+from mediator.core.errors import RejectCode, Rejected
 
 JSON_CONTENT_TYPE = "application/cloudevents+json"
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
@@ -58,20 +58,20 @@ def to_json_dict(env: Envelope) -> dict[str, Any]:
             out[name] = value.ce_integer
         else:
             out[name] = value_to_str(value)
-    kind = env.WhichOneof("data")
-    if kind is None:
+    data_kind = env.WhichOneof("data")
+    if data_kind is None:
         return out
     data = data_bytes(env)
     content_type = out.get("datacontenttype")
     ct = content_type if isinstance(content_type, str) else None
-    if kind == "text_data" and not is_json(ct):
+    if data_kind == "text_data" and not is_json(ct):
         out["data"] = env.text_data
-    elif kind != "proto_data" and is_json(ct):
+    elif data_kind != "proto_data" and is_json(ct):
         try:
             out["data"] = json.loads(data) if data else None
         except ValueError:
             out["data_base64"] = base64.b64encode(data).decode("ascii")
-    elif kind != "proto_data" and is_text(ct):
+    elif data_kind != "proto_data" and is_text(ct):
         try:
             out["data"] = data.decode("utf-8")
         except UnicodeDecodeError:

@@ -1,7 +1,8 @@
-"""Readiness of every component, for /readyz and the logs."""
+"""Readiness of every component, for /readyz, gRPC health and the dispatchers."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 
@@ -12,10 +13,14 @@ class ComponentState:
 
 
 class Health:
-    """Components register when built (not ready) and report as they connect and disconnect."""
+    """Components register when built (not ready) and report as they connect and disconnect.
+
+    Must be used from the event loop thread only.
+    """
 
     def __init__(self) -> None:
         self._states: dict[str, ComponentState] = {}
+        self._events: dict[str, asyncio.Event] = {}
         self.draining = False
 
     def register(self, component: str) -> None:
@@ -23,6 +28,23 @@ class Health:
 
     def set(self, component: str, ready: bool, detail: str = "") -> None:
         self._states[component] = ComponentState(ready, detail)
+        event = self._events.get(component)
+        if event is not None:
+            if ready:
+                event.set()
+            else:
+                event.clear()
+
+    def is_ready(self, component: str) -> bool:
+        state = self._states.get(component)
+        return state is not None and state.ready
+
+    async def wait_ready(self, component: str) -> None:
+        """Return once ``component`` reports ready (at once if it already is, or was never registered)."""
+        if component not in self._states or self._states[component].ready:
+            return
+        event = self._events.setdefault(component, asyncio.Event())
+        await event.wait()
 
     @property
     def ready(self) -> bool:

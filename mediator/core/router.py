@@ -49,7 +49,7 @@ class Unroutable:
 
 
 class _CompiledRoute:
-    __slots__ = ("attrs", "inbounds", "spec", "sources", "topics", "types")
+    __slots__ = ("attrs", "inbounds", "sources", "spec", "topics", "types")
 
     def __init__(self, spec: RouteSpec) -> None:
         self.spec = spec

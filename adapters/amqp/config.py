@@ -1,0 +1,139 @@
+"""Config models of the AMQP 0-9-1 adapter: ``[brokers.X]``, ``[inbound.X]`` and ``[outbound.X]`` with
+``kind = "amqp"``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+from pydantic import Field, PlainSerializer, PlainValidator, field_validator, model_validator
+
+from mediator.core.errors import ConfigError
+from mediator.core.patterns import Template
+from mediator.core.seams import ConfigModel, InboundConfigBase, OutboundConfigBase
+
+HEADER_PREFIXES = ("cloudEvents_", "cloudEvents:", "ce-", "ce_")
+"""Attribute header prefixes: the CloudEvents AMQP binding writes ``cloudEvents_`` (``cloudEvents:`` in its
+older drafts), the RabbitMQ binding of the CloudEvents SDKs ``ce-``; ``ce_`` is common in the wild."""
+
+HeaderPrefix = Literal["cloudEvents_", "cloudEvents:", "ce-", "ce_"]
+ExchangeType = Literal["topic", "direct", "fanout", "headers"]
+
+
+def _template(value: object) -> Template:
+    if isinstance(value, Template):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a template must be a string such as 'com.example.{topic.1}'")
+    return Template.compile(value)  # ValueError says which placeholder or brace is wrong
+
+
+TemplateField = Annotated[Template, PlainValidator(_template), PlainSerializer(lambda t: t.text, return_type=str)]
+
+
+class AmqpBrokerConfig(ConfigModel):
+    """A RabbitMQ (AMQP 0-9-1) broker we connect to. Each inbound and outbound opens its own connection
+    (RabbitMQ's advice: a publisher blocked by flow control must not stall consumers)."""
+
+    kind: Literal["amqp"] = "amqp"
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # The NAME of an environment variable whose value replaces ``url`` (secrets never inline).
+    url_env: str | None = Field(default=None, min_length=1)
+    heartbeat_s: int = Field(default=30, ge=0, le=65535)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    reconnect_initial_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        _check_url(value)
+        return value
+
+    @model_validator(mode="after")
+    def _backoff(self) -> AmqpBrokerConfig:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        return self
+
+    def resolved_url(self, name: str, environ: Mapping[str, str] | None = None) -> str:
+        """The URL to connect to: ``$url_env`` when configured (it must be set), else ``url``."""
+        if self.url_env is None:
+            return self.url
+        env = os.environ if environ is None else environ
+        value = env.get(self.url_env)
+        if not value:
+            raise ConfigError(
+                "environment",
+                [f"brokers.{name}.url_env: environment variable {self.url_env!r} is not set or empty"],
+            )
+        try:
+            _check_url(value)
+        except ValueError as exc:
+            raise ConfigError("environment", [f"brokers.{name}.url_env ({self.url_env}): {exc}"]) from None
+        return value
+
+
+def _check_url(value: str) -> None:
+    if not value.startswith(("amqp://", "amqps://")):
+        raise ValueError("url must start with amqp:// or amqps://")
+
+
+class AmqpBindingConfig(ConfigModel):
+    """Bind the inbound queue to ``exchange`` (declared durable, of ``exchange_type``) with ``routing_key``."""
+
+    exchange: str = Field(min_length=1)  # the default exchange cannot be bound
+    routing_key: str = "#"
+    exchange_type: ExchangeType = "topic"
+
+
+class AmqpInboundConfig(InboundConfigBase):
+    """Consume one queue. The routing key is the event's topic (segments separated by ``.``).
+
+    ``decode = "auto"``: ``application/cloudevents+json`` / ``+protobuf`` bodies are structured events,
+    messages whose headers carry ``specversion`` under a known prefix are binary-mode events, anything else
+    is raw data named by the ``type`` and ``source`` templates. ``"raw"``: always raw. ``"structured"``:
+    CloudEvents only (structured by content type or binary by headers, else the body must be CloudEvents
+    JSON); anything else is dead-lettered.
+    """
+
+    kind: Literal["amqp"]
+    broker: str = Field(min_length=1)
+    queue: str = Field(min_length=1)
+    durable: bool = True
+    queue_type: Literal["classic", "quorum"] = "classic"
+    bindings: tuple[AmqpBindingConfig, ...] = ()
+    prefetch: int = Field(default=256, ge=1, le=65535)
+    type: TemplateField = Template.compile("io.mediator.amqp.message")
+    source: TemplateField = Template.compile("amqp://{inbound}")
+    decode: Literal["auto", "raw", "structured"] = "auto"
+
+    @model_validator(mode="after")
+    def _quorum(self) -> AmqpInboundConfig:
+        if self.queue_type == "quorum" and not self.durable:
+            raise ValueError("quorum queues are always durable: set durable = true or queue_type = 'classic'")
+        return self
+
+    def connection(self) -> str | None:
+        return self.broker
+
+
+class AmqpOutboundConfig(OutboundConfigBase):
+    """Publish to ``exchange`` with the route's address as routing key, with publisher confirms and
+    mandatory routing (an unroutable message is a terminal failure). ``exchange = ""`` is the default
+    exchange (the address is then a queue name); it is never declared."""
+
+    kind: Literal["amqp"]
+    broker: str = Field(min_length=1)
+    exchange: str
+    exchange_type: ExchangeType = "topic"
+    durable: bool = True
+    declare: bool = True
+    persistent: bool = True
+    header_prefix: HeaderPrefix = "cloudEvents_"
+    # The format of destinations that name none; ``send`` uses the one it is given.
+    format: Literal["binary", "structured", "protobuf"] = "binary"
+
+    def connection(self) -> str | None:
+        return self.broker

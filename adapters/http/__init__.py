@@ -1,0 +1,78 @@
+"""HTTP adapter: aiohttp listeners with POST inbounds (plain or CloudEvents), and webhook outbounds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapters.http.config import HttpInboundConfig, HttpListenerConfig, HttpOutboundConfig
+from adapters.http.inbound import HttpInbound, paths_conflict
+from adapters.http.listener import HttpListener
+from adapters.http.outbound import HttpOutbound
+from mediator.core.errors import ConfigError
+from mediator.core.seams import AdapterConfig, AdapterSpec, Built, Runtime
+
+__all__ = [
+    "ADAPTER",
+    "HttpInbound",
+    "HttpInboundConfig",
+    "HttpListener",
+    "HttpListenerConfig",
+    "HttpOutbound",
+    "HttpOutboundConfig",
+    "build",
+]
+
+
+@dataclass(slots=True)
+class _OutboundSession:
+    """The ``Service`` that owns a webhook outbound's client session."""
+
+    name: str
+    outbound: HttpOutbound
+
+    async def run(self) -> None:
+        await self.outbound.run()
+
+
+def build(cfg: AdapterConfig, rt: Runtime) -> Built:
+    built = Built()
+    problems: list[str] = []
+    listeners: dict[str, HttpListenerConfig] = {}
+    for name, lcfg in cfg.listeners.items():
+        if not isinstance(lcfg, HttpListenerConfig):
+            raise TypeError(f"listeners.{name}: expected HttpListenerConfig, got {type(lcfg).__name__}")
+        listeners[name] = lcfg
+    by_listener: dict[str, list[HttpInbound]] = {name: [] for name in listeners}
+    for name, icfg in cfg.inbounds.items():
+        if not isinstance(icfg, HttpInboundConfig):
+            raise TypeError(f"inbound.{name}: expected HttpInboundConfig, got {type(icfg).__name__}")
+        target = listeners.get(icfg.listener)
+        if target is None:
+            problems.append(f"inbound.{name}.listener: no http listener named {icfg.listener!r}")
+            continue
+        by_listener[icfg.listener].append(HttpInbound(name, icfg, target, rt.sink))
+    for inbounds in by_listener.values():
+        problems.extend(paths_conflict(inbounds))
+    if problems:
+        raise ConfigError("config", problems)
+    for name, lcfg in listeners.items():
+        listener = HttpListener(name, lcfg, by_listener[name], rt.health)
+        rt.health.register(listener.name)
+        built.services.append(listener)
+    for name, ocfg in cfg.outbounds.items():
+        if not isinstance(ocfg, HttpOutboundConfig):
+            raise TypeError(f"outbound.{name}: expected HttpOutboundConfig, got {type(ocfg).__name__}")
+        outbound = HttpOutbound(name, ocfg, rt.health)
+        rt.health.register(outbound.component)
+        built.outbounds[name] = outbound
+        built.services.append(_OutboundSession(outbound.component, outbound))
+    return built
+
+
+ADAPTER = AdapterSpec(
+    kind="http",
+    build=build,
+    listener_model=HttpListenerConfig,
+    inbound_model=HttpInboundConfig,
+    outbound_model=HttpOutboundConfig,
+)

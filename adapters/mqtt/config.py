@@ -1,0 +1,150 @@
+"""Config models of the MQTT adapter: ``[brokers.X]``, ``[inbound.X]`` and ``[outbound.X]`` with ``kind = "mqtt"``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, PlainSerializer, PlainValidator, field_validator
+
+from mediator.core.patterns import Template
+from mediator.core.seams import ConfigModel, InboundConfigBase, OutboundConfigBase
+
+
+def _template(value: object) -> Template:
+    if isinstance(value, Template):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a template must be a string such as 'mqtt://example/{topic.1}'")
+    template = Template.compile(value)  # ValueError says which placeholder or brace is wrong
+    if template.is_static and not value:
+        raise ValueError("template must not be empty")
+    return template
+
+
+TemplateField = Annotated[Template, PlainValidator(_template), PlainSerializer(lambda t: t.text, return_type=str)]
+
+
+def topic_filter_problem(text: str) -> str | None:
+    """Why ``text`` is not a valid MQTT topic filter (MQTT 5 section 4.7, 4.8.2), or None."""
+    if not text:
+        return "a topic filter must not be empty"
+    if "\x00" in text:
+        return "a topic filter must not contain NUL"
+    if len(text.encode("utf-8")) > 65535:
+        return "a topic filter is limited to 65535 bytes"
+    levels = text.split("/")
+    if levels[0] == "$share":
+        # $share/{ShareName}/{filter}: the share name is one level without wildcards.
+        if len(levels) < 3 or not levels[1] or not levels[2:] or levels[2:] == [""]:
+            return "a shared subscription is '$share/<group>/<filter>'"
+        if "+" in levels[1] or "#" in levels[1]:
+            return "the group of a shared subscription must not contain '+' or '#'"
+        levels = levels[2:]
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "'#' must be a whole level and the last one"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level"
+    return None
+
+
+def publish_topic_problem(text: str) -> str | None:
+    """Why ``text`` cannot be published to (MQTT 5 section 4.7.1), or None."""
+    if not text:
+        return "the topic is empty"
+    if "+" in text or "#" in text:
+        return "a publish topic must not contain the wildcards '+' or '#'"
+    if "\x00" in text:
+        return "the topic contains NUL"
+    if len(text.encode("utf-8")) > 65535:
+        return "the topic is longer than 65535 bytes"
+    return None
+
+
+class MqttBrokerConfig(ConfigModel):
+    """An MQTT broker we connect to. Each inbound and outbound opens its own connection to it, with the
+    client id ``<client_id>-<name>`` (fixed, so a persistent session survives a restart)."""
+
+    kind: Literal["mqtt"] = "mqtt"
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str = Field(default="mediator", min_length=1, max_length=200)
+    username: str | None = None
+    # The NAME of the environment variable holding the password; secrets never sit in the file.
+    password_env: str | None = Field(default=None, min_length=1)
+    keepalive_s: int = Field(default=30, ge=1, le=65535)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    reconnect_initial_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    # MQTT 5: how long the broker keeps an inbound's session (subscriptions, unacknowledged messages)
+    # after a disconnect. MQTT 3.1.1 sessions of a fixed client id never expire.
+    session_expiry_s: int = Field(default=3600, ge=0, le=4294967295)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: object) -> object:
+        # TOML writers may type `protocol = 5`; accept it rather than a puzzling literal error.
+        if value == 5:
+            return "5"
+        return value
+
+
+class MqttInboundConfig(InboundConfigBase):
+    """A subscription on a broker; every message becomes one event (or a batch).
+
+    ``decode``: ``auto`` reads a CloudEvent when the message says it is one (MQTT 5: a ``specversion``
+    user property for binary mode, the Content Type ``application/cloudevents+json`` or
+    ``application/cloudevents+protobuf`` for structured mode) and otherwise makes a new event from the raw
+    payload, named by the ``type`` and ``source`` templates; ``raw`` always does the latter; ``structured``
+    expects CloudEvents JSON in every payload (how MQTT 3.1.1 carries CloudEvents).
+
+    ``qos = 2`` is accepted but the subscription is made at QoS 1: paho acknowledges a QoS 2 PUBLISH
+    (PUBREC) before the application sees it and keeps that state in memory only, so QoS 2 would lose
+    messages on a crash, while QoS 1 with the acknowledgement held until the outbox commit, plus the
+    event id as deduplication key, is the gateway's at-least-once contract.
+    """
+
+    kind: Literal["mqtt"]
+    broker: str = Field(min_length=1)
+    topics: list[str] = Field(min_length=1)
+    qos: Literal[0, 1, 2] = 1
+    type: TemplateField = Template.compile("io.mediator.mqtt.message")
+    source: TemplateField = Template.compile("mqtt://{inbound}")
+    content_type: str | None = Field(default=None, min_length=1)
+    decode: Literal["auto", "raw", "structured"] = "auto"
+    max_in_flight: int = Field(default=256, ge=1, le=65535)
+
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, value: list[str]) -> list[str]:
+        for topic in value:
+            problem = topic_filter_problem(topic)
+            if problem is not None:
+                raise ValueError(f"topic filter {topic!r}: {problem}")
+        if len(set(value)) != len(value):
+            raise ValueError("topics lists the same filter twice")
+        return value
+
+    def connection(self) -> str | None:
+        return self.broker
+
+
+class MqttOutboundConfig(OutboundConfigBase):
+    """Publishes each event to the topic given by the route's address.
+
+    ``format``: ``binary`` (MQTT 5: payload = data, Content Type = datacontenttype, every other attribute a
+    user property; MQTT 3.1.1: the payload only, since 3.1.1 has no place for attributes), ``structured``
+    (CloudEvents JSON) or ``protobuf`` (CloudEvents Protobuf). ``max_in_flight`` also sets how many QoS 1/2
+    publishes the client keeps unacknowledged on the wire.
+    """
+
+    kind: Literal["mqtt"]
+    broker: str = Field(min_length=1)
+    qos: Literal[0, 1, 2] = 1
+    retain: bool = False
+    format: Literal["binary", "structured", "protobuf"] = "binary"
+    max_in_flight: int = Field(default=256, ge=1, le=65535)
+
+    def connection(self) -> str | None:
+        return self.broker

@@ -1,0 +1,191 @@
+"""MQTT inbound: subscribe, turn each message into events, acknowledge only once they are safe.
+
+aiomqtt 2.x acknowledges QoS 1 messages as soon as it queues them, before we run, so a crash would lose
+them. We switch the wrapped paho client to manual acknowledgement and send each PUBACK after
+``sink.accept`` returned. Messages are processed concurrently (up to ``max_in_flight``), but MQTT
+requires PUBACKs in the order the PUBLISHes arrived (MQTT 5 section 4.6), so one task acknowledges
+them strictly in receive order. The session is persistent under a fixed client id: what we never
+acknowledged is redelivered after a reconnect or a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiomqtt
+import structlog
+
+from adapters.mqtt.codec import InboundRules, MqttMessage, to_envelope, undecodable, user_properties
+from adapters.mqtt.config import MqttInboundConfig
+from adapters.mqtt.connection import Backoff, BrokerAccess, make_client, paho_client
+from mediator.core.envelope import Envelope
+from mediator.core.errors import NotReady, Rejected
+from mediator.core.seams import Runtime
+
+# Retrying a commit the sink refused with NotReady; the broker keeps the message meanwhile.
+_RETRY_INITIAL_S = 0.05
+_RETRY_MAX_S = 5.0
+
+
+class SubscriptionRefused(Exception):
+    """The broker refused one of the topic filters (SUBACK reason code >= 0x80)."""
+
+
+class MqttInbound:
+    """One subscription client; a ``Service``."""
+
+    def __init__(self, name: str, cfg: MqttInboundConfig, access: BrokerAccess, rt: Runtime) -> None:
+        self.name = f"inbound:{name}"
+        self.inbound = name
+        self.client_id = f"{access.config.client_id}-{name}"
+        self._cfg = cfg
+        self._access = access
+        self._rt = rt
+        self._rules = InboundRules(
+            inbound=name, type=cfg.type, source=cfg.source, content_type=cfg.content_type, decode=cfg.decode
+        )
+        self._qos = min(cfg.qos, 1)  # see MqttInboundConfig: QoS 2 is received as QoS 1
+        self._log = structlog.get_logger(__name__).bind(inbound=name, protocol="mqtt")
+        rt.health.register(self.name)
+
+    async def run(self) -> None:
+        broker = self._access.config
+        backoff = Backoff(broker.reconnect_initial_s, broker.reconnect_max_s)
+        if self._cfg.qos == 2:
+            self._log.warning("inbound.qos_downgraded", configured=2, used=1)
+        try:
+            while True:
+                problem = "disconnected"
+                try:
+                    client = self._client()
+                    async with client:
+                        backoff.reset()
+                        await self._subscribe(client)
+                        self._rt.health.set(self.name, True, f"connected to {broker.host}:{broker.port}")
+                        self._log.info("inbound.connected", broker=self._access.name, client_id=self.client_id)
+                        await self._consume(client)
+                except* aiomqtt.MqttError as group:
+                    problem = str(group.exceptions[0])
+                except* SubscriptionRefused as group:
+                    problem = str(group.exceptions[0])
+                delay = backoff.next()
+                self._rt.health.set(self.name, False, problem)
+                self._log.warning("inbound.disconnected", reason=problem, retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+        finally:
+            self._rt.health.set(self.name, False, "stopped")
+
+    def _client(self) -> aiomqtt.Client:
+        client = make_client(
+            self._access,
+            self.client_id,
+            persistent=True,
+            receive_maximum=self._cfg.max_in_flight,
+            max_inflight=20,  # this client does not publish
+        )
+        # Must be set before CONNECT: from then on paho leaves every PUBACK to us (paho.ack).
+        paho_client(client).manual_ack_set(True)
+        return client
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        # Always resubscribe: the session may be new (expired, or the broker lost it), and a subscription
+        # the config gained since the session was made must be added.
+        granted = await client.subscribe([(topic, self._qos) for topic in self._cfg.topics])
+        for topic, code in zip(self._cfg.topics, granted, strict=False):
+            value = code.value if hasattr(code, "value") else int(code)
+            if value >= 0x80:
+                raise SubscriptionRefused(f"broker refused subscription {topic!r}: {code}")
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        """Receive until the connection drops (raises ``aiomqtt.MqttError``) or we are cancelled.
+
+        Handlers of one connection die with it: their messages were not acknowledged, so the broker
+        redelivers them on the next connection (a commit that did complete becomes a duplicate, which the
+        event id deduplicates for CloudEvents). Unacknowledged messages number at most ``max_in_flight``
+        (the slots below); aiomqtt's own queue is unbounded (a bounded one silently discards) but the
+        broker sends no more than Receive Maximum unacknowledged QoS 1 messages on MQTT 5.
+        """
+        ack = paho_client(client).ack
+        slots = asyncio.Semaphore(self._cfg.max_in_flight)
+        order: deque[tuple[asyncio.Task[None], int, int]] = deque()
+        ready = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._ack_in_order(ack, slots, order, ready), name=f"{self.name}:ack")
+            async for message in client.messages:
+                await slots.acquire()
+                task = tg.create_task(self._handle(message))
+                order.append((task, message.mid, message.qos))
+                ready.set()
+
+    @staticmethod
+    async def _ack_in_order(
+        ack: Callable[[int, int], object],
+        slots: asyncio.Semaphore,
+        order: deque[tuple[asyncio.Task[None], int, int]],
+        ready: asyncio.Event,
+    ) -> None:
+        while True:
+            while not order:
+                ready.clear()
+                await ready.wait()
+            task, mid, qos = order[0]
+            await task  # never raises: _handle settles every message, or is cancelled with us
+            order.popleft()
+            slots.release()
+            if qos > 0:
+                ack(mid, qos)
+
+    async def _handle(self, message: aiomqtt.Message) -> None:
+        """Settle one message: accepted, or dead-lettered; retry while the sink is not ready."""
+        props = message.properties
+        payload = message.payload
+        wire = MqttMessage(
+            topic=message.topic.value,
+            payload=payload if isinstance(payload, bytes) else str(payload or "").encode(),
+            content_type=getattr(props, "ContentType", None) if props is not None else None,
+            user_properties=user_properties(getattr(props, "UserProperty", None)) if props is not None else (),
+        )
+        try:
+            events = to_envelope(wire, self._rules)
+        except Rejected as exc:
+            env = undecodable(wire, self.inbound)
+            self._log.error("envelope.undecodable", topic=wire.topic, size=len(wire.payload), reason=exc.reason)
+            await self._until_safe(self._rt.sink.dead_letter, env, exc.reason)
+            return
+        self._log.debug("envelope.received", event_id=events[0].id, topic=wire.topic, size=len(wire.payload))
+        await self._until_safe(self._accept, events)
+
+    async def _accept(self, events: list[Envelope]) -> None:
+        try:
+            await self._rt.sink.accept(events)
+        except Rejected as exc:
+            # Nobody can be answered on MQTT: the refusal becomes a dead letter, then the ack.
+            for env in events:
+                self._log.error("envelope.rejected", event_id=env.id, reason=exc.reason)
+                await self._rt.sink.dead_letter(env, exc.reason)
+
+    async def _until_safe(self, call: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Await ``call`` until it succeeds, holding the acknowledgement meanwhile: ``NotReady`` means the
+        sink cannot commit now (draining, overloaded), and the message must not be lost or acked."""
+        backoff = Backoff(_RETRY_INITIAL_S, _RETRY_MAX_S)
+        attempt = 0
+        while True:
+            try:
+                await call(*args)
+                return
+            except NotReady as exc:
+                reason = exc.reason
+                delay = max(backoff.next(), min(exc.retry_after_s, _RETRY_MAX_S))
+            except Exception as exc:  # a bug in a stage or the sink: hold the message, keep the connection
+                reason = repr(exc)
+                delay = backoff.next()
+                self._log.exception("envelope.failed", reason=reason)
+            attempt += 1
+            if attempt == 1:
+                self._log.warning("envelope.deferred", reason=reason, retry_in_s=round(delay, 2))
+            else:
+                self._log.debug("envelope.deferred", reason=reason, retry_in_s=round(delay, 2), attempt=attempt)
+            await asyncio.sleep(delay)

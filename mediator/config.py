@@ -1,0 +1,249 @@
+"""config.toml: parsed, validated strictly, cross-checked. Every error names its file and key path."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from mediator.core.errors import ConfigError
+from mediator.core.formats import FORMATS
+from mediator.core.patterns import Template, TopicPattern, validate_topic_pattern
+from mediator.core.router import DestinationSpec, RouteSpec
+from mediator.core.seams import (
+    AdapterConfig,
+    AdapterSpec,
+    ConfigModel,
+    InboundConfigBase,
+    OutboundConfigBase,
+)
+
+
+class DaemonConfig(ConfigModel):
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    drain_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class OutboxConfig(ConfigModel):
+    kind: Literal["sqlite", "memory"] = "sqlite"
+    path: str = "var/outbox.sqlite"
+    synchronous: Literal["full", "normal"] = "full"
+    max_pending: int = Field(default=100_000, ge=1)
+    max_batch: int = Field(default=512, ge=1)
+
+
+def _as_list(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+class MatchConfig(ConfigModel):
+    inbound: list[str] = []
+    type: list[str] = []
+    source: list[str] = []
+    topic: list[str] = []
+    attributes: dict[str, str] = {}
+
+    _lists = field_validator("inbound", "type", "source", "topic", mode="before")(_as_list)
+
+    @field_validator("topic")
+    @classmethod
+    def _topics(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            problem = validate_topic_pattern(pattern)
+            if problem:
+                raise ValueError(f"topic pattern {pattern!r}: {problem}")
+        return value
+
+
+class DestinationConfig(ConfigModel):
+    outbound: str
+    address: str = ""
+    format: str = "binary"
+
+    @field_validator("address")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        Template.compile(value)
+        return value
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+        return value
+
+
+class RouteConfig(ConfigModel):
+    name: str = Field(min_length=1)
+    match: MatchConfig = MatchConfig()
+    to: list[DestinationConfig] = Field(min_length=1)
+
+
+class RootConfig(ConfigModel):
+    daemon: DaemonConfig = DaemonConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    listeners: dict[str, dict[str, Any]] = {}
+    brokers: dict[str, dict[str, Any]] = {}
+    inbound: dict[str, dict[str, Any]] = {}
+    outbound: dict[str, dict[str, Any]] = {}
+    routes: list[RouteConfig] = []
+
+    @model_validator(mode="after")
+    def _unique_routes(self) -> RootConfig:
+        names = [r.name for r in self.routes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"route names must be unique: {', '.join(dupes)}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A validated config: the root sections, each adapter's typed sections, and the compiled routes."""
+
+    file: str
+    root: RootConfig
+    adapters: Mapping[str, AdapterConfig]
+    routes: tuple[RouteSpec, ...] = field(default_factory=tuple)
+
+    @property
+    def daemon(self) -> DaemonConfig:
+        return self.root.daemon
+
+    @property
+    def outbox(self) -> OutboxConfig:
+        return self.root.outbox
+
+    def outbound_configs(self) -> dict[str, OutboundConfigBase]:
+        return {n: c for a in self.adapters.values() for n, c in a.outbounds.items()}
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _problems(exc: ValidationError, prefix: str = "") -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = _loc(tuple(err["loc"]))
+        path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        out.append(f"{path}: {msg}" if path else msg)
+    return out
+
+
+def load(path: str | Path, specs: Mapping[str, AdapterSpec]) -> Config:
+    """Read and validate ``path``; raise ConfigError listing every problem found."""
+    file = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(file, [f"cannot read: {exc.strerror or exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, [f"TOML syntax error: {exc}"]) from exc
+    return parse(raw, specs, file)
+
+
+def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = "<config>") -> Config:
+    problems: list[str] = []
+    try:
+        root = RootConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(file, _problems(exc)) from exc
+
+    sections: dict[str, dict[str, dict[str, Any]]] = {
+        "listeners": {},
+        "brokers": {},
+        "inbound": {},
+        "outbound": {},
+    }
+    typed: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in specs}
+    for section in sections:
+        for name, body in getattr(root, section).items():
+            where = f"{section}.{name}"
+            kind = body.get("kind")
+            if kind is None:
+                problems.append(f"{where}.kind: required ({' | '.join(sorted(specs))})")
+                continue
+            spec = specs.get(kind)
+            model = _model_for(spec, section) if spec else None
+            if spec is None or model is None:
+                allowed = sorted(k for k, s in specs.items() if _model_for(s, section) is not None)
+                problems.append(f"{where}.kind: {kind!r} is not one of {', '.join(allowed)}")
+                continue
+            try:
+                typed[kind].setdefault(section, {})[name] = model.model_validate(body)
+            except ValidationError as exc:
+                problems.extend(_problems(exc, where))
+
+    conn_kind = {
+        **{n: b.get("kind") for n, b in root.listeners.items()},
+        **{n: b.get("kind") for n, b in root.brokers.items()},
+    }
+    for section in ("inbound", "outbound"):
+        for kind, by_section in typed.items():
+            for name, model in by_section.get(section, {}).items():
+                assert isinstance(model, InboundConfigBase | OutboundConfigBase)
+                ref = model.connection()
+                if ref is None:
+                    continue
+                key = "listener" if specs[kind].listener_model is not None else "broker"
+                if ref not in conn_kind:
+                    problems.append(f"{section}.{name}.{key}: no {key} named {ref!r}")
+                elif conn_kind[ref] != kind:
+                    problems.append(f"{section}.{name}.{key}: {ref!r} is a {conn_kind[ref]} {key}, not {kind}")
+
+    outbound_names = set(root.outbound)
+    inbound_names = set(root.inbound)
+    routes: list[RouteSpec] = []
+    for i, route in enumerate(root.routes):
+        for name in route.match.inbound:
+            if name not in inbound_names:
+                problems.append(f"routes[{i}].match.inbound: no inbound named {name!r}")
+        dests = []
+        for j, dest in enumerate(route.to):
+            if dest.outbound not in outbound_names:
+                problems.append(f"routes[{i}].to[{j}].outbound: no outbound named {dest.outbound!r}")
+            dests.append(DestinationSpec(dest.outbound, Template.compile(dest.address), dest.format))
+        routes.append(
+            RouteSpec(
+                name=route.name,
+                destinations=tuple(dests),
+                inbounds=frozenset(route.match.inbound),
+                types=tuple(route.match.type),
+                sources=tuple(route.match.source),
+                topics=tuple(TopicPattern(t) for t in route.match.topic),
+                attributes=dict(route.match.attributes),
+            )
+        )
+    if problems:
+        raise ConfigError(file, problems)
+
+    adapters = {
+        kind: AdapterConfig(
+            listeners=by_section.get("listeners", {}),
+            brokers=by_section.get("brokers", {}),
+            inbounds=by_section.get("inbound", {}),
+            outbounds=by_section.get("outbound", {}),
+        )
+        for kind, by_section in typed.items()
+    }
+    return Config(file=file, root=root, adapters=adapters, routes=tuple(routes))
+
+
+def _model_for(spec: AdapterSpec, section: str) -> type[ConfigModel] | None:
+    return {
+        "listeners": spec.listener_model,
+        "brokers": spec.broker_model,
+        "inbound": spec.inbound_model,
+        "outbound": spec.outbound_model,
+    }[section]

@@ -1,0 +1,131 @@
+"""The daemon's lifecycle: build everything from a config, run it, drain on SIGTERM/SIGINT.
+
+Stop order (as uvicorn and Benthos do it): refuse new intake, let in-flight commits finish, give the
+dispatchers what is left of the drain budget to deliver, then cancel everything. Whatever is not
+delivered stays in a durable outbox for the next start. A second signal skips the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+
+import structlog
+
+from mediator.config import Config
+from mediator.core.health import Health
+from mediator.core.router import Router
+from mediator.core.seams import Outbound, Runtime, Service
+from mediator.dispatch import Backlog, Dispatcher
+from mediator.outbox import MemoryOutbox, Outbox, SqliteOutbox
+from mediator.pipeline import Pipeline
+from mediator.registry import load_specs
+
+log = structlog.get_logger(__name__)
+
+
+def make_outbox(config: Config) -> Outbox:
+    cfg = config.outbox
+    if cfg.kind == "memory":
+        return MemoryOutbox()
+    return SqliteOutbox(cfg.path, synchronous=cfg.synchronous, max_batch=cfg.max_batch)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.health = Health()
+        self.backlog = Backlog()
+        self.outbox = make_outbox(config)
+        self.dispatchers: dict[str, Dispatcher] = {}
+        self.pipeline = Pipeline(
+            Router(config.routes),
+            self.outbox,
+            self.dispatchers,
+            self.backlog,
+            max_pending=config.outbox.max_pending,
+        )
+        runtime = Runtime(sink=self.pipeline, health=self.health)
+        specs = load_specs()
+        self.services: list[Service] = []
+        outbounds: dict[str, Outbound] = {}
+        for kind, adapter_cfg in config.adapters.items():
+            built = specs[kind].build(adapter_cfg, runtime)
+            self.services.extend(built.services)
+            outbounds.update(built.outbounds)
+        outbound_cfgs = config.outbound_configs()
+        for name, outbound in outbounds.items():
+            self.dispatchers[name] = Dispatcher(
+                name, outbound, outbound_cfgs[name], self.outbox, self.health, self.backlog
+            )
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+
+    def request_stop(self) -> None:
+        if self._stop.is_set():
+            log.warning("daemon.forced_stop")
+            self._force.set()
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def _run(self) -> None:
+        pending = await self.outbox.open()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(s.run(), name=s.name) for s in self.services]
+                tasks += [tg.create_task(d.run(), name=f"dispatcher:{n}") for n, d in self.dispatchers.items()]
+                orphans = 0
+                for p in pending:
+                    dispatcher = self.dispatchers.get(p.outbound)
+                    if dispatcher is None:
+                        orphans += 1
+                        await self.outbox.dead_letter(p, f"outbound {p.outbound!r} is no longer configured")
+                        continue
+                    self.backlog.add(1)
+                    dispatcher.submit(p)
+                log.info(
+                    "daemon.started",
+                    services=len(self.services),
+                    outbounds=len(self.dispatchers),
+                    resumed=len(pending) - orphans,
+                )
+                await self._stop.wait()
+                await self._drain()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            await self.outbox.close()
+        log.info("daemon.stopped", undelivered=self.backlog.value)
+
+    async def _drain(self) -> None:
+        budget = self.config.daemon.drain_timeout_s
+        deadline = time.monotonic() + budget
+        log.info("daemon.draining", timeout_s=budget, undelivered=self.backlog.value)
+        self.pipeline.draining = True
+        self.health.draining = True
+        for phase in (self.pipeline.wait_idle, self.backlog.wait_empty):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            force = asyncio.ensure_future(self._force.wait())
+            work = asyncio.ensure_future(phase())
+            try:
+                await asyncio.wait({force, work}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for fut in (force, work):
+                    fut.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await fut
+            if self._force.is_set():
+                break

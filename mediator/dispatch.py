@@ -1,0 +1,163 @@
+"""Dispatchers: one per outbound, claiming committed deliveries and classifying every outcome.
+
+Done -> forget the delivery; retryable -> back off (exponential, full jitter, the peer's Retry-After if
+longer) and try again, up to ``max_attempts``; terminal or exhausted -> dead letter with the reason.
+A dispatcher has its own workers and queue, so one slow or dead destination never delays another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import structlog
+
+from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
+from mediator.core.health import Health
+from mediator.core.seams import Outbound, OutboundConfigBase
+from mediator.outbox.base import Outbox, Pending, StorageError
+
+log = structlog.get_logger(__name__)
+
+BREAKER_THRESHOLD = 5
+"""Consecutive failures that open a destination's circuit breaker."""
+
+
+class Backlog:
+    """Deliveries committed and not yet done or dead-lettered, across every outbound."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def add(self, n: int) -> None:
+        self.value += n
+        if self.value:
+            self._empty.clear()
+
+    def settle(self) -> None:
+        self.value -= 1
+        if self.value <= 0:
+            self.value = 0
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        name: str,
+        outbound: Outbound,
+        cfg: OutboundConfigBase,
+        outbox: Outbox,
+        health: Health,
+        backlog: Backlog,
+    ) -> None:
+        self.name = name
+        self._outbound = outbound
+        self._cfg = cfg
+        self._outbox = outbox
+        self._health = health
+        self._backlog = backlog
+        # Unbounded by type, bounded in practice: the pipeline refuses new events past max_pending.
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue()
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._failures = 0
+        self._open_until = 0.0
+        self._log = log.bind(outbound=name)
+
+    def submit(self, delivery: Pending) -> None:
+        self._queue.put_nowait(delivery)
+
+    async def run(self) -> None:
+        """Run the workers until cancelled. Cancellation leaves unfinished deliveries in the outbox."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i in range(self._outbound.max_in_flight):
+                    tg.create_task(self._worker(), name=f"dispatch:{self.name}:{i}")
+        finally:
+            for timer in self._timers.values():
+                timer.cancel()
+            self._timers.clear()
+
+    async def _worker(self) -> None:
+        component = f"outbound:{self.name}"
+        timeout_s = self._cfg.send_timeout_s + 1.0  # the outbound bounds itself; this is the safety net
+        while True:
+            delivery = await self._queue.get()
+            # Waiting for the connection (or an open breaker) does not spend the delivery's attempts.
+            await self._health.wait_ready(component)
+            wait = self._open_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._outbound.send(delivery.event, delivery.address, delivery.format)
+            except TerminalDeliveryError as exc:
+                await self._dead(delivery, str(exc))
+            except RetryableDeliveryError as exc:
+                await self._retry(delivery, str(exc), exc.retry_after_s)
+            except TimeoutError:
+                await self._retry(delivery, f"no confirmation within {timeout_s:.1f} s", None)
+            except Exception as exc:  # an adapter bug must not kill the worker or lose the delivery
+                self._log.exception("delivery.crashed", event_id=delivery.event.id, route=delivery.route)
+                await self._retry(delivery, f"{type(exc).__name__}: {exc}", None)
+            else:
+                self._failures = 0
+                self._outbox.done(delivery)
+                self._backlog.settle()
+                self._log.debug("delivery.done", event_id=delivery.event.id, route=delivery.route)
+
+    async def _retry(self, delivery: Pending, reason: str, retry_after_s: float | None) -> None:
+        delivery.attempts += 1
+        policy = self._cfg.retry
+        if delivery.attempts >= policy.max_attempts:
+            await self._dead(delivery, f"gave up after {delivery.attempts} attempts: {reason}")
+            return
+        self._failures += 1
+        cap = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (delivery.attempts - 1))
+        delay = random.uniform(cap / 2, cap)
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, policy.backoff_max_s))
+        if self._failures >= BREAKER_THRESHOLD:
+            self._open_until = max(self._open_until, time.monotonic() + delay)
+        self._outbox.failed(delivery)
+        self._log.warning(
+            "delivery.retried",
+            event_id=delivery.event.id,
+            route=delivery.route,
+            attempt=delivery.attempts,
+            delay_s=round(delay, 3),
+            reason=reason,
+        )
+        self._later(delivery, delay)
+
+    def _later(self, delivery: Pending, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers[delivery.id] = loop.call_later(delay, self._requeue, delivery)
+
+    def _requeue(self, delivery: Pending) -> None:
+        self._timers.pop(delivery.id, None)
+        self._queue.put_nowait(delivery)
+
+    async def _dead(self, delivery: Pending, reason: str) -> None:
+        try:
+            await self._outbox.dead_letter(delivery, reason)
+        except StorageError as exc:
+            # Not recorded anywhere yet: keep the delivery and try to bury it again later.
+            self._log.error("delivery.dead_letter_failed", event_id=delivery.event.id, error=str(exc))
+            self._later(delivery, self._cfg.retry.backoff_max_s)
+            return
+        self._backlog.settle()
+        self._log.error(
+            "delivery.dead_lettered",
+            event_id=delivery.event.id,
+            route=delivery.route,
+            address=delivery.address,
+            attempts=delivery.attempts,
+            reason=reason,
+        )

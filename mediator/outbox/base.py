@@ -1,0 +1,86 @@
+"""The outbox seam and the values it stores."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from mediator.core.envelope import Envelope
+from mediator.core.router import Delivery, Unroutable
+
+
+class StorageError(Exception):
+    """The outbox could not commit (disk full, I/O error): the sender must not be acknowledged."""
+
+
+@dataclass(slots=True)
+class Pending:
+    """One delivery of one event to one destination, not yet done."""
+
+    id: int
+    event: Envelope
+    route: str
+    outbound: str
+    address: str
+    format: str
+    attempts: int = 0
+    event_row: int = 0  # the stored event this delivery belongs to (SQLite rowid; 0 in memory)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: int
+    event: Envelope
+    route: str
+    outbound: str
+    address: str
+    format: str
+    reason: str
+    attempts: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """One event for commit: where it goes and which of its destinations already failed."""
+
+    event: Envelope
+    deliveries: Sequence[Delivery]
+    failures: Sequence[Unroutable] = ()
+    dead_reason: str | None = None  # set: store the whole event as one dead letter instead
+
+
+class Outbox(Protocol):
+    async def open(self) -> list[Pending]:
+        """Open the store and return every delivery left pending by an earlier run."""
+        ...
+
+    async def commit(self, items: Sequence[Accepted]) -> list[Pending]:
+        """Write the events and their deliveries (and dead letters) atomically; return the new deliveries.
+
+        Returns once durable (for a durable store). Raises StorageError when nothing was committed.
+        Concurrent calls are grouped into one transaction."""
+        ...
+
+    def done(self, delivery: Pending) -> None:
+        """The delivery succeeded: forget it (written lazily; a crash before then means a redelivery)."""
+        ...
+
+    def failed(self, delivery: Pending) -> None:
+        """Record one more failed attempt (lazily)."""
+        ...
+
+    async def dead_letter(self, delivery: Pending, reason: str) -> None:
+        """Move a delivery to the dead letters; returns once durable."""
+        ...
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
+
+    async def replay(self, ids: Sequence[int] | None = None) -> list[Pending]:
+        """Turn dead letters (all when ``ids`` is None) back into pending deliveries; returns them."""
+        ...
+
+    async def close(self) -> None:
+        """Flush lazy writes and close."""
+        ...

@@ -1,0 +1,74 @@
+"""An in-memory outbox: no fsync, no disk, and everything pending is LOST when the process dies.
+
+For operators who trade durability for speed (``[outbox] kind = "memory"``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+
+from mediator.core.envelope import Envelope
+from mediator.outbox.base import Accepted, DeadLetter, Pending
+
+
+class MemoryOutbox:
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Pending] = {}
+        self._dead: dict[int, DeadLetter] = {}
+
+    async def open(self) -> list[Pending]:
+        return []
+
+    async def commit(self, items: Sequence[Accepted]) -> list[Pending]:
+        out: list[Pending] = []
+        now = time.time()
+        for item in items:
+            if item.dead_reason is not None:
+                self._bury(item.event, "", "", "", "", item.dead_reason, 0, now)
+                continue
+            for fail in item.failures:
+                self._bury(item.event, fail.route, fail.outbound, "", "", fail.reason, 0, now)
+            for d in item.deliveries:
+                p = Pending(next(self._ids), item.event, d.route, d.outbound, d.address, d.format)
+                self._pending[p.id] = p
+                out.append(p)
+        return out
+
+    def done(self, delivery: Pending) -> None:
+        self._pending.pop(delivery.id, None)
+
+    def failed(self, delivery: Pending) -> None:
+        pass
+
+    async def dead_letter(self, delivery: Pending, reason: str) -> None:
+        self._pending.pop(delivery.id, None)
+        d = delivery
+        self._bury(d.event, d.route, d.outbound, d.address, d.format, reason, d.attempts, time.time())
+
+    def _bury(
+        self, event: Envelope, route: str, outbound: str, address: str, fmt: str, reason: str, n: int, at: float
+    ) -> None:
+        i = next(self._ids)
+        self._dead[i] = DeadLetter(i, event, route, outbound, address, fmt, reason, n, at)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return list(self._dead.values())[:limit]
+
+    async def replay(self, ids: Sequence[int] | None = None) -> list[Pending]:
+        chosen = list(self._dead) if ids is None else [i for i in ids if i in self._dead]
+        out = []
+        for i in chosen:
+            dl = self._dead[i]
+            if not dl.format:
+                continue  # never had a rendered destination: re-publish it instead
+            del self._dead[i]
+            p = Pending(next(self._ids), dl.event, dl.route, dl.outbound, dl.address, dl.format)
+            self._pending[p.id] = p
+            out.append(p)
+        return out
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,80 @@
+"""The Sink every inbound hands events to: ingress checks, routing, commit, hand-off to dispatchers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+import structlog
+
+from mediator.core.envelope import Envelope
+from mediator.core.errors import NotReady
+from mediator.core.router import Router
+from mediator.dispatch import Backlog, Dispatcher
+from mediator.outbox.base import Accepted, Outbox, StorageError
+
+log = structlog.get_logger(__name__)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        router: Router,
+        outbox: Outbox,
+        dispatchers: Mapping[str, Dispatcher],
+        backlog: Backlog,
+        *,
+        max_pending: int,
+    ) -> None:
+        self.router = router  # swapped whole on a config reload; routing reads it once per event
+        self._outbox = outbox
+        self._dispatchers = dispatchers
+        self._backlog = backlog
+        self._max_pending = max_pending
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def accept(self, events: Sequence[Envelope]) -> None:
+        if self.draining:
+            raise NotReady("shutting down", retry_after_s=5.0)
+        if self._backlog.value >= self._max_pending:
+            raise NotReady(f"outbox holds {self._backlog.value} undelivered events", retry_after_s=2.0)
+        router = self.router
+        items = []
+        for env in events:
+            deliveries, failures = router.route(env)
+            if deliveries or failures:
+                items.append(Accepted(env, deliveries, failures))
+                for fail in failures:
+                    log.warning("route.unrenderable", event_id=env.id, route=fail.route, reason=fail.reason)
+            else:
+                items.append(Accepted(env, (), (), dead_reason="no route matched"))
+                log.warning("route.unmatched", event_id=env.id, type=env.type, inbound=env.provenance.inbound)
+        # Shielded: once the commit is under way it completes and its deliveries are dispatched even if
+        # the caller is cancelled (the caller then does not acknowledge; the sender retries; dedup later).
+        await asyncio.shield(self._commit(items))
+
+    async def dead_letter(self, event: Envelope, reason: str) -> None:
+        log.error("envelope.dead_lettered", event_id=event.id, inbound=event.provenance.inbound, reason=reason)
+        await asyncio.shield(self._commit([Accepted(event, (), (), dead_reason=reason)]))
+
+    async def _commit(self, items: list[Accepted]) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            pending = await self._outbox.commit(items)
+        except StorageError as exc:
+            raise NotReady(str(exc), retry_after_s=5.0) from exc
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+        self._backlog.add(len(pending))
+        for p in pending:
+            self._dispatchers[p.outbound].submit(p)
+
+    async def wait_idle(self) -> None:
+        """Return when no commit is in progress."""
+        await self._idle.wait()

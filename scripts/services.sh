@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Start the brokers the tests and the quickstart need, if they are not already running.
+# Never restarts or reconfigures a broker that is up. See ../shared/SERVICES.md and the README.
+set -euo pipefail
+
+up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+if up 5672; then
+  echo "services: RabbitMQ is up on 127.0.0.1:5672"
+elif command -v rabbitmq-server >/dev/null 2>&1; then
+  echo "services: RabbitMQ is not running; starting it (rabbitmq-server -detached)"
+  export ERL_EPMD_ADDRESS=127.0.0.1
+  rabbitmq-server -detached || true
+  for _ in $(seq 1 60); do
+    if rabbitmqctl await_startup >/dev/null 2>&1 && up 5672; then break; fi
+    sleep 1
+  done
+  up 5672 || { echo "services: RabbitMQ did not come up within 60 s" >&2; exit 1; }
+  echo "services: RabbitMQ started"
+else
+  echo "services: RabbitMQ is not installed. As root: make install-brokers (apt-get install rabbitmq-server mosquitto)" >&2
+  exit 1
+fi
+
+if up 1883; then
+  echo "services: Mosquitto is up on 127.0.0.1:1883"
+elif command -v mosquitto >/dev/null 2>&1; then
+  echo "services: Mosquitto is not running; starting it"
+  if [ -r /etc/mosquitto/mosquitto.conf ]; then
+    mosquitto -d -c /etc/mosquitto/mosquitto.conf
+  else
+    conf=$(mktemp); printf 'listener 1883 127.0.0.1\nallow_anonymous true\n' >"$conf"; mosquitto -d -c "$conf"
+  fi
+  for _ in $(seq 1 50); do up 1883 && break; sleep 0.1; done
+  up 1883 || { echo "services: Mosquitto did not come up" >&2; exit 1; }
+  echo "services: Mosquitto started"
+else
+  echo "services: Mosquitto is not installed. As root: make install-brokers (apt-get install rabbitmq-server mosquitto)" >&2
+  exit 1
+fi
