@@ -1,0 +1,1 @@
+"""Protocol adapters: one package per protocol, each exporting ``ADAPTER`` (see mediator.core.seams)."""
