@@ -34,6 +34,8 @@ REQUIRED = ("id", "source", "specversion", "type")
 _NAME = re.compile(r"^[a-z0-9]{1,64}$")
 # Attributes whose CloudEvents type is not String; everything else unknown travels as a string.
 _TIMESTAMP_ATTRS = frozenset({"time"})
+# Member names of the JSON format that cannot be attributes (CloudEvents 1.0: "data" is reserved).
+_RESERVED = frozenset({"data", "data_base64"})
 _URI_ATTRS = frozenset({"dataschema"})
 
 
@@ -109,7 +111,7 @@ def set_attribute(env: Envelope, name: str, value: str) -> None:
         env.spec_version = value
     elif name == "type":
         env.type = value
-    elif not valid_attribute_name(name):
+    elif not valid_attribute_name(name) or name in _RESERVED:
         raise Rejected(RejectCode.INVALID, f"invalid attribute name {name!r}: lower-case letters and digits only")
     elif name in _TIMESTAMP_ATTRS:
         ts = Timestamp()
@@ -158,7 +160,7 @@ def validate(env: Envelope) -> None:
     if env.spec_version != SPEC_VERSION:
         raise Rejected(RejectCode.INVALID, f"unsupported specversion {env.spec_version!r}, expected 1.0")
     for name in env.attributes:
-        if not valid_attribute_name(name):
+        if not valid_attribute_name(name) or name in _RESERVED:
             raise Rejected(RejectCode.INVALID, f"invalid attribute name {name!r}")
 
 

@@ -59,8 +59,8 @@ def to_json_dict(env: Envelope) -> dict[str, Any]:
         else:
             out[name] = value_to_str(value)
     data_kind = env.WhichOneof("data")
-    if data_kind is None:
-        return out
+    if data_kind is None or (data_kind == "binary_data" and not env.binary_data):
+        return out  # no data (an empty body is "no data", not JSON null)
     data = data_bytes(env)
     content_type = out.get("datacontenttype")
     ct = content_type if isinstance(content_type, str) else None

@@ -59,7 +59,7 @@ class TemplateError(ValueError):
     """An address template referred to something the event does not have."""
 
 
-_FIELD = re.compile(r"\{([^{}]*)\}")
+_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _REF = re.compile(r"^(topic(\.-?\d+)?|inbound|[a-z0-9]{1,64})$")
 
 
@@ -77,15 +77,26 @@ class Template:
 
     @classmethod
     def compile(cls, text: str) -> Template:
-        escaped = text.replace("{{", "\x00").replace("}}", "\x01")
-        pieces = _FIELD.split(escaped)
-        if any("{" in p or "}" in p for p in pieces[::2]):
-            raise ValueError(f"unbalanced braces in template {text!r}")
-        for ref in pieces[1::2]:
-            if not _REF.match(ref):
+        # Scanned left to right like str.format, so "{{{topic}}}" is "{" + {topic} + "}".
+        parts: list[str] = []
+        literal: list[str] = []
+        pos = 0
+        for m in _TOKEN.finditer(text):
+            literal.append(text[pos : m.start()])
+            pos = m.end()
+            token, ref = m.group(0), m.group(1)
+            if token in ("{{", "}}"):
+                literal.append(token[0])
+            elif ref is None:
+                raise ValueError(f"unbalanced braces in template {text!r}")
+            elif not _REF.match(ref):
                 raise ValueError(f"unknown placeholder {{{ref}}} in template {text!r}")
-        literal = tuple(p.replace("\x00", "{").replace("\x01", "}") for p in pieces)
-        return cls(text, literal)
+            else:
+                parts += ["".join(literal), ref]
+                literal = []
+        literal.append(text[pos:])
+        parts.append("".join(literal))
+        return cls(text, tuple(parts))
 
     @property
     def is_static(self) -> bool:

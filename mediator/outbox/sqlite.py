@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids an admin saw never come back for another letter
     envelope BLOB NOT NULL,
     route TEXT NOT NULL,
     outbound TEXT NOT NULL,
@@ -78,11 +78,18 @@ class SqliteOutbox:
     # ------------------------------------------------------------------ loop side
     async def open(self) -> list[Pending]:
         self._loop = asyncio.get_running_loop()
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot open outbox {self._path}: {exc}") from exc
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="outbox-sqlite", daemon=True)
         self._thread.start()
-        await ready
+        try:
+            await ready
+        except StorageError:
+            self._thread = None  # the writer has exited: later calls must fail, not wait forever
+            raise
         rows: list[Pending] = await self._call(_load_pending)
         log.info("outbox.opened", path=str(self._path), pending=len(rows))
         return rows
@@ -169,7 +176,7 @@ class SqliteOutbox:
             for op in batch:
                 results.append((op.future, op.work(conn), None))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # sqlite3.Error, or a bug in a unit of work: never kill the thread
             with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have ended the transaction
                 conn.execute("ROLLBACK")
             err = StorageError(f"outbox write failed: {exc}")

@@ -1,0 +1,272 @@
+"""The outbox contract, for the in-memory and the SQLite store; durability and group commit for SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mediator.core.envelope import Envelope, new_event
+from mediator.core.router import Delivery, Unroutable
+from mediator.outbox import MemoryOutbox, Outbox, Pending, SqliteOutbox, StorageError
+from mediator.outbox.base import Accepted
+from mediator.outbox.sqlite import _load_pending
+
+
+def ev(n: int) -> Envelope:
+    return new_event(type="t", source="/s", data=f"payload-{n}".encode(), id=f"ev-{n}")
+
+
+def accepted(n: int, *outbounds: str) -> Accepted:
+    return Accepted(ev(n), [Delivery("r", o, f"addr-{n}", "binary") for o in outbounds])
+
+
+async def pending(box: Outbox) -> list[Pending]:
+    """What the store holds as pending right now (lazy writes included: the SQLite queue is FIFO)."""
+    if isinstance(box, MemoryOutbox):
+        return sorted(box._pending.values(), key=lambda p: p.id)
+    assert isinstance(box, SqliteOutbox)
+    rows: list[Pending] = await box._call(_load_pending)
+    return rows
+
+
+def ids(rows: Sequence[Pending]) -> list[int]:
+    return [p.id for p in rows]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def box(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Outbox]:
+    outbox: Outbox = MemoryOutbox() if request.param == "memory" else SqliteOutbox(tmp_path / "outbox.db")
+    assert await outbox.open() == []
+    yield outbox
+    await outbox.close()
+
+
+# ---------------------------------------------------------------------------------------------- both stores
+async def test_commit_returns_pending_rows(box: Outbox) -> None:
+    rows = await box.commit([accepted(1, "a", "b"), accepted(2, "a")])
+    assert [(p.event.id, p.route, p.outbound, p.address, p.format, p.attempts) for p in rows] == [
+        ("ev-1", "r", "a", "addr-1", "binary", 0),
+        ("ev-1", "r", "b", "addr-1", "binary", 0),
+        ("ev-2", "r", "a", "addr-2", "binary", 0),
+    ]
+    assert len(set(ids(rows))) == 3
+    assert ids(await pending(box)) == ids(rows)
+    assert (await pending(box))[0].event.binary_data == b"payload-1"
+
+
+async def test_commit_of_nothing(box: Outbox) -> None:
+    assert await box.commit([]) == []
+    assert await pending(box) == []
+
+
+async def test_done_removes(box: Outbox) -> None:
+    first, second, third = await box.commit([accepted(1, "a", "b"), accepted(2, "a")])
+    box.done(second)
+    assert ids(await pending(box)) == [first.id, third.id]
+    box.done(second)  # a second done is harmless
+    box.done(first)
+    box.done(third)
+    assert await pending(box) == []
+    assert await box.dead_letters() == []
+
+
+async def test_dead_letter_moves_with_reason_and_attempts(box: Outbox) -> None:
+    keep, bury = await box.commit([accepted(1, "a"), accepted(2, "b")])
+    bury.attempts = 4
+    await box.dead_letter(bury, "gave up: 503")
+    assert ids(await pending(box)) == [keep.id]
+    [dead] = await box.dead_letters()
+    assert (dead.event.id, dead.route, dead.outbound, dead.address, dead.format) == (
+        "ev-2",
+        "r",
+        "b",
+        "addr-2",
+        "binary",
+    )
+    assert (dead.reason, dead.attempts) == ("gave up: 503", 4)
+    assert dead.at > 0
+
+
+async def test_unroutable_and_unmatched_events_are_dead_letters_at_commit(box: Outbox) -> None:
+    rows = await box.commit(
+        [
+            Accepted(
+                ev(1), [Delivery("r", "a", "x", "binary")], [Unroutable("r", "b", "event has no attribute 'subject'")]
+            ),
+            Accepted(ev(2), (), dead_reason="no route matched"),
+        ]
+    )
+    assert [p.outbound for p in rows] == ["a"]
+    dead = await box.dead_letters()
+    assert [(d.event.id, d.route, d.outbound, d.format, d.reason) for d in dead] == [
+        ("ev-1", "r", "b", "", "event has no attribute 'subject'"),
+        ("ev-2", "", "", "", "no route matched"),
+    ]
+    # Neither ever had a rendered destination: replay leaves them where they are.
+    assert await box.replay() == []
+    assert len(await box.dead_letters()) == 2
+
+
+async def test_dead_letters_lists_in_order_with_a_limit(box: Outbox) -> None:
+    rows = await box.commit([accepted(n, "a") for n in range(5)])
+    for p in rows:
+        await box.dead_letter(p, f"reason {p.event.id}")
+    assert [d.event.id for d in await box.dead_letters()] == [f"ev-{n}" for n in range(5)]
+    assert [d.event.id for d in await box.dead_letters(limit=2)] == ["ev-0", "ev-1"]
+
+
+async def test_replay_turns_dead_letters_back_into_pending(box: Outbox) -> None:
+    rows = await box.commit([accepted(1, "a"), accepted(2, "b"), accepted(3, "c")])
+    for p in rows:
+        p.attempts = 3
+        await box.dead_letter(p, "down")
+    first, second, third = await box.dead_letters()
+
+    again = await box.replay([second.id, 999_999])
+    assert [(p.event.id, p.route, p.outbound, p.address, p.format, p.attempts) for p in again] == [
+        ("ev-2", "r", "b", "addr-2", "binary", 0)
+    ]
+    assert [d.id for d in await box.dead_letters()] == [first.id, third.id]
+    assert ids(await pending(box)) == ids(again)
+
+    rest = await box.replay()
+    assert [p.event.id for p in rest] == ["ev-1", "ev-3"]
+    assert await box.dead_letters() == []
+    assert sorted(ids(await pending(box))) == sorted(ids(again) + ids(rest))
+    assert await box.replay() == []
+
+    # A replayed delivery behaves like any other.
+    for p in again + rest:
+        box.done(p)
+    assert await pending(box) == []
+
+
+# ---------------------------------------------------------------------------------------------- SQLite only
+async def test_sqlite_reopen_returns_exactly_the_undelivered(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = SqliteOutbox(path)
+    await box.open()
+    rows = await box.commit([accepted(1, "a", "b"), accepted(2, "a"), accepted(3, "c"), accepted(4, "d")])
+    e1a, e1b, e2a, e3c, e4d = rows
+    box.done(e1a)
+    box.done(e4d)
+    e2a.attempts = 2
+    box.failed(e2a)  # lazy: flushed by close
+    await box.dead_letter(e3c, "terminal")
+    await box.close()
+
+    again = SqliteOutbox(path)
+    try:
+        survivors = await again.open()
+        assert [(p.id, p.event.id, p.outbound, p.address, p.attempts) for p in survivors] == [
+            (e1b.id, "ev-1", "b", "addr-1", 0),
+            (e2a.id, "ev-2", "a", "addr-2", 2),
+        ]
+        assert survivors[0].event.binary_data == b"payload-1"
+        assert survivors[0].event_row == e1b.event_row
+        assert [(d.event.id, d.reason) for d in await again.dead_letters()] == [("ev-3", "terminal")]
+        # Finishing the survivors after the restart releases their stored events.
+        for p in survivors:
+            again.done(p)
+    finally:
+        await again.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM deliveries").fetchone() == (0,)
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
+
+
+async def test_sqlite_event_is_stored_until_its_last_delivery_is_done(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = SqliteOutbox(path)
+    await box.open()
+    first, second = await box.commit([accepted(1, "a", "b")])
+    assert first.event_row == second.event_row != 0
+    box.done(first)
+    await box.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT id, refs FROM events").fetchall() == [(first.event_row, 1)]
+
+
+class CountingOutbox(SqliteOutbox):
+    """Counts writer-thread transactions (one per batch of queued operations)."""
+
+    transactions = 0
+
+    def _execute(self, conn: sqlite3.Connection, batch: list[Any], loop: asyncio.AbstractEventLoop) -> None:
+        type(self).transactions += 1
+        super()._execute(conn, batch, loop)
+
+
+async def test_sqlite_concurrent_commits_are_grouped(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = CountingOutbox(path)
+    await box.open()
+    CountingOutbox.transactions = 0
+    commits = 2000
+    try:
+        async with asyncio.timeout(60):
+            results = await asyncio.gather(*(box.commit([accepted(n, "a")]) for n in range(commits)))
+        grouped = CountingOutbox.transactions
+    finally:
+        await box.close()
+    assert [r[0].event.id for r in results] == [f"ev-{n}" for n in range(commits)]
+    assert len({r[0].id for r in results}) == commits
+    assert grouped < commits / 4, f"{commits} commits took {grouped} transactions"
+
+    again = SqliteOutbox(path)
+    try:
+        assert len(await again.open()) == commits
+    finally:
+        await again.close()
+
+
+async def test_sqlite_unwritable_path_raises_storage_error(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    box = SqliteOutbox(not_a_dir / "outbox.db")
+    with pytest.raises(StorageError):
+        await box.open()
+    async with asyncio.timeout(5):  # a dead store must refuse at once, never leave the caller waiting
+        with pytest.raises(StorageError):
+            await box.commit([accepted(1, "a")])
+    await box.close()
+
+
+async def test_sqlite_unopenable_database_raises_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "outbox.db").mkdir()  # a directory where the database file should be
+    box = SqliteOutbox(tmp_path / "outbox.db")
+    with pytest.raises(StorageError, match="cannot open outbox"):
+        await box.open()
+    async with asyncio.timeout(5):
+        with pytest.raises(StorageError):
+            await box.commit([accepted(1, "a")])
+    await box.close()
+
+
+async def test_sqlite_commit_before_open_raises_storage_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="not open"):
+        await SqliteOutbox(tmp_path / "outbox.db").commit([accepted(1, "a")])
+
+
+async def test_sqlite_failed_commit_raises_storage_error_and_the_store_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = SqliteOutbox(path)
+    await box.open()
+    locker = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # the writer's BEGIN IMMEDIATE times out (sqlite busy, 5 s)
+        async with asyncio.timeout(30):
+            with pytest.raises(StorageError, match="outbox write failed"):
+                await box.commit([accepted(1, "a")])
+        locker.execute("ROLLBACK")
+        async with asyncio.timeout(10):
+            [row] = await box.commit([accepted(2, "a")])
+            assert ids(await pending(box)) == [row.id]  # the failed commit left nothing behind
+    finally:
+        locker.close()
+        await box.close()
