@@ -79,7 +79,8 @@ def test_every_error_is_listed_at_once(tmp_path: Path) -> None:
     path.write_text(text)
     result = mediator("check", "--config", str(path))
     assert result.returncode == 2
-    assert "brokers.mosquitto.port" in result.stderr and "inbound.devices.qos" in result.stderr, result.stderr
+    assert "brokers.mosquitto.port" in result.stderr, result.stderr
+    assert "inbound.devices.qos" in result.stderr, result.stderr
 
 
 def test_missing_file_exits_2(tmp_path: Path) -> None:

@@ -23,9 +23,14 @@ def test_envelope_is_wire_compatible_with_cloudevents_field_numbers() -> None:
     from mediator.v1.envelope_pb2 import AttributeValue, Envelope
 
     fields = {f.name: f.number for f in Envelope.DESCRIPTOR.fields}
-    assert fields["id"] == 1 and fields["source"] == 2 and fields["spec_version"] == 3 and fields["type"] == 4
-    assert fields["attributes"] == 5 and fields["binary_data"] == 6
-    assert fields["text_data"] == 7 and fields["proto_data"] == 8
+    assert fields["id"] == 1
+    assert fields["source"] == 2
+    assert fields["spec_version"] == 3
+    assert fields["type"] == 4
+    assert fields["attributes"] == 5
+    assert fields["binary_data"] == 6
+    assert fields["text_data"] == 7
+    assert fields["proto_data"] == 8
     attr = {f.name: f.number for f in AttributeValue.DESCRIPTOR.fields}
     assert attr == {
         "ce_boolean": 1,

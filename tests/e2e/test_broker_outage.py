@@ -43,9 +43,7 @@ async def collect(queue: aio_pika.abc.AbstractQueue, expected: set[int], timeout
     return got
 
 
-async def test_daemon_starts_without_broker_then_connects_and_survives_restart(
-    tmp_path: Path, rabbitmq: str
-) -> None:
+async def test_daemon_starts_without_broker_then_connects_and_survives_restart(tmp_path: Path, rabbitmq: str) -> None:
     broker = MosquittoInstance(tmp_path / "mosq", port=free_port())
     qs = Quickstart(tmp_path, mqtt_port=broker.port)
     daemon = DaemonProcess(qs.write(), qs.http_port, tmp_path / "daemon.log")
@@ -62,7 +60,8 @@ async def test_daemon_starts_without_broker_then_connects_and_survives_restart(
                     await asyncio.sleep(0.1)
         assert status == 503
         await asyncio.sleep(1.0)
-        assert daemon.proc is not None and daemon.proc.returncode is None, daemon.logs()
+        assert daemon.proc is not None
+        assert daemon.proc.returncode is None, daemon.logs()
         assert await readyz(qs.http_port) == 503
 
         await broker.start()

@@ -15,8 +15,8 @@ import aiomqtt
 import grpc
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from mediator.v1 import envelope_pb2, service_pb2, service_pb2_grpc
 from tests.support.daemon import DaemonProcess, Quickstart
@@ -110,7 +110,7 @@ async def test_flow2_mqtt_telemetry_reaches_amqp(
 ) -> None:
     queue = await bound_queue(amqp, quickstart.telemetry_exchange, "telemetry.dev42")
     payload = b'{"temp": 21.5}'
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.ContentType = "application/json"
     async with aiomqtt.Client("127.0.0.1", 1883, protocol=aiomqtt.ProtocolVersion.V5) as mqtt:
         await mqtt.publish(f"{quickstart.topic_prefix}devices/dev42/telemetry", payload, qos=1, properties=props)
@@ -156,10 +156,12 @@ async def test_flow4_grpc_publish_and_subscribe(
         stub = service_pb2_grpc.MediatorStub(channel)
         stream = stub.Subscribe(service_pb2.SubscribeRequest(type="com.example.*"))
         received: list[envelope_pb2.Envelope] = []
+        arrived = asyncio.Event()
 
         async def collect() -> None:
             async for env in stream:
                 received.append(env)
+                arrived.set()
 
         collector = asyncio.create_task(collect())
         http_ids: list[str] = []
@@ -186,11 +188,14 @@ async def test_flow4_grpc_publish_and_subscribe(
             await mqtt.subscribe(f"{quickstart.topic_prefix}devices/+/telemetry", qos=1)
             await mqtt.publish(f"{quickstart.topic_prefix}devices/dev9/telemetry", b"7", qos=1)
 
+        def complete() -> bool:
+            ids = {e.id for e in received}
+            return env.id in ids and any(e.type == "com.example.device.telemetry" for e in received)
+
         async with asyncio.timeout(15):
-            while not (
-                any(e.id == env.id for e in received) and any(e.type == "com.example.device.telemetry" for e in received)
-            ):
-                await asyncio.sleep(0.05)
+            while not complete():
+                arrived.clear()
+                await arrived.wait()
         collector.cancel()
 
     by_id = {e.id: e for e in received}

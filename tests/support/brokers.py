@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 
 from tests.support.net import free_port, reachable
@@ -26,28 +25,29 @@ class MosquittoInstance:
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
         )
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=(self.workdir / f"mosquitto-{self.port}.log").open("ab"),
-        )
+        with (self.workdir / f"mosquitto-{self.port}.log").open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                "mosquitto", "-c", str(self.conf), stdout=asyncio.subprocess.DEVNULL, stderr=log
+            )
         async with asyncio.timeout(10):
             while not reachable("127.0.0.1", self.port, 0.2):
-                if self.proc.poll() is not None:
+                if self.proc.returncode is not None:
                     raise AssertionError(f"mosquitto exited with {self.proc.returncode}")
                 await asyncio.sleep(0.05)
 
     async def stop(self, kill: bool = False) -> None:
         if self.proc is None:
             return
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        await asyncio.to_thread(self.proc.wait, 10)
+        if self.proc.returncode is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+        async with asyncio.timeout(10):
+            await self.proc.wait()
         self.proc = None
 
     async def restart(self, kill: bool = False, down_s: float = 0.5) -> None:
