@@ -35,6 +35,7 @@ class OutboxConfig(ConfigModel):
     synchronous: Literal["full", "normal"] = "full"
     max_pending: int = Field(default=100_000, ge=1)
     max_batch: int = Field(default=512, ge=1)
+    dedup_window_s: float = Field(default=300.0, ge=0)  # 0 disables; key = event source + id
 
 
 def _as_list(value: object) -> object:

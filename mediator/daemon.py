@@ -29,8 +29,10 @@ log = structlog.get_logger(__name__)
 def make_outbox(config: Config) -> Outbox:
     cfg = config.outbox
     if cfg.kind == "memory":
-        return MemoryOutbox()
-    return SqliteOutbox(cfg.path, synchronous=cfg.synchronous, max_batch=cfg.max_batch)
+        return MemoryOutbox(dedup_window_s=cfg.dedup_window_s)
+    return SqliteOutbox(
+        cfg.path, synchronous=cfg.synchronous, max_batch=cfg.max_batch, dedup_window_s=cfg.dedup_window_s
+    )
 
 
 class Daemon:
@@ -46,6 +48,7 @@ class Daemon:
             self.dispatchers,
             self.backlog,
             max_pending=config.outbox.max_pending,
+            dedup=config.outbox.dedup_window_s > 0,
         )
         runtime = Runtime(sink=self.pipeline, health=self.health)
         specs = load_specs()

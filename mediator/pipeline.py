@@ -25,7 +25,9 @@ class Pipeline:
         backlog: Backlog,
         *,
         max_pending: int,
+        dedup: bool = True,
     ) -> None:
+        self._dedup = dedup
         self.router = router  # swapped whole on a config reload; routing reads it once per event
         self._outbox = outbox
         self._dispatchers = dispatchers
@@ -45,12 +47,14 @@ class Pipeline:
         items = []
         for env in events:
             deliveries, failures = router.route(env)
+            # CloudEvents: source + id identify an event; a repeat within the window is committed once.
+            key = f"{env.source}\x00{env.id}" if self._dedup else None
             if deliveries or failures:
-                items.append(Accepted(env, deliveries, failures))
+                items.append(Accepted(env, deliveries, failures, dedup_key=key))
                 for fail in failures:
                     log.warning("route.unrenderable", event_id=env.id, route=fail.route, reason=fail.reason)
             else:
-                items.append(Accepted(env, (), (), dead_reason="no route matched"))
+                items.append(Accepted(env, (), (), dead_reason="no route matched", dedup_key=key))
                 log.warning("route.unmatched", event_id=env.id, type=env.type, inbound=env.provenance.inbound)
         # Shielded: once the commit is under way it completes and its deliveries are dispatched even if
         # the caller is cancelled (the caller then does not acknowledge; the sender retries; dedup later).

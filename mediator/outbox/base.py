@@ -49,6 +49,7 @@ class Accepted:
     deliveries: Sequence[Delivery]
     failures: Sequence[Unroutable] = ()
     dead_reason: str | None = None  # set: store the whole event as one dead letter instead
+    dedup_key: str | None = None  # set: skip the event if this key was committed within the dedup window
 
 
 class Outbox(Protocol):
@@ -60,7 +61,8 @@ class Outbox(Protocol):
         """Write the events and their deliveries (and dead letters) atomically; return the new deliveries.
 
         Returns once durable (for a durable store). Raises StorageError when nothing was committed.
-        Concurrent calls are grouped into one transaction."""
+        Concurrent calls are grouped into one transaction. An item whose ``dedup_key`` was committed
+        within the deduplication window is skipped (it yields no deliveries), in the same transaction."""
         ...
 
     def done(self, delivery: Pending) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from mediator.core.envelope import Envelope
@@ -14,10 +15,12 @@ from mediator.outbox.base import Accepted, DeadLetter, Pending
 
 
 class MemoryOutbox:
-    def __init__(self) -> None:
+    def __init__(self, *, dedup_window_s: float = 0.0) -> None:
         self._ids = itertools.count(1)
         self._pending: dict[int, Pending] = {}
         self._dead: dict[int, DeadLetter] = {}
+        self._window = dedup_window_s
+        self._seen: OrderedDict[str, float] = OrderedDict()  # oldest first; pruned past the window
 
     async def open(self) -> list[Pending]:
         return []
@@ -25,7 +28,14 @@ class MemoryOutbox:
     async def commit(self, items: Sequence[Accepted]) -> list[Pending]:
         out: list[Pending] = []
         now = time.time()
+        horizon = now - self._window
+        while self._seen and next(iter(self._seen.values())) < horizon:
+            self._seen.popitem(last=False)
         for item in items:
+            if item.dedup_key is not None and self._window > 0:
+                if item.dedup_key in self._seen:
+                    continue
+                self._seen[item.dedup_key] = now
             if item.dead_reason is not None:
                 self._bury(item.event, "", "", "", "", item.dead_reason, 0, now)
                 continue

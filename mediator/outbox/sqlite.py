@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     format TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS seen (
+    key TEXT PRIMARY KEY,
+    at REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids an admin saw never come back for another letter
     envelope BLOB NOT NULL,
@@ -65,8 +69,12 @@ class _Op:
 
 
 class SqliteOutbox:
-    def __init__(self, path: str | Path, *, synchronous: str = "full", max_batch: int = 512) -> None:
+    def __init__(
+        self, path: str | Path, *, synchronous: str = "full", max_batch: int = 512, dedup_window_s: float = 0.0
+    ) -> None:
         self._path = Path(path)
+        self._window = dedup_window_s
+        self._last_prune = 0.0
         self._synchronous = synchronous.upper()
         self._max_batch = max_batch
         # Unbounded on purpose: producers are bounded upstream (max_pending and in-flight limits), and a
@@ -95,7 +103,12 @@ class SqliteOutbox:
         return rows
 
     async def commit(self, items: Sequence[Accepted]) -> list[Pending]:
-        result: list[Pending] = await self._call(lambda conn: _commit(conn, items))
+        window = self._window
+        now = time.time()
+        if window > 0 and now - self._last_prune > min(window, 30.0):
+            self._last_prune = now
+            self._queue.put(_Op(lambda conn: conn.execute("DELETE FROM seen WHERE at < ?", (now - window,)), None))
+        result: list[Pending] = await self._call(lambda conn: _commit(conn, items, window))
         return result
 
     def done(self, delivery: Pending) -> None:
@@ -198,10 +211,19 @@ def _settle(results: _Results) -> None:
 
 
 # ---------------------------------------------------------------------- SQL, run on the writer thread
-def _commit(conn: sqlite3.Connection, items: Sequence[Accepted]) -> list[Pending]:
+def _commit(conn: sqlite3.Connection, items: Sequence[Accepted], window: float) -> list[Pending]:
     out: list[Pending] = []
     now = time.time()
     for item in items:
+        if item.dedup_key is not None and window > 0:
+            # New key, or one last seen before the window: (re)claim it. Otherwise a duplicate: skip.
+            claimed = conn.execute(
+                "INSERT INTO seen(key, at) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET at = excluded.at"
+                " WHERE seen.at < ?",
+                (item.dedup_key, now, now - window),
+            ).rowcount
+            if not claimed:
+                continue
         blob = item.event.SerializeToString()
         if item.dead_reason is not None:
             conn.execute(

@@ -270,3 +270,57 @@ async def test_sqlite_failed_commit_raises_storage_error_and_the_store_recovers(
     finally:
         locker.close()
         await box.close()
+
+
+# ---------------------------------------------------------------------------------------------- deduplication
+def keyed(n: int, key: str) -> Accepted:
+    return Accepted(ev(n), [Delivery("r", "a", f"addr-{n}", "binary")], dedup_key=key)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_repeat_within_window_is_committed_once(kind: str, tmp_path: Path) -> None:
+    box: Outbox = (
+        MemoryOutbox(dedup_window_s=60) if kind == "memory" else SqliteOutbox(tmp_path / "o.db", dedup_window_s=60)
+    )
+    await box.open()
+    try:
+        first = await box.commit([keyed(1, "k1")])
+        again = await box.commit([keyed(1, "k1")])
+        same_batch = await box.commit([keyed(2, "k2"), keyed(2, "k2")])
+        unkeyed = await box.commit([accepted(1, "a"), accepted(1, "a")])
+    finally:
+        await box.close()
+    assert len(first) == 1
+    assert again == []
+    assert len(same_batch) == 1
+    assert len(unkeyed) == 2  # no key, no deduplication
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_repeat_after_window_is_committed_again(kind: str, tmp_path: Path) -> None:
+    window = 0.2
+    box: Outbox = (
+        MemoryOutbox(dedup_window_s=window)
+        if kind == "memory"
+        else SqliteOutbox(tmp_path / "o.db", dedup_window_s=window)
+    )
+    await box.open()
+    try:
+        assert len(await box.commit([keyed(1, "k")])) == 1
+        await asyncio.sleep(window * 2)  # the window itself is what is under test
+        assert len(await box.commit([keyed(1, "k")])) == 1
+    finally:
+        await box.close()
+
+
+async def test_dedup_survives_a_restart(tmp_path: Path) -> None:
+    box = SqliteOutbox(tmp_path / "o.db", dedup_window_s=60)
+    await box.open()
+    assert len(await box.commit([keyed(1, "k")])) == 1
+    await box.close()
+    box = SqliteOutbox(tmp_path / "o.db", dedup_window_s=60)
+    await box.open()
+    try:
+        assert await box.commit([keyed(1, "k")]) == []
+    finally:
+        await box.close()
