@@ -64,7 +64,7 @@ class MatchConfig(ConfigModel):
 class DestinationConfig(ConfigModel):
     outbound: str
     address: str = ""
-    format: str = "binary"
+    format: str | None = None  # None: the outbound's own `format`, else "binary"
 
     @field_validator("address")
     @classmethod
@@ -74,8 +74,8 @@ class DestinationConfig(ConfigModel):
 
     @field_validator("format")
     @classmethod
-    def _format(cls, value: str) -> str:
-        if value not in FORMATS:
+    def _format(cls, value: str | None) -> str | None:
+        if value is not None and value not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}")
         return value
 
@@ -203,6 +203,7 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
                 elif conn_kind[ref] != kind:
                     problems.append(f"{section}.{name}.{key}: {ref!r} is a {conn_kind[ref]} {key}, not {kind}")
 
+    outbound_models = {n: m for by_section in typed.values() for n, m in by_section.get("outbound", {}).items()}
     outbound_names = set(root.outbound)
     inbound_names = set(root.inbound)
     routes: list[RouteSpec] = []
@@ -214,7 +215,8 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
         for j, dest in enumerate(route.to):
             if dest.outbound not in outbound_names:
                 problems.append(f"routes[{i}].to[{j}].outbound: no outbound named {dest.outbound!r}")
-            dests.append(DestinationSpec(dest.outbound, Template.compile(dest.address), dest.format))
+            fmt = dest.format or str(getattr(outbound_models.get(dest.outbound), "format", "binary"))
+            dests.append(DestinationSpec(dest.outbound, Template.compile(dest.address), fmt))
         routes.append(
             RouteSpec(
                 name=route.name,
