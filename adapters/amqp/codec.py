@@ -29,7 +29,7 @@ from mediator.core.envelope import (
     new_event,
     validate,
 )
-from mediator.core.errors import Rejected, RejectCode
+from mediator.core.errors import RejectCode, Rejected
 from mediator.core.formats import (
     JSON_CONTENT_TYPE,
     PROTOBUF_CONTENT_TYPE,
@@ -212,7 +212,7 @@ def from_envelope(env: Envelope, format: str, header_prefix: str = "cloudEvents_
     ``format``: ``binary``, ``structured`` or ``protobuf``; anything else raises ValueError.
     Provenance is never written (``to_protobuf`` strips it; the other formats never read it).
     """
-    time = env.attributes["time"] if "time" in env.attributes else None
+    time = env.attributes.get("time")
     timestamp = (
         time.ce_timestamp.ToDatetime(tzinfo=UTC)
         if time is not None and time.WhichOneof("attr") == "ce_timestamp"

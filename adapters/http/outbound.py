@@ -123,6 +123,10 @@ class HttpOutbound:
             raise TerminalDeliveryError(f"invalid URL {url!r}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise RetryableDeliveryError(f"POST {url}: {type(exc).__name__}: {exc}") from exc
+        except ValueError as exc:
+            # aiohttp refuses header values with CR or LF (an attribute such as datacontenttype that arrived
+            # in structured JSON can hold them): the event cannot be sent as it is.
+            raise TerminalDeliveryError(f"POST {url}: unsendable request: {exc}") from exc
         raise classify(status, reason_phrase, detail, retry_after, location)
 
 

@@ -1,0 +1,109 @@
+"""Publish to one exchange with publisher confirms and mandatory routing.
+
+``send`` returns when the broker confirmed the message (``basic.ack``). An unroutable message is returned
+by the broker and, because the channel raises on returns (without ``on_return_raises`` aio-pika would
+report it confirmed), becomes a ``TerminalDeliveryError``. A nack, a lost connection or a timeout (a
+publish on a reconnecting robust connection waits for the connection) is a ``RetryableDeliveryError``.
+Up to ``max_in_flight`` publishes share one channel: confirms are pipelined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+from aio_pika.abc import AbstractExchange, AbstractRobustConnection
+from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
+
+from adapters.amqp.codec import from_envelope
+from adapters.amqp.config import AmqpBrokerConfig, AmqpOutboundConfig
+from adapters.amqp.connection import BrokerLink
+from mediator.core.envelope import Envelope
+from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
+from mediator.core.health import Health
+
+
+class AmqpOutboundLink(BrokerLink):
+    """The ``Service`` that keeps an outbound's connection and confirm channel up."""
+
+    role = "outbound"
+
+    def __init__(self, name: str, cfg: AmqpOutboundConfig, broker: AmqpBrokerConfig, url: str, health: Health) -> None:
+        super().__init__(name, broker, url, health)
+        self.cfg = cfg
+        self.exchange: AbstractExchange | None = None
+
+    async def _setup(self, conn: AbstractRobustConnection) -> None:
+        cfg = self.cfg
+        channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        if cfg.exchange == "":
+            self.exchange = channel.default_exchange
+        elif cfg.declare:
+            self.exchange = await channel.declare_exchange(cfg.exchange, cfg.exchange_type, durable=cfg.durable)
+        else:
+            self.exchange = await channel.get_exchange(cfg.exchange, ensure=False)
+
+
+class AmqpOutbound:
+    """The ``Outbound`` the dispatcher sends through; ``link`` is the service to run beside it."""
+
+    def __init__(self, name: str, cfg: AmqpOutboundConfig, broker: AmqpBrokerConfig, url: str, health: Health) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.max_in_flight = cfg.max_in_flight
+        self.link = AmqpOutboundLink(name, cfg, broker, url, health)
+        self.log = self.link.log
+        self._delivery_mode = (
+            aio_pika.DeliveryMode.PERSISTENT if cfg.persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+        )
+        # aiormq matches a returned message to its publish by message_id (= event id): two publishes
+        # of the same id in flight on one channel would get each other's outcome, so they take turns.
+        self._in_flight_ids: dict[str, asyncio.Event] = {}
+
+    async def send(self, event: Envelope, address: str, format: str) -> None:
+        exchange = self.link.exchange
+        if exchange is None or not self.link.up:
+            raise RetryableDeliveryError(f"outbound {self.name!r} is not connected to its broker")
+        try:
+            out = from_envelope(event, format or self.cfg.format, self.cfg.header_prefix)
+        except ValueError as exc:
+            raise TerminalDeliveryError(str(exc)) from exc
+        if len(address.encode("utf-8")) > 255:
+            raise TerminalDeliveryError(f"routing key longer than 255 bytes: {address[:64]!r}...")
+        message = aio_pika.Message(
+            out.body,
+            headers=dict(out.headers),  # type: ignore[arg-type]  # values are str: valid field values
+            content_type=out.content_type,
+            delivery_mode=self._delivery_mode,
+            message_id=out.message_id,
+            timestamp=out.timestamp,
+            type=out.type,
+        )
+        event_id = event.id
+        try:
+            async with asyncio.timeout(self.cfg.send_timeout_s):
+                while (busy := self._in_flight_ids.get(event_id)) is not None:
+                    await busy.wait()
+                done = self._in_flight_ids[event_id] = asyncio.Event()
+                try:
+                    await exchange.publish(message, routing_key=address, mandatory=True)
+                finally:
+                    del self._in_flight_ids[event_id]
+                    done.set()
+        except PublishError as exc:
+            raise TerminalDeliveryError(
+                f"unroutable: exchange {self.cfg.exchange!r} has no queue bound for routing key {address!r} ({exc})"
+            ) from exc
+        except DeliveryError as exc:
+            raise RetryableDeliveryError(f"broker refused the message: {exc}") from exc
+        except TimeoutError as exc:
+            raise RetryableDeliveryError(f"no publisher confirm within {self.cfg.send_timeout_s} s") from exc
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # a real cancellation of the caller
+            # aiormq cancels pending confirmations when the channel closes under them.
+            raise RetryableDeliveryError("connection lost before the broker confirmed") from exc
+        except (AMQPError, ConnectionError, OSError, RuntimeError) as exc:
+            raise RetryableDeliveryError(f"publish failed: {exc!r}") from exc
+        self.log.debug("delivery.confirmed", event_id=event_id, routing_key=address, size=len(out.body))
