@@ -52,7 +52,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         await Daemon(config).run()
 
     _install_uvloop()
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ConfigError as exc:  # raised while building adapters, e.g. a secret's variable is not set
+        _print_config_error(exc)
+        return EXIT_CONFIG
     return 0
 
 

@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import signal
 import time
+from pathlib import Path
 
 import structlog
 
-from mediator.config import Config
+from mediator.config import Config, load
+from mediator.core.errors import ConfigError
 from mediator.core.health import Health
 from mediator.core.router import Router
 from mediator.core.seams import Outbound, Runtime, Service
@@ -24,6 +26,16 @@ from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
 
 log = structlog.get_logger(__name__)
+
+RELOAD_POLL_S = 2.0
+"""How often the config file's mtime is checked (SIGHUP reloads at once)."""
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def make_outbox(config: Config) -> Outbox:
@@ -51,7 +63,7 @@ class Daemon:
             dedup=config.outbox.dedup_window_s > 0,
         )
         runtime = Runtime(sink=self.pipeline, health=self.health)
-        specs = load_specs()
+        specs = self._specs = load_specs()
         self.services: list[Service] = []
         outbounds: dict[str, Outbound] = {}
         for kind, adapter_cfg in config.adapters.items():
@@ -65,6 +77,7 @@ class Daemon:
             )
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
+        self._reload = asyncio.Event()
 
     def request_stop(self) -> None:
         if self._stop.is_set():
@@ -76,11 +89,52 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             await self._run()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    async def _reload_loop(self) -> None:
+        """On SIGHUP or a change of the file's mtime: validate the file again and swap the routes in.
+
+        A bad edit is refused with a logged error and the running config keeps serving. The routing table
+        is swapped atomically (events in flight keep the table they started with); changes to listeners,
+        brokers, inbound or outbound sections are reported as needing a restart and are not applied.
+        """
+        path = Path(self.config.file)
+        mtime = _mtime(path)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RELOAD_POLL_S):
+                    await self._reload.wait()
+            current = _mtime(path)
+            if not self._reload.is_set() and current == mtime:
+                continue
+            self._reload.clear()
+            mtime = current
+            try:
+                new = await asyncio.to_thread(load, path, self._specs)
+            except ConfigError as exc:
+                log.error("config.reload_refused", file=exc.file, problems=exc.problems)
+                continue
+            old = self.config.root
+            static = ("listeners", "brokers", "inbound", "outbound", "outbox")
+            changed = [k for k in static if getattr(old, k) != getattr(new.root, k)]
+            if changed:
+                log.warning("config.restart_required", sections=changed, applied="routes only")
+            self.pipeline.router = Router(new.routes)
+            self.config = Config(
+                self.config.file,
+                self.config.root.model_copy(update={"routes": new.root.routes}),
+                self.config.adapters,
+                new.routes,
+            )
+            log.info("config.reloaded", routes=len(new.routes))
 
     async def _run(self) -> None:
         pending = await self.outbox.open()
@@ -88,6 +142,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(s.run(), name=s.name) for s in self.services]
                 tasks += [tg.create_task(d.run(), name=f"dispatcher:{n}") for n, d in self.dispatchers.items()]
+                tasks.append(tg.create_task(self._reload_loop(), name="config-reload"))
                 orphans = 0
                 for p in pending:
                     dispatcher = self.dispatchers.get(p.outbound)

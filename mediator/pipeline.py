@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import structlog
 
 from mediator.core.envelope import Envelope
-from mediator.core.errors import NotReady
+from mediator.core.errors import NotReady, Overloaded
 from mediator.core.router import Router
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.outbox.base import Accepted, Outbox, StorageError
@@ -42,7 +42,7 @@ class Pipeline:
         if self.draining:
             raise NotReady("shutting down", retry_after_s=5.0)
         if self._backlog.value >= self._max_pending:
-            raise NotReady(f"outbox holds {self._backlog.value} undelivered events", retry_after_s=2.0)
+            raise Overloaded(f"outbox holds {self._backlog.value} undelivered events", retry_after_s=2.0)
         router = self.router
         items = []
         for env in events:

@@ -51,6 +51,11 @@ class NotReady(MediatorError):
         super().__init__(reason)
 
 
+class Overloaded(NotReady):
+    """The outbox holds more undelivered events than allowed: back-pressure (HTTP 503 with Retry-After,
+    gRPC RESOURCE_EXHAUSTED, broker intake paused)."""
+
+
 class DeliveryError(MediatorError):
     """An outbound could not deliver."""
 
