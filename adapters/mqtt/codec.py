@@ -27,7 +27,7 @@ from mediator.core.envelope import (
     valid_attribute_name,
     validate,
 )
-from mediator.core.errors import Rejected, RejectCode, TerminalDeliveryError
+from mediator.core.errors import RejectCode, Rejected, TerminalDeliveryError
 from mediator.core.patterns import Template, TemplateError
 
 PROTOCOL = "mqtt"
@@ -165,4 +165,3 @@ def user_properties(pairs: object) -> tuple[tuple[str, str], ...]:
         if isinstance(pair, tuple | list) and len(pair) == 2:
             out.append((str(pair[0]), str(pair[1])))
     return tuple(out)
-

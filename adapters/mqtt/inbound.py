@@ -93,9 +93,10 @@ class MqttInbound:
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         # Always resubscribe: the session may be new (expired, or the broker lost it), and a subscription
         # the config gained since the session was made must be added.
-        granted = await client.subscribe([(topic, self._qos) for topic in self._cfg.topics])
+        filters: list[tuple[str, int]] = [(topic, self._qos) for topic in self._cfg.topics]
+        granted = await client.subscribe(filters)
         for topic, code in zip(self._cfg.topics, granted, strict=False):
-            value = code.value if hasattr(code, "value") else int(code)
+            value: int = code if isinstance(code, int) else getattr(code, "value", 0x80)
             if value >= 0x80:
                 raise SubscriptionRefused(f"broker refused subscription {topic!r}: {code}")
 
@@ -150,10 +151,11 @@ class MqttInbound:
         )
         try:
             events = to_envelope(wire, self._rules)
-        except Rejected as exc:
+        except Exception as exc:  # Rejected, or a decoder bug: either way the message must not loop
+            reason = exc.reason if isinstance(exc, Rejected) else f"cannot decode: {exc!r}"
             env = undecodable(wire, self.inbound)
-            self._log.error("envelope.undecodable", topic=wire.topic, size=len(wire.payload), reason=exc.reason)
-            await self._until_safe(self._rt.sink.dead_letter, env, exc.reason)
+            self._log.error("envelope.undecodable", topic=wire.topic, size=len(wire.payload), reason=reason)
+            await self._until_safe(self._rt.sink.dead_letter, env, reason)
             return
         self._log.debug("envelope.received", event_id=events[0].id, topic=wire.topic, size=len(wire.payload))
         await self._until_safe(self._accept, events)
