@@ -18,8 +18,11 @@ PROTO = ROOT / "proto"
 def generate(out: Path) -> None:
     files = sorted(str(p.relative_to(PROTO)) for p in PROTO.rglob("*.proto"))
     include = str(Path(protoc.__file__).parent / "_proto")
+    bindir = Path(sys.executable).parent  # mypy-protobuf's plugins live beside this interpreter
     args = [
         "protoc",
+        f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"-I{PROTO}",
         f"-I{include}",
         f"--python_out={out}",
