@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -68,6 +70,71 @@ def _install_uvloop() -> None:
     uvloop.install()
 
 
+def _admin_url(config: Config) -> tuple[str, dict[str, str]] | None:
+    """The running daemon's admin endpoint: the first HTTP listener that serves it."""
+    for body in config.root.listeners.values():
+        if body.get("kind") == "http" and body.get("admin", True):
+            host = body.get("host", "127.0.0.1")
+            headers = {}
+            token_env = body.get("admin_token_env")
+            if token_env and os.environ.get(token_env):
+                headers["Authorization"] = f"Bearer {os.environ[token_env]}"
+            return f"http://{host}:{body.get('port', 8080)}/admin/dead-letters", headers
+    return None
+
+
+async def _dead_letters(config: Config, action: str, ids: list[int] | None, limit: int) -> int:
+    import aiohttp
+
+    from mediator.daemon import describe
+
+    target = _admin_url(config)
+    if target is not None:
+        url, headers = target
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+                if action == "list":
+                    async with http.get(url, params={"limit": str(limit)}, headers=headers) as resp:
+                        resp.raise_for_status()
+                        print(json.dumps(await resp.json(), indent=2))
+                else:
+                    body = {"ids": ids} if ids is not None else {}
+                    async with http.post(f"{url}/replay", json=body, headers=headers) as resp:
+                        resp.raise_for_status()
+                        print(json.dumps(await resp.json()))
+                return 0
+        except aiohttp.ClientConnectionError:
+            pass  # no daemon running: work on the outbox file
+    if config.outbox.kind != "sqlite":
+        print("no running daemon answers, and an in-memory outbox keeps nothing on disk", file=sys.stderr)
+        return 1
+    from mediator.outbox import SqliteOutbox
+
+    outbox = SqliteOutbox(config.outbox.path)
+    await outbox.open()
+    try:
+        if action == "list":
+            letters = [describe(dl) for dl in await outbox.dead_letters(limit)]
+            print(json.dumps({"dead_letters": letters}, indent=2))
+        else:
+            rows = await outbox.replay(ids)
+            print(json.dumps({"replayed": len(rows), "note": "delivered when the daemon next starts"}))
+    finally:
+        await outbox.close()
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_CONFIG
+    configure("warning", "console")
+    ids: list[int] | None = args.id or None
+    return asyncio.run(_dead_letters(config, args.action, ids, args.limit))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mediator", description="Multi-protocol event gateway.")
     parser.add_argument("--version", action="version", version=f"mediator {__version__}")
@@ -79,6 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", default="config.toml", help="path to config.toml")
         p.set_defaults(func=func)
+    dlq = sub.add_parser("dead-letters", help="list or replay dead letters (running daemon, else the outbox file)")
+    dlq.add_argument("action", choices=["list", "replay"])
+    dlq.add_argument("--config", "-c", default="config.toml", help="path to config.toml")
+    dlq.add_argument("--id", type=int, action="append", help="replay only this dead letter (repeatable)")
+    dlq.add_argument("--limit", type=int, default=100, help="list at most this many")
+    dlq.set_defaults(func=cmd_dead_letters)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -21,7 +22,7 @@ from mediator.core.health import Health
 from mediator.core.router import Router
 from mediator.core.seams import Outbound, Runtime, Service
 from mediator.dispatch import Backlog, Dispatcher
-from mediator.outbox import MemoryOutbox, Outbox, SqliteOutbox
+from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, SqliteOutbox
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
 
@@ -62,7 +63,7 @@ class Daemon:
             max_pending=config.outbox.max_pending,
             dedup=config.outbox.dedup_window_s > 0,
         )
-        runtime = Runtime(sink=self.pipeline, health=self.health)
+        runtime = Runtime(sink=self.pipeline, health=self.health, admin=DeadLetterAdmin(self))
         specs = self._specs = load_specs()
         self.services: list[Service] = []
         outbounds: dict[str, Outbound] = {}
@@ -187,3 +188,43 @@ class Daemon:
                         await fut
             if self._force.is_set():
                 break
+
+
+class DeadLetterAdmin:
+    """The operator's view of the dead letters of a running daemon (see ``mediator.core.seams.Admin``)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    async def dead_letters(self, limit: int) -> list[dict[str, object]]:
+        return [describe(dl) for dl in await self._daemon.outbox.dead_letters(limit)]
+
+    async def replay(self, ids: Sequence[int] | None) -> int:
+        daemon = self._daemon
+        rows = await daemon.outbox.replay(ids)
+        for p in rows:
+            dispatcher = daemon.dispatchers.get(p.outbound)
+            if dispatcher is None:
+                await daemon.outbox.dead_letter(p, f"outbound {p.outbound!r} is no longer configured")
+                continue
+            daemon.backlog.add(1)
+            dispatcher.submit(p)
+        log.info("dead_letters.replayed", count=len(rows))
+        return len(rows)
+
+
+def describe(dl: DeadLetter) -> dict[str, object]:
+    return {
+        "id": dl.id,
+        "event_id": dl.event.id,
+        "type": dl.event.type,
+        "source": dl.event.source,
+        "inbound": dl.event.provenance.inbound,
+        "route": dl.route,
+        "outbound": dl.outbound,
+        "address": dl.address,
+        "reason": dl.reason,
+        "attempts": dl.attempts,
+        "at": dl.at,
+        "replayable": bool(dl.format),
+    }

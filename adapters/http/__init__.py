@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from adapters.http.config import HttpInboundConfig, HttpListenerConfig, HttpOutboundConfig
@@ -56,7 +57,14 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
     if problems:
         raise ConfigError("config", problems)
     for name, lcfg in listeners.items():
-        listener = HttpListener(name, lcfg, by_listener[name], rt.health)
+        token = None
+        if lcfg.admin and lcfg.admin_token_env:
+            token = os.environ.get(lcfg.admin_token_env)
+            if not token:
+                raise ConfigError(
+                    "environment", [f"listeners.{name}.admin_token_env: variable {lcfg.admin_token_env} is not set"]
+                )
+        listener = HttpListener(name, lcfg, by_listener[name], rt.health, rt.admin, token)
         rt.health.register(listener.name)
         built.services.append(listener)
     for name, ocfg in cfg.outbounds.items():

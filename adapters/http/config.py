@@ -32,6 +32,17 @@ class HttpListenerConfig(ConfigModel):
     read_timeout_s: float = Field(default=10.0, gt=0)
     reuse_port: bool = False
     backlog: int = Field(default=1024, ge=1)
+    # /admin/dead-letters (list, replay). Off a loopback address it requires a bearer token, given by the
+    # NAME of the environment variable that holds it.
+    admin: bool = True
+    admin_token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _admin_guarded(self) -> HttpListenerConfig:
+        loopback = self.host in ("127.0.0.1", "::1", "localhost")
+        if self.admin and not loopback and not self.admin_token_env:
+            raise ValueError("admin endpoints on a non-loopback host need admin_token_env (or admin = false)")
+        return self
 
 
 class HttpInboundConfig(InboundConfigBase):

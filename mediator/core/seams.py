@@ -67,6 +67,18 @@ class Outbound(Protocol):
         ...
 
 
+class Admin(Protocol):
+    """Operator actions a listener may expose (the HTTP listener serves them under /admin/)."""
+
+    async def dead_letters(self, limit: int) -> list[dict[str, object]]:
+        """The oldest ``limit`` dead letters as JSON-ready dicts (ids, reason, attempts; never payloads)."""
+        ...
+
+    async def replay(self, ids: Sequence[int] | None) -> int:
+        """Queue dead letters (all when ``ids`` is None) for delivery again; returns how many."""
+        ...
+
+
 class ConfigModel(BaseModel):
     """Base of every config model: unknown keys are errors and values are immutable."""
 
@@ -116,6 +128,7 @@ class Runtime:
 
     sink: Sink
     health: Health
+    admin: Admin | None = None
 
 
 @dataclass(slots=True)
