@@ -86,9 +86,18 @@ class RouteConfig(ConfigModel):
     to: list[DestinationConfig] = Field(min_length=1)
 
 
+class DeadLettersConfig(ConfigModel):
+    """Dead letters are always kept in the outbox (list and replay them); ``forward`` also sends a copy
+    to a destination, e.g. an AMQP dead-letter exchange: ``forward = { outbound = "dlx", address =
+    "dead.{deadletterroute}", format = "structured" }``."""
+
+    forward: DestinationConfig | None = None
+
+
 class RootConfig(ConfigModel):
     daemon: DaemonConfig = DaemonConfig()
     outbox: OutboxConfig = OutboxConfig()
+    dead_letters: DeadLettersConfig = DeadLettersConfig()
     listeners: dict[str, dict[str, Any]] = {}
     brokers: dict[str, dict[str, Any]] = {}
     inbound: dict[str, dict[str, Any]] = {}
@@ -98,6 +107,8 @@ class RootConfig(ConfigModel):
     @model_validator(mode="after")
     def _unique_routes(self) -> RootConfig:
         names = [r.name for r in self.routes]
+        if "dead-letter" in names:
+            raise ValueError("the route name 'dead-letter' is reserved for forwarded dead letters")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"route names must be unique: {', '.join(dupes)}")
@@ -112,6 +123,7 @@ class Config:
     root: RootConfig
     adapters: Mapping[str, AdapterConfig]
     routes: tuple[RouteSpec, ...] = field(default_factory=tuple)
+    dead_letter_forward: DestinationSpec | None = None
 
     @property
     def daemon(self) -> DaemonConfig:
@@ -228,6 +240,13 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
                 attributes=dict(route.match.attributes),
             )
         )
+    dead_forward: DestinationSpec | None = None
+    fwd = root.dead_letters.forward
+    if fwd is not None:
+        if fwd.outbound not in outbound_names:
+            problems.append(f"dead_letters.forward.outbound: no outbound named {fwd.outbound!r}")
+        fmt = fwd.format or str(getattr(outbound_models.get(fwd.outbound), "format", "binary"))
+        dead_forward = DestinationSpec(fwd.outbound, Template.compile(fwd.address), fmt)
     if problems:
         raise ConfigError(file, problems)
 
@@ -240,7 +259,7 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
         )
         for kind, by_section in typed.items()
     }
-    return Config(file=file, root=root, adapters=adapters, routes=tuple(routes))
+    return Config(file=file, root=root, adapters=adapters, routes=tuple(routes), dead_letter_forward=dead_forward)
 
 
 def _model_for(spec: AdapterSpec, section: str) -> type[ConfigModel] | None:

@@ -22,7 +22,7 @@ from mediator.core.health import Health
 from mediator.core.router import Router
 from mediator.core.seams import Outbound, Runtime, Service
 from mediator.dispatch import Backlog, Dispatcher
-from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, SqliteOutbox
+from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
 
@@ -72,13 +72,17 @@ class Daemon:
             self.services.extend(built.services)
             outbounds.update(built.outbounds)
         outbound_cfgs = config.outbound_configs()
+        self.pipeline.dead_letter_destination = config.dead_letter_forward
         for name, outbound in outbounds.items():
             self.dispatchers[name] = Dispatcher(
-                name, outbound, outbound_cfgs[name], self.outbox, self.health, self.backlog
+                name, outbound, outbound_cfgs[name], self.outbox, self.health, self.backlog, self._forward_dead
             )
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._reload = asyncio.Event()
+
+    async def _forward_dead(self, delivery: Pending, reason: str) -> None:
+        await self.pipeline.forward_dead(delivery.event, reason, delivery.route, delivery.outbound, delivery.attempts)
 
     def request_stop(self) -> None:
         if self._stop.is_set():
@@ -129,6 +133,7 @@ class Daemon:
             if changed:
                 log.warning("config.restart_required", sections=changed, applied="routes only")
             self.pipeline.router = Router(new.routes)
+            self.pipeline.dead_letter_destination = new.dead_letter_forward
             self.config = Config(
                 self.config.file,
                 self.config.root.model_copy(update={"routes": new.root.routes}),

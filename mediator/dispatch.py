@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -56,8 +57,10 @@ class Dispatcher:
         outbox: Outbox,
         health: Health,
         backlog: Backlog,
+        on_dead: Callable[[Pending, str], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
+        self._on_dead = on_dead
         self._outbound = outbound
         self._cfg = cfg
         self._outbox = outbox
@@ -161,3 +164,5 @@ class Dispatcher:
             attempts=delivery.attempts,
             reason=reason,
         )
+        if self._on_dead is not None:
+            await self._on_dead(delivery, reason)

@@ -9,11 +9,15 @@ import structlog
 
 from mediator.core.envelope import Envelope
 from mediator.core.errors import NotReady, Overloaded
-from mediator.core.router import Router
+from mediator.core.patterns import TemplateError
+from mediator.core.router import Delivery, DestinationSpec, Router
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.outbox.base import Accepted, Outbox, StorageError
 
 log = structlog.get_logger(__name__)
+
+FORWARD_ROUTE = "dead-letter"
+"""The route name of forwarded dead letters (reserved: a route cannot be named so)."""
 
 
 class Pipeline:
@@ -29,6 +33,7 @@ class Pipeline:
     ) -> None:
         self._dedup = dedup
         self.router = router  # swapped whole on a config reload; routing reads it once per event
+        self.dead_letter_destination: DestinationSpec | None = None
         self._outbox = outbox
         self._dispatchers = dispatchers
         self._backlog = backlog
@@ -59,10 +64,47 @@ class Pipeline:
         # Shielded: once the commit is under way it completes and its deliveries are dispatched even if
         # the caller is cancelled (the caller then does not acknowledge; the sender retries; dedup later).
         await asyncio.shield(self._commit(items))
+        if self.dead_letter_destination is not None:
+            for item in items:
+                if item.dead_reason is not None:
+                    await self.forward_dead(item.event, item.dead_reason)
+                for fail in item.failures:
+                    await self.forward_dead(item.event, fail.reason, fail.route, fail.outbound)
 
     async def dead_letter(self, event: Envelope, reason: str) -> None:
         log.error("envelope.dead_lettered", event_id=event.id, inbound=event.provenance.inbound, reason=reason)
         await asyncio.shield(self._commit([Accepted(event, (), (), dead_reason=reason)]))
+        await self.forward_dead(event, reason)
+
+    async def forward_dead(
+        self, event: Envelope, reason: str, route: str = "", outbound: str = "", attempts: int = 0
+    ) -> None:
+        """Send a copy of a dead-lettered event to the configured dead-letter destination, if any.
+
+        The copy carries why it died as extension attributes (``deadletterreason``, ``deadletterroute``,
+        ``deadletteroutbound``, ``deadletterattempts``), so the address template can use them. A copy that
+        itself fails is dead-lettered but never forwarded again. Never raises: the dead letter is already
+        stored; a failure here is logged.
+        """
+        dest = self.dead_letter_destination
+        if dest is None or route == FORWARD_ROUTE:
+            return
+        copy = Envelope()
+        copy.CopyFrom(event)
+        for name, value in (
+            ("deadletterreason", reason),
+            ("deadletterroute", route),
+            ("deadletteroutbound", outbound),
+            ("deadletterattempts", str(attempts)),
+        ):
+            copy.attributes[name].ce_string = value
+        try:
+            address = dest.address.render(copy)
+            await asyncio.shield(
+                self._commit([Accepted(copy, [Delivery(FORWARD_ROUTE, dest.outbound, address, dest.format)])])
+            )
+        except (TemplateError, NotReady) as exc:
+            log.error("dead_letter.forward_failed", event_id=event.id, reason=str(exc))
 
     async def _commit(self, items: list[Accepted]) -> None:
         self._in_flight += 1

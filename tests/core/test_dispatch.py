@@ -302,3 +302,35 @@ async def test_storage_failure_is_not_ready() -> None:
     async with asyncio.timeout(1):
         await pipeline.wait_idle()
     assert backlog.value == 0
+
+
+# ---------------------------------------------------------------------------------------------- dead-letter forwarding
+async def test_dead_letters_are_forwarded_with_their_reason() -> None:
+    out = FakeOutbound("out", [TerminalDeliveryError("no such queue")])
+    dlx = FakeOutbound("dlx")
+    only_out = Router([RouteSpec("main", (DestinationSpec("out", Template.compile("out/{topic.1}")),))])
+    async with running(out, dlx, router=lambda _names: only_out) as h:
+        h.pipeline.dead_letter_destination = DestinationSpec(
+            "dlx", Template.compile("dead.{deadletterroute}"), "structured"
+        )
+        for d in (d for d in h.pipeline._dispatchers.values()):
+            d._on_dead = lambda p, reason: h.pipeline.forward_dead(p.event, reason, p.route, p.outbound, p.attempts)
+        await h.pipeline.accept([event(1)])
+        await dlx.wait_delivered(1)
+        await h.settled()
+        assert dlx.delivered == [("ev-1", "dead.main", "structured")]
+        [dead] = await h.outbox.dead_letters()
+        assert dead.reason == "no such queue"
+
+
+async def test_a_failing_forward_is_not_forwarded_again() -> None:
+    dlx = FakeOutbound("dlx", always=TerminalDeliveryError("dlx gone"))
+    async with running(dlx, router=lambda _names: Router([])) as h:
+        h.pipeline.dead_letter_destination = DestinationSpec("dlx", Template.compile("dead"), "binary")
+        for d in h.pipeline._dispatchers.values():
+            d._on_dead = lambda p, reason: h.pipeline.forward_dead(p.event, reason, p.route, p.outbound, p.attempts)
+        await h.pipeline.accept([event(1)])  # no route: dead-lettered, and forwarded once
+        await h.settled()
+        assert len(dlx.calls) == 1
+        reasons = sorted(dl.reason for dl in await h.outbox.dead_letters())
+        assert reasons == ["dlx gone", "no route matched"]
