@@ -11,11 +11,15 @@ import structlog
 
 from adapters.grpc.codec import code_number, status_for, to_envelope
 from mediator.core.envelope import Envelope
-from mediator.core.errors import NotReady, Rejected
+from mediator.core.errors import NotReady, Overloaded, Rejected
 from mediator.core.seams import Sink
 from mediator.v1.service_pb2 import PublishAck, PublishReply
 
-_UNAVAILABLE = code_number(grpc.StatusCode.UNAVAILABLE)
+
+def not_ready_status(exc: NotReady) -> grpc.StatusCode:
+    """Back-pressure is RESOURCE_EXHAUSTED; draining or a failed commit is UNAVAILABLE."""
+    return grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, Overloaded) else grpc.StatusCode.UNAVAILABLE
+
 
 # grpc-core reads this trailer as the server's retry pushback when a client has a retry policy.
 _PUSHBACK = "grpc-retry-pushback-ms"
@@ -46,7 +50,7 @@ class GrpcInbound:
             await abort(context, status_for(exc.code), exc.reason)
         except NotReady as exc:
             pushback = str(max(0, int(exc.retry_after_s * 1000)))
-            await abort(context, grpc.StatusCode.UNAVAILABLE, exc.reason, ((_PUSHBACK, pushback),))
+            await abort(context, not_ready_status(exc), exc.reason, ((_PUSHBACK, pushback),))
         self._log.debug("envelope.accepted", event_id=env.id, size=env.ByteSize())
         return PublishReply(id=env.id)
 
@@ -99,5 +103,5 @@ class GrpcInbound:
             code = code_number(status_for(exc.code))
             return PublishAck(id=env.id, code=code, reason=exc.reason, sequence=sequence)
         except NotReady as exc:
-            return PublishAck(id=env.id, code=_UNAVAILABLE, reason=exc.reason, sequence=sequence)
+            return PublishAck(id=env.id, code=code_number(not_ready_status(exc)), reason=exc.reason, sequence=sequence)
         return PublishAck(id=env.id, sequence=sequence)

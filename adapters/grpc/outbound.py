@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -43,7 +43,7 @@ class Subscriber:
     queue: asyncio.Queue[Envelope]
     peer: str = ""
     pump: asyncio.Task[None] | None = None
-    kicked: tuple[grpc.StatusCode, str] | None = field(default=None)
+    kicked: tuple[grpc.StatusCode, str] | None = None
 
     def matches(self, outbound: str, event: Envelope, address: str) -> bool:
         return (

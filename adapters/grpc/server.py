@@ -62,7 +62,7 @@ class GrpcListener:
         self.port: int | None = None  # the bound port, once started
         self.started = asyncio.Event()
         self._rt = rt
-        self._health_poll_s = health_poll_s
+        self.health_poll_s = health_poll_s
         self._component = f"listener:{name}"
         self._log = structlog.get_logger(__name__).bind(listener=name, protocol="grpc")
         rt.health.register(self._component)
@@ -84,6 +84,9 @@ class GrpcListener:
         )
         service_pb2_grpc.add_MediatorServicer_to_server(MediatorServicer(self.inbound, self.hub), server)
         health_servicer = health.aio.HealthServicer()
+        # The servicer starts with "" SERVING; nothing is known yet, so say NOT_SERVING until the first poll.
+        await health_servicer.set(health.OVERALL_HEALTH, _NOT_SERVING)
+        await health_servicer.set(SERVICE_NAME, _NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         if cfg.reflection:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -91,10 +94,14 @@ class GrpcListener:
         try:
             port = server.add_insecure_port(address)
         except RuntimeError as exc:  # grpcio >= 1.50 raises instead of returning 0
-            raise OSError(f"gRPC listener {self.name!r} cannot bind {address}: {exc}") from exc
+            port = 0
+            reason = str(exc)
+        else:
+            reason = "address unavailable"
         if not port:
-            raise OSError(f"gRPC listener {self.name!r} cannot bind {address}")
-        serving: bool | None = None
+            self._rt.health.set(self._component, False, f"cannot bind {address}")
+            raise OSError(f"gRPC listener {self.name!r} cannot bind {address}: {reason}")
+        serving = False
         try:
             await server.start()
             self.port = port
@@ -109,7 +116,7 @@ class GrpcListener:
                     await health_servicer.set(health.OVERALL_HEALTH, status)
                     await health_servicer.set(SERVICE_NAME, status)
                     serving = ready
-                await asyncio.sleep(self._health_poll_s)
+                await asyncio.sleep(self.health_poll_s)
         finally:
             self.started.clear()
             for component in self._components():
