@@ -34,6 +34,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_CONFIG
+    from mediator.daemon import dry_build
+
+    problems, environment = asyncio.run(dry_build(config))
+    for problem in environment:
+        print(f"  warning: {problem} (needed by `mediator run`)", file=sys.stderr)
+    if problems:
+        _print_config_error(ConfigError(args.config, problems))
+        return EXIT_CONFIG
     print(
         f"{args.config}: ok ({len(config.root.inbound)} inbound, {len(config.root.outbound)} outbound, "
         f"{len(config.routes)} routes)"

@@ -17,7 +17,8 @@ from pathlib import Path
 import structlog
 
 from mediator.config import Config, load
-from mediator.core.errors import ConfigError
+from mediator.core.envelope import Envelope
+from mediator.core.errors import ConfigError, NotReady
 from mediator.core.health import Health
 from mediator.core.router import Router
 from mediator.core.seams import Outbound, Runtime, Service
@@ -48,6 +49,31 @@ def make_outbox(config: Config) -> Outbox:
     )
 
 
+class _NullSink:
+    async def accept(self, events: Sequence[Envelope]) -> None:
+        raise NotReady("dry build")
+
+    async def dead_letter(self, event: Envelope, reason: str) -> None:
+        raise NotReady("dry build")
+
+
+async def dry_build(config: Config) -> tuple[list[str], list[str]]:
+    """Build every adapter without running anything, to find what only the adapters can check (a path
+    served twice, a client id used twice, a gRPC listener with two inbounds). Returns (problems,
+    environment problems): a missing secret variable is reported apart, since ``check`` may run on a
+    machine that does not hold the secrets."""
+    specs = load_specs()
+    runtime = Runtime(sink=_NullSink(), health=Health())
+    problems: list[str] = []
+    environment: list[str] = []
+    for kind, adapter_cfg in config.adapters.items():
+        try:
+            specs[kind].build(adapter_cfg, runtime)
+        except ConfigError as exc:
+            (environment if exc.file == "environment" else problems).extend(exc.problems)
+    return problems, environment
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -68,7 +94,11 @@ class Daemon:
         self.services: list[Service] = []
         outbounds: dict[str, Outbound] = {}
         for kind, adapter_cfg in config.adapters.items():
-            built = specs[kind].build(adapter_cfg, runtime)
+            try:
+                built = specs[kind].build(adapter_cfg, runtime)
+            except ConfigError as exc:
+                where = exc.file if exc.file == "environment" else config.file
+                raise ConfigError(where, exc.problems) from exc
             self.services.extend(built.services)
             outbounds.update(built.outbounds)
         outbound_cfgs = config.outbound_configs()

@@ -53,6 +53,10 @@ CASES = {
         ["routes[1].match.inbound", "ghost"],
     ),
     "bad-template": (edit('address = "telemetry.{topic.1}"', 'address = "telemetry.{topic.1"'), ["routes[1].to[0]"]),
+    "two-grpc-inbounds-on-one-listener": (
+        edit("[inbound.orders-http]", '[inbound.grpc2]\nkind = "grpc"\nlistener = "grpc"\n\n[inbound.orders-http]'),
+        ["inbound.grpc", "at most one gRPC inbound"],
+    ),
     "bad-format": (
         edit('address = "orders.created" }', 'address = "orders.created", format = "xml" }'),
         ["routes[0].to[0].format"],
