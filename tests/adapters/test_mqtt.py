@@ -63,7 +63,7 @@ def inbound_cfg(topics: Sequence[str], **extra: Any) -> MqttInboundConfig:
 async def wait_until(predicate: Any, timeout_s: float = 10.0) -> None:
     """Poll a condition that has no event to await (Health state), bounded."""
     async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - Health has no change notification to await
+        while not predicate():
             await asyncio.sleep(0.01)
 
 
