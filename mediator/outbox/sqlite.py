@@ -61,11 +61,17 @@ _Results = list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]
 
 
 class _Op:
-    __slots__ = ("future", "work")
+    __slots__ = ("failures", "future", "work")
 
     def __init__(self, work: _Work, future: asyncio.Future[Any] | None) -> None:
         self.work = work
         self.future = future
+        self.failures = 0
+
+
+LAZY_RETRIES = 5
+"""A lazy write (delivery done, attempt count) that fails is carried into the next transactions this many
+times before it is dropped (dropping it costs at most a redelivery after a restart)."""
 
 
 class SqliteOutbox:
@@ -82,6 +88,7 @@ class SqliteOutbox:
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._carried: list[_Op] = []  # lazy writes whose transaction failed (writer thread only)
 
     # ------------------------------------------------------------------ loop side
     async def open(self) -> list[Pending]:
@@ -183,6 +190,9 @@ class SqliteOutbox:
             conn.close()
 
     def _execute(self, conn: sqlite3.Connection, batch: list[_Op], loop: asyncio.AbstractEventLoop) -> None:
+        if self._carried:
+            batch = self._carried + batch
+            self._carried = []
         results: _Results = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -195,6 +205,13 @@ class SqliteOutbox:
             err = StorageError(f"outbox write failed: {exc}")
             log.error("outbox.write_failed", error=str(exc), operations=len(batch))
             results = [(op.future, None, err) for op in batch]
+            # Callers of the failed commits are told; lazy writes have no caller, so they are carried over
+            # (losing a "done" would only mean a redelivery, but there is no need to lose it).
+            for op in batch:
+                if op.future is None:
+                    op.failures += 1
+                    if op.failures < LAZY_RETRIES:
+                        self._carried.append(op)
         settled = [r for r in results if r[0] is not None]
         if settled:
             loop.call_soon_threadsafe(_settle, settled)

@@ -272,6 +272,27 @@ async def test_sqlite_failed_commit_raises_storage_error_and_the_store_recovers(
         await box.close()
 
 
+async def test_a_done_in_a_failed_transaction_is_carried_into_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = SqliteOutbox(path)
+    await box.open()
+    [delivered] = await box.commit([accepted(1, "a")])
+    locker = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        box.done(delivered)  # lazy: shares the transaction of the commit below, which fails
+        async with asyncio.timeout(30):
+            with pytest.raises(StorageError):
+                await box.commit([accepted(2, "a")])
+        locker.execute("ROLLBACK")
+        async with asyncio.timeout(10):
+            [row] = await box.commit([accepted(3, "a")])
+            assert ids(await pending(box)) == [row.id]  # the earlier "done" was written after all
+    finally:
+        locker.close()
+        await box.close()
+
+
 # ---------------------------------------------------------------------------------------------- deduplication
 def keyed(n: int, key: str) -> Accepted:
     return Accepted(ev(n), [Delivery("r", "a", f"addr-{n}", "binary")], dedup_key=key)
