@@ -12,7 +12,7 @@ from mediator.core.errors import NotReady, Overloaded
 from mediator.core.patterns import TemplateError
 from mediator.core.router import Delivery, DestinationSpec, Router
 from mediator.dispatch import Backlog, Dispatcher
-from mediator.outbox.base import Accepted, Outbox, StorageError
+from mediator.outbox.base import Accepted, Outbox, Pending, StorageError
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +32,7 @@ class Pipeline:
         dedup: bool = True,
     ) -> None:
         self._dedup = dedup
+        outbox.on_commit = self.dispatch
         self.router = router  # swapped whole on a config reload; routing reads it once per event
         self.dead_letter_destination: DestinationSpec | None = None
         self._outbox = outbox
@@ -61,9 +62,10 @@ class Pipeline:
             else:
                 items.append(Accepted(env, (), (), dead_reason="no route matched", dedup_key=key))
                 log.warning("route.unmatched", event_id=env.id, type=env.type, inbound=env.provenance.inbound)
-        # Shielded: once the commit is under way it completes and its deliveries are dispatched even if
-        # the caller is cancelled (the caller then does not acknowledge; the sender retries; dedup later).
-        await asyncio.shield(self._commit(items))
+        # Once the commit is under way it completes and its deliveries are dispatched (by the outbox's
+        # on_commit hook) even if the caller is cancelled; the caller then does not acknowledge, the sender
+        # retries, and the deduplication window absorbs the repeat.
+        await self._commit(items)
         if self.dead_letter_destination is not None:
             for item in items:
                 if item.dead_reason is not None:
@@ -73,7 +75,7 @@ class Pipeline:
 
     async def dead_letter(self, event: Envelope, reason: str) -> None:
         log.error("envelope.dead_lettered", event_id=event.id, inbound=event.provenance.inbound, reason=reason)
-        await asyncio.shield(self._commit([Accepted(event, (), (), dead_reason=reason)]))
+        await self._commit([Accepted(event, (), (), dead_reason=reason)])
         await self.forward_dead(event, reason)
 
     async def forward_dead(
@@ -100,9 +102,7 @@ class Pipeline:
             copy.attributes[name].ce_string = value
         try:
             address = dest.address.render(copy)
-            await asyncio.shield(
-                self._commit([Accepted(copy, [Delivery(FORWARD_ROUTE, dest.outbound, address, dest.format)])])
-            )
+            await self._commit([Accepted(copy, [Delivery(FORWARD_ROUTE, dest.outbound, address, dest.format)])])
         except (TemplateError, NotReady) as exc:
             log.error("dead_letter.forward_failed", event_id=event.id, reason=str(exc))
 
@@ -110,16 +110,20 @@ class Pipeline:
         self._in_flight += 1
         self._idle.clear()
         try:
-            pending = await self._outbox.commit(items)
+            await self._outbox.commit(items)
         except StorageError as exc:
             raise NotReady(str(exc), retry_after_s=5.0) from exc
         finally:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
+
+    def dispatch(self, pending: list[Pending]) -> None:
+        """The outbox's on_commit hook: hand committed deliveries to their dispatchers."""
         self._backlog.add(len(pending))
+        dispatchers = self._dispatchers
         for p in pending:
-            self._dispatchers[p.outbound].submit(p)
+            dispatchers[p.outbound].submit(p)
 
     async def wait_idle(self) -> None:
         """Return when no commit is in progress."""

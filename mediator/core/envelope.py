@@ -7,8 +7,9 @@ the data bytes; these helpers convert between that view and the Protobuf message
 from __future__ import annotations
 
 import base64
+import os
 import re
-import uuid
+import time
 from collections.abc import Iterator, Mapping
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -55,10 +56,11 @@ def new_event(
     provenance: Provenance | None = None,
 ) -> Envelope:
     """A fresh event stamped with a random id (unless given) and the current time."""
-    env = Envelope(id=id or str(uuid.uuid4()), source=source, spec_version=SPEC_VERSION, type=type)
-    env.binary_data = data
+    env = Envelope(id=id or new_id(), source=source, spec_version=SPEC_VERSION, type=type, binary_data=data)
+    ns = time.time_ns()  # Timestamp.GetCurrentTime goes through datetime: three times slower
     ts = env.attributes["time"].ce_timestamp
-    ts.GetCurrentTime()
+    ts.seconds = ns // 1_000_000_000
+    ts.nanos = ns % 1_000_000_000
     if content_type:
         env.attributes["datacontenttype"].ce_string = content_type
     if subject:
@@ -66,6 +68,15 @@ def new_event(
     if provenance is not None:
         env.provenance.CopyFrom(provenance)
     return env
+
+
+def new_id() -> str:
+    """A random (version 4) UUID in its canonical form; about twice as fast as ``str(uuid.uuid4())``."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def value_to_str(value: AttributeValue) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,7 +52,15 @@ class Accepted:
     dedup_key: str | None = None  # set: skip the event if this key was committed within the dedup window
 
 
+OnCommit = Callable[[list[Pending]], None]
+
+
 class Outbox(Protocol):
+    on_commit: OnCommit | None
+    """Called on the event loop with the new deliveries of every successful commit, before the committer
+    resumes, and even if the committer was cancelled meanwhile: the pipeline dispatches from here, so a
+    committed delivery is never left undispatched until the next start."""
+
     async def open(self) -> list[Pending]:
         """Open the store and return every delivery left pending by an earlier run."""
         ...

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from mediator.core.envelope import Envelope
-from mediator.outbox.base import Accepted, DeadLetter, Pending
+from mediator.outbox.base import Accepted, DeadLetter, OnCommit, Pending
 
 
 class MemoryOutbox:
@@ -20,6 +20,7 @@ class MemoryOutbox:
         self._pending: dict[int, Pending] = {}
         self._dead: dict[int, DeadLetter] = {}
         self._window = dedup_window_s
+        self.on_commit: OnCommit | None = None
         self._seen: OrderedDict[str, float] = OrderedDict()  # oldest first; pruned past the window
 
     async def open(self) -> list[Pending]:
@@ -45,6 +46,8 @@ class MemoryOutbox:
                 p = Pending(next(self._ids), item.event, d.route, d.outbound, d.address, d.format)
                 self._pending[p.id] = p
                 out.append(p)
+        if self.on_commit is not None and out:
+            self.on_commit(out)
         return out
 
     def done(self, delivery: Pending) -> None:

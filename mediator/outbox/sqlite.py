@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from mediator.core.envelope import Envelope
-from mediator.outbox.base import Accepted, DeadLetter, Pending, StorageError
+from mediator.outbox.base import Accepted, DeadLetter, OnCommit, Pending, StorageError
 
 log = structlog.get_logger(__name__)
 
@@ -57,15 +57,18 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 _Work = Callable[[sqlite3.Connection], Any]
-_Results = list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]
+_Results = list[tuple[asyncio.Future[Any] | None, Any, BaseException | None, Callable[[Any], None] | None]]
 
 
 class _Op:
-    __slots__ = ("failures", "future", "work")
+    __slots__ = ("after", "failures", "future", "work")
 
-    def __init__(self, work: _Work, future: asyncio.Future[Any] | None) -> None:
+    def __init__(
+        self, work: _Work, future: asyncio.Future[Any] | None, after: Callable[[Any], None] | None = None
+    ) -> None:
         self.work = work
         self.future = future
+        self.after = after  # run on the loop with the result, whether or not the caller still waits
         self.failures = 0
 
 
@@ -89,6 +92,7 @@ class SqliteOutbox:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._carried: list[_Op] = []  # lazy writes whose transaction failed (writer thread only)
+        self.on_commit: OnCommit | None = None
 
     # ------------------------------------------------------------------ loop side
     async def open(self) -> list[Pending]:
@@ -115,8 +119,12 @@ class SqliteOutbox:
         if window > 0 and now - self._last_prune > min(window, 30.0):
             self._last_prune = now
             self._queue.put(_Op(lambda conn: conn.execute("DELETE FROM seen WHERE at < ?", (now - window,)), None))
-        result: list[Pending] = await self._call(lambda conn: _commit(conn, items, window))
+        result: list[Pending] = await self._call(lambda conn: _commit(conn, items, window), self._committed)
         return result
+
+    def _committed(self, rows: list[Pending]) -> None:
+        if rows and self.on_commit is not None:
+            self.on_commit(rows)
 
     def done(self, delivery: Pending) -> None:
         self._queue.put(_Op(lambda conn: _done(conn, delivery), None))
@@ -145,11 +153,11 @@ class SqliteOutbox:
         await asyncio.to_thread(self._thread.join)
         self._thread = None
 
-    async def _call(self, work: _Work) -> Any:
+    async def _call(self, work: _Work, after: Callable[[Any], None] | None = None) -> Any:
         if self._thread is None or self._loop is None:
             raise StorageError("outbox is not open")
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put(_Op(work, fut))
+        self._queue.put(_Op(work, fut, after))
         return await fut
 
     # ------------------------------------------------------------------ writer thread
@@ -162,10 +170,10 @@ class SqliteOutbox:
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
-            failed: _Results = [(ready, None, StorageError(f"cannot open outbox {self._path}: {exc}"))]
+            failed: _Results = [(ready, None, StorageError(f"cannot open outbox {self._path}: {exc}"), None)]
             loop.call_soon_threadsafe(_settle, failed)
             return
-        opened: _Results = [(ready, None, None)]
+        opened: _Results = [(ready, None, None, None)]
         loop.call_soon_threadsafe(_settle, opened)
         try:
             while True:
@@ -197,14 +205,14 @@ class SqliteOutbox:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
-                results.append((op.future, op.work(conn), None))
+                results.append((op.future, op.work(conn), None, op.after))
             conn.execute("COMMIT")
         except Exception as exc:  # sqlite3.Error, or a bug in a unit of work: never kill the thread
             with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have ended the transaction
                 conn.execute("ROLLBACK")
             err = StorageError(f"outbox write failed: {exc}")
             log.error("outbox.write_failed", error=str(exc), operations=len(batch))
-            results = [(op.future, None, err) for op in batch]
+            results = [(op.future, None, err, None) for op in batch]
             # Callers of the failed commits are told; lazy writes have no caller, so they are carried over
             # (losing a "done" would only mean a redelivery, but there is no need to lose it).
             for op in batch:
@@ -218,7 +226,9 @@ class SqliteOutbox:
 
 
 def _settle(results: _Results) -> None:
-    for fut, value, err in results:
+    for fut, value, err, after in results:
+        if after is not None:
+            after(value)
         if fut is None or fut.done():
             continue  # the caller was cancelled: its commit stands, it just no longer waits
         if err is not None:
