@@ -48,28 +48,47 @@ class Unroutable:
     reason: str
 
 
+class _Matcher:
+    """Exact values by set lookup, globs by regex: most tables name exact types."""
+
+    __slots__ = ("exact", "globs")
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.exact = frozenset(p for p in patterns if not any(c in p for c in "*?["))
+        self.globs: tuple[Callable[[str], bool], ...] = tuple(
+            compile_glob(p) for p in patterns if any(c in p for c in "*?[")
+        )
+
+    def __call__(self, value: str) -> bool:
+        return value in self.exact or (bool(self.globs) and any(glob(value) for glob in self.globs))
+
+
 class _CompiledRoute:
     __slots__ = ("attrs", "inbounds", "sources", "spec", "topics", "types")
 
     def __init__(self, spec: RouteSpec) -> None:
         self.spec = spec
         self.inbounds = spec.inbounds
-        self.types: list[Callable[[str], bool]] = [compile_glob(t) for t in spec.types]
-        self.sources: list[Callable[[str], bool]] = [compile_glob(s) for s in spec.sources]
+        self.types = _Matcher(spec.types) if spec.types else None
+        self.sources = _Matcher(spec.sources) if spec.sources else None
         self.topics = spec.topics
         self.attrs = [(k, compile_glob(v)) for k, v in spec.attributes.items()]
 
     def matches(self, env: Envelope) -> bool:
-        prov = env.provenance
-        if self.inbounds and prov.inbound not in self.inbounds:
+        if self.inbounds and env.provenance.inbound not in self.inbounds:
             return False
-        if self.types and not any(m(env.type) for m in self.types):
+        if self.types is not None and not self.types(env.type):
             return False
-        if self.sources and not any(m(env.source) for m in self.sources):
+        if self.sources is not None and not self.sources(env.source):
             return False
         if self.topics:
+            prov = env.provenance
             sep = prov.topic_separator or "/"
-            if not any(p.matches(prov.topic, sep) for p in self.topics):
+            topic = prov.topic
+            for pattern in self.topics:
+                if pattern.matches(topic, sep):
+                    break
+            else:
                 return False
         for name, match in self.attrs:
             value = attribute(env, name)
