@@ -1,18 +1,31 @@
-"""The durable outbox: SQLite in WAL mode on its own thread, with group commit.
+"""The durable outbox: SQLite in WAL mode, with group commit.
 
-Every call from the event loop becomes an operation on one queue. The writer thread takes whatever has
-queued up (up to ``max_batch`` operations) and runs it as ONE transaction, so a burst of commits shares
-one fsync; then it resolves the callers' futures on the loop in one hop. The loop never touches SQLite.
+Why the statements run on the event loop thread and only the fsync does not: with the connection at
+``synchronous=OFF`` a transaction only writes into the OS page cache (tens of microseconds for a batch),
+so it is not blocking I/O; the blocking part, making the WAL durable, is one ``os.fsync`` of the WAL file
+on a syncer thread, which holds no GIL while it waits. The first design ran every statement on a writer
+thread instead, and lost three quarters of its throughput to the GIL: each statement released and
+re-took the GIL, and each re-take waited for the busy loop thread (measured: 30 ms per batch, HTTP -> AMQP
+at 800 req/s against 3,000 with the statements on the loop).
+
+Group commit: every operation queued during one loop iteration runs as ONE transaction; the callers wait
+until the syncer has fsynced past it. While one fsync runs, the next transactions are already written,
+and the next fsync covers them all. Checkpoints (copying the WAL into the database file) also run on the
+syncer thread, on a connection of its own, so the loop never waits for one.
+
+``synchronous = "normal"`` skips the fsync: an acknowledged event then survives the daemon's crash (it is
+in the OS page cache) but not the machine's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
+import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +70,14 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 _Work = Callable[[sqlite3.Connection], Any]
-_Results = list[tuple[asyncio.Future[Any] | None, Any, BaseException | None, Callable[[Any], None] | None]]
+
+LAZY_FLUSH_S = 0.2
+"""The longest a lazy write (a delivery done, an attempt counted) waits for a commit to ride along with."""
+LAZY_RETRIES = 5
+"""A lazy write whose transaction failed is carried into the next ones this many times, then dropped
+(dropping one costs at most a redelivery after a restart)."""
+CHECKPOINT_BYTES = 8 * 1024 * 1024
+"""The syncer checkpoints once the WAL has grown past this."""
 
 
 class _Op:
@@ -68,13 +88,77 @@ class _Op:
     ) -> None:
         self.work = work
         self.future = future
-        self.after = after  # run on the loop with the result, whether or not the caller still waits
+        self.after = after  # run with the result once durable, whether or not the caller still waits
         self.failures = 0
 
 
-LAZY_RETRIES = 5
-"""A lazy write (delivery done, attempt count) that fails is carried into the next transactions this many
-times before it is dropped (dropping it costs at most a redelivery after a restart)."""
+class _Syncer(threading.Thread):
+    """fsyncs the WAL up to the newest committed generation, then checkpoints when the WAL is large.
+
+    Owns ``fd`` (the WAL file) and ``checkpointer`` (a connection of its own), both opened by the caller
+    so that a failure to open them is an error of ``open()``, not a silent thread death.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        checkpointer: sqlite3.Connection,
+        loop: asyncio.AbstractEventLoop,
+        release: Callable[[int, str | None], None],
+    ) -> None:
+        super().__init__(name="outbox-syncer", daemon=True)
+        self._fd = fd
+        self._checkpointer = checkpointer
+        self._loop = loop
+        self._release = release
+        self._cv = threading.Condition()
+        self._wanted = 0
+        self._stopping = False
+        self.failed: str | None = None
+
+    def want(self, generation: int) -> None:
+        with self._cv:
+            self._wanted = generation
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+
+    def run(self) -> None:
+        synced = 0
+        try:
+            while True:
+                with self._cv:
+                    while self._wanted <= synced and not self._stopping:
+                        self._cv.wait()
+                    target, stop = self._wanted, self._stopping
+                if target > synced:
+                    error: str | None = None
+                    try:
+                        os.fsync(self._fd)
+                    except OSError as exc:
+                        error = f"fsync of the outbox WAL failed: {exc}"
+                    synced = target
+                    self._loop.call_soon_threadsafe(self._release, target, error)
+                    if error is None and os.fstat(self._fd).st_size > CHECKPOINT_BYTES:
+                        try:
+                            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                        except sqlite3.Error as exc:
+                            log.warning("outbox.checkpoint_failed", error=str(exc))
+                if stop and self._wanted <= synced:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    return
+        except Exception as exc:  # never leave committers waiting on a dead thread
+            self.failed = f"outbox syncer stopped: {exc!r}"
+            log.error("outbox.syncer_failed", error=self.failed)
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                self._loop.call_soon_threadsafe(self._release, 2**62, self.failed)
+        finally:
+            self._checkpointer.close()
+            os.close(self._fd)
 
 
 class SqliteOutbox:
@@ -82,43 +166,69 @@ class SqliteOutbox:
         self, path: str | Path, *, synchronous: str = "full", max_batch: int = 512, dedup_window_s: float = 0.0
     ) -> None:
         self._path = Path(path)
+        self._fsync = synchronous.lower() == "full"
+        self._max_batch = max_batch
         self._window = dedup_window_s
         self._last_prune = 0.0
-        self._synchronous = synchronous.upper()
-        self._max_batch = max_batch
-        # Unbounded on purpose: producers are bounded upstream (max_pending and in-flight limits), and a
-        # bounded queue here would block the event loop thread on put.
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._carried: list[_Op] = []  # lazy writes whose transaction failed (writer thread only)
         self.on_commit: OnCommit | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._syncer: _Syncer | None = None
+        self._ops: list[_Op] = []  # waiting for the next transaction
+        self._lazy: list[_Op] = []  # lazy writes waiting to ride along
+        self._flush_handle: asyncio.Handle | None = None
+        self._lazy_timer: asyncio.TimerHandle | None = None
+        self._generation = 0
+        self._unsynced: deque[tuple[int, list[tuple[_Op, Any]]]] = deque()
 
-    # ------------------------------------------------------------------ loop side
+    # ------------------------------------------------------------------ lifecycle
     async def open(self) -> list[Pending]:
         self._loop = asyncio.get_running_loop()
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=0.1)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=OFF")  # durability comes from the syncer's fsync
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints belong to the syncer thread
+            conn.executescript(SCHEMA)
+            # Startup only, before anything else uses the connection: may read many rows.
+            rows = await asyncio.to_thread(_load_pending, conn)
+            fd = os.open(f"{self._path}-wal", os.O_RDONLY)  # WAL mode created it with the first write
+            checkpointer = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            checkpointer.execute("PRAGMA synchronous=FULL")  # a checkpoint fsyncs the WAL and the database
+            await asyncio.to_thread(_fsync_dir, self._path.parent)
+        except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open outbox {self._path}: {exc}") from exc
-        ready: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="outbox-sqlite", daemon=True)
-        self._thread.start()
-        try:
-            await ready
-        except StorageError:
-            self._thread = None  # the writer has exited: later calls must fail, not wait forever
-            raise
-        rows: list[Pending] = await self._call(_load_pending)
-        log.info("outbox.opened", path=str(self._path), pending=len(rows))
+        self._conn = conn
+        self._syncer = _Syncer(fd, checkpointer, self._loop, self._release)
+        self._syncer.start()
+        log.info("outbox.opened", path=str(self._path), pending=len(rows), fsync=self._fsync)
         return rows
 
+    async def close(self) -> None:
+        if self._conn is None:
+            return
+        if self._ops or self._lazy:
+            self._flush()
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+        syncer = self._syncer
+        if syncer is not None:
+            syncer.stop()
+            await asyncio.to_thread(syncer.join)
+        self._conn.close()
+        self._conn = None
+        self._syncer = None
+
+    # ------------------------------------------------------------------ the Outbox API
     async def commit(self, items: Sequence[Accepted]) -> list[Pending]:
         window = self._window
-        now = time.time()
-        if window > 0 and now - self._last_prune > min(window, 30.0):
-            self._last_prune = now
-            self._queue.put(_Op(lambda conn: conn.execute("DELETE FROM seen WHERE at < ?", (now - window,)), None))
+        if window > 0:
+            now = time.time()
+            if now - self._last_prune > min(window, 30.0):
+                self._last_prune = now
+                horizon = now - window
+                self._lazy_write(lambda conn: conn.execute("DELETE FROM seen WHERE at < ?", (horizon,)))
         result: list[Pending] = await self._call(lambda conn: _commit(conn, items, window), self._committed)
         return result
 
@@ -127,13 +237,11 @@ class SqliteOutbox:
             self.on_commit(rows)
 
     def done(self, delivery: Pending) -> None:
-        self._queue.put(_Op(lambda conn: _done(conn, delivery), None))
+        self._lazy_write(lambda conn: _done(conn, delivery))
 
     def failed(self, delivery: Pending) -> None:
         attempts, row = delivery.attempts, delivery.id
-        self._queue.put(
-            _Op(lambda conn: conn.execute("UPDATE deliveries SET attempts=? WHERE id=?", (attempts, row)), None)
-        )
+        self._lazy_write(lambda conn: conn.execute("UPDATE deliveries SET attempts=? WHERE id=?", (attempts, row)))
 
     async def dead_letter(self, delivery: Pending, reason: str) -> None:
         await self._call(lambda conn: _bury(conn, delivery, reason))
@@ -146,95 +254,109 @@ class SqliteOutbox:
         result: list[Pending] = await self._call(lambda conn: _replay(conn, ids))
         return result
 
-    async def close(self) -> None:
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
-
+    # ------------------------------------------------------------------ batching
     async def _call(self, work: _Work, after: Callable[[Any], None] | None = None) -> Any:
-        if self._thread is None or self._loop is None:
+        if self._conn is None or self._loop is None:
             raise StorageError("outbox is not open")
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put(_Op(work, fut, after))
+        self._ops.append(_Op(work, fut, after))
+        if self._flush_handle is None:
+            # Everything queued during this loop iteration shares one transaction.
+            self._flush_handle = self._loop.call_soon(self._flush)
         return await fut
 
-    # ------------------------------------------------------------------ writer thread
-    def _run(self, ready: asyncio.Future[None]) -> None:
-        loop = self._loop
-        assert loop is not None
-        try:
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.executescript(SCHEMA)
-        except sqlite3.Error as exc:
-            failed: _Results = [(ready, None, StorageError(f"cannot open outbox {self._path}: {exc}"), None)]
-            loop.call_soon_threadsafe(_settle, failed)
-            return
-        opened: _Results = [(ready, None, None, None)]
-        loop.call_soon_threadsafe(_settle, opened)
-        try:
-            while True:
-                op = self._queue.get()
-                if op is None:
-                    return
-                batch = [op]
-                stop = False
-                while len(batch) < self._max_batch:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    batch.append(nxt)
-                self._execute(conn, batch, loop)
-                if stop:
-                    return
-        finally:
-            conn.close()
+    def _lazy_write(self, work: _Work) -> None:
+        self._lazy.append(_Op(work, None))
+        if self._lazy_timer is None and self._loop is not None:
+            self._lazy_timer = self._loop.call_later(LAZY_FLUSH_S, self._flush)
 
-    def _execute(self, conn: sqlite3.Connection, batch: list[_Op], loop: asyncio.AbstractEventLoop) -> None:
-        if self._carried:
-            batch = self._carried + batch
-            self._carried = []
-        results: _Results = []
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        batch = self._lazy + self._ops[: self._max_batch]
+        self._lazy = []
+        del self._ops[: self._max_batch]
+        if self._ops and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+        if batch:
+            self._execute(batch)
+
+    def _execute(self, batch: list[_Op]) -> None:
+        conn = self._conn
+        if conn is None:
+            err = StorageError("outbox is closed")
+            for op in batch:
+                if op.future is not None and not op.future.done():
+                    op.future.set_exception(err)
+            return
+        results: list[tuple[_Op, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
-                results.append((op.future, op.work(conn), None, op.after))
+                results.append((op, op.work(conn)))
             conn.execute("COMMIT")
-        except Exception as exc:  # sqlite3.Error, or a bug in a unit of work: never kill the thread
+        except Exception as exc:  # sqlite3.Error (disk full, I/O), or a bug in a unit of work
             with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have ended the transaction
                 conn.execute("ROLLBACK")
             err = StorageError(f"outbox write failed: {exc}")
             log.error("outbox.write_failed", error=str(exc), operations=len(batch))
-            results = [(op.future, None, err, None) for op in batch]
-            # Callers of the failed commits are told; lazy writes have no caller, so they are carried over
-            # (losing a "done" would only mean a redelivery, but there is no need to lose it).
             for op in batch:
-                if op.future is None:
+                if op.future is not None:
+                    if not op.future.done():
+                        op.future.set_exception(err)
+                else:
+                    # Lazy writes have no caller to tell: carry them into the next transaction.
                     op.failures += 1
                     if op.failures < LAZY_RETRIES:
-                        self._carried.append(op)
-        settled = [r for r in results if r[0] is not None]
-        if settled:
-            loop.call_soon_threadsafe(_settle, settled)
+                        self._lazy.append(op)
+            if self._lazy and self._lazy_timer is None and self._loop is not None:
+                self._lazy_timer = self._loop.call_later(LAZY_FLUSH_S, self._flush)
+            return
+        waiting = [(op, value) for op, value in results if op.future is not None]
+        if not waiting:
+            return
+        if not self._fsync or self._syncer is None:
+            self._settle(waiting, None)
+            return
+        if self._syncer.failed is not None:
+            self._settle(waiting, self._syncer.failed)
+            return
+        self._generation += 1
+        self._unsynced.append((self._generation, waiting))
+        self._syncer.want(self._generation)
+
+    def _release(self, generation: int, error: str | None) -> None:
+        """On the loop: the syncer made everything up to ``generation`` durable (or failed to)."""
+        while self._unsynced and self._unsynced[0][0] <= generation:
+            _, waiting = self._unsynced.popleft()
+            self._settle(waiting, error)
+
+    @staticmethod
+    def _settle(waiting: list[tuple[_Op, Any]], error: str | None) -> None:
+        if error is not None:
+            log.error("outbox.fsync_failed", error=error)
+        for op, value in waiting:
+            fut = op.future
+            assert fut is not None
+            if error is None and op.after is not None:
+                op.after(value)
+            if fut.done():
+                continue  # the caller was cancelled: its commit stands, it just no longer waits
+            if error is not None:
+                fut.set_exception(StorageError(error))
+            else:
+                fut.set_result(value)
 
 
-def _settle(results: _Results) -> None:
-    for fut, value, err, after in results:
-        if after is not None:
-            after(value)
-        if fut is None or fut.done():
-            continue  # the caller was cancelled: its commit stands, it just no longer waits
-        if err is not None:
-            fut.set_exception(err)
-        else:
-            fut.set_result(value)
+def _fsync_dir(path: Path) -> None:
+    """Make the database and WAL files' directory entries durable (POSIX needs the directory fsynced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------- SQL, run on the writer thread

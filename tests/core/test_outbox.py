@@ -193,13 +193,13 @@ async def test_sqlite_event_is_stored_until_its_last_delivery_is_done(tmp_path: 
 
 
 class CountingOutbox(SqliteOutbox):
-    """Counts writer-thread transactions (one per batch of queued operations)."""
+    """Counts transactions (one per batch of queued operations)."""
 
     transactions = 0
 
-    def _execute(self, conn: sqlite3.Connection, batch: list[Any], loop: asyncio.AbstractEventLoop) -> None:
+    def _execute(self, batch: list[Any]) -> None:
         type(self).transactions += 1
-        super()._execute(conn, batch, loop)
+        super()._execute(batch)
 
 
 async def test_sqlite_concurrent_commits_are_grouped(tmp_path: Path) -> None:
