@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +29,14 @@ class Quickstart:
     mqtt_port: int = 1883
     amqp_port: int = 5672
     outbox: str = "sqlite"
+    # Fault tests: where the outbox file lives (default: tmp/outbox.sqlite), the back-pressure threshold
+    # (default: the shipped value), and TOML appended verbatim (more outbounds, more [[routes]]).
+    outbox_path: Path | None = None
+    max_pending: int | None = None
+    extra_toml: str = ""
+    # Keys to set, by section: {"brokers.rabbit": {"heartbeat_s": 2}, "outbound.mqtt": {"send_timeout_s": 3.0}}.
+    # A key the section has is replaced; any other is added under the section's header.
+    overrides: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         u = self.uid
@@ -60,12 +70,61 @@ class Quickstart:
             if old not in text:
                 raise AssertionError(f"config.toml no longer contains {old!r}; update tests/support/daemon.py")
             text = text.replace(old, new)
+        if self.outbox_path is not None:
+            text = text.replace(f'path = "{self.tmp / "outbox.sqlite"}"', f'path = "{self.outbox_path}"')
+        if self.max_pending is not None:
+            if "max_pending = 100000" not in text:
+                raise AssertionError("config.toml no longer contains 'max_pending = 100000'; update Quickstart")
+            text = text.replace("max_pending = 100000", f"max_pending = {self.max_pending}")
+        for section, keys in self.overrides.items():
+            text = _override(text, section, keys)
+        if self.extra_toml:
+            text += "\n" + self.extra_toml
         return text
+
+    @property
+    def outbox_file(self) -> Path:
+        """The SQLite outbox file the rendered config names."""
+        return self.outbox_path if self.outbox_path is not None else self.tmp / "outbox.sqlite"
 
     def write(self) -> Path:
         path = self.tmp / "config.toml"
         path.write_text(self.render())
         return path
+
+
+def toml_value(value: object) -> str:
+    """A TOML literal for the values overrides use: bool, int, float, str, and inline tables of them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML literal for {value!r}")
+
+
+def _override(text: str, section: str, keys: dict[str, object]) -> str:
+    lines = text.split("\n")
+    header = f"[{section}]"
+    try:
+        start = next(i for i, line in enumerate(lines) if line.split("#", 1)[0].strip() == header)
+    except StopIteration:
+        raise AssertionError(f"config.toml has no section {header}; update the test's overrides") from None
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+    for key, value in keys.items():
+        line = f"{key} = {toml_value(value)}"
+        found = next((i for i in range(start + 1, end) if re.match(rf"{re.escape(key)}\s*=", lines[i])), None)
+        if found is None:
+            lines.insert(start + 1, line)
+            end += 1
+        else:
+            lines[found] = line
+    return "\n".join(lines)
 
 
 class DaemonProcess:
@@ -119,6 +178,10 @@ class DaemonProcess:
         if self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]
