@@ -10,7 +10,6 @@ in the body, with its media type as ``content_type``.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from mediator.core.envelope import (
     from_context_attributes,
     iter_attributes,
     new_event,
+    new_id,
     validate,
 )
 from mediator.core.errors import RejectCode, Rejected
@@ -171,7 +171,7 @@ def to_envelope(
 
 
 def _raw(msg: AmqpMessage, now: Timestamp) -> Envelope:
-    env = Envelope(id=msg.message_id or str(uuid.uuid4()), spec_version=SPEC_VERSION)
+    env = Envelope(id=msg.message_id or new_id(), spec_version=SPEC_VERSION)
     env.binary_data = msg.body
     time = env.attributes["time"].ce_timestamp
     if msg.timestamp is not None:

@@ -11,7 +11,6 @@ import json
 import math
 import re
 import time
-import uuid
 from collections.abc import Sequence
 
 import structlog
@@ -22,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from adapters.http import codec
 from adapters.http.config import HttpInboundConfig, HttpListenerConfig
 from mediator.core import formats
-from mediator.core.envelope import SPEC_VERSION, Envelope
+from mediator.core.envelope import SPEC_VERSION, Envelope, new_id
 from mediator.core.errors import NotReady, RejectCode, Rejected
 from mediator.core.patterns import Template, TemplateError
 from mediator.core.seams import Sink
@@ -160,7 +159,7 @@ class HttpInbound:
         self, request: web.Request, body: bytes, now: Timestamp, topic: str, type_: Template, source: Template
     ) -> Envelope:
         headers = request.headers
-        event_id = headers.get("Idempotency-Key", "").strip() or str(uuid.uuid4())
+        event_id = headers.get("Idempotency-Key", "").strip() or new_id()
         env = Envelope(id=event_id, spec_version=SPEC_VERSION)
         env.binary_data = body
         env.attributes["time"].ce_timestamp.CopyFrom(now)
