@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 from tests.support.net import free_port, reachable
@@ -23,7 +30,10 @@ class MosquittoInstance:
             "max_queued_messages 100000\n"
             "persistence true\n"
             f"persistence_location {workdir}/\n"
-            "autosave_interval 1\n"
+            "autosave_interval 1\n" + ("user root\n" if os.geteuid() == 0 else "")
+            # Started as root, mosquitto drops to the user "mosquitto", which cannot write (or even reach)
+            # a test's temporary directory: persistence would fail silently ("Error saving in-memory
+            # database") and a restart would lose every session and queued message.
         )
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -54,3 +64,146 @@ class MosquittoInstance:
         await self.stop(kill=kill)
         await asyncio.sleep(down_s)
         await self.start()
+
+
+STARTUP_TIMEOUT_S = 90.0
+
+
+def _chown(path: Path, user: pwd.struct_passwd | None) -> None:
+    if user is not None:
+        os.chown(path, user.pw_uid, user.pw_gid)
+
+
+class RabbitNode:
+    """A second RabbitMQ node on free loopback ports, with its own name, config, env file and data
+    (shared/SERVICES.md): never the shared node on 5672, so a test may stop, kill and restart it.
+
+    The synchronous methods (``start``, ``stop``, ``ctl``) are for session fixtures; tests use the
+    ``a*`` variants, which do not block the event loop."""
+
+    def __init__(self, base: Path | None = None) -> None:
+        # As root the Debian wrappers re-run the server as the rabbitmq user, which must own its files.
+        self._user = pwd.getpwnam("rabbitmq") if os.geteuid() == 0 else None
+        self.base = base or Path(tempfile.mkdtemp(prefix="mediator-rabbit-"))
+        self.port, dist_port = free_port(), free_port()
+        self.node = f"t{self.port}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self.pid_file = self.base / "rabbit.pid"
+        self.env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_PID_FILE": str(self.pid_file),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.base / "rabbitmq-env.conf"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+        _chown(self.base, self._user)
+        files = {
+            # Our own config file: the system one pins the listener to 5672, the shared node's port.
+            "rabbitmq.conf": f"listeners.tcp.local = 127.0.0.1:{self.port}\n",
+            "enabled_plugins": "[].\n",
+            "rabbitmq-env.conf": "",  # not the system one, which names the shared node
+        }
+        for name, text in files.items():
+            (self.base / name).write_text(text)
+            _chown(self.base / name, self._user)
+
+    def ctl_argv(self, *args: str) -> list[str]:
+        return ["rabbitmqctl", "-n", self.node, *args]
+
+    def ctl(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.ctl_argv(*args), env=self.env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+
+    async def actl(self, *args: str, timeout_s: float = 60.0, check: bool = True) -> int:
+        """rabbitmqctl from a test's event loop; raises AssertionError on a non-zero exit if ``check``."""
+        proc = await asyncio.create_subprocess_exec(
+            *self.ctl_argv(*args), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            async with asyncio.timeout(timeout_s):
+                out, _ = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        code = proc.returncode or 0
+        if check and code != 0:
+            raise AssertionError(f"rabbitmqctl {' '.join(args)} failed: {out.decode(errors='replace')}")
+        return code
+
+    def start(self) -> None:
+        """Start the node and wait until it has booted and listens (about 4 s warm, 10 s cold)."""
+        subprocess.run(["rabbitmq-server", "-detached"], env=self.env, check=True, timeout=60, capture_output=True)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        # -detached returns at once: poll until the node has booted.
+        while self.ctl("await_startup", "--timeout", "5", timeout_s=30).returncode != 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"RabbitMQ node {self.node} did not start in {STARTUP_TIMEOUT_S} s\n{self.logs()}")
+            time.sleep(0.5)
+        if not reachable("127.0.0.1", self.port):
+            raise AssertionError(f"RabbitMQ node {self.node} is up but not listening on {self.port}\n{self.logs()}")
+
+    async def astart(self) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            "rabbitmq-server", "-detached", env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        async with asyncio.timeout(60):
+            await proc.wait()
+        async with asyncio.timeout(STARTUP_TIMEOUT_S):
+            while await self.actl("await_startup", "--timeout", "5", timeout_s=30, check=False) != 0:
+                await asyncio.sleep(0.5)
+            while not reachable("127.0.0.1", self.port, 0.2):
+                await asyncio.sleep(0.1)
+
+    def beam_pid(self) -> int:
+        return int(self.pid_file.read_text().strip())
+
+    async def akill(self) -> None:
+        """kill -9 the node's Erlang VM and wait until it is gone (no clean shutdown, no flush)."""
+        pid = self.beam_pid()
+        os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            while _alive(pid) or reachable("127.0.0.1", self.port, 0.2):
+                await asyncio.sleep(0.05)
+
+    async def stop_app(self) -> None:
+        await self.actl("stop_app")
+
+    async def start_app(self) -> None:
+        await self.actl("start_app", timeout_s=120)
+
+    def is_running(self) -> bool:
+        return self.ctl("status", timeout_s=30).returncode == 0
+
+    def stop(self) -> None:
+        self.ctl("stop", timeout_s=60)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def logs(self) -> str:
+        parts = []
+        for path in sorted((self.base / "log").glob("*.log")):
+            parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}")
+        return "\n".join(parts)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (not yet reaped by its parent) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
