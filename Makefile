@@ -42,8 +42,10 @@ check: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/mediator run --config config.toml
 
+# The benchmark (about 6-9 minutes on 2 cores; prints one table, writes bench/results.json).
+# BENCH_ARGS: e.g. --quick, --paths http-amqp,mqtt-amqp, --no-peers, --profile (see python -m bench --help).
 bench: $(STAMP) services
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,454 @@
+"""``python -m bench``: the benchmark. See ``python -m bench --help`` and bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.infra import ROOT, WORK, Daemon, Mosquitto, NodeRed, OwnRabbit, free_port, log
+from bench.paths import PATHS, Env, PathDef
+from bench.runner import Cell, Settings, measure
+
+SHARED_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+BUDGET_S = 570.0
+"""`make bench` must end within 10 minutes: cells that would start past this are skipped (and say so)."""
+
+NODERED_PATHS = ("http-mqtt", "http-amqp", "mqtt-mqtt")
+PLUGIN_PATHS = ("mqtt-amqp",)
+MEMORY_PATH = "http-amqp"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="one short run per cell (smoke test)")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of: {', '.join(PATHS)}")
+    ap.add_argument("--no-peers", action="store_true", help="skip Node-RED and the RabbitMQ MQTT plugin")
+    ap.add_argument("--no-memory", action="store_true", help="skip the in-memory outbox figure")
+    ap.add_argument("--profile", action="store_true", help="py-spy the daemon in each path's first saturation run")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"), help="where to write the JSON results")
+    args = ap.parse_args(argv)
+    names = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = [n for n in names if n not in PATHS]
+    if unknown:
+        ap.error(f"unknown path(s): {', '.join(unknown)}; known: {', '.join(PATHS)}")
+    args.path_names = names
+    return args
+
+
+def ensure_wrk() -> str:
+    """wrk drives the HTTP paths. Debian packages it; as root we install it when missing, and say so."""
+    if shutil.which("wrk") is None:
+        log("wrk is not installed: running `apt-get install -y wrk` (Debian package)")
+        subprocess.run(["apt-get", "install", "-y", "wrk"], check=True, timeout=300, capture_output=True)
+    out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
+    return (out.stdout + out.stderr).splitlines()[0] if (out.stdout + out.stderr) else "wrk"
+
+
+async def _amqp_cleanup(url: str, exchanges: list[str], queues: list[str]) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    async with conn:
+        for name in queues:
+            with contextlib.suppress(Exception):
+                ch = await conn.channel()
+                await ch.queue_delete(name)
+        for name in exchanges:
+            with contextlib.suppress(Exception):
+                ch = await conn.channel()
+                await ch.exchange_delete(name)
+
+
+def amqp_cleanup(url: str, exchanges: list[str], queues: list[str]) -> None:
+    with contextlib.suppress(Exception):
+        asyncio.run(asyncio.wait_for(_amqp_cleanup(url, exchanges, queues), 20))
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.started = time.monotonic()
+        self.settings = (
+            Settings(
+                sat_runs=1, lat_runs=1, sat_s=2.0, sat_count=3000, lat_s=1.0, drain_max_s=20.0, profile=args.profile
+            )
+            if args.quick
+            else Settings(profile=args.profile)
+        )
+        self.uid = uuid.uuid4().hex[:8]
+        self.mosquitto = Mosquitto(WORK / "mosquitto")
+        self.results: dict[str, Any] = {"paths": {}, "ceilings": {}, "skipped": [], "problems": []}
+
+    def over_budget(self, what: str) -> bool:
+        if time.monotonic() - self.started > BUDGET_S:
+            self.results["skipped"].append(f"{what}: skipped, the run is past its {BUDGET_S:.0f} s budget")
+            log(f"{what}: skipped (time budget)")
+            return True
+        return False
+
+    def env(self, name: str, outbox: str = "sqlite") -> Env:
+        uid = f"{self.uid}-{name}" + ("-mem" if outbox == "memory" else "")
+        workdir = WORK / "daemon" / uid
+        workdir.mkdir(parents=True, exist_ok=True)
+        for f in workdir.glob("outbox.sqlite*"):
+            f.unlink()
+        return Env(
+            uid=uid,
+            mqtt_port=self.mosquitto.port,
+            amqp_url=SHARED_AMQP,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            hook_port=free_port(),
+            workdir=str(workdir),
+            outbox=outbox,
+        )
+
+    # ------------------------------------------------------------------------------------------ mediator
+
+    def mediator(self, path: PathDef, outbox: str = "sqlite") -> dict[str, Any]:
+        env = self.env(path.name, outbox)
+        daemon = Daemon(path.config(env), Path(env.workdir), env.http_port)
+        cell = Cell(
+            label=path.name,
+            system="mediator" if outbox == "sqlite" else "mediator (memory outbox)",
+            producer=path.producer_spec(env),
+            consumer=path.consumer_spec(env),
+            pid=lambda: daemon.pid if daemon.proc else None,
+            wrk_url=f"http://127.0.0.1:{env.http_port}/bench" if path.producer == "http" else None,
+            profile_name=path.name + ("-memory" if outbox == "memory" else ""),
+            alive=daemon.exited,
+        )
+        try:
+            res = measure(cell, self.settings, start_system=daemon.start)
+        finally:
+            rc = daemon.stop()
+            problems = daemon.problems()
+            if problems:
+                self.results["problems"].append({"cell": f"{path.name} [{cell.system}]", "log": problems[:20]})
+            if rc not in (0, None):
+                self.results["problems"].append({"cell": f"{path.name} [{cell.system}]", "exit": rc})
+            amqp_cleanup(SHARED_AMQP, [env.exchange_in, env.exchange_out], [env.queue_in, env.queue_out])
+        res["daemon_exit"] = rc
+        res["daemon_log_lines"] = len(problems)
+        return res
+
+    # ------------------------------------------------------------------------------------------ ceilings
+
+    def ceiling(self, kind: str) -> dict[str, Any]:
+        env = self.env(f"ceil-{kind}")
+        prod: dict[str, Any]
+        cons: dict[str, Any]
+        if kind == "amqp":
+            prod = {
+                "kind": "amqp",
+                "url": SHARED_AMQP,
+                "exchange": env.exchange_out,
+                "routing_key": "p1",
+                "window": 512,
+            }
+            cons = {"kind": "amqp", "url": SHARED_AMQP, "exchange": env.exchange_out, "queue": env.queue_out}
+            label = "AMQP direct: aio-pika publish (confirms, persistent) -> consume"
+        else:
+            prod = {
+                "kind": "mqtt",
+                "host": "127.0.0.1",
+                "port": env.mqtt_port,
+                "topic": env.topic("out/p1"),
+                "window": 1000,
+            }
+            cons = {"kind": "mqtt", "host": "127.0.0.1", "port": env.mqtt_port, "topic": env.topic("out/+")}
+            label = "MQTT direct: paho QoS 1 publish -> subscribe"
+        cell = Cell(label=f"ceiling-{kind}", system=label, producer=prod, consumer=cons)
+        try:
+            return measure(cell, self.settings)
+        finally:
+            amqp_cleanup(SHARED_AMQP, [env.exchange_out], [env.queue_out])
+
+    # ------------------------------------------------------------------------------------------ peers
+
+    def node_red(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        red = NodeRed(WORK / "nodered")
+        version = red.install()
+        uid = f"{self.uid}-nr"
+        ex = f"bench-nr-{uid}"
+        port = self.mosquitto.port
+        flows: list[dict[str, Any]] = [
+            {"id": "tab1", "type": "tab", "label": "bench"},
+            {
+                "id": "mq",
+                "type": "mqtt-broker",
+                "name": "bench",
+                "broker": "127.0.0.1",
+                "port": str(port),
+                "clientid": "",
+                "autoConnect": True,
+                "usetls": False,
+                "protocolVersion": "4",
+                "keepalive": "60",
+                "cleansession": True,
+            },
+            {
+                "id": "amqps",
+                "type": "amqp-server",
+                "host": "127.0.0.1",
+                "port": "5672",
+                "vhost": "",
+                "keepalive": "30",
+                "usetls": False,
+                "verifyservercert": True,
+                "usetopology": False,
+                "topology": "{}",
+            },
+            # HTTP -> MQTT
+            {
+                "id": "hm_in",
+                "type": "http in",
+                "z": "tab1",
+                "url": "/bench-mqtt",
+                "method": "post",
+                "upload": False,
+                "wires": [["hm_out", "hm_resp"]],
+            },
+            {
+                "id": "hm_out",
+                "type": "mqtt out",
+                "z": "tab1",
+                "topic": f"bench/{uid}/out/http",
+                "qos": "1",
+                "retain": "false",
+                "broker": "mq",
+                "wires": [],
+            },
+            {"id": "hm_resp", "type": "http response", "z": "tab1", "statusCode": "202", "headers": {}, "wires": []},
+            # HTTP -> AMQP
+            {
+                "id": "ha_in",
+                "type": "http in",
+                "z": "tab1",
+                "url": "/bench-amqp",
+                "method": "post",
+                "upload": False,
+                "wires": [["ha_out", "ha_resp"]],
+            },
+            {
+                "id": "ha_out",
+                "type": "amqp out",
+                "z": "tab1",
+                "routingkey": "bench.out",
+                "iotype": "3",
+                "ioname": ex,
+                "server": "amqps",
+                "wires": [],
+            },
+            {"id": "ha_resp", "type": "http response", "z": "tab1", "statusCode": "202", "headers": {}, "wires": []},
+            # MQTT -> MQTT with a topic rewrite (in -> out)
+            {
+                "id": "mm_in",
+                "type": "mqtt in",
+                "z": "tab1",
+                "topic": f"bench/{uid}/in/+",
+                "qos": "1",
+                "datatype": "buffer",
+                "broker": "mq",
+                "nl": False,
+                "rap": True,
+                "rh": 0,
+                "inputs": 0,
+                "wires": [["mm_rw"]],
+            },
+            {
+                "id": "mm_rw",
+                "type": "change",
+                "z": "tab1",
+                "rules": [
+                    {
+                        "t": "change",
+                        "p": "topic",
+                        "pt": "msg",
+                        "from": "/in/",
+                        "fromt": "str",
+                        "to": "/out/",
+                        "tot": "str",
+                    }
+                ],
+                "wires": [["mm_out"]],
+            },
+            {
+                "id": "mm_out",
+                "type": "mqtt out",
+                "z": "tab1",
+                "topic": "",
+                "qos": "1",
+                "retain": "false",
+                "broker": "mq",
+                "wires": [],
+            },
+        ]
+        log(f"starting Node-RED {version} on port {red.port}")
+        red.start(flows)
+        time.sleep(2.0)  # its broker connections come up after the HTTP port
+        out: dict[str, dict[str, Any]] = {}
+        mqtt_out = {"kind": "mqtt", "host": "127.0.0.1", "port": port, "topic": f"bench/{uid}/out/+"}
+        amqp_out = {"kind": "amqp", "url": SHARED_AMQP, "exchange": ex, "queue": f"bench.nr.{uid}"}
+        http_prod = {"kind": "http", "window": 64}
+        cells: dict[str, tuple[dict[str, Any], dict[str, Any], str | None]] = {
+            "http-mqtt": (mqtt_out, {**http_prod, "url": f"http://127.0.0.1:{red.port}/bench-mqtt"}, "/bench-mqtt"),
+            "http-amqp": (amqp_out, {**http_prod, "url": f"http://127.0.0.1:{red.port}/bench-amqp"}, "/bench-amqp"),
+            "mqtt-mqtt": (
+                mqtt_out,
+                {"kind": "mqtt", "host": "127.0.0.1", "port": port, "topic": f"bench/{uid}/in/p1", "window": 1000},
+                None,
+            ),
+        }
+        try:
+            for name in names:
+                if self.over_budget(f"{name} [Node-RED]"):
+                    continue
+                cons, prod, url_path = cells[name]
+                cell = Cell(
+                    label=name,
+                    system=f"Node-RED {version}",
+                    producer=prod,
+                    consumer=cons,
+                    pid=lambda: red.pid,
+                    wrk_url=f"http://127.0.0.1:{red.port}{url_path}" if url_path else None,
+                )
+                try:
+                    out[name] = measure(cell, self.settings)
+                except Exception as exc:
+                    log(f"{name} [Node-RED] failed: {exc}")
+                    out[name] = {"system": cell.system, "error": str(exc)}
+        finally:
+            red.stop()
+            amqp_cleanup(SHARED_AMQP, [ex], [f"bench.nr.{uid}"])
+        return out
+
+    def rabbit_plugin(self) -> dict[str, Any]:
+        node = OwnRabbit(WORK / "rabbit")
+        log(f"starting our own RabbitMQ node {node.node} with rabbitmq_mqtt (AMQP {node.port}, MQTT {node.mqtt_port})")
+        node.start()
+        try:
+            pid = node.pid()
+            uid = f"{self.uid}-plugin"
+            cell = Cell(
+                label="mqtt-amqp",
+                system="RabbitMQ 3.10 rabbitmq_mqtt plugin (own node; CPU/RSS = whole broker)",
+                producer={
+                    "kind": "mqtt",
+                    "host": "127.0.0.1",
+                    "port": node.mqtt_port,
+                    "topic": f"bench/{uid}/in/p1",
+                    "window": 1000,
+                },
+                # The plugin publishes to amq.topic with '/' mapped to '.'.
+                consumer={
+                    "kind": "amqp",
+                    "url": node.url,
+                    "exchange": "amq.topic",
+                    "declare_exchange": False,
+                    "routing_key": f"bench.{uid}.in.#",
+                    "queue": f"bench.plugin.{uid}",
+                },
+                pid=lambda: pid,
+            )
+            return measure(cell, self.settings)
+        finally:
+            node.stop()
+
+    # ------------------------------------------------------------------------------------------ the run
+
+    def run(self) -> int:
+        a = self.args
+        WORK.mkdir(parents=True, exist_ok=True)
+        names = a.path_names
+        wrk_version = ensure_wrk() if any(PATHS[n].producer == "http" for n in names) else None
+        self.results["meta"] = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "quick": a.quick,
+            "payload_bytes": 1024,
+            "settings": vars(self.settings),
+            "machine": {"cpus": _cpus(), "python": platform.python_version(), "kernel": platform.release()},
+            "wrk": wrk_version,
+            "amqp": "shared RabbitMQ 127.0.0.1:5672, unique exchange/queue names per run (deleted after)",
+            "mosquitto": f"own instance on 127.0.0.1:{self.mosquitto.port}: set_tcp_nodelay true, "
+            "max_queued_messages 1000000, max_inflight_messages 1000, persistence false",
+        }
+        self.mosquitto.start()
+        try:
+            ceilings_needed = sorted({c for n in names for c in PATHS[n].ceilings})
+            for kind in ceilings_needed:
+                if self.over_budget(f"ceiling-{kind}"):
+                    continue
+                self.results["ceilings"][kind] = self._guard(f"ceiling-{kind}", lambda k=kind: self.ceiling(k))
+            for name in names:
+                entry: dict[str, Any] = {"title": PATHS[name].title, "ceilings": list(PATHS[name].ceilings)}
+                self.results["paths"][name] = entry
+                if self.over_budget(name):
+                    continue
+                entry["mediator"] = self._guard(name, lambda n=name: self.mediator(PATHS[n]))
+                if name == MEMORY_PATH and not a.no_memory and not self.over_budget(f"{name} [memory]"):
+                    entry["mediator_memory"] = self._guard(
+                        f"{name} [memory]", lambda n=name: self.mediator(PATHS[n], "memory")
+                    )
+            if not a.no_peers:
+                red_paths = [n for n in names if n in NODERED_PATHS]
+                if red_paths and not self.over_budget("Node-RED"):
+                    try:
+                        for name, res in self.node_red(red_paths).items():
+                            self.results["paths"][name].setdefault("peers", {})["node-red"] = res
+                    except Exception as exc:
+                        log(f"Node-RED peer failed: {exc}")
+                        self.results["problems"].append({"cell": "Node-RED", "error": str(exc)})
+                for name in names:
+                    if name in PLUGIN_PATHS and not self.over_budget(f"{name} [rabbitmq_mqtt]"):
+                        res = self._guard(f"{name} [rabbitmq_mqtt]", self.rabbit_plugin)
+                        self.results["paths"][name].setdefault("peers", {})["rabbitmq-mqtt-plugin"] = res
+        finally:
+            self.mosquitto.stop()
+        self.results["meta"]["elapsed_s"] = round(time.monotonic() - self.started, 1)
+        out = Path(a.out)
+        out.write_text(json.dumps(self.results, indent=1, default=str) + "\n")
+        print(report.table(self.results))
+        log(f"wrote {out} ({self.results['meta']['elapsed_s']} s)")
+        failed = any("error" in (c or {}) for c in _cells(self.results))
+        return 1 if failed else 0
+
+    def _guard(self, what: str, fn: Any) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = fn()
+            return result
+        except Exception as exc:
+            log(f"{what} FAILED: {exc}")
+            return {"error": str(exc)[:2000]}
+
+
+def _cells(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = list(results["ceilings"].values())
+    for entry in results["paths"].values():
+        out += [entry.get("mediator"), entry.get("mediator_memory"), *entry.get("peers", {}).values()]
+    return [c for c in out if c]
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return Bench(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

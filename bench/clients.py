@@ -1,0 +1,551 @@
+"""Load generators and consumers. Each runs in its own process (``multiprocessing``, spawn) and talks to
+the orchestrator over a ``Pipe``: the orchestrator never shares a CPU-bound loop with them.
+
+Consumer protocol: the child sends ``("ready", info)`` once subscribed/bound/listening, then answers
+``("wait", run, expected, idle_s, max_s)`` with ``("stats", dict)`` and ends on ``("stop",)``.
+Producer protocol: ``("ready", info)``, then any number of ``("go", params)`` answered by
+``("done", dict)``, then ``("stop",)``. Every loop is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from bench import payload
+
+# ----------------------------------------------------------------------------------------------- tracking
+
+
+class _Run:
+    __slots__ = ("count", "dups", "first", "last", "lat", "seen")
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.count = 0
+        self.dups = 0
+        self.first = 0
+        self.last = 0
+        self.lat: list[int] = []
+
+
+class Tracker:
+    """Counts what a consumer received, per run (sequence number // RUN_SPAN). Thread-safe."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.runs: dict[int, _Run] = {}
+        self.garbage = 0
+        self.changed = time.monotonic()
+
+    def record(self, body: bytes) -> None:
+        now = time.monotonic_ns()
+        try:
+            seq, ts = payload.parse(body)
+        except (ValueError, TypeError):
+            with self.lock:
+                self.garbage += 1
+            return
+        run_id = seq // payload.RUN_SPAN
+        with self.lock:
+            run = self.runs.get(run_id)
+            if run is None:
+                run = self.runs[run_id] = _Run()
+                run.first = now
+            if seq in run.seen:
+                run.dups += 1
+            else:
+                run.seen.add(seq)
+            run.count += 1
+            run.last = now
+            if ts:
+                run.lat.append(now - ts)
+        self.changed = time.monotonic()
+
+    def unique(self, run_id: int) -> int:
+        with self.lock:
+            run = self.runs.get(run_id)
+            return len(run.seen) if run else 0
+
+    def wait(self, run_id: int, expected: int, idle_s: float, max_s: float) -> dict[str, Any]:
+        start = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self.unique(run_id) >= expected or now - start > max_s:
+                break
+            if now - max(start, self.changed) > idle_s:
+                break
+            time.sleep(0.02)
+        time.sleep(0.05)  # let duplicates that trail the last new message show up
+        with self.lock:
+            run = self.runs.pop(run_id, None) or _Run()
+            lat = sorted(run.lat)
+            garbage, self.garbage = self.garbage, 0
+        return {
+            "received": run.count,
+            "unique": len(run.seen),
+            "duplicates": run.dups,
+            "first_ns": run.first,
+            "last_ns": run.last,
+            "garbage": garbage,
+            "lat": percentiles(lat),
+            "timed_out": len(run.seen) < expected,
+        }
+
+
+def percentiles(sorted_ns: list[int]) -> dict[str, float] | None:
+    if not sorted_ns:
+        return None
+    n = len(sorted_ns)
+
+    def at(q: float) -> float:
+        return sorted_ns[min(n - 1, int(q * n))] / 1e6
+
+    return {"n": n, "p50_ms": at(0.50), "p99_ms": at(0.99), "max_ms": sorted_ns[-1] / 1e6}
+
+
+def _serve_consumer(conn: Connection, tracker: Tracker, info: dict[str, Any]) -> None:
+    conn.send(("ready", info))
+    while True:
+        if not conn.poll(600):
+            return
+        msg = conn.recv()
+        if msg[0] == "stop":
+            return
+        if msg[0] == "wait":
+            _, run_id, expected, idle_s, max_s = msg
+            conn.send(("stats", tracker.wait(run_id, expected, idle_s, max_s)))
+        elif msg[0] == "count":
+            conn.send(("count", tracker.unique(msg[1])))
+
+
+def _loop_in_thread() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True, name="consumer-loop").start()
+    return loop
+
+
+def consumer_main(spec: dict[str, Any], conn: Connection) -> None:
+    import logging
+
+    for name in ("aio_pika", "aiormq"):  # "consumer cancelled" when its queue is deleted at the end
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        kind = spec["kind"]
+        tracker = Tracker()
+        if kind == "mqtt":
+            _mqtt_consumer(spec, conn, tracker)
+            return
+        loop = _loop_in_thread()
+        starter = {"amqp": _amqp_consumer, "http": _http_consumer, "grpc": _grpc_consumer}[kind]
+        fut = asyncio.run_coroutine_threadsafe(starter(spec, tracker), loop)
+        info, closer = fut.result(timeout=60)
+        try:
+            _serve_consumer(conn, tracker, info)
+        finally:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(closer(), loop).result(timeout=10)
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+
+
+async def _amqp_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[str, Any], Any]:
+    import aio_pika
+
+    conn = await aio_pika.connect(spec["url"])
+    channel = await conn.channel()
+    await channel.set_qos(prefetch_count=2000)
+    if spec.get("declare_exchange", True):
+        exchange: Any = await channel.declare_exchange(spec["exchange"], "topic", durable=True)
+    else:
+        exchange = spec["exchange"]
+    queue = await channel.declare_queue(spec["queue"], durable=True, auto_delete=False)
+    await queue.bind(exchange, routing_key=spec.get("routing_key", "#"))
+
+    async def on_message(message: Any) -> None:
+        tracker.record(message.body)
+
+    # Automatic acknowledgement: the consumer is a counter, not the system under test, and manual
+    # acknowledgement from aio-pika's per-message tasks costs more than the mediator's own work.
+    await queue.consume(on_message, no_ack=True)
+
+    async def close() -> None:
+        with contextlib.suppress(Exception):
+            await queue.delete(if_unused=False, if_empty=False)
+        await conn.close()
+
+    return {"queue": spec["queue"]}, close
+
+
+async def _http_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[str, Any], Any]:
+    from aiohttp import web
+
+    async def hook(request: web.Request) -> web.Response:
+        tracker.record(await request.read())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", spec["port"], backlog=1024)
+    await site.start()
+    return {"port": spec["port"]}, runner.cleanup
+
+
+async def _grpc_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[str, Any], Any]:
+    import grpc
+
+    from mediator.v1 import service_pb2, service_pb2_grpc
+
+    stop = asyncio.Event()
+
+    async def follow() -> None:
+        deadline = time.monotonic() + spec.get("connect_timeout_s", 60)
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{spec['port']}") as ch:
+                    stub = service_pb2_grpc.MediatorStub(ch)
+                    call = stub.Subscribe(service_pb2.SubscribeRequest(outbound=spec.get("outbound", "")))
+                    async for env in call:
+                        tracker.record(env.binary_data)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    print(f"bench: gRPC Subscribe ended: {exc.code()} {exc.details()}", file=sys.stderr, flush=True)
+                    tracker.garbage += 1_000_000  # make a lost stream impossible to miss
+            await asyncio.sleep(0.2)
+
+    task = asyncio.ensure_future(follow())
+
+    async def close() -> None:
+        stop.set()
+        task.cancel()
+
+    return {"port": spec["port"]}, close
+
+
+def _mqtt_consumer(spec: dict[str, Any], conn: Connection, tracker: Tracker) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    CALLBACK_V2 = CallbackAPIVersion.VERSION2
+
+    subscribed = threading.Event()
+    client = mqtt.Client(
+        CALLBACK_V2,
+        client_id=spec.get("client_id", ""),
+        protocol=mqtt.MQTTv311,
+        clean_session=True,
+    )
+
+    def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        c.subscribe(spec["topic"], qos=1)
+
+    def on_subscribe(*args: Any) -> None:
+        subscribed.set()
+
+    def on_message(c: Any, userdata: Any, msg: Any) -> None:
+        tracker.record(msg.payload)
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.max_inflight_messages_set(1000)
+    client.connect(spec["host"], spec["port"], keepalive=60)
+    client.socket().setsockopt(6, 1, 1)  # type: ignore[union-attr]  # TCP_NODELAY: PUBACKs are tiny
+    client.loop_start()
+    if not subscribed.wait(20):
+        raise RuntimeError(f"no SUBACK from {spec['host']}:{spec['port']} for {spec['topic']}")
+    try:
+        _serve_consumer(conn, tracker, {"topic": spec["topic"]})
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+# ----------------------------------------------------------------------------------------------- producers
+
+
+class _Pacer:
+    """Sends at ``rate`` msgs/s on a fixed schedule (open loop), or as fast as the window allows."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self.t0 = time.monotonic()
+
+    def delay(self, i: int) -> float:
+        if not self.rate:
+            return 0.0
+        return self.t0 + i / self.rate - time.monotonic()
+
+
+def producer_main(spec: dict[str, Any], conn: Connection) -> None:
+    try:
+        if spec["kind"] == "mqtt":
+            _mqtt_producer(spec, conn)
+            return
+        try:
+            import uvloop
+
+            runner: Any = uvloop.run
+        except ImportError:
+            runner = asyncio.run
+        runner({"http": _http_producer, "amqp": _amqp_producer, "grpc": _grpc_producer}[spec["kind"]](spec, conn))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+
+
+async def _commands(conn: Connection, run: Any) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        ready = await loop.run_in_executor(None, conn.poll, 600)
+        if not ready:
+            return
+        msg = conn.recv()
+        if msg[0] == "stop":
+            return
+        if msg[0] == "go":
+            conn.send(("done", await run(msg[1])))
+
+
+def _result(sent: int, accepted: int, refused: int, errors: int, t_start: int, t_end: int) -> dict[str, Any]:
+    return {
+        "sent": sent,
+        "accepted": accepted,
+        "refused": refused,
+        "errors": errors,
+        "t_start_ns": t_start,
+        "t_end_ns": t_end,
+    }
+
+
+async def _windowed(params: dict[str, Any], send_one: Any, window: int) -> tuple[int, int, int, int, int, int]:
+    """Run ``send_one(seq) -> bool|None`` (True accepted, False refused, None error) for up to ``count``
+    messages within ``duration_s``, at most ``window`` at once, paced at ``rate`` when given."""
+    run_id, count, duration_s, rate = params["run"], params["count"], params["duration_s"], params.get("rate")
+    base = run_id * payload.RUN_SPAN + params.get("offset", 0)
+    sem = asyncio.Semaphore(window)
+    counts = [0, 0, 0]
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(seq: int) -> None:
+        try:
+            ok = await send_one(seq)
+        except Exception:
+            ok = None
+        counts[0 if ok else (1 if ok is False else 2)] += 1
+        sem.release()
+
+    pacer = _Pacer(rate)
+    t_start = time.monotonic_ns()
+    deadline = time.monotonic() + duration_s
+    sent = 0
+    for i in range(count):
+        d = pacer.delay(i)
+        if d > 0:
+            await asyncio.sleep(d)
+        if time.monotonic() >= deadline:
+            break
+        await sem.acquire()
+        t = asyncio.ensure_future(one(base + i))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+        sent += 1
+    t_end = time.monotonic_ns()
+    if tasks:
+        await asyncio.wait(tasks, timeout=30)
+    return sent, counts[0], counts[1], counts[2], t_start, t_end
+
+
+async def _http_producer(spec: dict[str, Any], conn: Connection) -> None:
+    import aiohttp
+
+    url = spec["url"]
+    window = spec.get("window", 64)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=window), timeout=aiohttp.ClientTimeout(total=30)
+    )
+    headers = {"Content-Type": "application/json"}
+
+    async def send_one(seq: int) -> bool:
+        async with session.post(url, data=payload.make(seq, time.monotonic_ns()), headers=headers) as resp:
+            await resp.read()
+            return 200 <= resp.status < 300
+
+    async def run(params: dict[str, Any]) -> dict[str, Any]:
+        return _result(*await _windowed(params, send_one, params.get("window", window)))
+
+    try:
+        conn.send(("ready", {}))
+        await _commands(conn, run)
+    finally:
+        await session.close()
+
+
+async def _amqp_producer(spec: dict[str, Any], conn: Connection) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(spec["url"])
+    channel = await connection.channel(publisher_confirms=True)
+    exchange = await channel.declare_exchange(spec["exchange"], "topic", durable=True)
+    routing_key = spec.get("routing_key", "bench")
+    window = spec.get("window", 256)
+
+    async def send_one(seq: int) -> bool:
+        msg = aio_pika.Message(
+            payload.make(seq, time.monotonic_ns()),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=f"b-{seq}",
+        )
+        await exchange.publish(msg, routing_key=routing_key)
+        return True
+
+    async def run(params: dict[str, Any]) -> dict[str, Any]:
+        return _result(*await _windowed(params, send_one, params.get("window", window)))
+
+    try:
+        conn.send(("ready", {}))
+        await _commands(conn, run)
+    finally:
+        await connection.close()
+
+
+async def _grpc_producer(spec: dict[str, Any], conn: Connection) -> None:
+    import grpc
+
+    from mediator.v1 import envelope_pb2, service_pb2_grpc
+
+    window = spec.get("window", 256)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{spec['port']}")
+    stub = service_pb2_grpc.MediatorStub(channel)
+
+    async def run(params: dict[str, Any]) -> dict[str, Any]:
+        run_id, count, duration_s, rate = params["run"], params["count"], params["duration_s"], params.get("rate")
+        base = run_id * payload.RUN_SPAN + params.get("offset", 0)
+        sem = asyncio.Semaphore(params.get("window", window))
+        call = stub.PublishStream()
+        counts = {"accepted": 0, "refused": 0}
+        sent = 0
+
+        async def read_acks() -> None:
+            async for ack in call:
+                counts["accepted" if ack.code == 0 else "refused"] += 1
+                sem.release()
+
+        reader = asyncio.ensure_future(read_acks())
+        pacer = _Pacer(rate)
+        t_start = time.monotonic_ns()
+        deadline = time.monotonic() + duration_s
+        errors = 0
+        try:
+            for i in range(count):
+                d = pacer.delay(i)
+                if d > 0:
+                    await asyncio.sleep(d)
+                if time.monotonic() >= deadline or reader.done():
+                    break
+                await sem.acquire()
+                seq = base + i
+                env = envelope_pb2.Envelope(
+                    id=f"b-{seq}", source="/bench", spec_version="1.0", type="com.example.bench"
+                )
+                env.binary_data = payload.make(seq, time.monotonic_ns())
+                await call.write(env)
+                sent += 1
+            t_end = time.monotonic_ns()
+            await call.done_writing()
+            await asyncio.wait_for(reader, timeout=30)
+        except Exception:
+            errors = 1
+            t_end = time.monotonic_ns()
+            reader.cancel()
+        return _result(sent, counts["accepted"], counts["refused"], errors, t_start, t_end)
+
+    try:
+        conn.send(("ready", {}))
+        await _commands(conn, run)
+    finally:
+        await channel.close()
+
+
+def _mqtt_producer(spec: dict[str, Any], conn: Connection) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    CALLBACK_V2 = CallbackAPIVersion.VERSION2
+
+    window = spec.get("window", 256)
+    sem = threading.Semaphore(window)
+    acked = [0]
+    connected = threading.Event()
+    client = mqtt.Client(CALLBACK_V2, client_id="", protocol=mqtt.MQTTv311)
+
+    def on_connect(*args: Any) -> None:
+        connected.set()
+
+    def on_publish(c: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+        acked[0] += 1
+        sem.release()
+
+    client.on_connect = on_connect
+    client.on_publish = on_publish
+    client.max_inflight_messages_set(window)
+    client.max_queued_messages_set(0)
+    client.connect(spec["host"], spec["port"], keepalive=60)
+    client.socket().setsockopt(6, 1, 1)  # type: ignore[union-attr]  # TCP_NODELAY
+    client.loop_start()
+    if not connected.wait(20):
+        raise RuntimeError("MQTT producer could not connect")
+    topic = spec["topic"]
+
+    def run(params: dict[str, Any]) -> dict[str, Any]:
+        run_id, count, duration_s, rate = params["run"], params["count"], params["duration_s"], params.get("rate")
+        base = run_id * payload.RUN_SPAN + params.get("offset", 0)
+        acked[0] = 0
+        pacer = _Pacer(rate)
+        t_start = time.monotonic_ns()
+        deadline = time.monotonic() + duration_s
+        sent = errors = 0
+        for i in range(count):
+            d = pacer.delay(i)
+            if d > 0:
+                time.sleep(d)
+            if time.monotonic() >= deadline:
+                break
+            if not sem.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                break
+            info = client.publish(topic, payload.make(base + i, time.monotonic_ns()), qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                errors += 1
+                sem.release()
+            else:
+                sent += 1
+        t_end = time.monotonic_ns()
+        wait_until = time.monotonic() + 30
+        while acked[0] < sent and time.monotonic() < wait_until:
+            time.sleep(0.01)
+        return _result(sent, acked[0], 0, errors, t_start, t_end)
+
+    try:
+        conn.send(("ready", {}))
+        while conn.poll(600):
+            msg = conn.recv()
+            if msg[0] == "stop":
+                break
+            if msg[0] == "go":
+                conn.send(("done", run(msg[1])))
+    finally:
+        client.disconnect()
+        client.loop_stop()
