@@ -28,20 +28,14 @@ def _print_config_error(exc: ConfigError) -> None:
         print(f"  {exc.file}: {problem}", file=sys.stderr)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    try:
-        config = _load(args.config)
-    except ConfigError as exc:
-        _print_config_error(exc)
-        return EXIT_CONFIG
+def cmd_check(args: argparse.Namespace, config: Config) -> int:
     from mediator.daemon import dry_build
 
     problems, environment = asyncio.run(dry_build(config))
     for problem in environment:
         print(f"  warning: {problem} (needed by `mediator run`)", file=sys.stderr)
     if problems:
-        _print_config_error(ConfigError(args.config, problems))
-        return EXIT_CONFIG
+        raise ConfigError(args.config, problems)
     print(
         f"{args.config}: ok ({len(config.root.inbound)} inbound, {len(config.root.outbound)} outbound, "
         f"{len(config.routes)} routes)"
@@ -49,12 +43,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        config = _load(args.config)
-    except ConfigError as exc:
-        _print_config_error(exc)
-        return EXIT_CONFIG
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
     configure(config.daemon.log_level, config.daemon.log_format)
     from mediator.daemon import Daemon  # imports the adapters' libraries; not needed by `check`
 
@@ -62,11 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         await Daemon(config).run()
 
     _install_uvloop()
-    try:
-        asyncio.run(main())
-    except ConfigError as exc:  # raised while building adapters, e.g. a secret's variable is not set
-        _print_config_error(exc)
-        return EXIT_CONFIG
+    asyncio.run(main())  # may raise ConfigError while building adapters (a secret's variable is not set)
     return 0
 
 
@@ -132,12 +117,7 @@ async def _dead_letters(config: Config, action: str, ids: list[int] | None, limi
     return 0
 
 
-def cmd_dead_letters(args: argparse.Namespace) -> int:
-    try:
-        config = _load(args.config)
-    except ConfigError as exc:
-        _print_config_error(exc)
-        return EXIT_CONFIG
+def cmd_dead_letters(args: argparse.Namespace, config: Config) -> int:
     configure("warning", "console")
     ids: list[int] | None = args.id or None
     return asyncio.run(_dead_letters(config, args.action, ids, args.limit))
@@ -161,7 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     dlq.add_argument("--limit", type=int, default=100, help="list at most this many")
     dlq.set_defaults(func=cmd_dead_letters)
     args = parser.parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args, _load(args.config))
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_CONFIG
     return code
 
 

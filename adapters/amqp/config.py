@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field, PlainSerializer, PlainValidator, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mediator.core.errors import ConfigError
 from mediator.core.patterns import Template
-from mediator.core.seams import ConfigModel, InboundConfigBase, OutboundConfigBase
+from mediator.core.seams import ConfigModel, InboundConfigBase, OutboundConfigBase, TemplateField
 
 HEADER_PREFIXES = ("cloudEvents_", "cloudEvents:", "ce-", "ce_")
 """Attribute header prefixes: the CloudEvents AMQP binding writes ``cloudEvents_`` (``cloudEvents:`` in its
@@ -19,17 +19,6 @@ older drafts), the RabbitMQ binding of the CloudEvents SDKs ``ce-``; ``ce_`` is 
 
 HeaderPrefix = Literal["cloudEvents_", "cloudEvents:", "ce-", "ce_"]
 ExchangeType = Literal["topic", "direct", "fanout", "headers"]
-
-
-def _template(value: object) -> Template:
-    if isinstance(value, Template):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("a template must be a string such as 'com.example.{topic.1}'")
-    return Template.compile(value)  # ValueError says which placeholder or brace is wrong
-
-
-TemplateField = Annotated[Template, PlainValidator(_template), PlainSerializer(lambda t: t.text, return_type=str)]
 
 
 class AmqpBrokerConfig(ConfigModel):

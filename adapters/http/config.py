@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field, PlainSerializer, PlainValidator, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from mediator.core.patterns import Template
-from mediator.core.seams import ConfigModel, InboundConfigBase, OutboundConfigBase
-
-
-def _template(value: object) -> Template:
-    if isinstance(value, Template):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("a template must be a string such as 'com.example.{topic.1}'")
-    return Template.compile(value)  # ValueError says which placeholder or brace is wrong
-
-
-TemplateField = Annotated[Template, PlainValidator(_template), PlainSerializer(lambda t: t.text, return_type=str)]
+from mediator.core.seams import ConfigModel, InboundConfigBase, OutboundConfigBase, TemplateField
 
 
 class HttpListenerConfig(ConfigModel):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Annotated, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
 
 from mediator.core.envelope import Envelope
 from mediator.core.health import Health
+from mediator.core.patterns import Template
 
 
 class Sink(Protocol):
@@ -77,6 +78,20 @@ class Admin(Protocol):
     async def replay(self, ids: Sequence[int] | None) -> int:
         """Queue dead letters (all when ``ids`` is None) for delivery again; returns how many."""
         ...
+
+
+def _template(value: object) -> Template:
+    if isinstance(value, Template):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a template must be a string such as 'com.example.{topic.1}'")
+    if not value:
+        raise ValueError("a template must not be empty")
+    return Template.compile(value)  # its ValueError says which placeholder or brace is wrong
+
+
+TemplateField = Annotated[Template, PlainValidator(_template), PlainSerializer(lambda t: t.text, return_type=str)]
+"""A config value compiled to a ``Template`` (inbound ``type`` and ``source``, for instance)."""
 
 
 class ConfigModel(BaseModel):
