@@ -93,7 +93,8 @@ class Dispatcher:
         while True:
             delivery = await self._queue.get()
             # Waiting for the connection (or an open breaker) does not spend the delivery's attempts.
-            await self._health.wait_ready(component)
+            if not self._health.is_ready(component):
+                await self._health.wait_ready(component)
             wait = self._open_until - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
