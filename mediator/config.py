@@ -33,7 +33,8 @@ class OutboxConfig(ConfigModel):
     kind: Literal["sqlite", "memory"] = "sqlite"
     path: str = "var/outbox.sqlite"
     synchronous: Literal["full", "normal"] = "full"
-    max_pending: int = Field(default=100_000, ge=1)
+    # Each pending delivery keeps its event in memory (its payload plus about 1 KiB), so this bounds memory.
+    max_pending: int = Field(default=20_000, ge=1)
     max_batch: int = Field(default=512, ge=1)
     dedup_window_s: float = Field(default=300.0, ge=0)  # 0 disables; key = event source + id
 
