@@ -73,9 +73,9 @@ class Quickstart:
         if self.outbox_path is not None:
             text = text.replace(f'path = "{self.tmp / "outbox.sqlite"}"', f'path = "{self.outbox_path}"')
         if self.max_pending is not None:
-            if "max_pending = 100000" not in text:
-                raise AssertionError("config.toml no longer contains 'max_pending = 100000'; update Quickstart")
-            text = text.replace("max_pending = 100000", f"max_pending = {self.max_pending}")
+            if "max_pending = 20000" not in text:
+                raise AssertionError("config.toml no longer contains 'max_pending = 20000'; update Quickstart")
+            text = text.replace("max_pending = 20000", f"max_pending = {self.max_pending}")
         for section, keys in self.overrides.items():
             text = _override(text, section, keys)
         if self.extra_toml:
