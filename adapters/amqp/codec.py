@@ -27,6 +27,7 @@ from mediator.core.envelope import (
     iter_attributes,
     new_event,
     new_id,
+    now_timestamp,
     validate,
 )
 from mediator.core.errors import RejectCode, Rejected
@@ -145,8 +146,7 @@ def to_envelope(
     Raises Rejected when the message cannot be read as asked (the inbound dead-letters it).
     """
     if now is None:
-        now = Timestamp()
-        now.GetCurrentTime()
+        now = now_timestamp()
     mode: Mode = "raw" if decode == "raw" else detect_mode(msg)
     if mode == "structured":
         env = from_structured(msg.body)

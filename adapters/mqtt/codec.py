@@ -24,6 +24,7 @@ from mediator.core.envelope import (
     from_context_attributes,
     iter_attributes,
     new_event,
+    now_timestamp,
     valid_attribute_name,
     validate,
 )
@@ -61,10 +62,7 @@ class InboundRules:
 
 def provenance(inbound: str, topic: str, received: Timestamp | None = None) -> Provenance:
     prov = Provenance(inbound=inbound, protocol=PROTOCOL, topic=topic, topic_separator=TOPIC_SEPARATOR)
-    if received is None:
-        prov.received.GetCurrentTime()
-    else:
-        prov.received.CopyFrom(received)
+    prov.received.CopyFrom(received if received is not None else now_timestamp())
     return prov
 
 

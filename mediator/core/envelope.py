@@ -57,10 +57,7 @@ def new_event(
 ) -> Envelope:
     """A fresh event stamped with a random id (unless given) and the current time."""
     env = Envelope(id=id or new_id(), source=source, spec_version=SPEC_VERSION, type=type, binary_data=data)
-    ns = time.time_ns()  # Timestamp.GetCurrentTime goes through datetime: three times slower
-    ts = env.attributes["time"].ce_timestamp
-    ts.seconds = ns // 1_000_000_000
-    ts.nanos = ns % 1_000_000_000
+    env.attributes["time"].ce_timestamp.CopyFrom(now_timestamp())
     if content_type:
         env.attributes["datacontenttype"].ce_string = content_type
     if subject:
@@ -68,6 +65,12 @@ def new_event(
     if provenance is not None:
         env.provenance.CopyFrom(provenance)
     return env
+
+
+def now_timestamp() -> Timestamp:
+    """The current time; ``Timestamp.GetCurrentTime`` goes through datetime and is three times slower."""
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    return Timestamp(seconds=seconds, nanos=nanos)
 
 
 def new_id() -> str:
