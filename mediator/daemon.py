@@ -21,7 +21,7 @@ from mediator.core.envelope import Envelope
 from mediator.core.errors import ConfigError, NotReady
 from mediator.core.health import Health
 from mediator.core.router import Router
-from mediator.core.seams import Outbound, Runtime, Service
+from mediator.core.seams import Built, Outbound, Runtime, Service
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox
 from mediator.pipeline import Pipeline
@@ -57,20 +57,29 @@ class _NullSink:
         raise NotReady("dry build")
 
 
-async def dry_build(config: Config) -> tuple[list[str], list[str]]:
-    """Build every adapter without running anything, to find what only the adapters can check (a path
-    served twice, a client id used twice, a gRPC listener with two inbounds). Returns (problems,
-    environment problems): a missing secret variable is reported apart, since ``check`` may run on a
-    machine that does not hold the secrets."""
+def build_adapters(config: Config, runtime: Runtime) -> tuple[Built, list[str], list[str]]:
+    """Every adapter's services and outbounds, plus the problems only an adapter can find (a path served
+    twice, a client id used twice, a gRPC listener with two inbounds) and, apart, the environment problems
+    (a secret's variable not set)."""
     specs = load_specs()
-    runtime = Runtime(sink=_NullSink(), health=Health())
+    built = Built()
     problems: list[str] = []
     environment: list[str] = []
     for kind, adapter_cfg in config.adapters.items():
         try:
-            specs[kind].build(adapter_cfg, runtime)
+            part = specs[kind].build(adapter_cfg, runtime)
         except ConfigError as exc:
             (environment if exc.file == "environment" else problems).extend(exc.problems)
+            continue
+        built.services.extend(part.services)
+        built.outbounds.update(part.outbounds)
+    return built, problems, environment
+
+
+async def dry_build(config: Config) -> tuple[list[str], list[str]]:
+    """Build every adapter without running anything (for ``check``): (problems, environment problems).
+    Environment problems are reported apart because ``check`` may run where the secrets are not."""
+    _, problems, environment = build_adapters(config, Runtime(sink=_NullSink(), health=Health()))
     return problems, environment
 
 
@@ -90,17 +99,12 @@ class Daemon:
             dedup=config.outbox.dedup_window_s > 0,
         )
         runtime = Runtime(sink=self.pipeline, health=self.health, admin=DeadLetterAdmin(self))
-        specs = self._specs = load_specs()
-        self.services: list[Service] = []
-        outbounds: dict[str, Outbound] = {}
-        for kind, adapter_cfg in config.adapters.items():
-            try:
-                built = specs[kind].build(adapter_cfg, runtime)
-            except ConfigError as exc:
-                where = exc.file if exc.file == "environment" else config.file
-                raise ConfigError(where, exc.problems) from exc
-            self.services.extend(built.services)
-            outbounds.update(built.outbounds)
+        self._specs = load_specs()
+        built, problems, environment = build_adapters(config, runtime)
+        if problems or environment:
+            raise ConfigError(config.file if problems else "environment", problems + environment)
+        self.services: list[Service] = built.services
+        outbounds: dict[str, Outbound] = built.outbounds
         outbound_cfgs = config.outbound_configs()
         self.pipeline.dead_letter_destination = config.dead_letter_forward
         for name, outbound in outbounds.items():
