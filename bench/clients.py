@@ -210,6 +210,7 @@ async def _grpc_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[s
     from mediator.v1 import service_pb2, service_pb2_grpc
 
     stop = asyncio.Event()
+    subscribed = asyncio.Event()
 
     async def follow() -> None:
         deadline = time.monotonic() + spec.get("connect_timeout_s", 60)
@@ -218,6 +219,10 @@ async def _grpc_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[s
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{spec['port']}") as ch:
                     stub = service_pb2_grpc.MediatorStub(ch)
                     call = stub.Subscribe(service_pb2.SubscribeRequest(outbound=spec.get("outbound", "")))
+                    # Subscribe is a live stream: only events routed after the server registered the
+                    # subscription (signalled by its initial metadata) reach it, so the warm-up waits for it.
+                    await call.initial_metadata()
+                    subscribed.set()
                     async for env in call:
                         tracker.record(env.binary_data)
             except grpc.aio.AioRpcError as exc:
@@ -227,6 +232,8 @@ async def _grpc_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[s
             await asyncio.sleep(0.2)
 
     task = asyncio.ensure_future(follow())
+    async with asyncio.timeout(spec.get("connect_timeout_s", 60)):
+        await subscribed.wait()
 
     async def close() -> None:
         stop.set()

@@ -32,6 +32,10 @@ def _glob(pattern: str) -> Matcher | None:
     return compile_glob(pattern) if pattern else None
 
 
+SUBSCRIBED_KEY = "mediator-subscribed"
+"""Initial metadata key a Subscribe call receives once its subscription is registered."""
+
+
 @dataclass(eq=False, slots=True)
 class Subscriber:
     """One live Subscribe call: its filters (None = any) and its bounded queue."""
@@ -125,6 +129,8 @@ class SubscriberHub:
         self._subscribers = (*self._subscribers, sub)
         self._log.info("subscriber.connected", peer=sub.peer, outbound=request.outbound, type=request.type)
         try:
+            # Initial metadata tells the client the subscription is live: events routed from now on reach it.
+            await context.send_initial_metadata(((SUBSCRIBED_KEY, "1"),))
             try:
                 await sub.pump
             except asyncio.CancelledError:

@@ -75,7 +75,9 @@ class MediatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Subscribe(self, request, context):
-        """Live stream of the events routed to a gRPC outbound that match the filter.
+        """Live stream of the events routed to a gRPC outbound that match the filter. The server sends initial
+        metadata ("mediator-subscribed": "1") once the subscription is registered: every event routed after
+        that reaches this stream (await the call's initial metadata before relying on it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,7 +43,10 @@ class MediatorStub:
     PublishStream: _grpc.StreamStreamMultiCallable[_envelope_pb2.Envelope, _service_pb2.PublishAck]
     """High-rate publishing: one PublishAck per event, in the order the events were sent."""
     Subscribe: _grpc.UnaryStreamMultiCallable[_service_pb2.SubscribeRequest, _envelope_pb2.Envelope]
-    """Live stream of the events routed to a gRPC outbound that match the filter."""
+    """Live stream of the events routed to a gRPC outbound that match the filter. The server sends initial
+    metadata ("mediator-subscribed": "1") once the subscription is registered: every event routed after
+    that reaches this stream (await the call's initial metadata before relying on it).
+    """
 
 @_typing.type_check_only
 class MediatorAsyncStub(MediatorStub):
@@ -59,7 +62,10 @@ class MediatorAsyncStub(MediatorStub):
     PublishStream: _aio.StreamStreamMultiCallable[_envelope_pb2.Envelope, _service_pb2.PublishAck]  # type: ignore[assignment]
     """High-rate publishing: one PublishAck per event, in the order the events were sent."""
     Subscribe: _aio.UnaryStreamMultiCallable[_service_pb2.SubscribeRequest, _envelope_pb2.Envelope]  # type: ignore[assignment]
-    """Live stream of the events routed to a gRPC outbound that match the filter."""
+    """Live stream of the events routed to a gRPC outbound that match the filter. The server sends initial
+    metadata ("mediator-subscribed": "1") once the subscription is registered: every event routed after
+    that reaches this stream (await the call's initial metadata before relying on it).
+    """
 
 class MediatorServicer(metaclass=_abc_1.ABCMeta):
     """The gRPC face of the gateway. Publish takes the envelope itself, so a CloudEvents
@@ -90,6 +96,9 @@ class MediatorServicer(metaclass=_abc_1.ABCMeta):
         request: _service_pb2.SubscribeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_envelope_pb2.Envelope], _abc.AsyncIterator[_envelope_pb2.Envelope]]:
-        """Live stream of the events routed to a gRPC outbound that match the filter."""
+        """Live stream of the events routed to a gRPC outbound that match the filter. The server sends initial
+        metadata ("mediator-subscribed": "1") once the subscription is registered: every event routed after
+        that reaches this stream (await the call's initial metadata before relying on it).
+        """
 
 def add_MediatorServicer_to_server(servicer: MediatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -402,6 +402,19 @@ async def test_subscribe_filters_get_exactly_the_matching_events() -> None:
         await wait_until(lambda: gw.listener.hub.subscriber_count == 0)
 
 
+async def test_subscribe_initial_metadata_means_the_subscription_is_live() -> None:
+    async with running() as gw:
+        call = gw.stub.Subscribe(SubscribeRequest(), timeout=30)
+        metadata = await call.initial_metadata()
+        assert ("mediator-subscribed", "1") in tuple(metadata or ())
+        # No polling: once the metadata arrived, the very next event sent reaches the stream.
+        await gw.outbounds["subs-a"].send(routed(event(7)), "x", "binary")
+        async with asyncio.timeout(10):
+            first = await anext(aiter(call))
+        assert first.id == event(7).id
+        call.cancel()
+
+
 async def test_subscribe_unknown_outbound_is_not_found() -> None:
     async with running() as gw:
         call = gw.stub.Subscribe(SubscribeRequest(outbound="nope"), timeout=5)
