@@ -210,7 +210,6 @@ async def _grpc_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[s
     from mediator.v1 import service_pb2, service_pb2_grpc
 
     stop = asyncio.Event()
-    subscribed = asyncio.Event()
 
     async def follow() -> None:
         deadline = time.monotonic() + spec.get("connect_timeout_s", 60)
@@ -220,9 +219,9 @@ async def _grpc_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[s
                     stub = service_pb2_grpc.MediatorStub(ch)
                     call = stub.Subscribe(service_pb2.SubscribeRequest(outbound=spec.get("outbound", "")))
                     # Subscribe is a live stream: only events routed after the server registered the
-                    # subscription (signalled by its initial metadata) reach it, so the warm-up waits for it.
+                    # subscription (signalled by its initial metadata) reach it; the warm-up repeats until
+                    # one arrives (the daemon is started after this consumer).
                     await call.initial_metadata()
-                    subscribed.set()
                     async for env in call:
                         tracker.record(env.binary_data)
             except grpc.aio.AioRpcError as exc:
@@ -232,8 +231,6 @@ async def _grpc_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[s
             await asyncio.sleep(0.2)
 
     task = asyncio.ensure_future(follow())
-    async with asyncio.timeout(spec.get("connect_timeout_s", 60)):
-        await subscribed.wait()
 
     async def close() -> None:
         stop.set()

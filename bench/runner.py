@@ -292,8 +292,12 @@ def _check_alive(cell: Cell, run: dict[str, Any]) -> None:
 
 def _warm_up(cell: Cell, producer: Child, consumer: Child, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
+    attempt = 0
     while time.monotonic() < deadline:
-        producer.send("go", {"run": 0, "count": 20, "duration_s": 2, "rate": 200})
+        # Fresh sequence numbers each attempt: the daemon deduplicates repeated event ids, so resending the
+        # same 20 would never reach a consumer that subscribed (gRPC Subscribe is live) after the first 20.
+        producer.send("go", {"run": 0, "count": 20, "duration_s": 2, "rate": 200, "offset": attempt * 1000})
+        attempt += 1
         producer.expect("done", 60)
         consumer.send("count", 0)
         if consumer.expect("count", 10) > 0:
