@@ -33,21 +33,12 @@ from mediator.core.formats import from_protobuf, to_protobuf
 from mediator.core.health import Health
 from mediator.core.seams import AdapterConfig, Runtime
 from tests.support.fakes import ListSink
-from tests.support.net import free_port, unique
+from tests.support.net import free_port, unique, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- helpers (also used by the restart test)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0, what: str = "condition") -> None:
-    """Poll a condition that has no event to await (health, call counts), bounded in time."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def is_ready(health: Health, component: str) -> Callable[[], bool]:

@@ -24,11 +24,10 @@ from tests.adapters.test_amqp import (
     order_event,
     outbound_config,
     running,
-    wait_until,
 )
 from tests.support.brokers import RabbitNode
 from tests.support.fakes import ListSink
-from tests.support.net import unique
+from tests.support.net import unique, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ from mediator.v1.envelope_pb2 import Provenance
 from mediator.v1.service_pb2 import PublishAck, SubscribeRequest
 from mediator.v1.service_pb2_grpc import MediatorStub
 from tests.support.fakes import ListSink
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,12 +92,6 @@ async def running(
             task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-
-
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def event(i: int, *, type: str = "com.example.thing", source: str = "/test", data: bytes = b"{}") -> Envelope:

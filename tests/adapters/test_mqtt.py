@@ -32,7 +32,7 @@ from mediator.core.errors import (
 from mediator.core.health import Health
 from mediator.core.seams import AdapterConfig, Runtime
 from tests.support.fakes import ListSink
-from tests.support.net import unique
+from tests.support.net import unique, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,18 +60,11 @@ def inbound_cfg(topics: Sequence[str], **extra: Any) -> MqttInboundConfig:
     return MqttInboundConfig.model_validate({"kind": "mqtt", "broker": "test-broker", "topics": topics, **extra})
 
 
-async def wait_until(predicate: Any, timeout_s: float = 10.0) -> None:
-    """Poll a condition that has no event to await (Health state), bounded."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
 @contextlib.asynccontextmanager
 async def running(service: Any, health: Health, component: str) -> AsyncIterator[asyncio.Task[None]]:
     task = asyncio.create_task(service.run(), name=component)
     try:
-        await wait_until(lambda: health.snapshot()[component]["ready"] or task.done())
+        await wait_until(lambda: health.is_ready(component) or task.done())
         if task.done():
             task.result()
         yield task

@@ -15,9 +15,9 @@ from adapters.mqtt.config import MqttOutboundConfig
 from mediator.core.errors import RetryableDeliveryError
 from mediator.core.health import Health
 from mediator.core.seams import Runtime
-from tests.adapters.test_mqtt import access, inbound_cfg, publisher, sample_event, wait_until
+from tests.adapters.test_mqtt import access, inbound_cfg, publisher, sample_event
 from tests.support.fakes import ListSink
-from tests.support.net import free_port, reachable, unique
+from tests.support.net import free_port, reachable, unique, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
