@@ -105,18 +105,26 @@ async def running(
     max_pending: int = 1000,
     ready: bool = True,
     router: Callable[[Sequence[str]], Router] = to_all,
+    dead_letter_to: DestinationSpec | None = None,
 ) -> AsyncIterator[Harness]:
     health = Health()
     backlog = Backlog()
     outbox = RecordingOutbox()
     dispatchers = {}
+    pipeline: Pipeline | None = None
+
+    async def forward(p: Pending, reason: str) -> None:
+        assert pipeline is not None
+        await pipeline.forward_dead(p.event, reason, p.route, p.outbound, p.attempts)
+
     for ob in outbounds:
         health.register(f"outbound:{ob.name}")
         if ready:
             health.set(f"outbound:{ob.name}", True, "connected")
         cfg = OutboundConfigBase(kind="fake", send_timeout_s=30.0, retry=retry)
-        dispatchers[ob.name] = Dispatcher(ob.name, ob, cfg, outbox, health, backlog)
+        dispatchers[ob.name] = Dispatcher(ob.name, ob, cfg, outbox, health, backlog, forward)
     pipeline = Pipeline(router([ob.name for ob in outbounds]), outbox, dispatchers, backlog, max_pending=max_pending)
+    pipeline.dead_letter_destination = dead_letter_to
     tasks = [asyncio.create_task(d.run(), name=f"dispatcher:{n}") for n, d in dispatchers.items()]
     try:
         yield Harness(pipeline, outbox, backlog, health)
@@ -309,12 +317,8 @@ async def test_dead_letters_are_forwarded_with_their_reason() -> None:
     out = FakeOutbound("out", [TerminalDeliveryError("no such queue")])
     dlx = FakeOutbound("dlx")
     only_out = Router([RouteSpec("main", (DestinationSpec("out", Template.compile("out/{topic.1}")),))])
-    async with running(out, dlx, router=lambda _names: only_out) as h:
-        h.pipeline.dead_letter_destination = DestinationSpec(
-            "dlx", Template.compile("dead.{deadletterroute}"), "structured"
-        )
-        for d in (d for d in h.pipeline._dispatchers.values()):
-            d._on_dead = lambda p, reason: h.pipeline.forward_dead(p.event, reason, p.route, p.outbound, p.attempts)
+    dlx_spec = DestinationSpec("dlx", Template.compile("dead.{deadletterroute}"), "structured")
+    async with running(out, dlx, router=lambda _names: only_out, dead_letter_to=dlx_spec) as h:
         await h.pipeline.accept([event(1)])
         await dlx.wait_delivered(1)
         await h.settled()
@@ -325,10 +329,8 @@ async def test_dead_letters_are_forwarded_with_their_reason() -> None:
 
 async def test_a_failing_forward_is_not_forwarded_again() -> None:
     dlx = FakeOutbound("dlx", always=TerminalDeliveryError("dlx gone"))
-    async with running(dlx, router=lambda _names: Router([])) as h:
-        h.pipeline.dead_letter_destination = DestinationSpec("dlx", Template.compile("dead"), "binary")
-        for d in h.pipeline._dispatchers.values():
-            d._on_dead = lambda p, reason: h.pipeline.forward_dead(p.event, reason, p.route, p.outbound, p.attempts)
+    dlx_spec = DestinationSpec("dlx", Template.compile("dead"), "binary")
+    async with running(dlx, router=lambda _names: Router([]), dead_letter_to=dlx_spec) as h:
         await h.pipeline.accept([event(1)])  # no route: dead-lettered, and forwarded once
         await h.settled()
         assert len(dlx.calls) == 1
