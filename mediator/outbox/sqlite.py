@@ -152,7 +152,11 @@ class _Syncer(threading.Thread):
                     try:
                         os.fsync(self._fd)
                     except OSError as exc:
-                        error = f"fsync of the outbox WAL failed: {exc}"
+                        # After a failed fsync the kernel may have dropped the dirty pages: nothing written
+                        # since can be called durable, so every later commit is refused until a restart
+                        # (as PostgreSQL does), rather than trusting a retry of the same fsync.
+                        error = f"fsync of the outbox WAL failed: {exc}; restart the daemon"
+                        self.failed = error
                     last_sync = time.monotonic()
                     synced = target
                     self._loop.call_soon_threadsafe(self._release, target, error)
@@ -276,6 +280,8 @@ class SqliteOutbox:
     async def _call(self, work: _Work, after: Callable[[Any], None] | None = None) -> Any:
         if self._conn is None or self._loop is None:
             raise StorageError("outbox is not open")
+        if self._syncer is not None and self._syncer.failed is not None:
+            raise StorageError(self._syncer.failed)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._ops.append(_Op(work, fut, after))
         if self._flush_handle is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -343,5 +344,25 @@ async def test_dedup_survives_a_restart(tmp_path: Path) -> None:
     await box.open()
     try:
         assert await box.commit([keyed(1, "k")]) == []
+    finally:
+        await box.close()
+
+
+async def test_a_failed_fsync_refuses_every_later_commit(tmp_path: Path) -> None:
+    box = SqliteOutbox(tmp_path / "outbox.db")
+    await box.open()
+    try:
+        assert len(await box.commit([accepted(1, "a")])) == 1
+        syncer = box._syncer
+        assert syncer is not None
+        # Swap the WAL descriptor for a pipe: fsync on it fails (EINVAL) as an I/O error on the disk would.
+        read_end, write_end = os.pipe()
+        wal_fd, syncer._fd = syncer._fd, read_end
+        os.close(wal_fd)
+        os.close(write_end)
+        with pytest.raises(StorageError, match="fsync"):
+            await box.commit([accepted(2, "a")])
+        with pytest.raises(StorageError, match="fsync"):  # sticky: no later commit is called durable
+            await box.commit([accepted(3, "a")])
     finally:
         await box.close()
