@@ -343,6 +343,9 @@ class SqliteOutbox:
             return
         if not self._fsync or self._syncer is None:
             self._settle(waiting, None)
+            if self._syncer is not None:  # "normal": nobody waits, but the WAL is still synced and checkpointed
+                self._generation += 1
+                self._syncer.want(self._generation)
             return
         if self._syncer.failed is not None:
             self._settle(waiting, self._syncer.failed)

@@ -366,3 +366,20 @@ async def test_a_failed_fsync_refuses_every_later_commit(tmp_path: Path) -> None
             await box.commit([accepted(3, "a")])
     finally:
         await box.close()
+
+
+async def test_synchronous_normal_still_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mediator.outbox.sqlite.CHECKPOINT_INTERVAL_S", 0.0)
+    path = tmp_path / "outbox.db"
+    box = SqliteOutbox(path, synchronous="normal")
+    await box.open()
+    try:
+        for n in range(50):
+            [row] = await box.commit([accepted(n, "a")])
+            box.done(row)
+        async with asyncio.timeout(10):  # the syncer checkpoints in the background: the database file grows
+            while path.stat().st_size <= 4096 * 2:
+                await asyncio.sleep(0.05)
+    finally:
+        await box.close()
+    assert path.stat().st_size > 4096 * 2
