@@ -124,24 +124,28 @@ class SubscriberHub:
             queue=asyncio.Queue(size),
             peer=context.peer(),
         )
-        # Writes run in their own task so that a disconnect can interrupt a write that flow control blocks.
-        sub.pump = asyncio.create_task(self._pump(sub, context), name=f"listener:{self.listener}:subscriber")
-        self._subscribers = (*self._subscribers, sub)
+        self._subscribers = (*self._subscribers, sub)  # events queue up for it from here on
         self._log.info("subscriber.connected", peer=sub.peer, outbound=request.outbound, type=request.type)
         try:
-            # Initial metadata tells the client the subscription is live: events routed from now on reach it.
+            # Initial metadata tells the client the subscription is live. It is sent before the pump starts:
+            # gRPC allows one send operation at a time on a call (a concurrent write fails the call with
+            # GRPC_CALL_ERROR_TOO_MANY_OPERATIONS).
             await context.send_initial_metadata(((SUBSCRIBED_KEY, "1"),))
-            try:
-                await sub.pump
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if sub.kicked is None or (task is not None and task.cancelling()):
-                    raise
+            if sub.kicked is None:
+                # Writes run in their own task so that a disconnect can interrupt a write flow control blocks.
+                sub.pump = asyncio.create_task(self._pump(sub, context), name=f"listener:{self.listener}:subscriber")
+                try:
+                    await sub.pump
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if sub.kicked is None or (task is not None and task.cancelling()):
+                        raise
             if sub.kicked is not None:
                 await abort(context, *sub.kicked)
         finally:
             self._remove(sub)
-            sub.pump.cancel()
+            if sub.pump is not None:
+                sub.pump.cancel()
             self._log.info("subscriber.disconnected", peer=sub.peer)
 
     @staticmethod

@@ -409,6 +409,35 @@ async def test_subscribe_initial_metadata_means_the_subscription_is_live() -> No
         call.cancel()
 
 
+async def test_subscribe_while_events_flow_does_not_break_the_call() -> None:
+    """Initial metadata and the first writes must not overlap on the call (one send at a time)."""
+    async with running() as gw:
+        stop = asyncio.Event()
+
+        async def flood() -> None:
+            i = 0
+            while not stop.is_set():
+                await gw.outbounds["subs-a"].send(routed(event(i)), "x", "binary")
+                i += 1
+                await asyncio.sleep(0)
+
+        flooder = asyncio.create_task(flood())
+        try:
+            for _ in range(5):  # several subscriptions, each racing the flood
+                call = gw.stub.Subscribe(SubscribeRequest(), timeout=30)
+                got = []
+                async with asyncio.timeout(10):
+                    async for env in call:
+                        got.append(env)
+                        if len(got) == 50:
+                            break
+                call.cancel()
+                assert len(got) == 50
+        finally:
+            stop.set()
+            await flooder
+
+
 async def test_subscribe_unknown_outbound_is_not_found() -> None:
     async with running() as gw:
         call = gw.stub.Subscribe(SubscribeRequest(outbound="nope"), timeout=5)
