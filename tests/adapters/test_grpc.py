@@ -419,11 +419,13 @@ async def test_subscribe_while_events_flow_does_not_break_the_call() -> None:
             while not stop.is_set():
                 await gw.outbounds["subs-a"].send(routed(event(i)), "x", "binary")
                 i += 1
-                await asyncio.sleep(0)
+                # About 500 events/s: enough to race the subscription, slow enough for any subscriber to
+                # keep up (a faster flood would rightly get it cut off as too slow).
+                await asyncio.sleep(0.002)
 
         flooder = asyncio.create_task(flood())
         try:
-            for _ in range(5):  # several subscriptions, each racing the flood
+            for _ in range(10):  # several subscriptions, each racing the flood
                 call = gw.stub.Subscribe(SubscribeRequest(), timeout=30)
                 got = []
                 async with asyncio.timeout(10):
