@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -372,6 +373,26 @@ async def _windowed(params: dict[str, Any], send_one: Any, window: int) -> tuple
     return sent, counts[0], counts[1], counts[2], t_start, t_end
 
 
+async def _serve_producer(
+    conn: Connection, run: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]], close: Callable[[], Awaitable[Any]]
+) -> None:
+    """Report ready, answer the parent's commands with ``run``, and close the client whatever happens."""
+    try:
+        conn.send(("ready", {}))
+        await _commands(conn, run)
+    finally:
+        await close()
+
+
+def _windowed_run(
+    send_one: Callable[[int], Awaitable[bool]], window: int
+) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+    async def run(params: dict[str, Any]) -> dict[str, Any]:
+        return _result(*await _windowed(params, send_one, params.get("window", window)))
+
+    return run
+
+
 async def _http_producer(spec: dict[str, Any], conn: Connection) -> None:
     import aiohttp
 
@@ -387,14 +408,7 @@ async def _http_producer(spec: dict[str, Any], conn: Connection) -> None:
             await resp.read()
             return 200 <= resp.status < 300
 
-    async def run(params: dict[str, Any]) -> dict[str, Any]:
-        return _result(*await _windowed(params, send_one, params.get("window", window)))
-
-    try:
-        conn.send(("ready", {}))
-        await _commands(conn, run)
-    finally:
-        await session.close()
+    await _serve_producer(conn, _windowed_run(send_one, window), session.close)
 
 
 async def _amqp_producer(spec: dict[str, Any], conn: Connection) -> None:
@@ -416,14 +430,7 @@ async def _amqp_producer(spec: dict[str, Any], conn: Connection) -> None:
         await exchange.publish(msg, routing_key=routing_key)
         return True
 
-    async def run(params: dict[str, Any]) -> dict[str, Any]:
-        return _result(*await _windowed(params, send_one, params.get("window", window)))
-
-    try:
-        conn.send(("ready", {}))
-        await _commands(conn, run)
-    finally:
-        await connection.close()
+    await _serve_producer(conn, _windowed_run(send_one, window), connection.close)
 
 
 async def _grpc_producer(spec: dict[str, Any], conn: Connection) -> None:
@@ -477,11 +484,7 @@ async def _grpc_producer(spec: dict[str, Any], conn: Connection) -> None:
             reader.cancel()
         return _result(sent, counts["accepted"], counts["refused"], errors, t_start, t_end)
 
-    try:
-        conn.send(("ready", {}))
-        await _commands(conn, run)
-    finally:
-        await channel.close()
+    await _serve_producer(conn, run, channel.close)
 
 
 def _mqtt_producer(spec: dict[str, Any], conn: Connection) -> None:
