@@ -54,7 +54,8 @@ class Pipeline:
         for env in events:
             deliveries, failures = router.route(env)
             # CloudEvents: source + id identify an event; a repeat within the window is committed once.
-            key = f"{env.source}\x00{env.id}" if self._dedup else None
+            # An id the gateway made up cannot be repeated by anyone: it is not recorded.
+            key = f"{env.source}\x00{env.id}" if self._dedup and not env.provenance.id_minted else None
             if deliveries or failures:
                 items.append(Accepted(env, deliveries, failures, dedup_key=key))
                 for fail in failures:

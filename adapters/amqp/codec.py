@@ -161,6 +161,7 @@ def to_envelope(
         env = _raw(msg, now)
     _stamp(env, inbound, msg.routing_key, now)
     if mode == "raw" and decode != "structured":
+        env.provenance.id_minted = not msg.message_id
         try:
             env.type = type_template.render(env)
             env.source = source_template.render(env)

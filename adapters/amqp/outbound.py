@@ -10,8 +10,10 @@ Up to ``max_in_flight`` publishes share one channel: confirms are pipelined.
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 from pamqp.commands import Basic
@@ -61,7 +63,8 @@ class AmqpOutbound:
         )
         # aiormq matches a returned message to its publish by message_id (= event id): two publishes
         # of the same id in flight on one channel would get each other's outcome, so they take turns.
-        self._in_flight_ids: dict[str, asyncio.Event] = {}
+        # An id maps to None until a second publish of it has to wait (an Event per publish costs).
+        self._in_flight_ids: dict[str, asyncio.Event | None] = {}
 
     async def send(self, event: Envelope, address: str, format: str) -> None:
         exchange, robust_channel = self.link.exchange, self.link.channel
@@ -87,17 +90,30 @@ class AmqpOutbound:
         event_id = event.id
         try:
             async with asyncio.timeout(self.cfg.send_timeout_s):
-                channel = await robust_channel.get_underlay_channel()
-                while (busy := self._in_flight_ids.get(event_id)) is not None:
+                # aiormq's concrete Channel: its basic_publish takes ``wait``, the abstract one does not say so.
+                channel = cast(aiormq.Channel, await robust_channel.get_underlay_channel())
+                in_flight = self._in_flight_ids
+                while event_id in in_flight:
+                    busy = in_flight[event_id]
+                    if busy is None:
+                        busy = in_flight[event_id] = asyncio.Event()
                     await busy.wait()
-                done = self._in_flight_ids[event_id] = asyncio.Event()
+                in_flight[event_id] = None
                 try:
+                    # wait=False: do not wait for the frames to be flushed to the socket (aiormq then drains
+                    # the writer once per publish); the broker's confirm below is what counts.
                     await channel.basic_publish(
-                        out.body, exchange=exchange.name, routing_key=address, properties=properties, mandatory=True
+                        out.body,
+                        exchange=exchange.name,
+                        routing_key=address,
+                        properties=properties,
+                        mandatory=True,
+                        wait=False,
                     )
                 finally:
-                    del self._in_flight_ids[event_id]
-                    done.set()
+                    waiting = in_flight.pop(event_id)
+                    if waiting is not None:
+                        waiting.set()
         except PublishError as exc:
             raise TerminalDeliveryError(
                 f"unroutable: exchange {self.cfg.exchange!r} has no queue bound for routing key {address!r} ({exc})"

@@ -157,8 +157,8 @@ class HttpInbound:
         self, request: web.Request, body: bytes, now: Timestamp, topic: str, type_: Template, source: Template
     ) -> Envelope:
         headers = request.headers
-        event_id = headers.get("Idempotency-Key", "").strip() or new_id()
-        env = Envelope(id=event_id, spec_version=SPEC_VERSION)
+        given_id = headers.get("Idempotency-Key", "").strip()
+        env = Envelope(id=given_id or new_id(), spec_version=SPEC_VERSION)
         env.binary_data = body
         env.attributes["time"].ce_timestamp.CopyFrom(now)
         content_type = headers.get("Content-Type")
@@ -168,6 +168,7 @@ class HttpInbound:
         if trace is not None:
             _set_trace(env, trace, request)
         self._stamp(env, topic, now)
+        env.provenance.id_minted = not given_id
         try:
             env.type = type_.render(env)
             env.source = source.render(env)

@@ -79,7 +79,7 @@ def to_envelope(message: MqttMessage, rules: InboundRules, received: Timestamp |
     if rules.decode == "structured":
         events = [formats.from_structured(message.payload)]
     elif rules.decode == "raw":
-        events = [_raw(message, rules, prov)]
+        return [_raw(message, rules, prov)]
     elif media == formats.JSON_CONTENT_TYPE:
         events = [formats.from_structured(message.payload)]
     elif media == formats.PROTOBUF_CONTENT_TYPE:
@@ -89,7 +89,7 @@ def to_envelope(message: MqttMessage, rules: InboundRules, received: Timestamp |
     elif any(name == "specversion" for name, _ in message.user_properties):
         events = [_binary(message)]
     else:
-        events = [_raw(message, rules, prov)]
+        return [_raw(message, rules, prov)]
     for env in events:
         env.provenance.CopyFrom(prov)  # replaces whatever a sender put there: it cannot forge gateway facts
     return events

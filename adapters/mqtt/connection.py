@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ def make_client(
     persistent: bool,
     receive_maximum: int,
     max_inflight: int,
+    queue_type: type[asyncio.Queue[aiomqtt.Message]] | None = None,
 ) -> aiomqtt.Client:
     """An unconnected client (must be created inside the running loop).
 
@@ -64,6 +66,7 @@ def make_client(
         timeout=cfg.connect_timeout_s,
         properties=props,
         max_inflight_messages=max_inflight,
+        queue_type=queue_type,
         # Acknowledgements and pipelined publishes are tiny packets: without TCP_NODELAY they stall on
         # Nagle plus the peer's delayed ACK.
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),

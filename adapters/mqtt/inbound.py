@@ -6,6 +6,10 @@ them. We switch the wrapped paho client to manual acknowledgement and send each 
 requires PUBACKs in the order the PUBLISHes arrived (MQTT 5 section 4.6), so one task acknowledges
 them strictly in receive order. The session is persistent under a fixed client id: what we never
 acknowledged is redelivered after a reconnect or a restart.
+
+Under load, messages queue up in aiomqtt while a commit runs; they are then taken together, as one batch
+with one commit (one task, one outbox operation) instead of one each: the per-message overhead shrinks
+exactly when the daemon is busy, and a lone message still goes through at once.
 """
 
 from __future__ import annotations
@@ -60,13 +64,13 @@ class MqttInbound:
             while True:
                 problem = "disconnected"
                 try:
-                    client = self._client()
+                    client, queue = self._client()
                     async with client:
                         backoff.reset()
                         await self._subscribe(client)
                         self._rt.health.set(self.name, True, f"connected to {broker.host}:{broker.port}")
                         self._log.info("inbound.connected", broker=self._access.name, client_id=self.client_id)
-                        await self._consume(client)
+                        await self._consume(client, queue)
                 except* aiomqtt.MqttError as group:
                     problem = str(group.exceptions[0])
                 except* SubscriptionRefused as group:
@@ -78,17 +82,27 @@ class MqttInbound:
         finally:
             self._rt.health.set(self.name, False, "stopped")
 
-    def _client(self) -> aiomqtt.Client:
+    def _client(self) -> tuple[aiomqtt.Client, asyncio.Queue[aiomqtt.Message]]:
+        queues: list[asyncio.Queue[aiomqtt.Message]] = []
+
+        class _Queue(asyncio.Queue[aiomqtt.Message]):
+            # aiomqtt creates its queue from the class it is given; keeping the instance lets the consumer
+            # take what is already queued without aiomqtt's per-message task and asyncio.wait.
+            def __init__(self, maxsize: int = 0) -> None:
+                super().__init__(maxsize)
+                queues.append(self)
+
         client = make_client(
             self._access,
             self.client_id,
             persistent=True,
             receive_maximum=self._cfg.max_in_flight,
             max_inflight=20,  # this client does not publish
+            queue_type=_Queue,
         )
         # Must be set before CONNECT: from then on paho leaves every PUBACK to us (paho.ack).
         paho_client(client).manual_ack_set(True)
-        return client
+        return client, queues[0]
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         # Always resubscribe: the session may be new (expired, or the broker lost it), and a subscription
@@ -100,7 +114,7 @@ class MqttInbound:
             if value >= 0x80:
                 raise SubscriptionRefused(f"broker refused subscription {topic!r}: {code}")
 
-    async def _consume(self, client: aiomqtt.Client) -> None:
+    async def _consume(self, client: aiomqtt.Client, queue: asyncio.Queue[aiomqtt.Message]) -> None:
         """Receive until the connection drops (raises ``aiomqtt.MqttError``) or we are cancelled.
 
         Handlers of one connection die with it: their messages were not acknowledged, so the broker
@@ -111,63 +125,77 @@ class MqttInbound:
         """
         ack = paho_client(client).ack
         slots = asyncio.Semaphore(self._cfg.max_in_flight)
-        order: deque[tuple[asyncio.Task[None], int, int]] = deque()
+        order: deque[tuple[asyncio.Task[None], list[aiomqtt.Message]]] = deque()
         ready = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._ack_in_order(ack, slots, order, ready), name=f"{self.name}:ack")
+            # Waiting goes through aiomqtt's iterator (it notices a lost connection); what is queued
+            # behind the first message is taken at once into the same batch.
             async for message in client.messages:
                 await slots.acquire()
-                task = tg.create_task(self._handle(message))
-                order.append((task, message.mid, message.qos))
+                batch = [message]
+                while not queue.empty() and not slots.locked():
+                    await slots.acquire()  # does not suspend: a slot is free
+                    batch.append(queue.get_nowait())
+                order.append((tg.create_task(self._handle(batch)), batch))
                 ready.set()
 
     @staticmethod
     async def _ack_in_order(
         ack: Callable[[int, int], object],
         slots: asyncio.Semaphore,
-        order: deque[tuple[asyncio.Task[None], int, int]],
+        order: deque[tuple[asyncio.Task[None], list[aiomqtt.Message]]],
         ready: asyncio.Event,
     ) -> None:
         while True:
             while not order:
                 ready.clear()
                 await ready.wait()
-            task, mid, qos = order[0]
+            task, batch = order[0]
             await task  # never raises: _handle settles every message, or is cancelled with us
             order.popleft()
-            slots.release()
-            if qos > 0:
-                ack(mid, qos)
+            for message in batch:
+                slots.release()
+                if message.qos > 0:
+                    ack(message.mid, message.qos)
 
-    async def _handle(self, message: aiomqtt.Message) -> None:
-        """Settle one message: accepted, or dead-lettered; retry while the sink is not ready."""
-        props = message.properties
-        payload = message.payload
-        wire = MqttMessage(
-            topic=message.topic.value,
-            payload=payload if isinstance(payload, bytes) else str(payload or "").encode(),
-            content_type=getattr(props, "ContentType", None) if props is not None else None,
-            user_properties=user_properties(getattr(props, "UserProperty", None)) if props is not None else (),
-        )
-        try:
-            events = to_envelope(wire, self._rules)
-        except Exception as exc:  # Rejected, or a decoder bug: either way the message must not loop
-            reason = exc.reason if isinstance(exc, Rejected) else f"cannot decode: {exc!r}"
-            env = undecodable(wire, self.inbound)
-            self._log.error("envelope.undecodable", topic=wire.topic, size=len(wire.payload), reason=reason)
-            await self._until_safe(self._rt.sink.dead_letter, env, reason)
-            return
-        self._log.debug("envelope.received", event_id=events[0].id, topic=wire.topic, size=len(wire.payload))
-        await self._until_safe(self._accept, events)
+    async def _handle(self, batch: list[aiomqtt.Message]) -> None:
+        """Settle a batch of messages: each accepted, or dead-lettered; retry while the sink is not ready."""
+        events: list[Envelope] = []
+        for message in batch:
+            props = message.properties
+            payload = message.payload
+            wire = MqttMessage(
+                topic=message.topic.value,
+                payload=payload if isinstance(payload, bytes) else str(payload or "").encode(),
+                content_type=getattr(props, "ContentType", None) if props is not None else None,
+                user_properties=user_properties(getattr(props, "UserProperty", None)) if props is not None else (),
+            )
+            try:
+                decoded = to_envelope(wire, self._rules)
+            except Exception as exc:  # Rejected, or a decoder bug: either way the message must not loop
+                reason = exc.reason if isinstance(exc, Rejected) else f"cannot decode: {exc!r}"
+                env = undecodable(wire, self.inbound)
+                self._log.error("envelope.undecodable", topic=wire.topic, size=len(wire.payload), reason=reason)
+                await self._until_safe(self._rt.sink.dead_letter, env, reason)
+                continue
+            self._log.debug("envelope.received", event_id=decoded[0].id, topic=wire.topic, size=len(wire.payload))
+            events += decoded
+        if events:
+            await self._until_safe(self._accept, events)
 
     async def _accept(self, events: list[Envelope]) -> None:
         try:
             await self._rt.sink.accept(events)
         except Rejected as exc:
+            if len(events) > 1:
+                # One refused event must not take the rest of the batch with it: settle each on its own.
+                for env in events:
+                    await self._accept([env])
+                return
             # Nobody can be answered on MQTT: the refusal becomes a dead letter, then the ack.
-            for env in events:
-                self._log.error("envelope.rejected", event_id=env.id, reason=exc.reason)
-                await self._rt.sink.dead_letter(env, exc.reason)
+            self._log.error("envelope.rejected", event_id=events[0].id, reason=exc.reason)
+            await self._rt.sink.dead_letter(events[0], exc.reason)
 
     async def _until_safe(self, call: Callable[..., Awaitable[None]], *args: Any) -> None:
         """Await ``call`` until it succeeds, holding the acknowledgement meanwhile: ``NotReady`` means the

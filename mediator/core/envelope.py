@@ -64,6 +64,8 @@ def new_event(
         env.attributes["subject"].ce_string = subject
     if provenance is not None:
         env.provenance.CopyFrom(provenance)
+    if id is None:
+        env.provenance.id_minted = True
     return env
 
 

@@ -172,6 +172,7 @@ class Provenance(_message.Message):
     PRINCIPAL_FIELD_NUMBER: _builtins.int
     CLAIMS_FIELD_NUMBER: _builtins.int
     RECEIVED_FIELD_NUMBER: _builtins.int
+    ID_MINTED_FIELD_NUMBER: _builtins.int
     inbound: _builtins.str
     """admin-chosen inbound name"""
     protocol: _builtins.str
@@ -181,6 +182,10 @@ class Provenance(_message.Message):
     topic_separator: _builtins.str
     """"/" for MQTT and HTTP, "." for AMQP routing keys"""
     principal: _builtins.str
+    id_minted: _builtins.bool
+    """The gateway made the id up (the sender gave none): no sender can repeat it, so the deduplication
+    window does not record it.
+    """
     @_builtins.property
     def claims(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -195,10 +200,11 @@ class Provenance(_message.Message):
         principal: _builtins.str = ...,
         claims: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         received: _timestamp_pb2.Timestamp | None = ...,
+        id_minted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["received", b"received"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "inbound", b"inbound", "principal", b"principal", "protocol", b"protocol", "received", b"received", "topic", b"topic", "topic_separator", b"topic_separator"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "id_minted", b"id_minted", "inbound", b"inbound", "principal", b"principal", "protocol", b"protocol", "received", b"received", "topic", b"topic", "topic_separator", b"topic_separator"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

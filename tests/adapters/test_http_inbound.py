@@ -66,6 +66,7 @@ async def test_plain_post_is_accepted_as_a_new_event(running: Running, client: a
     prov = env.provenance
     assert (prov.inbound, prov.protocol, prov.topic, prov.topic_separator) == ("orders-http", "http", "orders", "/")
     assert prov.received.seconds > 0
+    assert prov.id_minted  # no Idempotency-Key: the gateway made the id up
 
 
 async def test_plain_idempotency_key_and_traceparent(running: Running, client: aiohttp.ClientSession) -> None:
@@ -74,6 +75,7 @@ async def test_plain_idempotency_key_and_traceparent(running: Running, client: a
     assert (status, reply) == (202, {"id": "order-42"})
     (env,) = running.sink.events
     assert env.id == "order-42"
+    assert not env.provenance.id_minted
     assert attribute(env, "traceparent") == TRACEPARENT
 
 

@@ -215,6 +215,7 @@ def test_raw_uses_properties_and_templates() -> None:
         "datacontenttype": "application/octet-stream",
     }
     assert data_bytes(env) == b"\x00\x01binary"
+    assert not env.provenance.id_minted  # the sender's message_id: it may repeat, dedup applies
 
 
 def test_raw_without_properties_gets_uuid_and_now() -> None:
@@ -228,6 +229,7 @@ def test_raw_without_properties_gets_uuid_and_now() -> None:
         now=now,
     )
     uuid.UUID(env.id)
+    assert env.provenance.id_minted
     assert attribute(env, "time") == "2030-01-01T00:00:00Z"
     assert env.provenance.received == now
     assert env.source == "amqp://in"

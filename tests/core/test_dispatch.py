@@ -60,8 +60,8 @@ class FakeOutbound:
 class RecordingOutbox(MemoryOutbox):
     """The in-memory outbox, recording what the dispatcher told it."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, dedup_window_s: float = 0.0) -> None:
+        super().__init__(dedup_window_s=dedup_window_s)
         self.done_ids: list[int] = []
         self.failed_attempts: list[int] = []
 
@@ -106,10 +106,11 @@ async def running(
     ready: bool = True,
     router: Callable[[Sequence[str]], Router] = to_all,
     dead_letter_to: DestinationSpec | None = None,
+    dedup_window_s: float = 0.0,
 ) -> AsyncIterator[Harness]:
     health = Health()
     backlog = Backlog()
-    outbox = RecordingOutbox()
+    outbox = RecordingOutbox(dedup_window_s)
     dispatchers = {}
     pipeline: Pipeline | None = None
 
@@ -336,3 +337,19 @@ async def test_a_failing_forward_is_not_forwarded_again() -> None:
         assert len(dlx.calls) == 1
         reasons = sorted(dl.reason for dl in await h.outbox.dead_letters())
         assert reasons == ["dlx gone", "no route matched"]
+
+
+async def test_only_ids_a_sender_gave_enter_the_dedup_window() -> None:
+    """A sender's id repeated within the window is committed once. An id the gateway made up is never
+    recorded (nobody can send it again): the same id marked as minted goes through every time."""
+    ob = FakeOutbound("out")
+    async with running(ob, dedup_window_s=60.0) as h:
+        given = event(1)
+        await h.pipeline.accept([given])
+        await h.pipeline.accept([given])
+        minted = event(2)
+        minted.provenance.id_minted = True
+        await h.pipeline.accept([minted])
+        await h.pipeline.accept([minted])
+        await h.settled()
+    assert sorted(i for i, _, _ in ob.delivered) == ["ev-1", "ev-2", "ev-2"]

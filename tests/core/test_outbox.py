@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,37 @@ async def test_sqlite_concurrent_commits_are_grouped(tmp_path: Path) -> None:
         assert len(await again.open()) == commits
     finally:
         await again.close()
+
+
+async def test_sqlite_commits_arriving_during_an_fsync_share_the_next_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One commit per loop iteration (as an inbound handing over one message at a time does) while the
+    disk is slow: those arriving during an fsync wait for it and then go as one transaction, instead of
+    one transaction each."""
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:  # runs on the syncer thread
+        time.sleep(0.05)
+        real_fsync(fd)
+
+    box = CountingOutbox(tmp_path / "outbox.db")
+    await box.open()
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    CountingOutbox.transactions = 0
+    commits = 200
+    try:
+        tasks = []
+        for n in range(commits):
+            tasks.append(asyncio.create_task(box.commit([accepted(n, "a")])))
+            await asyncio.sleep(0)  # the next commit comes in a later loop iteration
+        async with asyncio.timeout(30):
+            results = await asyncio.gather(*tasks)
+        grouped = CountingOutbox.transactions
+    finally:
+        await box.close()
+    assert [r[0].event.id for r in results] == [f"ev-{n}" for n in range(commits)]
+    assert grouped <= 10, f"{commits} commits took {grouped} transactions"
 
 
 async def test_sqlite_unwritable_path_raises_storage_error(tmp_path: Path) -> None:
