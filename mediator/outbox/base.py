@@ -25,7 +25,6 @@ class Pending:
     address: str
     format: str
     attempts: int = 0
-    event_row: int = 0  # the stored event this delivery belongs to (SQLite rowid; 0 in memory)
 
 
 @dataclass(frozen=True, slots=True)

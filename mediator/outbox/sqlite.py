@@ -41,15 +41,11 @@ from mediator.outbox.base import Accepted, DeadLetter, OnCommit, Pending, Storag
 
 log = structlog.get_logger(__name__)
 
+SCHEMA_VERSION = 2
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    envelope BLOB NOT NULL,
-    refs INTEGER NOT NULL
-);
 CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY,
-    event INTEGER NOT NULL,
+    id INTEGER PRIMARY KEY,  -- assigned by the outbox (one writer), so a batch inserts with executemany
+    envelope BLOB NOT NULL,  -- the event, once per delivery: one row written and one deleted per delivery
     route TEXT NOT NULL,
     outbound TEXT NOT NULL,
     address TEXT NOT NULL,
@@ -72,6 +68,25 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     at REAL NOT NULL
 );
 """
+MIGRATE_FROM_1 = """
+ALTER TABLE deliveries RENAME TO deliveries_v1;
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY,
+    envelope BLOB NOT NULL,
+    route TEXT NOT NULL,
+    outbound TEXT NOT NULL,
+    address TEXT NOT NULL,
+    format TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO deliveries(id, envelope, route, outbound, address, format, attempts)
+    SELECT d.id, e.envelope, d.route, d.outbound, d.address, d.format, d.attempts
+    FROM deliveries_v1 d JOIN events e ON e.id = d.event;
+DROP TABLE deliveries_v1;
+DROP TABLE events;
+"""
+"""Version 1 kept each event once in ``events`` with a reference count, and its deliveries apart: five
+statements per single-destination delivery instead of two."""
 
 _Work = Callable[[sqlite3.Connection], Any]
 
@@ -200,6 +215,8 @@ class SqliteOutbox:
         self._unsynced: deque[tuple[int, list[tuple[_Op, Any]]]] = deque()
         self._transactions = 0  # reported at close: operations per transaction shows how well commits group
         self._operations = 0
+        self._next_id = 1  # the next delivery id (set by open: one past the largest stored)
+        self._done_ids: list[tuple[int]] = []  # deliveries done, deleted with the next transaction
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> list[Pending]:
@@ -211,9 +228,8 @@ class SqliteOutbox:
             conn.execute("PRAGMA synchronous=OFF")  # durability comes from the syncer's fsync
             conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints belong to the syncer thread
             conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-            conn.executescript(SCHEMA)
             # Startup only, before anything else uses the connection: may read many rows.
-            rows = await asyncio.to_thread(_load_pending, conn)
+            rows, self._next_id = await asyncio.to_thread(_prepare, conn)
             fd = os.open(f"{self._path}-wal", os.O_RDONLY)  # WAL mode created it with the first write
             checkpointer = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             checkpointer.execute("PRAGMA synchronous=FULL")  # a checkpoint fsyncs the WAL and the database
@@ -229,7 +245,7 @@ class SqliteOutbox:
     async def close(self) -> None:
         if self._conn is None:
             return
-        if self._ops or self._lazy:
+        if self._ops or self._lazy or self._done_ids:
             self._flush()
         if self._lazy_timer is not None:
             self._lazy_timer.cancel()
@@ -251,15 +267,24 @@ class SqliteOutbox:
                 self._last_prune = now
                 horizon = now - window
                 self._lazy_write(lambda conn: conn.execute("DELETE FROM seen WHERE at < ?", (horizon,)))
-        result: list[Pending] = await self._call(lambda conn: _commit(conn, items, window), self._committed)
+        result: list[Pending] = await self._call(lambda conn: _commit(conn, items, window, self._ids), self._committed)
         return result
+
+    def _ids(self, count: int) -> range:
+        """Reserve ``count`` delivery ids (a rolled-back transaction leaves a harmless gap)."""
+        first = self._next_id
+        self._next_id += count
+        return range(first, first + count)
 
     def _committed(self, rows: list[Pending]) -> None:
         if rows and self.on_commit is not None:
             self.on_commit(rows)
 
     def done(self, delivery: Pending) -> None:
-        self._lazy_write(lambda conn: _done(conn, delivery))
+        """Lazy: the next transaction deletes every delivery done since the last one, in one statement.
+        An id stays listed until a transaction that deleted it committed."""
+        self._done_ids.append((delivery.id,))
+        self._arm_lazy_timer()
 
     def failed(self, delivery: Pending) -> None:
         attempts, row = delivery.attempts, delivery.id
@@ -273,7 +298,7 @@ class SqliteOutbox:
         return result
 
     async def replay(self, ids: Sequence[int] | None = None) -> list[Pending]:
-        result: list[Pending] = await self._call(lambda conn: _replay(conn, ids))
+        result: list[Pending] = await self._call(lambda conn: _replay(conn, ids, self._ids))
         return result
 
     # ------------------------------------------------------------------ batching
@@ -298,6 +323,9 @@ class SqliteOutbox:
 
     def _lazy_write(self, work: _Work) -> None:
         self._lazy.append(_Op(work, None))
+        self._arm_lazy_timer()
+
+    def _arm_lazy_timer(self) -> None:
         if self._lazy_timer is None and self._loop is not None:
             self._lazy_timer = self._loop.call_later(LAZY_FLUSH_S, self._flush)
 
@@ -309,7 +337,7 @@ class SqliteOutbox:
         batch = self._lazy + self._ops[: self._max_batch]
         self._lazy = []
         del self._ops[: self._max_batch]
-        if batch:
+        if batch or self._done_ids:
             self._execute(batch)
         self._schedule_flush()
 
@@ -322,13 +350,17 @@ class SqliteOutbox:
                     op.future.set_exception(err)
             return
         results: list[tuple[_Op, Any]] = []
+        done = len(self._done_ids)
         try:
             conn.execute("BEGIN IMMEDIATE")
+            if done:
+                conn.executemany("DELETE FROM deliveries WHERE id=?", self._done_ids)
             for op in batch:
                 results.append((op, op.work(conn)))
             conn.execute("COMMIT")
             self._transactions += 1
-            self._operations += len(batch)
+            self._operations += len(batch) + done
+            del self._done_ids[:done]  # deleted for good; on a failure they stay for the next transaction
         except Exception as exc:  # sqlite3.Error (disk full, I/O), or a bug in a unit of work
             with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have ended the transaction
                 conn.execute("ROLLBACK")
@@ -343,8 +375,8 @@ class SqliteOutbox:
                     op.failures += 1
                     if op.failures < LAZY_RETRIES:
                         self._lazy.append(op)
-            if self._lazy and self._lazy_timer is None and self._loop is not None:
-                self._lazy_timer = self._loop.call_later(LAZY_FLUSH_S, self._flush)
+            if self._lazy or self._done_ids:
+                self._arm_lazy_timer()
             return
         waiting = [(op, value) for op, value in results if op.future is not None]
         if not waiting:
@@ -396,8 +428,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- SQL, run on the writer thread
-def _commit(conn: sqlite3.Connection, items: Sequence[Accepted], window: float) -> list[Pending]:
+def _commit(
+    conn: sqlite3.Connection, items: Sequence[Accepted], window: float, ids: Callable[[int], range]
+) -> list[Pending]:
     out: list[Pending] = []
+    rows: list[tuple[int, bytes, str, str, str, str]] = []
     now = time.time()
     for item in items:
         if item.dedup_key is not None and window > 0:
@@ -423,24 +458,12 @@ def _commit(conn: sqlite3.Connection, items: Sequence[Accepted], window: float) 
                 " VALUES (?,?,?,?,?,?,?,?)",
                 (blob, fail.route, fail.outbound, "", "", fail.reason, 0, now),
             )
-        if not item.deliveries:
-            continue
-        row = conn.execute("INSERT INTO events(envelope, refs) VALUES (?, ?)", (blob, len(item.deliveries))).lastrowid
-        assert row is not None
-        for d in item.deliveries:
-            did = conn.execute(
-                "INSERT INTO deliveries(event,route,outbound,address,format) VALUES (?,?,?,?,?)",
-                (row, d.route, d.outbound, d.address, d.format),
-            ).lastrowid
-            assert did is not None
-            out.append(Pending(did, item.event, d.route, d.outbound, d.address, d.format, 0, row))
+        for did, d in zip(ids(len(item.deliveries)), item.deliveries, strict=True):
+            rows.append((did, blob, d.route, d.outbound, d.address, d.format))
+            out.append(Pending(did, item.event, d.route, d.outbound, d.address, d.format, 0))
+    if rows:
+        conn.executemany("INSERT INTO deliveries(id,envelope,route,outbound,address,format) VALUES (?,?,?,?,?,?)", rows)
     return out
-
-
-def _done(conn: sqlite3.Connection, d: Pending) -> None:
-    if conn.execute("DELETE FROM deliveries WHERE id=?", (d.id,)).rowcount:
-        conn.execute("UPDATE events SET refs=refs-1 WHERE id=?", (d.event_row,))
-        conn.execute("DELETE FROM events WHERE id=? AND refs<=0", (d.event_row,))
 
 
 def _bury(conn: sqlite3.Connection, d: Pending, reason: str) -> None:
@@ -448,21 +471,40 @@ def _bury(conn: sqlite3.Connection, d: Pending, reason: str) -> None:
         "INSERT INTO dead_letters(envelope,route,outbound,address,format,reason,attempts,at) VALUES (?,?,?,?,?,?,?,?)",
         (d.event.SerializeToString(), d.route, d.outbound, d.address, d.format, reason, d.attempts, time.time()),
     )
-    _done(conn, d)
+    conn.execute("DELETE FROM deliveries WHERE id=?", (d.id,))
+
+
+def _prepare(conn: sqlite3.Connection) -> tuple[list[Pending], int]:
+    """Create or migrate the schema; return the undelivered deliveries and the next free delivery id."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    old = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='events'").fetchone()
+    if version < SCHEMA_VERSION and old is not None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATE_FROM_1.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("outbox.migrated", from_version=1, to_version=SCHEMA_VERSION)
+    conn.executescript(SCHEMA)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    last = conn.execute("SELECT MAX(id) FROM deliveries").fetchone()[0]
+    return _load_pending(conn), (last or 0) + 1
 
 
 def _load_pending(conn: sqlite3.Connection) -> list[Pending]:
     out = []
-    cache: dict[int, Envelope] = {}
-    rows = conn.execute(
-        "SELECT d.id, d.event, d.route, d.outbound, d.address, d.format, d.attempts, e.envelope"
-        " FROM deliveries d JOIN events e ON e.id = d.event ORDER BY d.id"
-    )
-    for did, row, route, outbound, address, fmt, attempts, blob in rows:
-        env = cache.get(row)
+    envelopes: dict[bytes, Envelope] = {}  # a fanned-out event is parsed once
+    rows = conn.execute("SELECT id, envelope, route, outbound, address, format, attempts FROM deliveries ORDER BY id")
+    for did, blob, route, outbound, address, fmt, attempts in rows:
+        env = envelopes.get(blob)
         if env is None:
-            env = cache[row] = Envelope.FromString(blob)
-        out.append(Pending(did, env, route, outbound, address, fmt, attempts, row))
+            env = envelopes[blob] = Envelope.FromString(blob)
+        out.append(Pending(did, env, route, outbound, address, fmt, attempts))
     return out
 
 
@@ -478,7 +520,7 @@ def _list_dead(conn: sqlite3.Connection, limit: int) -> list[DeadLetter]:
     ]
 
 
-def _replay(conn: sqlite3.Connection, ids: Sequence[int] | None) -> list[Pending]:
+def _replay(conn: sqlite3.Connection, ids: Sequence[int] | None, new_ids: Callable[[int], range]) -> list[Pending]:
     # format '' marks a dead letter that never had a rendered destination: re-publish it instead.
     query = "SELECT id, envelope, route, outbound, address, format FROM dead_letters WHERE format != ''"
     rows = conn.execute(query + " ORDER BY id").fetchall()
@@ -486,14 +528,11 @@ def _replay(conn: sqlite3.Connection, ids: Sequence[int] | None) -> list[Pending
         wanted = set(ids)
         rows = [r for r in rows if r[0] in wanted]
     out = []
-    for i, blob, route, outbound, address, fmt in rows:
-        row = conn.execute("INSERT INTO events(envelope, refs) VALUES (?, 1)", (blob,)).lastrowid
-        assert row is not None
-        did = conn.execute(
-            "INSERT INTO deliveries(event,route,outbound,address,format) VALUES (?,?,?,?,?)",
-            (row, route, outbound, address, fmt),
-        ).lastrowid
-        assert did is not None
+    for did, (i, blob, route, outbound, address, fmt) in zip(new_ids(len(rows)), rows, strict=True):
+        conn.execute(
+            "INSERT INTO deliveries(id,envelope,route,outbound,address,format) VALUES (?,?,?,?,?,?)",
+            (did, blob, route, outbound, address, fmt),
+        )
         conn.execute("DELETE FROM dead_letters WHERE id=?", (i,))
-        out.append(Pending(did, Envelope.FromString(blob), route, outbound, address, fmt, 0, row))
+        out.append(Pending(did, Envelope.FromString(blob), route, outbound, address, fmt, 0))
     return out

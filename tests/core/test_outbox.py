@@ -170,7 +170,6 @@ async def test_sqlite_reopen_returns_exactly_the_undelivered(tmp_path: Path) -> 
             (e2a.id, "ev-2", "a", "addr-2", 2),
         ]
         assert survivors[0].event.binary_data == b"payload-1"
-        assert survivors[0].event_row == e1b.event_row
         assert [(d.event.id, d.reason) for d in await again.dead_letters()] == [("ev-3", "terminal")]
         # Finishing the survivors after the restart releases their stored events.
         for p in survivors:
@@ -179,19 +178,72 @@ async def test_sqlite_reopen_returns_exactly_the_undelivered(tmp_path: Path) -> 
         await again.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM deliveries").fetchone() == (0,)
-        assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
 
 
-async def test_sqlite_event_is_stored_until_its_last_delivery_is_done(tmp_path: Path) -> None:
+async def test_sqlite_a_fanned_out_event_is_stored_until_its_last_delivery_is_done(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     box = SqliteOutbox(path)
     await box.open()
     first, second = await box.commit([accepted(1, "a", "b")])
-    assert first.event_row == second.event_row != 0
     box.done(first)
     await box.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT id, refs FROM events").fetchall() == [(first.event_row, 1)]
+        assert conn.execute("SELECT id, outbound FROM deliveries").fetchall() == [(second.id, "b")]
+    again = SqliteOutbox(path)
+    try:
+        [left] = await again.open()
+        assert (left.id, left.event.id, left.event.binary_data) == (second.id, "ev-1", b"payload-1")
+    finally:
+        await again.close()
+
+
+SCHEMA_V1 = """
+CREATE TABLE events (id INTEGER PRIMARY KEY, envelope BLOB NOT NULL, refs INTEGER NOT NULL);
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY, event INTEGER NOT NULL, route TEXT NOT NULL, outbound TEXT NOT NULL,
+    address TEXT NOT NULL, format TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE seen (key TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, envelope BLOB NOT NULL, route TEXT NOT NULL, outbound TEXT NOT NULL,
+    address TEXT NOT NULL, format TEXT NOT NULL, reason TEXT NOT NULL, attempts INTEGER NOT NULL, at REAL NOT NULL
+);
+"""
+
+
+async def test_sqlite_an_outbox_of_the_first_schema_is_migrated_with_its_undelivered(tmp_path: Path) -> None:
+    """An outbox written by the previous release (events stored once, deliveries apart) opens with every
+    undelivered delivery, its attempts and the dead letters intact, and new ids do not collide."""
+    path = tmp_path / "outbox.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(SCHEMA_V1)
+        blob = ev(1).SerializeToString()
+        conn.execute("INSERT INTO events VALUES (7, ?, 2)", (blob,))
+        conn.execute("INSERT INTO deliveries VALUES (40, 7, 'r', 'a', 'addr-1', 'binary', 2)")
+        conn.execute("INSERT INTO deliveries VALUES (41, 7, 'r', 'b', 'addr-1', 'structured', 0)")
+        conn.execute(
+            "INSERT INTO dead_letters(envelope,route,outbound,address,format,reason,attempts,at)"
+            " VALUES (?, 'r', 'c', 'x', 'binary', 'gave up', 4, 1.0)",
+            (blob,),
+        )
+    box = SqliteOutbox(path)
+    try:
+        rows = await box.open()
+        assert [(p.id, p.event.id, p.outbound, p.format, p.attempts) for p in rows] == [
+            (40, "ev-1", "a", "binary", 2),
+            (41, "ev-1", "b", "structured", 0),
+        ]
+        assert [(d.event.id, d.reason, d.attempts) for d in await box.dead_letters()] == [("ev-1", "gave up", 4)]
+        [new] = await box.commit([accepted(2, "a")])
+        assert new.id == 42
+        box.done(rows[0])
+    finally:
+        await box.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT id FROM deliveries ORDER BY id").fetchall() == [(41,), (42,)]
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "events" not in tables
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
 
 
 class CountingOutbox(SqliteOutbox):
