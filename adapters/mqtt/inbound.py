@@ -182,7 +182,7 @@ class MqttInbound:
             self._log.debug("envelope.received", event_id=decoded[0].id, topic=wire.topic, size=len(wire.payload))
             events += decoded
         if events:
-            await self._until_safe(self._accept, events)
+            await self._until_safe(self._accept, events, messages=len(batch))
 
     async def _accept(self, events: list[Envelope]) -> None:
         try:
@@ -197,9 +197,10 @@ class MqttInbound:
             self._log.error("envelope.rejected", event_id=events[0].id, reason=exc.reason)
             await self._rt.sink.dead_letter(events[0], exc.reason)
 
-    async def _until_safe(self, call: Callable[..., Awaitable[None]], *args: Any) -> None:
-        """Await ``call`` until it succeeds, holding the acknowledgement meanwhile: ``NotReady`` means the
-        sink cannot commit now (draining, overloaded), and the message must not be lost or acked."""
+    async def _until_safe(self, call: Callable[..., Awaitable[None]], *args: Any, messages: int = 1) -> None:
+        """Await ``call`` until it succeeds, holding the acknowledgement of ``messages`` messages meanwhile:
+        ``NotReady`` means the sink cannot commit now (draining, overloaded), and they must not be lost or
+        acked."""
         backoff = Backoff(_RETRY_INITIAL_S, _RETRY_MAX_S)
         attempt = 0
         while True:
@@ -215,7 +216,9 @@ class MqttInbound:
                 self._log.exception("envelope.failed", reason=reason)
             attempt += 1
             if attempt == 1:
-                self._log.warning("envelope.deferred", reason=reason, retry_in_s=round(delay, 2))
+                self._log.warning("envelope.deferred", reason=reason, retry_in_s=round(delay, 2), messages=messages)
             else:
-                self._log.debug("envelope.deferred", reason=reason, retry_in_s=round(delay, 2), attempt=attempt)
+                self._log.debug(
+                    "envelope.deferred", reason=reason, retry_in_s=round(delay, 2), attempt=attempt, messages=messages
+                )
             await asyncio.sleep(delay)

@@ -58,7 +58,8 @@ class Outbox(Protocol):
     on_commit: OnCommit | None
     """Called on the event loop with the new deliveries of every successful commit, before the committer
     resumes, and even if the committer was cancelled meanwhile: the pipeline dispatches from here, so a
-    committed delivery is never left undispatched until the next start."""
+    committed delivery is never left undispatched until the next start. A durable store may call it once
+    the transaction is written and before it is durable (delivery then overlaps the fsync)."""
 
     async def open(self) -> list[Pending]:
         """Open the store and return every delivery left pending by an earlier run."""

@@ -310,6 +310,33 @@ async def test_sqlite_commits_arriving_during_an_fsync_share_the_next_transactio
     assert grouped <= 10, f"{commits} commits took {grouped} transactions"
 
 
+async def test_sqlite_deliveries_are_dispatched_while_their_fsync_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """on_commit fires once the transaction is written; the committer is answered only once it is durable."""
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.3)
+        real_fsync(fd)
+
+    box = SqliteOutbox(tmp_path / "outbox.db")
+    await box.open()
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    dispatched: list[tuple[float, list[str]]] = []
+    box.on_commit = lambda rows: dispatched.append((time.monotonic(), [r.event.id for r in rows]))
+    try:
+        started = time.monotonic()
+        await box.commit([accepted(1, "a")])
+        answered = time.monotonic()
+    finally:
+        await box.close()
+    [(at, ids)] = dispatched
+    assert ids == ["ev-1"]
+    assert answered - started >= 0.3
+    assert at - started < 0.1
+
+
 async def test_sqlite_unwritable_path_raises_storage_error(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
