@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import tomllib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from adapters.mqtt import ADAPTER, MqttInbound, MqttOutbound, broker_access, build
 from adapters.mqtt.config import MqttBrokerConfig, MqttInboundConfig, MqttOutboundConfig
-from adapters.mqtt.connection import BrokerAccess
+from adapters.mqtt.connection import BrokerAccess, _BufferedSocket
 from mediator.core import formats
 from mediator.core.envelope import Envelope, attribute, new_event
 from mediator.core.errors import (
@@ -247,6 +248,30 @@ def test_build_refuses_unknown_broker_and_client_id_clash() -> None:
     )
     with pytest.raises(ConfigError, match="client id 'mediator-x'"):
         build(clash, rt)
+
+
+def test_buffered_socket_reads_once_and_hands_out_what_paho_asks_for() -> None:
+    """paho asks for a packet in pieces; one read serves them, pending() tells aiomqtt more is buffered,
+    and an empty socket (BlockingIOError) and a closed one (b"") still reach paho as they are."""
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    wrapped = _BufferedSocket(ours)
+    try:
+        peer.sendall(b"\x30\x05hello\x40\x02")
+        assert wrapped.recv(1) == b"\x30"
+        assert wrapped.pending() == 8
+        assert wrapped.recv(1) == b"\x05"
+        assert wrapped.recv(5) == b"hello"
+        assert wrapped.recv(10) == b"\x40\x02"  # never more than is buffered
+        assert wrapped.pending() == 0
+        with pytest.raises(BlockingIOError):
+            wrapped.recv(1)
+        assert wrapped.send(b"\x40\x02\x00\x01") == 4
+        assert peer.recv(16) == b"\x40\x02\x00\x01"
+        peer.close()
+        assert wrapped.recv(1) == b""
+    finally:
+        wrapped.close()
 
 
 # ---------------------------------------------------------------- inbound
