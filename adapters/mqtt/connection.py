@@ -13,6 +13,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from adapters.mqtt import speedups
 from adapters.mqtt.config import MqttBrokerConfig
 
 
@@ -45,6 +46,7 @@ def make_client(
     ``receive_maximum`` (MQTT 5) caps the QoS 1/2 messages the broker sends us unacknowledged;
     ``max_inflight`` caps our own unacknowledged publishes (paho's default is 20).
     """
+    speedups.install()
     cfg = access.config
     props: Properties | None = None
     if access.v5:
