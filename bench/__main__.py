@@ -18,6 +18,7 @@ from typing import Any
 from bench import report
 from bench.infra import ROOT, WORK, Daemon, Mosquitto, NodeRed, OwnRabbit, free_port, log
 from bench.paths import PATHS, Env, PathDef
+from bench.report import aggregate
 from bench.runner import Cell, Settings, measure
 
 SHARED_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
@@ -36,6 +37,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-peers", action="store_true", help="skip Node-RED and the RabbitMQ MQTT plugin")
     ap.add_argument("--no-memory", action="store_true", help="skip the in-memory outbox figure")
     ap.add_argument("--profile", action="store_true", help="py-spy the daemon in each path's first saturation run")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="how many times the whole suite runs, each cell once per round (default 3; 1 with --quick)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"), help="where to write the JSON results")
     args = ap.parse_args(argv)
     names = [p.strip() for p in args.paths.split(",") if p.strip()]
@@ -79,12 +86,16 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.started = time.monotonic()
+        # Each round runs every cell once (one saturation run, one fixed-load run); the table shows the median
+        # over rounds, and each ratio is the median of the ratios measured within one round, so that a peer
+        # and mediator measured minutes apart on a noisy machine never make a ratio on their own.
+        self.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
         self.settings = (
             Settings(
                 sat_runs=1, lat_runs=1, sat_s=2.0, sat_count=3000, lat_s=1.0, drain_max_s=20.0, profile=args.profile
             )
             if args.quick
-            else Settings(profile=args.profile)
+            else Settings(sat_runs=1, lat_runs=1, profile=args.profile)
         )
         self.uid = uuid.uuid4().hex[:8]
         self.mosquitto = Mosquitto(WORK / "mosquitto")
@@ -116,7 +127,7 @@ class Bench:
 
     # ------------------------------------------------------------------------------------------ mediator
 
-    def mediator(self, path: PathDef, outbox: str = "sqlite") -> dict[str, Any]:
+    def mediator(self, path: PathDef, outbox: str = "sqlite", profile: bool = True) -> dict[str, Any]:
         env = self.env(path.name, outbox)
         daemon = Daemon(path.config(env), Path(env.workdir), env.http_port)
         cell = Cell(
@@ -126,7 +137,7 @@ class Bench:
             consumer=path.consumer_spec(env),
             pid=lambda: daemon.pid if daemon.proc else None,
             wrk_url=f"http://127.0.0.1:{env.http_port}/bench" if path.producer == "http" else None,
-            profile_name=path.name + ("-memory" if outbox == "memory" else ""),
+            profile_name=(path.name + ("-memory" if outbox == "memory" else "")) if profile else None,
             alive=daemon.exited,
         )
         try:
@@ -378,6 +389,7 @@ class Bench:
             "quick": a.quick,
             "payload_bytes": 1024,
             "settings": vars(self.settings),
+            "rounds": self.rounds,
             "machine": {"cpus": _cpus(), "python": platform.python_version(), "kernel": platform.release()},
             "wrk": wrk_version,
             "amqp": "shared RabbitMQ 127.0.0.1:5672, unique exchange/queue names per run (deleted after)",
@@ -385,44 +397,56 @@ class Bench:
             "max_queued_messages 1000000, max_inflight_messages 1000, persistence false",
         }
         self.mosquitto.start()
+        rounds: list[dict[str, Any]] = []
         try:
-            ceilings_needed = sorted({c for n in names for c in PATHS[n].ceilings})
-            for kind in ceilings_needed:
-                if self.over_budget(f"ceiling-{kind}"):
-                    continue
-                self.results["ceilings"][kind] = self._guard(f"ceiling-{kind}", lambda k=kind: self.ceiling(k))
-            for name in names:
-                entry: dict[str, Any] = {"title": PATHS[name].title, "ceilings": list(PATHS[name].ceilings)}
-                self.results["paths"][name] = entry
-                if self.over_budget(name):
-                    continue
-                entry["mediator"] = self._guard(name, lambda n=name: self.mediator(PATHS[n]))
-                if name == MEMORY_PATH and not a.no_memory and not self.over_budget(f"{name} [memory]"):
-                    entry["mediator_memory"] = self._guard(
-                        f"{name} [memory]", lambda n=name: self.mediator(PATHS[n], "memory")
-                    )
-            if not a.no_peers:
-                red_paths = [n for n in names if n in NODERED_PATHS]
-                if red_paths and not self.over_budget("Node-RED"):
-                    try:
-                        for name, res in self.node_red(red_paths).items():
-                            self.results["paths"][name].setdefault("peers", {})["node-red"] = res
-                    except Exception as exc:
-                        log(f"Node-RED peer failed: {exc}")
-                        self.results["problems"].append({"cell": "Node-RED", "error": str(exc)})
-                for name in names:
-                    if name in PLUGIN_PATHS and not self.over_budget(f"{name} [rabbitmq_mqtt]"):
-                        res = self._guard(f"{name} [rabbitmq_mqtt]", self.rabbit_plugin)
-                        self.results["paths"][name].setdefault("peers", {})["rabbitmq-mqtt-plugin"] = res
+            for r in range(self.rounds):
+                log(f"round {r + 1} of {self.rounds}")
+                rounds.append(self._suite(names, first=r == 0))
         finally:
             self.mosquitto.stop()
+        self.results["rounds"] = rounds
+        self.results.update(aggregate(rounds))
         self.results["meta"]["elapsed_s"] = round(time.monotonic() - self.started, 1)
         out = Path(a.out)
         out.write_text(json.dumps(self.results, indent=1, default=str) + "\n")
         print(report.table(self.results))
         log(f"wrote {out} ({self.results['meta']['elapsed_s']} s)")
-        failed = any("error" in (c or {}) for c in _cells(self.results))
+        failed = any("error" in (c or {}) for r in rounds for c in _cells(r))
         return 1 if failed else 0
+
+    def _suite(self, names: list[str], *, first: bool) -> dict[str, Any]:
+        """Every cell once: the ceilings, mediator on each path, then the peers."""
+        a = self.args
+        res: dict[str, Any] = {"paths": {}, "ceilings": {}}
+        ceilings_needed = sorted({c for n in names for c in PATHS[n].ceilings})
+        for kind in ceilings_needed:
+            if self.over_budget(f"ceiling-{kind}"):
+                continue
+            res["ceilings"][kind] = self._guard(f"ceiling-{kind}", lambda k=kind: self.ceiling(k))
+        for name in names:
+            entry: dict[str, Any] = {"title": PATHS[name].title, "ceilings": list(PATHS[name].ceilings)}
+            res["paths"][name] = entry
+            if self.over_budget(name):
+                continue
+            entry["mediator"] = self._guard(name, lambda n=name: self.mediator(PATHS[n], profile=first))
+            if name == MEMORY_PATH and not a.no_memory and not self.over_budget(f"{name} [memory]"):
+                entry["mediator_memory"] = self._guard(
+                    f"{name} [memory]", lambda n=name: self.mediator(PATHS[n], "memory", profile=first)
+                )
+        if not a.no_peers:
+            red_paths = [n for n in names if n in NODERED_PATHS]
+            if red_paths and not self.over_budget("Node-RED"):
+                try:
+                    for name, cell in self.node_red(red_paths).items():
+                        res["paths"][name].setdefault("peers", {})["node-red"] = cell
+                except Exception as exc:
+                    log(f"Node-RED peer failed: {exc}")
+                    self.results["problems"].append({"cell": "Node-RED", "error": str(exc)})
+            for name in names:
+                if name in PLUGIN_PATHS and not self.over_budget(f"{name} [rabbitmq_mqtt]"):
+                    cell = self._guard(f"{name} [rabbitmq_mqtt]", self.rabbit_plugin)
+                    res["paths"][name].setdefault("peers", {})["rabbitmq-mqtt-plugin"] = cell
+        return res
 
     def _guard(self, what: str, fn: Any) -> dict[str, Any]:
         try:

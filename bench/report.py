@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 COLUMNS = (
@@ -21,6 +22,97 @@ COLUMNS = (
 )
 
 
+# ------------------------------------------------------------------------------------- rounds -> table
+
+
+def _median(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _combine_lat(lats: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    ok = [x for x in lats if x]
+    if not ok:
+        return None
+    out = {k: _median([x.get(k) for x in ok]) for k in ("p50_ms", "p99_ms", "max_ms")}
+    out["samples"] = sum(x.get("samples", 0) for x in ok)
+    return out
+
+
+_SUMMED = ("loss", "duplicates", "refused", "in_flight_at_stop", "garbage", "messages")
+
+
+def combine(cells: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """One cell from its rounds: medians of the rates, latencies and CPU, the peak of the RSS peaks, the sums
+    of loss and duplicates. A cell that failed in every round is that failure."""
+    ok = [c for c in cells if c and "error" not in c]
+    if not ok:
+        return next((c for c in cells if c), None)
+    out = dict(ok[0])
+    out["throughput_msgs_s"] = _median([c.get("throughput_msgs_s") for c in ok])
+    out["throughput_runs"] = [t for c in ok for t in c.get("throughput_runs", [])]
+    for key in ("latency_fixed_load", "latency_saturation", "accept_latency_wrk"):
+        out[key] = _combine_lat([c.get(key) for c in ok])
+    out["cpu_percent"] = _median([c.get("cpu_percent") for c in ok])
+    out["cpu_us_per_msg"] = _median([c.get("cpu_us_per_msg") for c in ok])
+    out["peak_rss_mb"] = max((c["peak_rss_mb"] for c in ok if c.get("peak_rss_mb") is not None), default=None)
+    for key in _SUMMED:
+        out[key] = sum(c.get(key, 0) for c in ok)
+    out["runs"] = [c.get("runs") for c in ok]
+    out["rounds_ok"] = len(ok)
+    out["rounds_failed"] = len([c for c in cells if c and "error" in c])
+    return out
+
+
+def _thr(cell: dict[str, Any] | None) -> float | None:
+    if not cell or "error" in cell:
+        return None
+    value: float | None = cell.get("throughput_msgs_s")
+    return value
+
+
+def _references(res: dict[str, Any], name: str) -> tuple[float | None, float | None]:
+    """One round's ceiling (the slower direct path) and best peer for a path."""
+    entry = res["paths"].get(name, {})
+    ceils = [_thr(res["ceilings"].get(k)) for k in entry.get("ceilings", [])]
+    peers = [_thr(p) for p in entry.get("peers", {}).values()]
+    ceil = min((c for c in ceils if c), default=None)
+    peer = max((p for p in peers if p), default=None)
+    return ceil, peer
+
+
+def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``ceilings`` and ``paths`` of the table from the rounds; each mediator cell also gets
+    ``ratio_ceil`` / ``ratio_peer``: the median over rounds of the ratio measured within each round."""
+    kinds = sorted({k for r in rounds for k in r["ceilings"]})
+    ceilings = {k: combine([r["ceilings"].get(k) for r in rounds]) for k in kinds}
+    paths: dict[str, Any] = {}
+    names = list(dict.fromkeys(n for r in rounds for n in r["paths"]))
+    for name in names:
+        entries = [r["paths"].get(name, {}) for r in rounds]
+        entry: dict[str, Any] = {"title": entries[0]["title"], "ceilings": entries[0]["ceilings"]}
+        refs = [_references(r, name) for r in rounds]
+        for key in ("mediator", "mediator_memory"):
+            cells = [e.get(key) for e in entries]
+            cell = combine(cells)
+            if cell is None:
+                continue
+            if "error" not in cell:
+                per_round = [(_thr(c), ceil, peer) for c, (ceil, peer) in zip(cells, refs, strict=True)]
+                ceil_ratios = [t / c for t, c, _ in per_round if t and c]
+                peer_ratios = [t / p for t, _, p in per_round if t and p]
+                cell["ratio_ceil"] = _median(ceil_ratios)
+                cell["ratio_ceil_rounds"] = [round(x, 3) for x in ceil_ratios]
+                cell["ratio_peer"] = _median(peer_ratios)
+                cell["ratio_peer_rounds"] = [round(x, 3) for x in peer_ratios]
+            entry[key] = cell
+        peer_names = list(dict.fromkeys(p for e in entries for p in e.get("peers", {})))
+        if peer_names:
+            entry["peers"] = {p: combine([e.get("peers", {}).get(p) for e in entries]) for p in peer_names}
+        paths[name] = entry
+    return {"ceilings": ceilings, "paths": paths}
+
+
 def _f(v: float | None, digits: int = 0) -> str:
     if v is None:
         return "-"
@@ -34,7 +126,9 @@ def _lat(lat: dict[str, Any] | None, with_max: bool = True) -> str:
     return "/".join(f"{p:.1f}" if p < 100 else f"{p:.0f}" for p in parts)
 
 
-def _ratio(a: float | None, b: float | None) -> str:
+def _ratio(a: float | None, b: float | None, given: float | None = None) -> str:
+    if given is not None:
+        return f"{given:.2f}"
     if not a or not b:
         return "-"
     return f"{a / b:.2f}"
@@ -50,8 +144,8 @@ def _row(path: str, system: str, cell: dict[str, Any] | None, ceil: float | None
         path,
         system,
         _f(thr),
-        _ratio(thr, ceil),
-        _ratio(thr, peer),
+        _ratio(thr, ceil, cell.get("ratio_ceil")),
+        _ratio(thr, peer, cell.get("ratio_peer")),
         _lat(cell.get("latency_fixed_load")) + ("*" if thr is not None and thr < 1050 else ""),
         _lat(cell.get("latency_saturation")),
         _lat(cell.get("accept_latency_wrk"), with_max=False),
@@ -108,17 +202,19 @@ def table(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     notes = [
         "",
-        f"1 KiB payloads. msgs/s = distinct sequence numbers counted at the consumer / (last arrival - first send),"
-        f" median of {meta.get('settings', {}).get('sat_runs', '?')} saturation runs;"
-        " /ceil = mediator / the slower direct broker round trip the path involves; /peer = mediator / best peer.",
+        f"1 KiB payloads. {meta.get('rounds', 1)} round(s): the whole suite ran that many times, each cell once per"
+        " round; figures are medians over rounds. msgs/s = distinct sequence numbers counted at the consumer /"
+        " (last arrival - first send), at saturation. /ceil = mediator / the slower direct broker round trip the"
+        " path involves, /peer = mediator / the best peer: each the median of the ratios measured within a round.",
         "e2e = consumer arrival - producer send time (CLOCK_MONOTONIC), median over runs of each run's p50/p99/max;"
         " @1k = open-loop 1,000 msgs/s (* = the system's saturated rate is below 1,000 msgs/s, so the backlog and"
         " the latency grow with the run's length); @sat = during saturation"
         " (HTTP: 50 msgs/s Python probes beside wrk).",
         "accept = wrk's request latency (HTTP 202 after the outbox commit; Node-RED answers 202 before publishing)."
-        " CPU%/us per msg/RSS = the daemon's (or peer's) process from /proc; ceilings: broker cost not attributed.",
+        " CPU%/us per msg/RSS = the daemon's (or peer's) process from /proc (RSS: the peak over the cell, backlog"
+        " of the saturation run included); ceilings: broker cost not attributed.",
         f"HTTP load: {meta.get('wrk', 'wrk')}, 2 threads, 64 connections. loss = accepted (202 / PUBACK / confirm /"
-        " ack) - distinct received; dup = repeats of a sequence number. Both summed over all runs of the cell.",
+        " ack) - distinct received; dup = repeats of a sequence number. Both summed over all runs and rounds.",
         f"AMQP: {meta.get('amqp', '')}. Mosquitto: {meta.get('mosquitto', '')}.",
     ]
     for s in results.get("skipped", []):
