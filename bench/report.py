@@ -16,7 +16,7 @@ COLUMNS = (
     ("accept p50/p99 ms", 17),
     ("CPU%", 5),
     ("us/msg", 6),
-    ("RSS MB", 6),
+    ("RSS MB 1k/peak", 14),
     ("loss", 5),
     ("dup", 4),
 )
@@ -56,6 +56,7 @@ def combine(cells: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     out["cpu_percent"] = _median([c.get("cpu_percent") for c in ok])
     out["cpu_us_per_msg"] = _median([c.get("cpu_us_per_msg") for c in ok])
     out["peak_rss_mb"] = max((c["peak_rss_mb"] for c in ok if c.get("peak_rss_mb") is not None), default=None)
+    out["steady_rss_mb"] = _median([c.get("steady_rss_mb") for c in ok])
     for key in _SUMMED:
         out[key] = sum(c.get(key, 0) for c in ok)
     out["runs"] = [c.get("runs") for c in ok]
@@ -151,7 +152,7 @@ def _row(path: str, system: str, cell: dict[str, Any] | None, ceil: float | None
         _lat(cell.get("accept_latency_wrk"), with_max=False),
         _f(cell.get("cpu_percent")),
         _f(cell.get("cpu_us_per_msg")),
-        _f(cell.get("peak_rss_mb")),
+        f"{_f(cell.get('steady_rss_mb'))}/{_f(cell.get('peak_rss_mb'))}" if cell.get("peak_rss_mb") else "-",
         str(cell.get("loss", "-")),
         str(cell.get("duplicates", "-")),
     ]
@@ -211,8 +212,9 @@ def table(results: dict[str, Any]) -> str:
         " the latency grow with the run's length); @sat = during saturation"
         " (HTTP: 50 msgs/s Python probes beside wrk).",
         "accept = wrk's request latency (HTTP 202 after the outbox commit; Node-RED answers 202 before publishing)."
-        " CPU%/us per msg/RSS = the daemon's (or peer's) process from /proc (RSS: the peak over the cell, backlog"
-        " of the saturation run included); ceilings: broker cost not attributed.",
+        " CPU%/us per msg/RSS = the daemon's (or peer's) process from /proc; RSS 1k = after the 1,000 msgs/s run"
+        " (steady state), peak = over the cell, the saturation run's backlog included; ceilings: broker cost not"
+        " attributed.",
         f"HTTP load: {meta.get('wrk', 'wrk')}, 2 threads, 64 connections. loss = accepted (202 / PUBACK / confirm /"
         " ack) - distinct received; dup = repeats of a sequence number. Both summed over all runs and rounds.",
         f"AMQP: {meta.get('amqp', '')}. Mosquitto: {meta.get('mosquitto', '')}.",

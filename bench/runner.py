@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import payload
-from bench.infra import WORK, Child, cpu_seconds, log, peak_rss_mb
+from bench.infra import WORK, Child, cpu_seconds, log, peak_rss_mb, rss_mb
 
 FIXED_RATE = 1000
 PROBE_RATE = 50
@@ -240,13 +240,16 @@ def measure(cell: Cell, settings: Settings, start_system: Callable[[], None] | N
         producer.ready()
         _warm_up(cell, producer, consumer)
         sat, lat = [], []
-        for i in range(settings.sat_runs):
-            sat.append(_saturation(cell, settings, producer, consumer, i))
-            _check_alive(cell, sat[-1])
+        # The fixed load first: the RSS after it is the steady state, before a saturation run's backlog
+        # raises the peak (Python keeps the memory it grew to).
         for _ in range(settings.lat_runs):
             lat.append(_fixed(cell, settings, producer, consumer))
             _check_alive(cell, lat[-1])
         pid = cell.pid()
+        steady_rss = rss_mb(pid) if pid else None
+        for i in range(settings.sat_runs):
+            sat.append(_saturation(cell, settings, producer, consumer, i))
+            _check_alive(cell, sat[-1])
         rss = peak_rss_mb(pid) if pid else None
     finally:
         for child in producers:
@@ -264,6 +267,7 @@ def measure(cell: Cell, settings: Settings, start_system: Callable[[], None] | N
         "cpu_percent": _median([r.get("cpu_percent") for r in sat]),
         "cpu_us_per_msg": _median([r.get("cpu_us_per_msg") for r in sat]),
         "peak_rss_mb": rss,
+        "steady_rss_mb": steady_rss,
         "loss": sum(r["loss"] for r in sat + lat),
         "duplicates": sum(r["duplicates"] for r in sat + lat),
         "refused": sum(r["refused"] for r in sat + lat),
