@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import Any, NoReturn
 
 import grpc
@@ -57,18 +58,22 @@ class GrpcInbound:
     async def publish_stream(self, context: Any) -> None:
         """Bidirectional PublishStream: one PublishAck per event, in the order the events came.
 
-        Events are accepted concurrently, at most ``stream_max_in_flight`` awaiting their ack; when that
-        many are pending the reader stops reading, so HTTP/2 flow control pushes back on the client. A
-        refused event gets a non-zero ack and the stream goes on. Cancellation (the client went away)
-        abandons the pending accepts without acknowledging them.
+        A reader takes events off the stream while the previous ones commit; what it read meanwhile is
+        committed next, as one batch (one outbox operation), so the per-event cost shrinks as the rate
+        grows and a lone event still goes through at once. At most ``stream_max_in_flight`` events await
+        their ack; when that many are pending the reader stops reading, so HTTP/2 flow control pushes back
+        on the client. A refused event gets a non-zero ack and the stream goes on. Cancellation (the client
+        went away) abandons the pending accepts without acknowledging them.
         """
         slots = asyncio.Semaphore(self._max_in_flight)
-        # Unbounded on purpose: every item holds a slot of ``slots``, so it never exceeds max_in_flight + 1.
-        pending: asyncio.Queue[PublishAck | asyncio.Task[PublishAck] | None] = asyncio.Queue()
+        # Unbounded on purpose: every item holds a slot of ``slots``, so neither exceeds max_in_flight + 1.
+        incoming: deque[PublishAck | tuple[Envelope, int] | None] = deque()
+        arrived = asyncio.Event()
+        acks: asyncio.Queue[PublishAck | None] = asyncio.Queue()
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._read(context, slots, pending, tg), name=f"inbound:{self.name}:stream-reader")
-            while (item := await pending.get()) is not None:
-                ack = item if isinstance(item, PublishAck) else await item
+            tg.create_task(self._read(context, slots, incoming, arrived), name=f"inbound:{self.name}:stream-reader")
+            tg.create_task(self._commit(incoming, arrived, acks), name=f"inbound:{self.name}:stream-commits")
+            while (ack := await acks.get()) is not None:
                 await context.write(ack)
                 slots.release()
 
@@ -76,8 +81,8 @@ class GrpcInbound:
         self,
         context: Any,
         slots: asyncio.Semaphore,
-        pending: asyncio.Queue[PublishAck | asyncio.Task[PublishAck] | None],
-        tg: asyncio.TaskGroup,
+        incoming: deque[PublishAck | tuple[Envelope, int] | None],
+        arrived: asyncio.Event,
     ) -> None:
         sequence = 0
         while True:
@@ -89,19 +94,54 @@ class GrpcInbound:
                 env = to_envelope(request, inbound=self.name, method="PublishStream", received_ns=time.time_ns())
             except Rejected as exc:
                 code = code_number(status_for(exc.code))
-                pending.put_nowait(PublishAck(id=request.id, code=code, reason=exc.reason, sequence=sequence))
+                incoming.append(PublishAck(id=request.id, code=code, reason=exc.reason, sequence=sequence))
             else:
-                pending.put_nowait(tg.create_task(self._accept(env, sequence)))
+                incoming.append((env, sequence))
+            arrived.set()
             sequence += 1
-        pending.put_nowait(None)
+        incoming.append(None)
+        arrived.set()
         self._log.debug("stream.closed", events=sequence)
 
-    async def _accept(self, env: Envelope, sequence: int) -> PublishAck:
+    async def _commit(
+        self,
+        incoming: deque[PublishAck | tuple[Envelope, int] | None],
+        arrived: asyncio.Event,
+        acks: asyncio.Queue[PublishAck | None],
+    ) -> None:
+        """Commit whatever the reader has queued, as one batch, then queue the acks in stream order."""
+        while True:
+            while not incoming:
+                arrived.clear()
+                await arrived.wait()
+            batch = list(incoming)
+            incoming.clear()
+            events = [item for item in batch if isinstance(item, tuple)]
+            outcome = await self._accept_all([env for env, _ in events]) if events else {}
+            for item in batch:
+                if item is None:
+                    acks.put_nowait(None)
+                    return
+                if isinstance(item, PublishAck):
+                    acks.put_nowait(item)
+                    continue
+                env, sequence = item
+                code, reason = outcome.get(id(env), (0, ""))
+                acks.put_nowait(PublishAck(id=env.id, code=code, reason=reason, sequence=sequence))
+
+    async def _accept_all(self, events: list[Envelope]) -> dict[int, tuple[int, str]]:
+        """Accept ``events`` together; the (code, reason) of each refused one, by ``id()`` of its envelope.
+        A refusal of the whole batch by a stage is retried event by event, so only the refused ones say so."""
         try:
-            await self._sink.accept([env])
+            await self._sink.accept(events)
         except Rejected as exc:
-            code = code_number(status_for(exc.code))
-            return PublishAck(id=env.id, code=code, reason=exc.reason, sequence=sequence)
+            if len(events) > 1:
+                refused: dict[int, tuple[int, str]] = {}
+                for env in events:
+                    refused.update(await self._accept_all([env]))
+                return refused
+            return {id(events[0]): (code_number(status_for(exc.code)), exc.reason)}
         except NotReady as exc:
-            return PublishAck(id=env.id, code=code_number(not_ready_status(exc)), reason=exc.reason, sequence=sequence)
-        return PublishAck(id=env.id, sequence=sequence)
+            code = code_number(not_ready_status(exc))
+            return {id(env): (code, exc.reason) for env in events}
+        return {}

@@ -278,13 +278,17 @@ async def test_publish_stream_acks_every_event_in_order() -> None:
 
 
 class GatedSink(ListSink):
-    """Holds every accept until ``gate`` opens; refuses the ids in ``refuse`` once it does."""
+    """Holds every accept until ``gate`` opens; then refuses a call holding one of the ids in ``refuse``
+    (NotReady refuses the whole call, as a full outbox would; Rejected refuses that call as a stage would).
+    Records the ids of every call."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate = asyncio.Event()
         self.waiting = 0
         self.refuse: dict[str, Exception] = {}
+        self.batches: list[list[str]] = []
+        self.not_ready: set[str] = set()
 
     async def accept(self, events: Sequence[Envelope]) -> None:
         self.waiting += 1
@@ -292,13 +296,19 @@ class GatedSink(ListSink):
             await self.gate.wait()
         finally:
             self.waiting -= 1
-        exc = self.refuse.get(events[0].id)
-        if exc is not None:
-            raise exc
+        ids = [e.id for e in events]
+        self.batches.append(ids)
+        for exc in (self.refuse.get(i) for i in ids):
+            if isinstance(exc, NotReady):
+                self.not_ready.update(ids)
+                raise exc
+        for exc in (self.refuse.get(i) for i in ids):
+            if exc is not None:
+                raise exc
         await super().accept(events)
 
 
-async def test_publish_stream_pauses_reading_at_max_in_flight() -> None:
+async def test_publish_stream_pauses_reading_at_max_in_flight_and_commits_what_queued_together() -> None:
     sink = GatedSink()
     sink.refuse = {
         "ev-10": NotReady("draining"),
@@ -308,7 +318,7 @@ async def test_publish_stream_pauses_reading_at_max_in_flight() -> None:
         call = gw.stub.PublishStream(timeout=30)
         for i in range(4):
             await call.write(event(i))
-        await wait_until(lambda: sink.waiting == 4)
+        await wait_until(lambda: sink.waiting == 1)  # ev-0 commits; ev-1..3 are read and wait their turn
 
         async def rest() -> None:
             for i in range(4, 50):
@@ -317,8 +327,8 @@ async def test_publish_stream_pauses_reading_at_max_in_flight() -> None:
 
         writer = asyncio.create_task(rest())
         await asyncio.sleep(0.3)  # not synchronisation: proves nothing more gets read meanwhile
-        assert sink.waiting == 4
-        assert sink.calls == 0
+        assert sink.waiting == 1
+        assert sink.batches == []
 
         sink.gate.set()
         acks = []
@@ -326,10 +336,17 @@ async def test_publish_stream_pauses_reading_at_max_in_flight() -> None:
             while (ack := await call.read()) is not grpc.aio.EOF:
                 acks.append(ack)
             await writer
-        assert [a.sequence for a in acks] == list(range(50))
-        assert [a.code for a in acks] == [14 if i == 10 else 7 if i == 11 else 0 for i in range(50)]
-        assert (acks[10].reason, acks[11].reason) == ("draining", "not yours")
-        assert len(sink.events) == 48
+    # The window held four: ev-0 alone, then exactly the three read while it committed, as one batch.
+    assert sink.batches[:2] == [["ev-0"], ["ev-1", "ev-2", "ev-3"]]
+    assert all(len(b) <= 4 for b in sink.batches)
+    assert [a.sequence for a in acks] == list(range(50))
+    # A NotReady refuses the batch it came with (UNAVAILABLE); a rejected event alone is refused (7).
+    assert "ev-10" in sink.not_ready
+    expected = [14 if f"ev-{i}" in sink.not_ready else 7 if i == 11 else 0 for i in range(50)]
+    assert [a.code for a in acks] == expected
+    assert acks[10].reason == "draining"
+    accepted = {e.id for e in sink.events}
+    assert accepted == {f"ev-{i}" for i in range(50) if expected[i] == 0}
 
 
 # ---------------------------------------------------------------- Subscribe
