@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 import time
 from collections.abc import Sequence
@@ -199,7 +198,6 @@ class Daemon:
                     outbounds=len(self.dispatchers),
                     resumed=len(pending) - orphans,
                 )
-                settle_garbage_collector()
                 await self._stop.wait()
                 await self._drain()
                 for task in tasks:
@@ -269,21 +267,3 @@ def describe(dl: DeadLetter) -> dict[str, object]:
         "at": dl.at,
         "replayable": bool(dl.format),
     }
-
-
-GC_THRESHOLD = (10_000, 20, 100)
-
-
-def settle_garbage_collector() -> None:
-    """Once started: move what startup built (modules, config, adapters) out of the collector's way, and
-    collect the youngest generation every 10,000 net allocations instead of 700, the oldest every 2,000 of
-    those instead of 100.
-
-    Every message allocates a few hundred short-lived objects, so the collector ran every ~60 messages and
-    its full collections, which scan everything the daemon holds, paused it for 30-40 ms. Measured on MQTT 5
-    -> AMQP at saturation (20,000 messages): time in the collector 230 -> 55 ms, longest pause 35 -> 8 ms;
-    a full collection now comes every few million messages.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLD)
