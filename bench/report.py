@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
+
+from bench.runner import lat_summary, median
 
 COLUMNS = (
     ("path", 28),
@@ -25,20 +26,6 @@ COLUMNS = (
 # ------------------------------------------------------------------------------------- rounds -> table
 
 
-def _median(values: list[Any]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
-
-
-def _combine_lat(lats: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    ok = [x for x in lats if x]
-    if not ok:
-        return None
-    out = {k: _median([x.get(k) for x in ok]) for k in ("p50_ms", "p99_ms", "max_ms")}
-    out["samples"] = sum(x.get("samples", 0) for x in ok)
-    return out
-
-
 _SUMMED = ("loss", "duplicates", "refused", "in_flight_at_stop", "garbage", "messages")
 
 
@@ -49,14 +36,14 @@ def combine(cells: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     if not ok:
         return next((c for c in cells if c), None)
     out = dict(ok[0])
-    out["throughput_msgs_s"] = _median([c.get("throughput_msgs_s") for c in ok])
+    out["throughput_msgs_s"] = median([c.get("throughput_msgs_s") for c in ok])
     out["throughput_runs"] = [t for c in ok for t in c.get("throughput_runs", [])]
     for key in ("latency_fixed_load", "latency_saturation", "accept_latency_wrk"):
-        out[key] = _combine_lat([c.get(key) for c in ok])
-    out["cpu_percent"] = _median([c.get("cpu_percent") for c in ok])
-    out["cpu_us_per_msg"] = _median([c.get("cpu_us_per_msg") for c in ok])
+        out[key] = lat_summary([c.get(key) for c in ok])
+    out["cpu_percent"] = median([c.get("cpu_percent") for c in ok])
+    out["cpu_us_per_msg"] = median([c.get("cpu_us_per_msg") for c in ok])
     out["peak_rss_mb"] = max((c["peak_rss_mb"] for c in ok if c.get("peak_rss_mb") is not None), default=None)
-    out["steady_rss_mb"] = _median([c.get("steady_rss_mb") for c in ok])
+    out["steady_rss_mb"] = median([c.get("steady_rss_mb") for c in ok])
     for key in _SUMMED:
         out[key] = sum(c.get(key, 0) for c in ok)
     out["runs"] = [c.get("runs") for c in ok]
@@ -102,9 +89,9 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 per_round = [(_thr(c), ceil, peer) for c, (ceil, peer) in zip(cells, refs, strict=True)]
                 ceil_ratios = [t / c for t, c, _ in per_round if t and c]
                 peer_ratios = [t / p for t, _, p in per_round if t and p]
-                cell["ratio_ceil"] = _median(ceil_ratios)
+                cell["ratio_ceil"] = median(ceil_ratios)
                 cell["ratio_ceil_rounds"] = [round(x, 3) for x in ceil_ratios]
-                cell["ratio_peer"] = _median(peer_ratios)
+                cell["ratio_peer"] = median(peer_ratios)
                 cell["ratio_peer_rounds"] = [round(x, 3) for x in peer_ratios]
             entry[key] = cell
         peer_names = list(dict.fromkeys(p for e in entries for p in e.get("peers", {})))

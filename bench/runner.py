@@ -207,20 +207,21 @@ def _short(frame: str) -> str:
 # --------------------------------------------------------------------------------------------- cells
 
 
-def _median(values: list[float | None]) -> float | None:
+def median(values: list[Any]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
 
 
-def _lat_summary(runs: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+def lat_summary(runs: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Medians of the runs' p50/p99/max; ``runs`` are single runs (``n``) or summaries (``samples``)."""
     runs_ok = [r for r in runs if r]
     if not runs_ok:
         return None
     return {
-        "p50_ms": _median([r["p50_ms"] for r in runs_ok]),
-        "p99_ms": _median([r["p99_ms"] for r in runs_ok]),
-        "max_ms": _median([r["max_ms"] for r in runs_ok]),
-        "samples": sum(r["n"] for r in runs_ok),
+        "p50_ms": median([r["p50_ms"] for r in runs_ok]),
+        "p99_ms": median([r["p99_ms"] for r in runs_ok]),
+        "max_ms": median([r["max_ms"] for r in runs_ok]),
+        "samples": sum(r.get("n", r.get("samples", 0)) for r in runs_ok),
     }
 
 
@@ -258,14 +259,14 @@ def measure(cell: Cell, settings: Settings, start_system: Callable[[], None] | N
     res = {
         "label": cell.label,
         "system": cell.system,
-        "throughput_msgs_s": _median([r["throughput"] for r in sat]),
+        "throughput_msgs_s": median([r["throughput"] for r in sat]),
         "throughput_runs": [round(r["throughput"], 1) for r in sat],
-        "latency_fixed_load": _lat_summary([r["lat"] for r in lat]),
+        "latency_fixed_load": lat_summary([r["lat"] for r in lat]),
         "fixed_load_msgs_s": FIXED_RATE,
-        "latency_saturation": _lat_summary([r["lat"] for r in sat]),
-        "accept_latency_wrk": _lat_summary([r.get("wrk_lat") for r in sat]),
-        "cpu_percent": _median([r.get("cpu_percent") for r in sat]),
-        "cpu_us_per_msg": _median([r.get("cpu_us_per_msg") for r in sat]),
+        "latency_saturation": lat_summary([r["lat"] for r in sat]),
+        "accept_latency_wrk": lat_summary([r.get("wrk_lat") for r in sat]),
+        "cpu_percent": median([r.get("cpu_percent") for r in sat]),
+        "cpu_us_per_msg": median([r.get("cpu_us_per_msg") for r in sat]),
         "peak_rss_mb": rss,
         "steady_rss_mb": steady_rss,
         "loss": sum(r["loss"] for r in sat + lat),
