@@ -190,8 +190,10 @@ class MqttInbound:
         except Rejected as exc:
             if len(events) > 1:
                 # One refused event must not take the rest of the batch with it: settle each on its own.
-                for env in events:
-                    await self._accept([env])
+                # Settled ones leave the list, so a NotReady half-way retries (in _until_safe) only the rest.
+                while events:
+                    await self._accept(events[:1])
+                    del events[0]
                 return
             # Nobody can be answered on MQTT: the refusal becomes a dead letter, then the ack.
             self._log.error("envelope.rejected", event_id=events[0].id, reason=exc.reason)

@@ -434,7 +434,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# ---------------------------------------------------------------------- SQL, run on the writer thread
+# ---------------------------------------------------------------------- SQL, run on the loop inside a transaction
 def _commit(
     conn: sqlite3.Connection, items: Sequence[Accepted], window: float, ids: Callable[[int], range]
 ) -> list[Pending]:
