@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
 from adapters.amqp.codec import AmqpMessage, to_envelope, undecodable
 from adapters.amqp.config import AmqpBrokerConfig, AmqpInboundConfig
@@ -34,10 +34,15 @@ class AmqpInbound(BrokerLink):
         super().__init__(name, broker, url, rt.health)
         self.cfg = cfg
         self.sink = rt.sink
+        # aio-pika's robust connection holds its channels weakly: without this reference the consumer's
+        # channel is garbage once the connection drops, and a collection during the outage means the
+        # consumer never comes back.
+        self._channel: AbstractRobustChannel | None = None
 
     async def _setup(self, conn: AbstractRobustConnection) -> None:
         cfg = self.cfg
         channel = await conn.channel(publisher_confirms=False)
+        self._channel = channel
         await channel.set_qos(prefetch_count=cfg.prefetch)
         arguments = {"x-queue-type": "quorum"} if cfg.queue_type == "quorum" else None
         queue = await channel.declare_queue(cfg.queue, durable=cfg.durable, arguments=arguments)
