@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -51,8 +52,23 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         await Daemon(config).run()
 
     _install_uvloop()
+    _freeze_startup_heap()
     asyncio.run(main())  # may raise ConfigError while building adapters (a secret's variable is not set)
     return 0
+
+
+def _freeze_startup_heap() -> None:
+    """Move what the imports and the config built into the collector's permanent generation.
+
+    That is ~63,000 objects (modules, classes, the protocol libraries) against ~1,300 that the running daemon
+    holds, and every full collection scanned them all: the longest stall of the event loop. Measured on
+    MQTT -> AMQP (3 s at saturation, then 5 s at 1,000 msgs/s): longest full collection 62 -> 5.7 ms.
+    Frozen before any connection, task or message exists, so that everything the running daemon creates
+    stays collectable: freezing after startup (with rarer collections, c2c8bf0) kept a dead connection's
+    channels alive and aio-pika's robust reconnection never resumed consuming. Thresholds stay the default.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _install_uvloop() -> None:
