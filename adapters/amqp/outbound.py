@@ -16,11 +16,11 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
-from pamqp.commands import Basic
 
 from adapters.amqp.codec import from_envelope
 from adapters.amqp.config import AmqpBrokerConfig, AmqpOutboundConfig
 from adapters.amqp.connection import BrokerLink
+from adapters.amqp.speedups import FastProperties
 from mediator.core.envelope import Envelope
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
 from mediator.core.health import Health
@@ -79,7 +79,7 @@ class AmqpOutbound:
         # The properties go straight to aiormq (aio-pika's own publish is a thin wrapper over the same
         # call): building an aio_pika.Message per event cost about a fifth of the publish (measured: 2,250
         # vs 2,650 confirmed msgs/s, 335 vs 275 us of CPU per message).
-        properties = Basic.Properties(
+        properties = FastProperties(
             content_type=out.content_type,
             headers=dict(out.headers),  # type: ignore[arg-type]  # values are str: valid field values
             delivery_mode=self._delivery_mode,
