@@ -20,7 +20,7 @@ from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 from adapters.amqp.codec import from_envelope
 from adapters.amqp.config import AmqpBrokerConfig, AmqpOutboundConfig
 from adapters.amqp.connection import BrokerLink
-from adapters.amqp.speedups import FastProperties
+from adapters.amqp.speedups import FastProperties, publish
 from mediator.core.envelope import Envelope
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
 from mediator.core.health import Health
@@ -100,16 +100,7 @@ class AmqpOutbound:
                     await busy.wait()
                 in_flight[event_id] = None
                 try:
-                    # wait=False: do not wait for the frames to be flushed to the socket (aiormq then drains
-                    # the writer once per publish); the broker's confirm below is what counts.
-                    await channel.basic_publish(
-                        out.body,
-                        exchange=exchange.name,
-                        routing_key=address,
-                        properties=properties,
-                        mandatory=True,
-                        wait=False,
-                    )
+                    await publish(channel, out.body, exchange=exchange.name, routing_key=address, properties=properties)
                 finally:
                     waiting = in_flight.pop(event_id)
                     if waiting is not None:

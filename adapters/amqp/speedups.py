@@ -1,14 +1,24 @@
-"""The publish properties encoded faster, byte for byte as pamqp encodes them.
+"""Two shortcuts on the AMQP publish path, each measured and each checked against the library's own way.
 
-pamqp marshals a content header's properties generically: for each of the 14 properties a type lookup by
-name, then the header table entry by entry through a type dispatch with a dozen ``isinstance`` checks per
-value. In the binary content mode every CloudEvents attribute is a string header. ``FastProperties``
-encodes short strings, octets and a table whose keys and values are all ``str`` directly, in the layout
-pamqp writes for them (a table sorted by key: short-string key, ``S``, long string), and hands everything
-else to pamqp unchanged (other value types, over-long strings or keys, which pamqp refuses or truncates).
-Measured with timeit on the properties of a binary-mode CloudEvent (7 headers): 16.9 -> 7.7 us per
-marshal, of about 200 us of CPU per confirmed publish. ``tests/adapters/test_amqp_speedups.py`` compares
-the two encodings.
+**Properties.** pamqp marshals a content header's properties generically: for each of the 14 properties a
+type lookup by name, then the header table entry by entry through a type dispatch with a dozen
+``isinstance`` checks per value. In the binary content mode every CloudEvents attribute is a string
+header. ``FastProperties`` encodes short strings, octets and a table whose keys and values are all ``str``
+directly, in the layout pamqp writes for them (a table sorted by key: short-string key, ``S``, long
+string), and hands everything else to pamqp unchanged (other value types, over-long strings or keys,
+which pamqp refuses or truncates). timeit, the properties of a binary-mode CloudEvent (7 headers): 16.9
+-> 7.7 us per marshal. ``tests/adapters/test_amqp_speedups.py`` compares the bytes.
+
+**Publish.** aiormq's ``Channel.basic_publish`` wraps every publish in a context manager that translates
+a channel's closing, a timeout scope, the channel's publish lock, an awaited queue put and a done
+callback, around what a confirmed publish needs: the next delivery tag, a confirmation future registered
+where the channel's reader resolves it (and where closing the channel rejects it), the three frames on the
+connection's write queue in tag order. ``publish`` does just that (when the body fits one frame and no
+``basic_publish`` of ours is under way on the channel; else it calls ``basic_publish``).
+``AmqpOutbound.send`` alone, 20,000 confirmed persistent 1 KiB publishes, 256 in flight: 198 -> 115 us
+of CPU per publish, 4,700 -> 7,700 publishes/s. The aiormq attributes it relies on are
+checked once per channel class (else ``basic_publish`` every time) and by the adapter tests against a
+real broker.
 """
 
 from __future__ import annotations
@@ -16,8 +26,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 
+import aiormq
+from aiormq.abc import ChannelFrame
 from pamqp import encode
+from pamqp.body import ContentBody
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
@@ -93,3 +107,85 @@ class FastProperties(Basic.Properties):
             parts.append(encoded if encoded is not None else encode.by_type(value, kind))
         # All 14 flags fit in one 16-bit word (bit 0, "more flags follow", stays clear), as pamqp writes it.
         return _U16.pack(flags & 0xFFFE) + b"".join(parts)
+
+
+# What ``publish`` reads and writes on an aiormq channel (aiormq 7.x).
+_CHANNEL_ATTRIBUTES = (
+    "confirmations",
+    "create_future",
+    "delivery_tag",
+    "is_closed",
+    "max_content_size",
+    "message_id_delivery_tag",
+    "number",
+    "publisher_confirms",
+    "write_queue",
+)
+_supported: dict[type, bool] = {}
+# id(channel) -> how many of our basic_publish calls are under way on it. Such a call takes its delivery
+# tag before it waits for room in the write queue (``publish`` takes it after): while one is under way,
+# every publish goes the same way, so the tags stay in the order the frames reach the wire.
+_slow: dict[int, int] = {}
+
+
+def shortcut_supported(channel: aiormq.Channel) -> bool:
+    """Whether this channel's class has everything ``publish`` uses (checked once per class)."""
+    cls = type(channel)
+    ok = _supported.get(cls)
+    if ok is None:
+        ok = _supported[cls] = all(hasattr(channel, name) for name in _CHANNEL_ATTRIBUTES)
+    return ok
+
+
+async def publish(
+    channel: aiormq.Channel, body: bytes, *, exchange: str, routing_key: str, properties: Basic.Properties
+) -> None:
+    """A mandatory publish on a confirm channel; returns once the broker confirmed it.
+
+    Raises what ``basic_publish`` raises: ``PublishError`` when the broker returned it (the channel was
+    opened with ``on_return_raises``), ``DeliveryError`` on a nack, the channel's close reason when it
+    closes first. The caller bounds the wait.
+    """
+    message_id = properties.message_id
+    key = id(channel)
+    if (
+        not message_id
+        or not shortcut_supported(channel)
+        or key in _slow
+        or channel.is_closed
+        or not channel.publisher_confirms
+        or len(body) >= channel.max_content_size
+    ):
+        _slow[key] = _slow.get(key, 0) + 1
+        try:
+            await channel.basic_publish(
+                body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=True, wait=False
+            )
+        finally:
+            if _slow[key] == 1:
+                del _slow[key]
+            else:
+                _slow[key] -= 1
+        return
+    frames = ChannelFrame.marshall(
+        channel_number=channel.number,
+        frames=[
+            Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True),
+            ContentHeader(properties=properties, body_size=len(body)),
+            ContentBody(body),
+        ],
+    )
+    await channel.write_queue.put(frames)
+    # Queue.put returns right after its put_nowait, without yielding: the frames' place in the queue is
+    # their place on the wire, so the next delivery tag is theirs; and no confirm can be read before this
+    # registers it.
+    confirmation = channel.create_future()  # rejected with the reason if the channel closes
+    channel.delivery_tag += 1
+    tag = channel.delivery_tag
+    channel.confirmations[tag] = confirmation
+    channel.message_id_delivery_tag[message_id] = tag  # how a returned message finds its publish
+    try:
+        await confirmation
+    finally:
+        if channel.message_id_delivery_tag.get(message_id) == tag:
+            del channel.message_id_delivery_tag[message_id]

@@ -12,13 +12,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from adapters.amqp import ADAPTER, AmqpInbound, AmqpOutbound, build
+from adapters.amqp import ADAPTER, AmqpInbound, AmqpOutbound, build, speedups
 from adapters.amqp.config import AmqpBrokerConfig, AmqpInboundConfig, AmqpOutboundConfig
 from mediator.core.envelope import Envelope, attribute, context_attributes, data_bytes, new_event
 from mediator.core.errors import (
@@ -610,6 +611,50 @@ async def test_outbound_many_in_flight(rabbitmq: str) -> None:
                     if len(seen) == n:
                         break
     assert seen == {f"m-{i}" for i in range(n)}
+
+
+async def test_outbound_mixed_outcomes_in_flight_each_get_their_own(rabbitmq: str) -> None:
+    """Confirms are matched to publishes by delivery tag, i.e. by order on the wire: with many publishes in
+    flight, some returned as unroutable and some too large for one frame (those take aiormq's own
+    basic_publish, the others adapters/amqp/speedups.publish), each publish still gets its own outcome."""
+    out = _Outbound(rabbitmq, max_in_flight=300)
+    n = 300
+    big = b"x" * 200_000  # over RabbitMQ's default frame_max (131,072): several body frames
+
+    def event(i: int) -> Envelope:
+        env = order_event(f"m-{i}")
+        if i % 50 == 7:
+            env.binary_data = big
+        return env
+
+    def address(i: int) -> str:
+        return f"unrouted.{i}" if i % 3 == 0 else f"routed.{i}"
+
+    async with out.started() as queue:
+        channel = await out.outbound.link.channel.get_underlay_channel()  # type: ignore[union-attr]
+        assert speedups.shortcut_supported(cast(aiormq.Channel, channel))
+        await queue.unbind(out.exchange, routing_key="#")
+        await queue.bind(out.exchange, routing_key="routed.#")
+        results = await asyncio.gather(
+            *(out.outbound.send(event(i), address(i), "binary") for i in range(n)), return_exceptions=True
+        )
+        seen: dict[str, int] = {}
+        expected = {f"m-{i}" for i in range(n) if i % 3}
+        async with asyncio.timeout(20):
+            async with queue.iterator() as it:
+                async for msg in it:
+                    await msg.ack()
+                    assert msg.message_id is not None
+                    seen[msg.message_id] = len(msg.body)
+                    if len(seen) == len(expected):
+                        break
+    for i, result in enumerate(results):
+        if i % 3 == 0:
+            assert isinstance(result, TerminalDeliveryError), (i, result)
+        else:
+            assert result is None, (i, result)
+    assert set(seen) == expected
+    assert {m for m, size in seen.items() if size == len(big)} == {f"m-{i}" for i in range(n) if i % 50 == 7 and i % 3}
 
 
 async def test_outbound_declare_false_and_missing_exchange(rabbitmq: str) -> None:
