@@ -52,7 +52,7 @@ def error_response(status: int, error: str, reason: str, headers: dict[str, str]
     return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
 
 
-async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
+async def read_body(request: web.BaseRequest, max_bytes: int, timeout_s: float) -> bytes:
     """The whole request body, at most ``max_bytes`` (also for chunked or compressed bodies, which
     ``client_max_size`` does not bound) and within ``timeout_s`` (aiohttp has no body read timeout)."""
     length = request.content_length
@@ -102,7 +102,7 @@ class HttpInbound:
         self._read_timeout_s = listener.read_timeout_s
         self._log = structlog.get_logger(__name__).bind(inbound=name, protocol="http")
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
             body = await read_body(request, self._max_bytes, self._read_timeout_s)
             events, batch = self.decode(request, body)
@@ -133,7 +133,7 @@ class HttpInbound:
         ids = json.dumps({"ids": [e.id for e in events]}, ensure_ascii=False).encode("utf-8")
         return web.Response(status=202, body=ids, content_type=_JSON)
 
-    def decode(self, request: web.Request, body: bytes) -> tuple[list[Envelope], bool]:
+    def decode(self, request: web.BaseRequest, body: bytes) -> tuple[list[Envelope], bool]:
         """The request as stamped envelopes (provenance set, sender's provenance discarded), and whether it
         was a batch."""
         headers = request.headers
@@ -154,7 +154,7 @@ class HttpInbound:
         return events, codec.media_type(headers.get("Content-Type")) == formats.BATCH_CONTENT_TYPE
 
     def _plain_event(
-        self, request: web.Request, body: bytes, now: Timestamp, topic: str, type_: Template, source: Template
+        self, request: web.BaseRequest, body: bytes, now: Timestamp, topic: str, type_: Template, source: Template
     ) -> Envelope:
         headers = request.headers
         given_id = headers.get("Idempotency-Key", "").strip()
@@ -192,7 +192,7 @@ def _id_body(event_id: str) -> bytes:
     return b'{"id":' + json.dumps(event_id, ensure_ascii=False).encode("utf-8") + b"}"
 
 
-def _traceparent(request: web.Request) -> str | None:
+def _traceparent(request: web.BaseRequest) -> str | None:
     value = request.headers.get("traceparent")
     if value is None:
         return None
@@ -200,7 +200,7 @@ def _traceparent(request: web.Request) -> str | None:
     return value if _TRACEPARENT.match(value) else None
 
 
-def _set_trace(env: Envelope, traceparent: str, request: web.Request) -> None:
+def _set_trace(env: Envelope, traceparent: str, request: web.BaseRequest) -> None:
     env.attributes["traceparent"].ce_string = traceparent
     tracestate = request.headers.get("tracestate")
     if tracestate and tracestate.isascii():

@@ -250,6 +250,29 @@ async def test_other_methods_are_405(running: Running, client: aiohttp.ClientSes
         assert "POST" in resp.headers["Allow"]
 
 
+async def test_unknown_paths_are_404_and_health_answers_head(running: Running, client: aiohttp.ClientSession) -> None:
+    """The listener's own dispatch (exact routes straight to their handler) leaves the rest to aiohttp's
+    router: these answers are the router's."""
+    async with client.post(running.base + "/nowhere", data=b"{}") as resp:
+        assert resp.status == 404
+    async with client.post(running.base + "/orders/", data=b"{}") as resp:
+        assert resp.status == 404  # no trailing-slash leniency
+    async with client.head(running.base + "/healthz") as resp:
+        assert resp.status == 200
+    async with client.post(running.base + "/healthz", data=b"{}") as resp:
+        assert resp.status == 405
+        assert "GET" in resp.headers["Allow"]
+
+
+@pytest.mark.parametrize("path", ["/orders", "/devices/d-9/telemetry"])
+async def test_expect_100_continue_is_answered(running: Running, client: aiohttp.ClientSession, path: str) -> None:
+    """A client that asks before sending its body (curl does for large bodies) gets 100 Continue, on an
+    exact route and on a templated one."""
+    async with client.post(running.base + path, data=b'{"n": 1}', expect100=True) as resp:
+        assert resp.status == 202
+    assert len(running.sink.events) == 1
+
+
 async def test_oversized_body_is_413() -> None:
     async with (
         serve({"orders-http": PLAIN}, max_body_bytes=1000) as running,
