@@ -1,18 +1,24 @@
-"""Consume one queue and hand each delivery to the sink; ``basic.ack`` only once the sink has it.
+"""Consume one queue and hand the deliveries to the sink; ``basic.ack`` only once the sink has them.
 
-aiormq runs every delivery in its own task, so up to ``prefetch`` deliveries are in the sink at once and
-the sink can group their commits. Outcomes:
+Deliveries are taken in batches: aio-pika's consumer callback only queues each one, and one task commits
+what queued while the previous commit ran, as one ``sink.accept`` (one outbox operation), then settles
+every message of the batch. The per-message cost shrinks exactly when the daemon is busy, and a lone
+message still goes through at once. At most ``prefetch`` deliveries are unacknowledged, so a batch never
+holds more. Outcomes:
 
 - accepted: ack.
 - ``NotReady``: pause briefly, then nack with requeue (the broker redelivers).
 - ``Rejected`` (by a stage) or undecodable: ``sink.dead_letter`` then ack, so a poison message never loops.
+  A batch a stage refused is retried message by message, so only the refused ones are dead-lettered.
 - cancelled (shutdown, channel lost): no ack; the broker redelivers and the event id deduplicates.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
 from adapters.amqp.codec import AmqpMessage, to_envelope, undecodable
@@ -38,6 +44,8 @@ class AmqpInbound(BrokerLink):
         # channel is garbage once the connection drops, and a collection during the outage means the
         # consumer never comes back.
         self._channel: AbstractRobustChannel | None = None
+        self._arrived: list[AbstractIncomingMessage] = []
+        self._wake = asyncio.Event()
 
     async def _setup(self, conn: AbstractRobustConnection) -> None:
         cfg = self.cfg
@@ -51,43 +59,82 @@ class AmqpInbound(BrokerLink):
             await queue.bind(exchange, routing_key=binding.routing_key)
         await queue.consume(self._on_message, no_ack=False)
 
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            committer = tg.create_task(self._commit_batches(), name=f"{self.component}:commits")
+            try:
+                await super().run()
+            finally:
+                committer.cancel()
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        msg = AmqpMessage(
-            body=message.body,
-            routing_key=message.routing_key or "",
-            content_type=message.content_type,
-            headers=message.headers,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            type=message.type,
-        )
-        try:
-            env = to_envelope(
-                msg,
-                inbound=self.admin_name,
-                type_template=self.cfg.type,
-                source_template=self.cfg.source,
-                decode=self.cfg.decode,
+        self._arrived.append(message)
+        self._wake.set()
+
+    async def _commit_batches(self) -> None:
+        """Take what arrived, commit it as one batch, settle it; again. Runs as long as the inbound."""
+        while True:
+            if not self._arrived:
+                self._wake.clear()
+                await self._wake.wait()
+            batch, self._arrived = self._arrived, []
+            try:
+                await self._commit(batch)
+            except Exception as exc:
+                # A bug in the core: keep the messages (the broker redelivers them) rather than lose them.
+                self.log.error("envelope.accept_failed", messages=len(batch), error=repr(exc), exc_info=exc)
+                await asyncio.sleep(ERROR_PAUSE_S)
+                for message in batch:
+                    await self._settle(message, ack=False)
+
+    async def _commit(self, batch: list[AbstractIncomingMessage]) -> None:
+        decoded: list[tuple[AbstractIncomingMessage, Envelope]] = []
+        for message in batch:
+            msg = AmqpMessage(
+                body=message.body,
+                routing_key=message.routing_key or "",
+                content_type=message.content_type,
+                headers=message.headers,
+                message_id=message.message_id,
+                timestamp=message.timestamp,
+                type=message.type,
             )
-        except Rejected as exc:
-            await self._dead_letter(message, undecodable(msg, self.admin_name), f"undecodable: {exc.reason}")
+            try:
+                env = to_envelope(
+                    msg,
+                    inbound=self.admin_name,
+                    type_template=self.cfg.type,
+                    source_template=self.cfg.source,
+                    decode=self.cfg.decode,
+                )
+            except Rejected as exc:
+                await self._dead_letter(message, undecodable(msg, self.admin_name), f"undecodable: {exc.reason}")
+                continue
+            self.log.debug("envelope.received", event_id=env.id, size=len(msg.body), routing_key=msg.routing_key)
+            decoded.append((message, env))
+        await self._accept(decoded)
+
+    async def _accept(self, decoded: list[tuple[AbstractIncomingMessage, Envelope]]) -> None:
+        if not decoded:
             return
-        self.log.debug("envelope.received", event_id=env.id, size=len(msg.body), routing_key=msg.routing_key)
         try:
-            await self.sink.accept([env])
+            await self.sink.accept([env for _, env in decoded])
         except NotReady as exc:
-            await self._requeue(message, exc)
+            await asyncio.sleep(min(max(exc.retry_after_s, 0.0), NOT_READY_PAUSE_MAX_S))
+            self.log.debug("envelope.requeued", messages=len(decoded), reason=exc.reason)
+            for message, _ in decoded:
+                await self._settle(message, ack=False)
             return
         except Rejected as exc:
+            if len(decoded) > 1:  # find the refused ones: the others are accepted one by one
+                for item in decoded:
+                    await self._accept([item])
+                return
+            message, env = decoded[0]
             await self._dead_letter(message, env, f"rejected: {exc}")
             return
-        except Exception as exc:
-            # A bug in the core: keep the message (the broker redelivers it) rather than lose it.
-            self.log.error("envelope.accept_failed", event_id=env.id, error=repr(exc), exc_info=exc)
-            await asyncio.sleep(ERROR_PAUSE_S)
-            await self._settle(message, ack=False)
-            return
-        await self._settle(message, ack=True)
+        for message, _ in decoded:
+            await self._settle(message, ack=True)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, env: Envelope, reason: str) -> None:
         try:
@@ -105,7 +152,12 @@ class AmqpInbound(BrokerLink):
 
     async def _settle(self, message: AbstractIncomingMessage, *, ack: bool) -> None:
         try:
-            if ack:
+            if ack and message.delivery_tag is not None:
+                # Straight to aiormq with wait=False: aio-pika's ack also waits for the writer to drain the
+                # socket for this one frame.
+                channel = cast(aiormq.Channel, message.channel)
+                await channel.basic_ack(message.delivery_tag, wait=False)
+            elif ack:
                 await message.ack()
             else:
                 await message.nack(requeue=True)
