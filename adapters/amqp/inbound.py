@@ -81,11 +81,10 @@ class AmqpInbound(BrokerLink):
             try:
                 await self._commit(batch)
             except Exception as exc:
-                # A bug in the core: keep the messages (the broker redelivers them) rather than lose them.
-                self.log.error("envelope.accept_failed", messages=len(batch), error=repr(exc), exc_info=exc)
+                # A bug (each step below handles what it expects): log it and go on with the next batch;
+                # what this one left unsettled stays unacknowledged and the broker redelivers it.
+                self.log.error("inbound.batch_failed", messages=len(batch), error=repr(exc), exc_info=exc)
                 await asyncio.sleep(ERROR_PAUSE_S)
-                for message in batch:
-                    await self._settle(message, ack=False)
 
     async def _commit(self, batch: list[AbstractIncomingMessage]) -> None:
         decoded: list[tuple[AbstractIncomingMessage, Envelope]] = []
@@ -107,8 +106,9 @@ class AmqpInbound(BrokerLink):
                     source_template=self.cfg.source,
                     decode=self.cfg.decode,
                 )
-            except Rejected as exc:
-                await self._dead_letter(message, undecodable(msg, self.admin_name), f"undecodable: {exc.reason}")
+            except Exception as exc:  # Rejected, or a decoder bug: either way the message must not loop
+                reason = exc.reason if isinstance(exc, Rejected) else f"cannot decode: {exc!r}"
+                await self._dead_letter(message, undecodable(msg, self.admin_name), f"undecodable: {reason}")
                 continue
             self.log.debug("envelope.received", event_id=env.id, size=len(msg.body), routing_key=msg.routing_key)
             decoded.append((message, env))
@@ -132,6 +132,13 @@ class AmqpInbound(BrokerLink):
                 return
             message, env = decoded[0]
             await self._dead_letter(message, env, f"rejected: {exc}")
+            return
+        except Exception as exc:
+            # A bug in the core: keep the messages (the broker redelivers them) rather than lose them.
+            self.log.error("envelope.accept_failed", messages=len(decoded), error=repr(exc), exc_info=exc)
+            await asyncio.sleep(ERROR_PAUSE_S)
+            for message, _ in decoded:
+                await self._settle(message, ack=False)
             return
         for message, _ in decoded:
             await self._settle(message, ack=True)
