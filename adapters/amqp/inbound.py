@@ -120,10 +120,7 @@ class AmqpInbound(BrokerLink):
         try:
             await self.sink.accept([env for _, env in decoded])
         except NotReady as exc:
-            await asyncio.sleep(min(max(exc.retry_after_s, 0.0), NOT_READY_PAUSE_MAX_S))
-            self.log.debug("envelope.requeued", messages=len(decoded), reason=exc.reason)
-            for message, _ in decoded:
-                await self._settle(message, ack=False)
+            await self._requeue([message for message, _ in decoded], exc)
             return
         except Rejected as exc:
             if len(decoded) > 1:  # find the refused ones: the others are accepted one by one
@@ -147,15 +144,16 @@ class AmqpInbound(BrokerLink):
         try:
             await self.sink.dead_letter(env, reason)
         except NotReady as exc:
-            await self._requeue(message, exc)
+            await self._requeue([message], exc)
             return
         self.log.error("envelope.dead_lettered", event_id=env.id, size=len(message.body), reason=reason)
         await self._settle(message, ack=True)
 
-    async def _requeue(self, message: AbstractIncomingMessage, exc: NotReady) -> None:
-        self.log.debug("envelope.requeued", reason=exc.reason)
+    async def _requeue(self, messages: list[AbstractIncomingMessage], exc: NotReady) -> None:
+        self.log.debug("envelope.requeued", messages=len(messages), reason=exc.reason)
         await asyncio.sleep(min(max(exc.retry_after_s, 0.0), NOT_READY_PAUSE_MAX_S))
-        await self._settle(message, ack=False)
+        for message in messages:
+            await self._settle(message, ack=False)
 
     async def _settle(self, message: AbstractIncomingMessage, *, ack: bool) -> None:
         try:
