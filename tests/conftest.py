@@ -1,8 +1,23 @@
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+
 import pytest
 
+from tests.support.daemon import remove_declared
 from tests.support.net import MQTT_HOST, MQTT_PORT, reachable
+
+SHARED_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_daemon_broker_objects() -> Iterator[None]:
+    """The end-to-end daemons declare durable exchanges and a queue under unique names on the shared
+    RabbitMQ; they are deleted once the session ends."""
+    yield
+    if reachable("127.0.0.1", 5672):
+        asyncio.run(remove_declared(SHARED_AMQP))
 
 
 @pytest.fixture(scope="session")
@@ -10,7 +25,7 @@ def rabbitmq() -> str:
     """The shared RabbitMQ. A test that needs it fails (never skips) when it is not reachable."""
     if not reachable("127.0.0.1", 5672):
         pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672; `make test` starts it (see README)")
-    return "amqp://guest:guest@127.0.0.1:5672/"
+    return SHARED_AMQP
 
 
 @pytest.fixture(scope="session")

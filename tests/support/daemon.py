@@ -17,6 +17,37 @@ from tests.support.net import free_port, unique
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# (exchanges, queues) that daemons of this test session may have declared, durable, on a RabbitMQ:
+# removed from the shared one when the session ends (tests/conftest.py), so runs do not pile them up.
+_declared: list[tuple[list[str], list[str]]] = []
+
+
+async def remove_declared(url: str) -> int:
+    """Delete every exchange and queue a Quickstart of this session named, on the broker at ``url``
+    (one channel per deletion: a name that was never declared must not stop the rest). Returns how many
+    deletions the broker confirmed."""
+    import aio_pika
+
+    removed = 0
+    connection = await aio_pika.connect(url, timeout=5)
+    try:
+        for exchanges, queues in _declared:
+            for name, is_queue in [(q, True) for q in queues] + [(e, False) for e in exchanges]:
+                try:
+                    channel = await connection.channel()
+                    if is_queue:
+                        await channel.queue_delete(name)
+                    else:
+                        await channel.exchange_delete(name)
+                    await channel.close()
+                    removed += 1
+                except aio_pika.exceptions.AMQPError:
+                    continue
+    finally:
+        await connection.close()
+    _declared.clear()
+    return removed
+
 
 @dataclass
 class Quickstart:
@@ -45,6 +76,9 @@ class Quickstart:
         self.commands_exchange = f"commands-{u}"
         self.commands_queue = f"mediator.commands-{u}"
         self.topic_prefix = f"{u}/"
+        _declared.append(
+            ([self.orders_exchange, self.telemetry_exchange, self.commands_exchange], [self.commands_queue])
+        )
 
     def render(self) -> str:
         text = (ROOT / "config.toml").read_text()
