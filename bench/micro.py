@@ -1,0 +1,281 @@
+"""One layer at a time, in this process: ``python -m bench.micro LAYER``.
+
+Where ``make bench`` measures whole paths beside the peers, these isolate the layers a message crosses, so
+that a change to one of them can be measured without the rest of the machine's noise (CPU of this process
+per message, from getrusage, over the measured part only):
+
+- ``amqp-out``: ``AmqpOutbound.send`` alone: N confirmed persistent 1 KiB publishes, W in flight, to an
+  exchange bound to a queue on the shared RabbitMQ (both deleted after).
+- ``mqtt-out``: ``MqttOutbound.send`` alone: N QoS 1 publishes, W in flight, to the shared Mosquitto.
+- ``http-in``: the HTTP listener and one inbound whose sink accepts at once, under wrk (2 threads, 64
+  connections, 6 s).
+- ``core``: pipeline, outbox and dispatcher with an outbound that returns at once; 64 concurrent callers
+  of ``Pipeline.accept`` (``--outbox memory`` for the in-memory outbox).
+
+The numbers quoted in the commit messages of the speed work came from these (then scratch) harnesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.infra import WORK, free_port
+from bench.runner import WRK_CONNECTIONS, WRK_THREADS, wrk_script
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+PAYLOAD = b'{"s":"1","p":"' + b"x" * 1006 + b'"}'
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def report(layer: str, count: int, started: tuple[float, float]) -> str:
+    cpu0, t0 = started
+    cpu, elapsed = cpu_s() - cpu0, time.perf_counter() - t0
+    return f"{layer}: {count} messages, {count / elapsed:,.0f}/s, {1e6 * cpu / count:.1f} us of CPU per message"
+
+
+def clock() -> tuple[float, float]:
+    return cpu_s(), time.perf_counter()
+
+
+async def until(ready: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not ready():
+            await asyncio.sleep(0.01)
+
+
+async def in_flight(count: int, window: int, one: Callable[[int], Awaitable[None]]) -> None:
+    """Call ``one(i)`` for i < count with at most ``window`` calls under way."""
+    numbers = iter(range(count))
+
+    async def worker() -> None:
+        for i in numbers:
+            await one(i)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(window):
+            tg.create_task(worker())
+
+
+def event(i: int) -> Any:
+    from mediator.core.envelope import new_event
+
+    return new_event(
+        type="com.example.bench", source="/bench", data=PAYLOAD, content_type="application/json", id=f"m-{i}"
+    )
+
+
+async def amqp_out(count: int, window: int) -> str:
+    import aio_pika
+
+    from adapters.amqp import AmqpOutbound
+    from adapters.amqp.config import AmqpBrokerConfig, AmqpOutboundConfig
+    from mediator.core.health import Health
+
+    exchange, queue = f"micro-{uuid.uuid4().hex[:8]}", f"micro.{uuid.uuid4().hex[:8]}"
+    cfg = AmqpOutboundConfig.model_validate(
+        {"kind": "amqp", "broker": "rabbit", "exchange": exchange, "max_in_flight": window}
+    )
+    health = Health()
+    out = AmqpOutbound("micro", cfg, AmqpBrokerConfig.model_validate({"url": AMQP_URL}), AMQP_URL, health)
+    link = asyncio.create_task(out.link.run())
+    client = await aio_pika.connect(AMQP_URL)
+    try:
+        await until(lambda: health.is_ready("outbound:micro"))
+        channel = await client.channel()
+        q = await channel.declare_queue(queue)
+        await q.bind(exchange, routing_key="#")
+        events = [event(i) for i in range(count)]
+        started = clock()
+        await in_flight(count, window, lambda i: out.send(events[i], "micro.out", "binary"))
+        line = report("amqp-out", count, started)
+        await channel.queue_delete(queue)
+        await channel.exchange_delete(exchange)
+        return line
+    finally:
+        await client.close()
+        link.cancel()
+        await asyncio.gather(link, return_exceptions=True)
+
+
+async def mqtt_out(count: int, window: int) -> str:
+    from adapters.mqtt.config import MqttBrokerConfig, MqttOutboundConfig
+    from adapters.mqtt.connection import BrokerAccess
+    from adapters.mqtt.outbound import MqttOutbound
+    from mediator.core.health import Health
+
+    broker = MqttBrokerConfig(host="127.0.0.1", port=1883, client_id=f"micro-{uuid.uuid4().hex[:8]}")
+    cfg = MqttOutboundConfig.model_validate({"kind": "mqtt", "broker": "micro", "max_in_flight": window})
+    health = Health()
+    out = MqttOutbound("micro", cfg, BrokerAccess(name="micro", config=broker, password=None), health)
+    service = asyncio.create_task(out.service.run())
+    try:
+        await until(lambda: health.is_ready(out.component))
+        events = [event(i) for i in range(count)]
+        started = clock()
+        await in_flight(count, window, lambda i: out.send(events[i], "micro/out", "binary"))
+        return report("mqtt-out", count, started)
+    finally:
+        service.cancel()
+        await asyncio.gather(service, return_exceptions=True)
+
+
+class _Accepting:
+    """A sink that takes everything at once (after one turn of the loop, as a commit would)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def accept(self, events: Sequence[Any]) -> None:
+        await asyncio.sleep(0)
+        self.count += len(events)
+
+    async def dead_letter(self, event: Any, reason: str) -> None:
+        raise RuntimeError(reason)
+
+
+async def http_in(seconds: float) -> str:
+    from adapters.http.config import HttpInboundConfig, HttpListenerConfig
+    from adapters.http.inbound import HttpInbound
+    from adapters.http.listener import HttpListener
+    from bench.__main__ import ensure_wrk
+    from mediator.core.health import Health
+
+    ensure_wrk()
+    WORK.mkdir(parents=True, exist_ok=True)  # wrk's request script is written there
+    port = free_port()
+    listener_cfg = HttpListenerConfig.model_validate({"kind": "http", "port": port})
+    inbound_cfg = HttpInboundConfig.model_validate(
+        {"kind": "http", "listener": "web", "path": "/bench", "type": "com.example.bench", "source": "/bench"}
+    )
+    sink = _Accepting()
+    listener = HttpListener("web", listener_cfg, [HttpInbound("src", inbound_cfg, listener_cfg, sink)], Health())
+    task = asyncio.create_task(listener.run())
+    try:
+        await asyncio.wait_for(listener.started.wait(), 10)
+        started = clock()
+        wrk = await asyncio.create_subprocess_exec(
+            "wrk",
+            f"-t{WRK_THREADS}",
+            f"-c{WRK_CONNECTIONS}",
+            f"-d{max(1, round(seconds))}s",
+            "-s",
+            str(wrk_script()),
+            f"http://127.0.0.1:{port}/bench",
+            "--",
+            "0",
+            stdout=subprocess.DEVNULL,
+        )
+        await wrk.wait()
+        return report("http-in", sink.count, started)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class _Returning:
+    name = "micro"
+    max_in_flight = 256
+
+    async def send(self, event: Any, address: str, format: str) -> None:
+        return None
+
+
+async def core(count: int, callers: int, outbox: str) -> str:
+    from bench.paths import PATHS, Env
+    from mediator.config import load
+    from mediator.daemon import Daemon
+    from mediator.registry import load_specs
+
+    workdir = tempfile.mkdtemp(prefix="micro-")
+    env = Env(
+        uid="micro",
+        mqtt_port=1883,
+        amqp_url=AMQP_URL,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        hook_port=free_port(),
+        workdir=workdir,
+        outbox=outbox,
+    )
+    config_file = Path(workdir) / "config.toml"
+    config_file.write_text(PATHS["http-amqp"].config(env))
+    daemon = Daemon(load(config_file, load_specs()))
+    for dispatcher in daemon.dispatchers.values():
+        dispatcher._outbound = _Returning()  # the layer under test ends here
+        daemon.health.set(f"outbound:{dispatcher.name}", True)
+    await daemon.outbox.open()
+    numbers = itertools.count()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            dispatchers = [tg.create_task(d.run()) for d in daemon.dispatchers.values()]
+
+            async def caller() -> None:
+                while next(numbers) < count:
+                    env_ = event(0)
+                    env_.id = uuid.uuid4().hex
+                    prov = env_.provenance
+                    prov.inbound, prov.protocol, prov.topic, prov.topic_separator = "src", "http", "bench", "/"
+                    prov.id_minted = True
+                    await daemon.pipeline.accept([env_])
+
+            started = clock()
+            async with asyncio.TaskGroup() as callers_group:
+                for _ in range(callers):
+                    callers_group.create_task(caller())
+            await until(lambda: daemon.backlog.value == 0, 60)
+            line = report(f"core ({outbox} outbox)", count, started)
+            for task in dispatchers:
+                task.cancel()
+    except* asyncio.CancelledError:
+        pass
+    finally:
+        await daemon.outbox.close()
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0] if __doc__ else "")
+    ap.add_argument("layer", choices=["amqp-out", "mqtt-out", "http-in", "core"])
+    ap.add_argument("-n", "--count", type=int, default=20_000, help="messages (default 20,000)")
+    ap.add_argument("-w", "--window", type=int, default=256, help="publishes in flight (default 256)")
+    ap.add_argument("--seconds", type=float, default=6.0, help="http-in: how long wrk runs (default 6)")
+    ap.add_argument("--outbox", choices=["sqlite", "memory"], default="sqlite", help="core: which outbox")
+    args = ap.parse_args(argv)
+    from mediator.logs import configure
+
+    configure("warning", "json")
+    jobs: dict[str, Callable[[], Coroutine[Any, Any, str]]] = {
+        "amqp-out": lambda: amqp_out(args.count, args.window),
+        "mqtt-out": lambda: mqtt_out(args.count, args.window),
+        "http-in": lambda: http_in(args.seconds),
+        "core": lambda: core(args.count, 64, args.outbox),
+    }
+    try:
+        import uvloop
+
+        line: str = uvloop.run(jobs[args.layer]())
+    except ImportError:
+        line = asyncio.run(jobs[args.layer]())
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
