@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import resource
@@ -103,11 +104,12 @@ async def amqp_out(count: int, window: int) -> str:
         events = [event(i) for i in range(count)]
         started = clock()
         await in_flight(count, window, lambda i: out.send(events[i], "micro.out", "binary"))
-        line = report("amqp-out", count, started)
-        await channel.queue_delete(queue)
-        await channel.exchange_delete(exchange)
-        return line
+        return report("amqp-out", count, started)
     finally:
+        with contextlib.suppress(Exception):  # whatever happened, leave nothing on the shared broker
+            channel = await client.channel()
+            await channel.queue_delete(queue)
+            await channel.exchange_delete(exchange)
         await client.close()
         link.cancel()
         await asyncio.gather(link, return_exceptions=True)
