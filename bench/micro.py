@@ -228,9 +228,8 @@ async def core(count: int, callers: int, outbox: str) -> str:
             dispatchers = [tg.create_task(d.run()) for d in daemon.dispatchers.values()]
 
             async def caller() -> None:
-                while next(numbers) < count:
-                    env_ = event(0)
-                    env_.id = uuid.uuid4().hex
+                while (i := next(numbers)) < count:
+                    env_ = event(i)
                     prov = env_.provenance
                     prov.inbound, prov.protocol, prov.topic, prov.topic_separator = "src", "http", "bench", "/"
                     prov.id_minted = True

@@ -90,7 +90,7 @@ class AmqpOutbound:
         event_id = event.id
         try:
             async with asyncio.timeout(self.cfg.send_timeout_s):
-                # aiormq's concrete Channel: its basic_publish takes ``wait``, the abstract one does not say so.
+                # aiormq's concrete Channel: ``publish`` reads its delivery tags and confirmations.
                 channel = cast(aiormq.Channel, await robust_channel.get_underlay_channel())
                 in_flight = self._in_flight_ids
                 while event_id in in_flight:

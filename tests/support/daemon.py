@@ -22,13 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 _declared: list[tuple[list[str], list[str]]] = []
 
 
-async def remove_declared(url: str) -> int:
+async def remove_declared(url: str) -> None:
     """Delete every exchange and queue a Quickstart of this session named, on the broker at ``url``
-    (one channel per deletion: a name that was never declared must not stop the rest). Returns how many
-    deletions the broker confirmed."""
+    (one channel per deletion: a name that was never declared must not stop the rest)."""
     import aio_pika
 
-    removed = 0
     connection = await aio_pika.connect(url, timeout=5)
     try:
         for exchanges, queues in _declared:
@@ -40,13 +38,11 @@ async def remove_declared(url: str) -> int:
                     else:
                         await channel.exchange_delete(name)
                     await channel.close()
-                    removed += 1
                 except aio_pika.exceptions.AMQPError:
                     continue
     finally:
         await connection.close()
     _declared.clear()
-    return removed
 
 
 @dataclass
