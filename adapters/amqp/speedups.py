@@ -29,9 +29,7 @@ from collections.abc import Mapping
 import aiormq
 from aiormq.abc import ChannelFrame
 from pamqp import encode
-from pamqp.body import ContentBody
 from pamqp.commands import Basic
-from pamqp.header import ContentHeader
 
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
@@ -109,6 +107,49 @@ class FastProperties(Basic.Properties):
         return _U16.pack(flags & 0xFFFE) + b"".join(parts)
 
 
+_FRAME_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
+_CONTENT_HEAD = struct.Struct(">BHIHHQ")  # the same, then class (basic), weight (0), body size
+_FRAME_END = b"\xce"
+_METHOD, _HEADER, _BODY = 1, 2, 3
+# Exchange -> the Basic.Publish method payload up to its routing key: method index, ticket 0, exchange.
+_PUBLISH_PREFIXES: dict[str, bytes] = {}
+_MAX_PUBLISH_PREFIXES = 256
+
+
+def publish_frames(
+    channel_number: int, exchange: str, routing_key: str, properties: Basic.Properties, body: bytes
+) -> bytes:
+    """The three frames of a mandatory publish whose body fits one frame, as pamqp marshals them
+    (``ChannelFrame.marshall`` of Basic.Publish, ContentHeader, ContentBody: 25 -> 9 us per publish of a
+    binary-mode event, timeit, most of the 9 the properties). pamqp validates an exchange name the first
+    time it is seen; a routing key over 255 bytes is a ValueError."""
+    prefix = _PUBLISH_PREFIXES.get(exchange)
+    if prefix is None:
+        Basic.Publish(exchange=exchange)  # raises ValueError on a name AMQP does not allow
+        name = exchange.encode("utf-8")
+        prefix = struct.pack(">IHB", Basic.Publish.index, 0, len(name)) + name
+        if len(_PUBLISH_PREFIXES) < _MAX_PUBLISH_PREFIXES:
+            _PUBLISH_PREFIXES[exchange] = prefix
+    key = routing_key.encode("utf-8")
+    if len(key) > 255:
+        raise ValueError(f"routing key longer than 255 bytes: {routing_key[:64]!r}...")
+    method = b"%s%c%s\x01" % (prefix, len(key), key)  # last octet: the bits, mandatory set
+    props = properties.marshal()
+    return b"".join(
+        (
+            _FRAME_HEAD.pack(_METHOD, channel_number, len(method)),
+            method,
+            _FRAME_END,
+            _CONTENT_HEAD.pack(_HEADER, channel_number, 12 + len(props), Basic.frame_id, 0, len(body)),
+            props,
+            _FRAME_END,
+            _FRAME_HEAD.pack(_BODY, channel_number, len(body)),
+            body,
+            _FRAME_END,
+        )
+    )
+
+
 # What ``publish`` reads and writes on an aiormq channel (aiormq 7.x).
 _CHANNEL_ATTRIBUTES = (
     "confirmations",
@@ -167,15 +208,8 @@ async def publish(
             else:
                 _slow[key] -= 1
         return
-    frames = ChannelFrame.marshall(
-        channel_number=channel.number,
-        frames=[
-            Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True),
-            ContentHeader(properties=properties, body_size=len(body)),
-            ContentBody(body),
-        ],
-    )
-    await channel.write_queue.put(frames)
+    payload = publish_frames(channel.number, exchange, routing_key, properties, body)
+    await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
     # Queue.put returns right after its put_nowait, without yielding: the frames' place in the queue is
     # their place on the wire, so the next delivery tag is theirs; and no confirm can be read before this
     # registers it.

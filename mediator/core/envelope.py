@@ -75,6 +75,31 @@ def now_timestamp() -> Timestamp:
     return Timestamp(seconds=seconds, nanos=nanos)
 
 
+# The RFC 3339 form of the last whole second formatted: events stamped within one second share it.
+_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
+def timestamp_str(ts: Timestamp) -> str:
+    """``ts.ToJsonString()`` (RFC 3339, UTC, "Z", 0, 3, 6 or 9 fraction digits), without its datetime and
+    timedelta arithmetic in Python: 0.8 vs 4.5 us (timeit), per time attribute an outbound writes."""
+    global _last_second
+    nanos = ts.nanos
+    seconds = ts.seconds + nanos // 1_000_000_000
+    nanos %= 1_000_000_000
+    last, text = _last_second
+    if seconds != last:
+        t = time.gmtime(seconds)
+        text = f"{t[0]:04d}-{t[1]:02d}-{t[2]:02d}T{t[3]:02d}:{t[4]:02d}:{t[5]:02d}"
+        _last_second = (seconds, text)
+    if not nanos:
+        return text + "Z"
+    if not nanos % 1_000_000:
+        return f"{text}.{nanos // 1_000_000:03d}Z"
+    if not nanos % 1_000:
+        return f"{text}.{nanos // 1_000:06d}Z"
+    return f"{text}.{nanos:09d}Z"
+
+
 def new_id() -> str:
     """A random (version 4) UUID in its canonical form; about twice as fast as ``str(uuid.uuid4())``."""
     b = bytearray(os.urandom(16))
@@ -94,7 +119,7 @@ def value_to_str(value: AttributeValue) -> str:
     if kind == "ce_bytes":
         return base64.b64encode(value.ce_bytes).decode("ascii")
     if kind == "ce_timestamp":
-        return value.ce_timestamp.ToJsonString()
+        return timestamp_str(value.ce_timestamp)
     if kind == "ce_uri":
         return value.ce_uri
     if kind == "ce_uri_ref":

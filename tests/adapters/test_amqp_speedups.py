@@ -9,10 +9,12 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from aiormq.abc import ChannelFrame
 from pamqp import frame, header
+from pamqp.body import ContentBody
 from pamqp.commands import Basic
 
-from adapters.amqp.speedups import FastProperties, str_table
+from adapters.amqp.speedups import FastProperties, publish_frames, str_table
 
 TS = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.UTC)
 
@@ -90,3 +92,36 @@ def test_a_whole_content_header_frame_decodes_back() -> None:
     assert decoded.properties.headers == CASES[2]["headers"]
     assert decoded.properties.message_id == "7f674d9e"
     assert decoded.properties.timestamp == TS
+
+
+def _pamqp_publish_frames(channel: int, exchange: str, routing_key: str, props: Basic.Properties, body: bytes) -> bytes:
+    return ChannelFrame.marshall(
+        channel_number=channel,
+        frames=[
+            Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True),
+            header.ContentHeader(properties=props, body_size=len(body)),
+            ContentBody(body),
+        ],
+    ).payload
+
+
+def test_publish_frames_are_the_frames_pamqp_marshals() -> None:
+    rng = random.Random(11)
+    exchange_chars = string.ascii_letters + string.digits + "-_.:"
+    for i in range(300):
+        channel = rng.choice([1, 2, 255, 65535])
+        exchange = "".join(rng.choices(exchange_chars, k=rng.choice([0, 1, 20, 127])))
+        routing_key = "".join(rng.choices(string.printable + "éü漢🙂", k=rng.randint(0, 60)))
+        body = rng.randbytes(rng.choice([0, 1, 1024, 70_000]))
+        props = CASES[i % len(CASES)]
+        expected = _pamqp_publish_frames(channel, exchange, routing_key, Basic.Properties(**props), body)
+        assert publish_frames(channel, exchange, routing_key, FastProperties(**props), body) == expected
+
+
+def test_publish_frames_refuse_what_pamqp_refuses() -> None:
+    with pytest.raises(ValueError, match="Invalid value for exchange"):
+        publish_frames(1, "bad exchange name!", "k", FastProperties(), b"")
+    with pytest.raises(ValueError, match="Max length exceeded for exchange"):
+        publish_frames(1, "x" * 128, "k", FastProperties(), b"")
+    with pytest.raises(ValueError, match="routing key longer than 255 bytes"):
+        publish_frames(1, "ok", "k" * 256, FastProperties(), b"")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 
-from mediator.core.envelope import attribute, new_event, new_id
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from mediator.core.envelope import attribute, new_event, new_id, timestamp_str
 
 
 def test_new_id_is_a_canonical_version_4_uuid() -> None:
@@ -27,3 +30,18 @@ def test_new_event_is_stamped_with_now() -> None:
     assert attribute(env, "datacontenttype") == "text/plain"
     assert env.spec_version == "1.0"
     assert env.binary_data == b"x"
+
+
+def test_timestamp_str_is_protobufs_json_form() -> None:
+    rng = random.Random(5)
+    edges = [(0, 0), (-1, 0), (-1, 999_999_999), (-62135596800, 0), (253402300799, 999_999_999), (1, 1), (1, 1000)]
+    cases = edges + [
+        (
+            rng.randint(-62135596800, 253402300799),
+            rng.choice([0, rng.randint(0, 999) * 1_000_000, rng.randint(0, 999_999) * 1000, rng.randint(0, 10**9 - 1)]),
+        )
+        for _ in range(20_000)
+    ]
+    for seconds, nanos in cases:
+        ts = Timestamp(seconds=seconds, nanos=nanos)
+        assert timestamp_str(ts) == ts.ToJsonString(), (seconds, nanos)
