@@ -190,6 +190,96 @@ async def http_in(seconds: float) -> str:
         await asyncio.gather(task, return_exceptions=True)
 
 
+def _process_cpu_s(pid: int) -> float:
+    """utime + stime of another process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _drive(spec: dict[str, Any], count: int, window: int) -> tuple[int, float]:
+    """Run the benchmark's own producer for ``spec`` (bench/clients.py) in a child process: ``count``
+    messages, ``window`` in flight. Returns (accepted, the child's CPU seconds over the run)."""
+    import multiprocessing
+
+    from bench.clients import producer_main
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=producer_main, args=({**spec, "window": window}, child), daemon=True)
+    proc.start()
+    loop = asyncio.get_running_loop()
+
+    async def receive() -> Any:
+        deadline = time.monotonic() + 120
+        while not await loop.run_in_executor(None, parent.poll, 1):
+            if not proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the producer ended or did not answer (exit code {proc.exitcode})")
+        msg = parent.recv()
+        if msg[0] == "error":
+            raise RuntimeError(msg[1])
+        return msg
+
+    try:
+        await receive()  # ready
+        assert proc.pid is not None
+        cpu0 = _process_cpu_s(proc.pid)
+        parent.send(("go", {"run": 1, "count": count, "duration_s": 120}))
+        result = (await receive())[1]
+        client_cpu = _process_cpu_s(proc.pid) - cpu0
+        parent.send(("stop",))
+        return int(result["accepted"]), client_cpu
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+
+
+async def grpc_in(count: int, window: int) -> str:
+    from adapters.grpc.config import GrpcListenerConfig
+    from adapters.grpc.inbound import GrpcInbound
+    from adapters.grpc.server import GrpcListener
+    from mediator.core.health import Health
+    from mediator.core.seams import Runtime
+
+    sink = _Accepting()
+    cfg = GrpcListenerConfig.model_validate({"kind": "grpc", "port": 0, "stream_max_in_flight": window})
+    listener = GrpcListener("rpc", cfg, Runtime(sink=sink, health=Health()))
+    listener.inbound = GrpcInbound("src", sink, stream_max_in_flight=window)
+    task = asyncio.create_task(listener.run())
+    try:
+        await asyncio.wait_for(listener.started.wait(), 10)
+        started = clock()
+        accepted, client_cpu = await _drive({"kind": "grpc", "port": listener.port}, count, window)
+        line = report("grpc-in", accepted, started)
+        return f"{line}; the client (grpc.aio PublishStream): {1e6 * client_cpu / max(1, accepted):.1f} us"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def amqp_client(count: int, window: int) -> str:
+    """The ceiling's producer alone (aio-pika, confirms, persistent), to a queue nobody consumes."""
+    import aio_pika
+
+    exchange, queue = f"micro-{uuid.uuid4().hex[:8]}", f"micro.{uuid.uuid4().hex[:8]}"
+    client = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await client.channel()
+        x = await channel.declare_exchange(exchange, "topic", durable=True)
+        q = await channel.declare_queue(queue)
+        await q.bind(x, routing_key="#")
+        accepted, client_cpu = await _drive(
+            {"kind": "amqp", "url": AMQP_URL, "exchange": exchange, "routing_key": "micro"}, count, window
+        )
+        return f"amqp-client: {accepted} messages, {1e6 * client_cpu / max(1, accepted):.1f} us of CPU per message"
+    finally:
+        with contextlib.suppress(Exception):
+            channel = await client.channel()
+            await channel.queue_delete(queue)
+            await channel.exchange_delete(exchange)
+        await client.close()
+
+
 class _Returning:
     name = "micro"
     max_in_flight = 256
@@ -252,7 +342,7 @@ async def core(count: int, callers: int, outbox: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0] if __doc__ else "")
-    ap.add_argument("layer", choices=["amqp-out", "mqtt-out", "http-in", "core"])
+    ap.add_argument("layer", choices=["amqp-out", "mqtt-out", "http-in", "grpc-in", "amqp-client", "core"])
     ap.add_argument("-n", "--count", type=int, default=20_000, help="messages (default 20,000)")
     ap.add_argument("-w", "--window", type=int, default=256, help="publishes in flight (default 256)")
     ap.add_argument("--seconds", type=float, default=6.0, help="http-in: how long wrk runs (default 6)")
@@ -265,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         "amqp-out": lambda: amqp_out(args.count, args.window),
         "mqtt-out": lambda: mqtt_out(args.count, args.window),
         "http-in": lambda: http_in(args.seconds),
+        "grpc-in": lambda: grpc_in(args.count, args.window),
+        "amqp-client": lambda: amqp_client(args.count, args.window),
         "core": lambda: core(args.count, 64, args.outbox),
     }
     try:
