@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from mediator.core.deadline import deadline
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
 from mediator.core.health import Health
 from mediator.core.seams import Outbound, OutboundConfigBase
@@ -99,7 +100,7 @@ class Dispatcher:
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
-                async with asyncio.timeout(timeout_s):
+                with deadline(timeout_s):
                     await self._outbound.send(delivery.event, delivery.address, delivery.format)
             except TerminalDeliveryError as exc:
                 await self._dead(delivery, str(exc))

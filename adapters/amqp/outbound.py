@@ -21,6 +21,7 @@ from adapters.amqp.codec import from_envelope
 from adapters.amqp.config import AmqpBrokerConfig, AmqpOutboundConfig
 from adapters.amqp.connection import BrokerLink
 from adapters.amqp.speedups import FastProperties, publish
+from mediator.core.deadline import deadline
 from mediator.core.envelope import Envelope
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
 from mediator.core.health import Health
@@ -89,7 +90,7 @@ class AmqpOutbound:
         )
         event_id = event.id
         try:
-            async with asyncio.timeout(self.cfg.send_timeout_s):
+            with deadline(self.cfg.send_timeout_s):
                 # aiormq's concrete Channel: ``publish`` reads its delivery tags and confirmations.
                 channel = cast(aiormq.Channel, await robust_channel.get_underlay_channel())
                 in_flight = self._in_flight_ids

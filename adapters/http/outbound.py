@@ -10,6 +10,7 @@ import structlog
 
 from adapters.http import codec
 from adapters.http.config import HttpOutboundConfig
+from mediator.core.deadline import deadline
 from mediator.core.envelope import Envelope, value_to_str
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
 from mediator.core.health import Health
@@ -102,21 +103,19 @@ class HttpOutbound:
                 headers["tracestate"] = value_to_str(attrs["tracestate"])
         session = self._get_session()
         try:
-            async with (
-                asyncio.timeout(self._timeout_s),
-                session.post(url, data=body, headers=headers, allow_redirects=False) as resp,
-            ):
-                status = resp.status
-                if 200 <= status < 300:
-                    length = resp.content_length
-                    if length is None or length <= _KEEPALIVE_BODY_MAX:
-                        await resp.read()
-                    self._log.debug("delivery.sent", event_id=event.id, status=status, size=len(body))
-                    return
-                detail = (await resp.content.read(_ERROR_BODY_MAX)).decode("utf-8", "replace")
-                retry_after = resp.headers.get("Retry-After")
-                location = resp.headers.get("Location")
-                reason_phrase = resp.reason or ""
+            with deadline(self._timeout_s):
+                async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+                    status = resp.status
+                    if 200 <= status < 300:
+                        length = resp.content_length
+                        if length is None or length <= _KEEPALIVE_BODY_MAX:
+                            await resp.read()
+                        self._log.debug("delivery.sent", event_id=event.id, status=status, size=len(body))
+                        return
+                    detail = (await resp.content.read(_ERROR_BODY_MAX)).decode("utf-8", "replace")
+                    retry_after = resp.headers.get("Retry-After")
+                    location = resp.headers.get("Location")
+                    reason_phrase = resp.reason or ""
         except TimeoutError as exc:
             raise RetryableDeliveryError(f"POST {url}: no response within {self._timeout_s} s") from exc
         except aiohttp.InvalidURL as exc:

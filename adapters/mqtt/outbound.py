@@ -19,6 +19,7 @@ import structlog
 from adapters.mqtt.codec import from_envelope
 from adapters.mqtt.config import MqttOutboundConfig, publish_topic_problem
 from adapters.mqtt.connection import Backoff, BrokerAccess, PublishProperties, make_client, paho_client
+from mediator.core.deadline import deadline
 from mediator.core.envelope import Envelope
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
 from mediator.core.health import Health
@@ -134,7 +135,7 @@ class MqttOutbound:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[info.mid] = fut
         try:
-            async with asyncio.timeout(self._cfg.send_timeout_s):
+            with deadline(self._cfg.send_timeout_s):
                 reason = await fut
         except TimeoutError:
             raise RetryableDeliveryError(
