@@ -100,9 +100,27 @@ def timestamp_str(ts: Timestamp) -> str:
     return f"{text}.{nanos:09d}Z"
 
 
+# os.urandom is a getrandom() system call: the ids take their 16 bytes from 4 KiB drawn at a time (2.1
+# -> 1.4 us per id, timeit; 6% of the HTTP listener's profile before). A forked child starts a pool of its own.
+_POOL_BYTES = 4096
+_pool = memoryview(b"")
+
+
+def _forget_pool() -> None:
+    global _pool
+    _pool = memoryview(b"")
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def new_id() -> str:
-    """A random (version 4) UUID in its canonical form; about twice as fast as ``str(uuid.uuid4())``."""
-    b = bytearray(os.urandom(16))
+    """A random (version 4) UUID in its canonical form; about three times as fast as ``str(uuid.uuid4())``."""
+    global _pool
+    if len(_pool) < 16:
+        _pool = memoryview(os.urandom(_POOL_BYTES))
+    b = bytearray(_pool[:16])
+    _pool = _pool[16:]
     b[6] = (b[6] & 0x0F) | 0x40
     b[8] = (b[8] & 0x3F) | 0x80
     h = b.hex()

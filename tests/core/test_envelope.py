@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 import uuid
@@ -45,3 +46,18 @@ def test_timestamp_str_is_protobufs_json_form() -> None:
     for seconds, nanos in cases:
         ts = Timestamp(seconds=seconds, nanos=nanos)
         assert timestamp_str(ts) == ts.ToJsonString(), (seconds, nanos)
+
+
+def test_a_forked_child_does_not_repeat_the_parents_ids() -> None:
+    new_id()  # the pool holds bytes the child would inherit
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write_end, new_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read_end, 64).decode()
+    os.close(read_end)
+    os.close(write_end)
+    assert uuid.UUID(child).version == 4
+    assert child != new_id()
