@@ -2,9 +2,9 @@
 
 Deliveries are taken in batches: aio-pika's consumer callback only queues each one, and one task commits
 what queued while the previous commit ran, as one ``sink.accept`` (one outbox operation), then settles
-every message of the batch. The per-message cost shrinks exactly when the daemon is busy, and a lone
-message still goes through at once. At most ``prefetch`` deliveries are unacknowledged, so a batch never
-holds more. Outcomes:
+every message of the batch (the accepted ones with one multiple ``basic.ack``). The per-message cost
+shrinks exactly when the daemon is busy, and a lone message still goes through at once. At most
+``prefetch`` deliveries are unacknowledged, so a batch never holds more. Outcomes:
 
 - accepted: ack.
 - ``NotReady``: pause briefly, then nack with requeue (the broker redelivers).
@@ -45,6 +45,7 @@ class AmqpInbound(BrokerLink):
         # consumer never comes back.
         self._channel: AbstractRobustChannel | None = None
         self._arrived: list[AbstractIncomingMessage] = []
+        self._tainted: object = None  # a channel on which a failed batch may have left deliveries unsettled
         self._wake = asyncio.Event()
 
     async def _setup(self, conn: AbstractRobustConnection) -> None:
@@ -82,7 +83,9 @@ class AmqpInbound(BrokerLink):
                 await self._commit(batch)
             except Exception as exc:
                 # A bug (each step below handles what it expects): log it and go on with the next batch;
-                # what this one left unsettled stays unacknowledged and the broker redelivers it.
+                # what this one left unsettled stays unacknowledged and the broker redelivers it. A later
+                # ack on the same channel must not settle it in passing: no multiple acks there.
+                self._tainted = batch[-1].channel
                 self.log.error("inbound.batch_failed", messages=len(batch), error=repr(exc), exc_info=exc)
                 await asyncio.sleep(ERROR_PAUSE_S)
 
@@ -137,8 +140,25 @@ class AmqpInbound(BrokerLink):
             for message, _ in decoded:
                 await self._settle(message, ack=False)
             return
-        for message, _ in decoded:
-            await self._settle(message, ack=True)
+        await self._ack_batch([message for message, _ in decoded])
+
+    async def _ack_batch(self, messages: list[AbstractIncomingMessage]) -> None:
+        """Ack ``messages`` with one ``basic.ack`` (multiple) when that acks nothing else: batches are
+        settled one after the other, in delivery order, so every earlier delivery of the channel is
+        settled by now, unless a batch failed half-way on it (``_tainted``). One frame for the batch
+        instead of one per message (each a socket write: 9% of the daemon's CPU on AMQP -> MQTT)."""
+        last = messages[-1]
+        channel = last.channel
+        tag = last.delivery_tag
+        if tag is None or channel is self._tainted or any(m.channel is not channel for m in messages):
+            for message in messages:
+                await self._settle(message, ack=True)
+            return
+        try:
+            await cast(aiormq.Channel, channel).basic_ack(tag, multiple=True, wait=False)
+        except Exception as exc:
+            # The channel closed under us: the broker redelivers the messages; their ids deduplicate.
+            self.log.warning("delivery.settle_failed", ack=True, messages=len(messages), error=repr(exc))
 
     async def _dead_letter(self, message: AbstractIncomingMessage, env: Envelope, reason: str) -> None:
         try:

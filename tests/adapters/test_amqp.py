@@ -20,6 +20,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from adapters.amqp import ADAPTER, AmqpInbound, AmqpOutbound, build, speedups
+from adapters.amqp import inbound as amqp_inbound
 from adapters.amqp.config import AmqpBrokerConfig, AmqpInboundConfig, AmqpOutboundConfig
 from mediator.core.envelope import Envelope, attribute, context_attributes, data_bytes, new_event
 from mediator.core.errors import (
@@ -449,6 +450,75 @@ async def test_inbound_takes_deliveries_in_batches_up_to_prefetch(rabbitmq: str)
     assert 10 <= sink.max_in_flight <= 20  # never more than prefetch, and not one at a time
     assert sink.calls < n / 4
     assert elapsed < n * 0.3 / 4
+
+
+async def _publish_numbered(url: str, exchange: str, numbers: range) -> None:
+    async with client(url) as ch:
+        ex = await ch.get_exchange(exchange)
+        for i in numbers:
+            await ex.publish(aio_pika.Message(str(i).encode(), message_id=f"c-{i}"), routing_key="c")
+
+
+async def test_inbound_acks_a_batch_with_one_frame(rabbitmq: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch is settled by one multiple basic.ack, and every message is settled: none is left in
+    the queue (ready or unacknowledged) once the consumer is gone."""
+    acks: list[tuple[int, bool]] = []
+    real_ack = aiormq.Channel.basic_ack
+
+    async def counting_ack(self: aiormq.Channel, delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
+        acks.append((delivery_tag, multiple))
+        await real_ack(self, delivery_tag, multiple=multiple, wait=wait)
+
+    monkeypatch.setattr(aiormq.Channel, "basic_ack", counting_ack)
+    sink = _SlowSink(delay_s=0.2)
+    inbound = _Inbound(rabbitmq, sink, prefetch=20)
+    n = 60
+    try:
+        async with running(inbound.service):
+            await wait_until(is_ready(inbound.health, "inbound:commands"), what="ready")
+            await _publish_numbered(rabbitmq, inbound.exchange, range(n))
+            await sink.wait_for(n, timeout_s=30)
+            await wait_until(lambda: len(acks) == sink.calls, what="the last ack")
+        assert await ready_count(rabbitmq, inbound.queue) == 0  # unacknowledged ones would be back
+    finally:
+        await cleanup(rabbitmq, [inbound.queue], [inbound.exchange])
+    assert sorted(int(data_bytes(e)) for e in sink.events) == list(range(n))
+    assert len(acks) == sink.calls < n / 4
+    assert all(multiple for _, multiple in acks)
+    assert [tag for tag, _ in acks] == sorted(tag for tag, _ in acks)
+
+
+async def test_a_failed_batch_is_not_acknowledged_by_the_next_one(
+    rabbitmq: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fails half-way leaves its messages unsettled (the broker redelivers them): a later
+    batch on the same channel must not ack them in passing with its multiple ack."""
+    sink = ListSink()
+    inbound = _Inbound(rabbitmq, sink, prefetch=50)
+    real_commit = inbound.service._commit
+    failed: list[int] = []
+
+    async def failing_once(batch: list[Any]) -> None:
+        if not failed:
+            failed.append(len(batch))
+            raise RuntimeError("a bug in the first batch")
+        await real_commit(batch)
+
+    monkeypatch.setattr(inbound.service, "_commit", failing_once)
+    monkeypatch.setattr(amqp_inbound, "ERROR_PAUSE_S", 0.0)
+    try:
+        async with running(inbound.service):
+            await wait_until(is_ready(inbound.health, "inbound:commands"), what="ready")
+            await _publish_numbered(rabbitmq, inbound.exchange, range(1))
+            await wait_until(lambda: bool(failed), what="the failed batch")
+            await _publish_numbered(rabbitmq, inbound.exchange, range(1, 11))
+            await sink.wait_for(10, timeout_s=30)
+        # The first message was neither committed nor acked: back in the queue once the consumer is gone.
+        assert await ready_count(rabbitmq, inbound.queue) == 1
+    finally:
+        await cleanup(rabbitmq, [inbound.queue], [inbound.exchange])
+    assert failed == [1]
+    assert sorted(int(data_bytes(e)) for e in sink.events) == list(range(1, 11))
 
 
 async def test_inbound_quorum_queue(rabbitmq: str) -> None:
