@@ -1,4 +1,4 @@
-"""Take three costs off paho's per-message path, without changing what it does.
+"""Take four costs off paho's per-message path, without changing what it does.
 
 **Properties.** paho builds a ``Properties`` object for every MQTT 5 PUBLISH it receives (and for
 acknowledgements), and its constructor rebuilds the same three tables each time (a list, a 42-entry dict,
@@ -17,6 +17,13 @@ looking for a queued one to send. When every unfinished message is already in fl
 the usual case) there is nothing to find: the walk is skipped. MqttOutbound.send alone, 20,000 QoS 1
 publishes with 256 in flight (py-spy): the walk was 12% of the samples and the name copies 5%.
 
+**Coalesced writes.** paho writes its queued packets one ``send`` each. Under load the dispatcher
+queues many PUBLISHes (and an MQTT inbound many PUBACKs) in one loop turn, all written in the next: one
+system call each, each waking the broker. Before a write, each run of queued packets that paho does
+nothing with once written (everything but a QoS 0 PUBLISH, whose ``on_publish`` fires on writing, and
+DISCONNECT) becomes one packet of their concatenated bytes (up to 256 KiB); paho's own partial-write
+handling applies to it unchanged. The sends were 15% of the daemon's profile on AMQP -> MQTT.
+
 ``install()`` patches only after checking, on objects built by paho's own code, that they hold what the
 replacements assume; with a paho that does something else it leaves that part alone.
 ``tests/adapters/test_mqtt_speedups.py`` compares the replacements with the originals.
@@ -24,11 +31,12 @@ replacements assume; with a paho that does something else it leaves that part al
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import structlog
-from paho.mqtt.client import Client
-from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.client import DISCONNECT, PINGREQ, PUBLISH, Client
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -48,6 +56,7 @@ def install() -> bool:
         _installed = True
         _install_reason_codes()
         _install_inflight_shortcut()
+        _install_write_coalescing()
         _properties_installed = _install_properties()
     return _properties_installed
 
@@ -119,7 +128,68 @@ def _install_inflight_shortcut() -> None:
     Client._update_inflight = _update_inflight  # type: ignore[method-assign]
 
 
+COALESCE_MAX_BYTES = 256 * 1024
+"""The most one coalesced packet carries (a partial write copies what is left of it again)."""
+_PACKET_KEYS = frozenset({"command", "mid", "qos", "pos", "to_process", "packet", "info"})
+
+
+def coalesce(out: deque[Any]) -> None:
+    """Merge each run of packets in paho's ``_out_packet`` queue that need nothing done once written into
+    one packet (command 0: paho does nothing when it is done), in place and in order."""
+    merged: list[Any] = []
+    run: list[Any] = []
+    size = 0
+
+    def end_run() -> None:
+        if len(run) == 1:
+            merged.append(run[0])
+        elif run:
+            data = b"".join(p["packet"][p["pos"] :] for p in run)
+            merged.append(
+                {"command": 0, "mid": 0, "qos": 0, "pos": 0, "to_process": len(data), "packet": data, "info": None}
+            )
+        run.clear()
+
+    for packet in out:
+        kind = packet["command"] & 0xF0
+        if (kind == PUBLISH and packet["qos"] == 0) or kind == DISCONNECT:
+            end_run()  # paho acts once these are written: they stay packets of their own
+            size = 0
+            merged.append(packet)
+            continue
+        remaining = packet["to_process"]
+        if run and size + remaining > COALESCE_MAX_BYTES:
+            end_run()
+            size = 0
+        run.append(packet)
+        size += remaining
+    end_run()
+    if len(merged) < len(out):
+        out.clear()
+        out.extend(merged)
+
+
+def _install_write_coalescing() -> None:
+    probe: Any = Client(CallbackAPIVersion.VERSION2)
+    probe.on_socket_register_write = lambda *_: None  # queue only: no socket, no write
+    probe._packet_queue(PINGREQ, bytearray(b"\xc0\x00"), 0, 0)
+    queue = getattr(probe, "_out_packet", None)
+    if not isinstance(queue, deque) or len(queue) != 1 or set(queue[0]) != _PACKET_KEYS:
+        log.warning("mqtt.speedups_skipped", reason="paho's packet queue changed")
+        return
+    original = _ORIGINAL_PACKET_WRITE
+
+    def _packet_write(self: Any) -> MQTTErrorCode:
+        if len(self._out_packet) > 1:
+            coalesce(self._out_packet)
+        result: MQTTErrorCode = original(self)
+        return result
+
+    Client._packet_write = _packet_write  # type: ignore[method-assign]
+
+
 _ORIGINAL_INIT: Any = Properties.__init__
 _ORIGINAL_CLEAR: Any = Properties.clear
 _ORIGINAL_REASON_INIT: Any = ReasonCode.__init__
 _ORIGINAL_UPDATE_INFLIGHT: Any = Client._update_inflight
+_ORIGINAL_PACKET_WRITE: Any = Client._packet_write

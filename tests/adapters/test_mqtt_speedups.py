@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import uuid
+from collections import deque
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -145,3 +148,102 @@ async def test_a_small_in_flight_window_still_sends_what_it_queued(mosquitto: tu
         client.disconnect()
         client.loop_stop()
     assert sorted(acked) == sorted(info.mid for info in infos)
+
+
+def test_coalesce_merges_only_packets_paho_does_nothing_with_once_written() -> None:
+    def packet(command: int, qos: int, data: bytes, pos: int = 0) -> dict[str, Any]:
+        return {"command": command, "mid": 1, "qos": qos, "pos": pos, "to_process": len(data) - pos, "packet": data}
+
+    queue = deque(
+        [
+            packet(paho.PUBLISH | 0x02, 1, b"abcdef", pos=2),  # partly written already: its rest goes first
+            packet(paho.PUBACK, 0, b"PA"),
+            packet(paho.PUBLISH, 0, b"q0"),  # QoS 0: on_publish fires when written
+            packet(paho.PUBLISH | 0x02, 1, b"z"),
+            packet(paho.PUBLISH | 0x02, 1, b"w"),
+            packet(paho.DISCONNECT, 0, b"D"),
+            packet(paho.PUBACK, 0, b"PB"),
+        ]
+    )
+    speedups.coalesce(queue)
+    assert [p["packet"] for p in queue] == [b"cdefPA", b"q0", b"zw", b"D", b"PB"]
+    assert [(p["command"], p["pos"], p["to_process"]) for p in queue] == [
+        (0, 0, 6),
+        (paho.PUBLISH, 0, 2),
+        (0, 0, 2),
+        (paho.DISCONNECT, 0, 1),
+        (paho.PUBACK, 0, 2),
+    ]
+    speedups.coalesce(queue)  # nothing left to merge
+    assert [p["packet"] for p in queue] == [b"cdefPA", b"q0", b"zw", b"D", b"PB"]
+    big = deque([packet(paho.PUBACK, 0, b"x" * speedups.COALESCE_MAX_BYTES), packet(paho.PUBACK, 0, b"y")])
+    speedups.coalesce(big)
+    assert len(big) == 2  # past the bound: written apart
+
+
+@pytest.mark.parametrize("send_buffer", [None, 4096])
+async def test_coalesced_writes_deliver_every_packet_in_order(
+    mosquitto: tuple[str, int], send_buffer: int | None
+) -> None:
+    """300 publishes of 1 KiB queued at once (QoS 1, every tenth QoS 0) are written in few sends; through a
+    4 KiB send buffer the coalesced writes are cut short again and again. Everything arrives, in order."""
+    assert speedups.install()
+    host, port = mosquitto
+    base = f"test/coalesce/{uuid.uuid4().hex}"
+    n = 300
+    loop = asyncio.get_running_loop()
+    received: dict[str, list[bytes]] = {"q0": [], "q1": []}
+    all_in = asyncio.Event()
+    subscribed = asyncio.Event()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        received[msg.topic.rsplit("/", 1)[1]].append(msg.payload)
+        if sum(map(len, received.values())) == n:
+            loop.call_soon_threadsafe(all_in.set)
+
+    def on_subscribe(*_: Any) -> None:
+        loop.call_soon_threadsafe(subscribed.set)
+
+    sub = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    sub.on_message = on_message
+    sub.on_subscribe = on_subscribe
+    sub.connect(host, port)
+    sub.subscribe(f"{base}/#", qos=1)
+    sub.loop_start()
+    pub: Any = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    pub.max_inflight_messages_set(n)
+    sends: list[int] = []
+    try:
+        async with asyncio.timeout(10):
+            await subscribed.wait()
+        pub.connect(host, port)
+        if send_buffer is not None:
+            pub.socket().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        real_send = pub._sock_send
+
+        def counting_send(buf: bytes) -> int:
+            sent: int = real_send(buf)
+            sends.append(sent)
+            return sent
+
+        pub._sock_send = counting_send
+        pub.on_socket_register_write = lambda *_: None  # queue everything first: written by the loop below
+        payloads = [f"{i:04d}".encode() + b"x" * 1020 for i in range(n)]
+        qos = [0 if i % 10 == 0 else 1 for i in range(n)]
+        infos = [pub.publish(f"{base}/q{q}", p, qos=q) for p, q in zip(payloads, qos, strict=True)]
+        pub.on_socket_register_write = None
+        pub.loop_start()
+        async with asyncio.timeout(20):
+            await all_in.wait()
+            while not all(info.is_published() for info in infos):
+                await asyncio.sleep(0.01)
+    finally:
+        for client in (pub, sub):
+            client.disconnect()
+            client.loop_stop()
+    assert received["q0"] == [p for p, q in zip(payloads, qos, strict=True) if q == 0]
+    assert received["q1"] == [p for p, q in zip(payloads, qos, strict=True) if q == 1]
+    if send_buffer is None:
+        assert len(sends) < n / 4  # one send per packet without coalescing
+    else:
+        assert max(sends) <= 64 * 1024  # the writes were cut short by the socket
