@@ -207,11 +207,11 @@ def undecodable(msg: AmqpMessage, inbound: str) -> Envelope:
     return env
 
 
-def _whole_seconds(ts: Timestamp) -> datetime:
-    """The AMQP ``timestamp`` property of ``ts``: whole seconds, all the property holds (cheaper than
-    ``Timestamp.ToDatetime``); ValueError when no datetime can hold it."""
+def _datetime(ts: Timestamp) -> datetime:
+    """``ts.ToDatetime(tzinfo=UTC)`` without its timedelta arithmetic (the AMQP property keeps the whole
+    seconds); ValueError when no datetime can hold it."""
     try:
-        return datetime.fromtimestamp(ts.seconds, UTC)
+        return datetime.fromtimestamp(ts.seconds, UTC).replace(microsecond=ts.nanos // 1000)
     except (OverflowError, OSError, ValueError) as exc:
         raise ValueError(f"time {ts.seconds} s since the epoch is out of range: {exc}") from exc
 
@@ -223,9 +223,7 @@ def from_envelope(env: Envelope, format: str, header_prefix: str = "cloudEvents_
     Provenance is never written (``to_protobuf`` strips it; the other formats never read it).
     """
     time = env.attributes.get("time")
-    timestamp = (
-        _whole_seconds(time.ce_timestamp) if time is not None and time.WhichOneof("attr") == "ce_timestamp" else None
-    )
+    timestamp = _datetime(time.ce_timestamp) if time is not None and time.WhichOneof("attr") == "ce_timestamp" else None
     if format == "binary":
         headers: dict[str, object] = {
             header_prefix + name: value for name, value in iter_attributes(env) if name != "datacontenttype"

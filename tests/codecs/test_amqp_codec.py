@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -400,3 +401,15 @@ def test_raw_timestamp_property_becomes_time(seconds: int, body: bytes) -> None:
     env = decode(AmqpMessage(body=body, timestamp=when, message_id="x"))
     assert env.attributes["time"].ce_timestamp.seconds == seconds
     assert data_bytes(env) == body
+
+
+def test_the_timestamp_property_is_the_time_attribute() -> None:
+    rng = random.Random(3)
+    for _ in range(2000):
+        ts = Timestamp(seconds=rng.randint(-62135596800, 253402300799), nanos=rng.randint(0, 10**9 - 1))
+        env = new_event(type="t", source="/s", data=b"", id="x")
+        env.attributes["time"].ce_timestamp.CopyFrom(ts)
+        assert from_envelope(env, "binary").timestamp == ts.ToDatetime(tzinfo=UTC)
+    env.attributes["time"].ce_timestamp.seconds = 10**15  # past year 9999
+    with pytest.raises(ValueError, match="out of range"):
+        from_envelope(env, "binary")
