@@ -9,6 +9,10 @@ per message, from getrusage, over the measured part only):
 - ``mqtt-out``: ``MqttOutbound.send`` alone: N QoS 1 publishes, W in flight, to the shared Mosquitto.
 - ``http-in``: the HTTP listener and one inbound whose sink accepts at once, under wrk (2 threads, 64
   connections, 6 s).
+- ``grpc-in``: the gRPC listener and its inbound with such a sink, under the benchmark's PublishStream
+  client (bench/clients.py) in a process of its own, whose CPU per message is printed as well.
+- ``amqp-client``: the ceiling's producer alone (bench/clients.py: aio-pika, confirms, persistent), in a
+  process of its own, to a queue nobody consumes: its CPU per message.
 - ``core``: pipeline, outbox and dispatcher with an outbound that returns at once; 64 concurrent callers
   of ``Pipeline.accept`` (``--outbox memory`` for the in-memory outbox).
 
