@@ -135,7 +135,11 @@ _PACKET_KEYS = frozenset({"command", "mid", "qos", "pos", "to_process", "packet"
 
 def coalesce(out: deque[Any]) -> None:
     """Merge each run of packets in paho's ``_out_packet`` queue that need nothing done once written into
-    one packet (command 0: paho does nothing when it is done), in place and in order."""
+    one packet (command 0: paho does nothing when it is done), in place and in order.
+
+    Only with ``popleft`` and ``extendleft``, as paho's own writer: with paho's network thread
+    (``loop_start``) another thread may append to the queue meanwhile, at the other end."""
+    taken = [out.popleft() for _ in range(len(out))]
     merged: list[Any] = []
     run: list[Any] = []
     size = 0
@@ -150,7 +154,7 @@ def coalesce(out: deque[Any]) -> None:
             )
         run.clear()
 
-    for packet in out:
+    for packet in taken:
         kind = packet["command"] & 0xF0
         if (kind == PUBLISH and packet["qos"] == 0) or kind == DISCONNECT:
             end_run()  # paho acts once these are written: they stay packets of their own
@@ -164,9 +168,7 @@ def coalesce(out: deque[Any]) -> None:
         run.append(packet)
         size += remaining
     end_run()
-    if len(merged) < len(out):
-        out.clear()
-        out.extend(merged)
+    out.extendleft(reversed(merged))
 
 
 def _install_write_coalescing() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
+import threading
 import uuid
 from collections import deque
 from typing import Any
@@ -247,3 +249,31 @@ async def test_coalesced_writes_deliver_every_packet_in_order(
         assert len(sends) < n / 4  # one send per packet without coalescing
     else:
         assert max(sends) <= 64 * 1024  # the writes were cut short by the socket
+
+
+def test_coalesce_loses_nothing_a_thread_appends_meanwhile() -> None:
+    """paho's network thread coalesces while the application's thread queues (loop_start): what is
+    appended during a merge stays, after it and in order."""
+    queue: deque[dict[str, Any]] = deque()
+    n = 20_000
+
+    def produce() -> None:
+        for i in range(n):
+            data = i.to_bytes(4, "big")
+            queue.append({"command": paho.PUBACK, "mid": i, "qos": 0, "pos": 0, "to_process": 4, "packet": data})
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    written = bytearray()
+    producer = threading.Thread(target=produce)
+    try:
+        producer.start()
+        while producer.is_alive() or queue:
+            speedups.coalesce(queue)
+            while queue:
+                packet = queue.popleft()
+                written += packet["packet"][packet["pos"] :]
+    finally:
+        producer.join()
+        sys.setswitchinterval(interval)
+    assert bytes(written) == b"".join(i.to_bytes(4, "big") for i in range(n))
