@@ -20,6 +20,7 @@ from typing import cast
 
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aiormq.exceptions import ChannelInvalidStateError
 
 from adapters.amqp.codec import AmqpMessage, to_envelope, undecodable
 from adapters.amqp.config import AmqpBrokerConfig, AmqpInboundConfig
@@ -31,6 +32,14 @@ from mediator.core.seams import Runtime
 # A pause before handing a message back, so a sink that is not ready is not hammered by redeliveries.
 NOT_READY_PAUSE_MAX_S = 1.0
 ERROR_PAUSE_S = 1.0
+
+
+def _channel_of(message: AbstractIncomingMessage) -> object | None:
+    """The channel a message came on; None once that channel is closed (aio-pika raises then)."""
+    try:
+        return message.channel
+    except ChannelInvalidStateError:
+        return None
 
 
 class AmqpInbound(BrokerLink):
@@ -85,7 +94,7 @@ class AmqpInbound(BrokerLink):
                 # A bug (each step below handles what it expects): log it and go on with the next batch;
                 # what this one left unsettled stays unacknowledged and the broker redelivers it. A later
                 # ack on the same channel must not settle it in passing: no multiple acks there.
-                self._tainted = batch[-1].channel
+                self._tainted = _channel_of(batch[-1])  # None: closed, its deliveries come back anyway
                 self.log.error("inbound.batch_failed", messages=len(batch), error=repr(exc), exc_info=exc)
                 await asyncio.sleep(ERROR_PAUSE_S)
 
@@ -148,17 +157,23 @@ class AmqpInbound(BrokerLink):
         settled by now, unless a batch failed half-way on it (``_tainted``). One frame for the batch
         instead of one per message (each a socket write: 9% of the daemon's CPU on AMQP -> MQTT)."""
         last = messages[-1]
-        channel = last.channel
+        channel = _channel_of(last)
+        if channel is None:  # closed since (earlier messages came on it or on an older one, closed too)
+            self._settle_failed(len(messages), "the channel closed before the ack")
+            return
         tag = last.delivery_tag
-        if tag is None or channel is self._tainted or any(m.channel is not channel for m in messages):
+        if tag is None or channel is self._tainted or any(_channel_of(m) is not channel for m in messages):
             for message in messages:
                 await self._settle(message, ack=True)
             return
         try:
             await cast(aiormq.Channel, channel).basic_ack(tag, multiple=True, wait=False)
         except Exception as exc:
-            # The channel closed under us: the broker redelivers the messages; their ids deduplicate.
-            self.log.warning("delivery.settle_failed", ack=True, messages=len(messages), error=repr(exc))
+            self._settle_failed(len(messages), repr(exc))
+
+    def _settle_failed(self, messages: int, error: str, *, ack: bool = True) -> None:
+        # The channel closed under us: the broker redelivers the messages; their ids deduplicate.
+        self.log.warning("delivery.settle_failed", ack=ack, messages=messages, error=error)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, env: Envelope, reason: str) -> None:
         try:
@@ -187,5 +202,4 @@ class AmqpInbound(BrokerLink):
             else:
                 await message.nack(requeue=True)
         except Exception as exc:
-            # The channel closed under us: the broker redelivers the message; its id deduplicates.
-            self.log.warning("delivery.settle_failed", ack=ack, error=repr(exc))
+            self._settle_failed(1, repr(exc), ack=ack)

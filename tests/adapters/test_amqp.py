@@ -521,6 +521,33 @@ async def test_a_failed_batch_is_not_acknowledged_by_the_next_one(
     assert sorted(int(data_bytes(e)) for e in sink.events) == list(range(1, 11))
 
 
+class _ChannelClosingSink(ListSink):
+    """Accepts, but the first time closes the inbound's channel first: the ack then finds it closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inbound: AmqpInbound | None = None
+
+    async def accept(self, events: Sequence[Envelope]) -> None:
+        if self.calls == 0 and self.inbound is not None and self.inbound._channel is not None:
+            underlay = await self.inbound._channel.get_underlay_channel()
+            await underlay.close()
+        await super().accept(events)
+
+
+async def test_a_channel_closed_before_the_ack_is_survived_and_the_batch_redelivered(rabbitmq: str) -> None:
+    """The ack of a committed batch finds its channel closed (the broker went away meanwhile): the inbound
+    logs it and goes on; the robust channel comes back and the broker redelivers the batch."""
+    sink = _ChannelClosingSink()
+    inbound = _Inbound(rabbitmq, sink)
+    sink.inbound = inbound.service
+    async with inbound.started():
+        await inbound.publish(aio_pika.Message(b"once", message_id="cc-1"))
+        await sink.wait_for(2, timeout_s=20)  # committed, not acked, delivered again
+        assert is_ready(inbound.health, "inbound:commands")()
+    assert [e.id for e in sink.events] == ["cc-1", "cc-1"]
+
+
 async def test_inbound_quorum_queue(rabbitmq: str) -> None:
     sink = ListSink()
     inbound = _Inbound(rabbitmq, sink, queue_type="quorum")
