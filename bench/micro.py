@@ -11,6 +11,7 @@ per message, from getrusage, over the measured part only):
   connections, 6 s).
 - ``grpc-in``: the gRPC listener and its inbound with such a sink, under the benchmark's PublishStream
   client (bench/clients.py) in a process of its own, whose CPU per message is printed as well.
+- ``--bare`` (``http-in``, ``grpc-in``): the same load on the library alone, the floor under the layer.
 - ``amqp-client``: the ceiling's producer alone (bench/clients.py: aio-pika, confirms, persistent), in a
   process of its own, to a queue nobody consumes: its CPU per message.
 - ``core``: pipeline, outbox and dispatcher with an outbound that returns at once; 64 concurrent callers
@@ -155,15 +156,35 @@ class _Accepting:
         raise RuntimeError(reason)
 
 
-async def http_in(seconds: float) -> str:
-    from adapters.http.config import HttpInboundConfig, HttpListenerConfig
-    from adapters.http.inbound import HttpInbound
-    from adapters.http.listener import HttpListener
+async def _wrk(port: int, seconds: float) -> None:
+    """The benchmark's wrk load (2 threads, 64 connections, its 1 KiB JSON bodies) on ``port`` for ``seconds``."""
+    wrk = await asyncio.create_subprocess_exec(
+        "wrk",
+        f"-t{WRK_THREADS}",
+        f"-c{WRK_CONNECTIONS}",
+        f"-d{max(1, round(seconds))}s",
+        "-s",
+        str(wrk_script()),
+        f"http://127.0.0.1:{port}/bench",
+        "--",
+        "0",
+        stdout=subprocess.DEVNULL,
+    )
+    await wrk.wait()
+
+
+async def http_in(seconds: float, bare: bool) -> str:
     from bench.__main__ import ensure_wrk
-    from mediator.core.health import Health
 
     ensure_wrk()
     WORK.mkdir(parents=True, exist_ok=True)  # wrk's request script is written there
+    if bare:
+        return await _http_floor(seconds)
+    from adapters.http.config import HttpInboundConfig, HttpListenerConfig
+    from adapters.http.inbound import HttpInbound
+    from adapters.http.listener import HttpListener
+    from mediator.core.health import Health
+
     port = free_port()
     listener_cfg = HttpListenerConfig.model_validate({"kind": "http", "port": port})
     inbound_cfg = HttpInboundConfig.model_validate(
@@ -175,23 +196,34 @@ async def http_in(seconds: float) -> str:
     try:
         await asyncio.wait_for(listener.started.wait(), 10)
         started = clock()
-        wrk = await asyncio.create_subprocess_exec(
-            "wrk",
-            f"-t{WRK_THREADS}",
-            f"-c{WRK_CONNECTIONS}",
-            f"-d{max(1, round(seconds))}s",
-            "-s",
-            str(wrk_script()),
-            f"http://127.0.0.1:{port}/bench",
-            "--",
-            "0",
-            stdout=subprocess.DEVNULL,
-        )
-        await wrk.wait()
+        await _wrk(port, seconds)
         return report("http-in", sink.count, started)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def _http_floor(seconds: float) -> str:
+    """aiohttp alone: its low-level server with a handler that reads the body and answers 202."""
+    from aiohttp import web
+
+    count = 0
+
+    async def handler(request: web.BaseRequest) -> web.Response:
+        nonlocal count
+        await request.read()
+        count += 1
+        return web.Response(status=202, body=b'{"id":"x"}', content_type="application/json")
+
+    port = free_port()
+    server = await asyncio.get_running_loop().create_server(web.Server(handler), "127.0.0.1", port)
+    try:
+        started = clock()
+        await _wrk(port, seconds)
+        return report("http-in --bare (aiohttp alone)", count, started)
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -238,13 +270,15 @@ async def _drive(spec: dict[str, Any], count: int, window: int) -> tuple[int, fl
             proc.kill()
 
 
-async def grpc_in(count: int, window: int) -> str:
+async def grpc_in(count: int, window: int, bare: bool) -> str:
     from adapters.grpc.config import GrpcListenerConfig
     from adapters.grpc.inbound import GrpcInbound
     from adapters.grpc.server import GrpcListener
     from mediator.core.health import Health
     from mediator.core.seams import Runtime
 
+    if bare:
+        return await _grpc_floor(count, window)
     sink = _Accepting()
     cfg = GrpcListenerConfig.model_validate({"kind": "grpc", "port": 0, "stream_max_in_flight": window})
     listener = GrpcListener("rpc", cfg, Runtime(sink=sink, health=Health()))
@@ -259,6 +293,33 @@ async def grpc_in(count: int, window: int) -> str:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def _grpc_floor(count: int, window: int) -> str:
+    """grpcio alone: a grpc.aio servicer whose PublishStream reads each event and writes its ack."""
+    import grpc
+
+    from mediator.v1 import service_pb2_grpc
+    from mediator.v1.service_pb2 import PublishAck
+
+    class Bare(service_pb2_grpc.MediatorServicer):
+        async def PublishStream(self, request_iterator: Any, context: Any) -> None:  # type: ignore[override]
+            sequence = 0
+            while (request := await context.read()) is not grpc.aio.EOF:
+                await context.write(PublishAck(id=request.id, sequence=sequence))
+                sequence += 1
+
+    server = grpc.aio.server()
+    service_pb2_grpc.add_MediatorServicer_to_server(Bare(), server)  # type: ignore[abstract]  # PublishStream only
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        started = clock()
+        accepted, client_cpu = await _drive({"kind": "grpc", "port": port}, count, window)
+        line = report("grpc-in --bare (grpcio alone)", accepted, started)
+        return f"{line}; the client (grpc.aio PublishStream): {1e6 * client_cpu / max(1, accepted):.1f} us"
+    finally:
+        await server.stop(0)
 
 
 async def amqp_client(count: int, window: int) -> str:
@@ -351,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-w", "--window", type=int, default=256, help="publishes in flight (default 256)")
     ap.add_argument("--seconds", type=float, default=6.0, help="http-in: how long wrk runs (default 6)")
     ap.add_argument("--outbox", choices=["sqlite", "memory"], default="sqlite", help="core: which outbox")
+    ap.add_argument(
+        "--bare",
+        action="store_true",
+        help="http-in, grpc-in: the library alone (the floor under the layer): aiohttp's low-level server "
+        "answering 202 after reading the body; a grpc.aio servicer reading each event and writing its ack",
+    )
     args = ap.parse_args(argv)
     from mediator.logs import configure
 
@@ -358,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs: dict[str, Callable[[], Coroutine[Any, Any, str]]] = {
         "amqp-out": lambda: amqp_out(args.count, args.window),
         "mqtt-out": lambda: mqtt_out(args.count, args.window),
-        "http-in": lambda: http_in(args.seconds),
-        "grpc-in": lambda: grpc_in(args.count, args.window),
+        "http-in": lambda: http_in(args.seconds, args.bare),
+        "grpc-in": lambda: grpc_in(args.count, args.window, args.bare),
         "amqp-client": lambda: amqp_client(args.count, args.window),
         "core": lambda: core(args.count, 64, args.outbox),
     }
