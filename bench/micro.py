@@ -28,7 +28,6 @@ import contextlib
 import itertools
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.infra import WORK, free_port
-from bench.runner import WRK_CONNECTIONS, WRK_THREADS, wrk_script
+from bench.runner import run_wrk
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 PAYLOAD = b'{"s":"1","p":"' + b"x" * 1006 + b'"}'
@@ -157,20 +156,8 @@ class _Accepting:
 
 
 async def _wrk(port: int, seconds: float) -> None:
-    """The benchmark's wrk load (2 threads, 64 connections, its 1 KiB JSON bodies) on ``port`` for ``seconds``."""
-    wrk = await asyncio.create_subprocess_exec(
-        "wrk",
-        f"-t{WRK_THREADS}",
-        f"-c{WRK_CONNECTIONS}",
-        f"-d{max(1, round(seconds))}s",
-        "-s",
-        str(wrk_script()),
-        f"http://127.0.0.1:{port}/bench",
-        "--",
-        "0",
-        stdout=subprocess.DEVNULL,
-    )
-    await wrk.wait()
+    """The benchmark's wrk load (2 threads, 64 connections, its 1 KiB JSON bodies) on ``port``."""
+    await asyncio.to_thread(run_wrk, f"http://127.0.0.1:{port}/bench", 0, seconds)
 
 
 async def http_in(seconds: float, bare: bool) -> str:
@@ -226,48 +213,22 @@ async def _http_floor(seconds: float) -> str:
         await server.wait_closed()
 
 
-def _process_cpu_s(pid: int) -> float:
-    """utime + stime of another process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _drive(spec: dict[str, Any], count: int, window: int) -> tuple[int, float]:
     """Run the benchmark's own producer for ``spec`` (bench/clients.py) in a child process: ``count``
     messages, ``window`` in flight. Returns (accepted, the child's CPU seconds over the run)."""
-    import multiprocessing
+    from bench.infra import Child, cpu_seconds
 
-    from bench.clients import producer_main
-
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=producer_main, args=({**spec, "window": window}, child), daemon=True)
-    proc.start()
-    loop = asyncio.get_running_loop()
-
-    async def receive() -> Any:
-        deadline = time.monotonic() + 120
-        while not await loop.run_in_executor(None, parent.poll, 1):
-            if not proc.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the producer ended or did not answer (exit code {proc.exitcode})")
-        msg = parent.recv()
-        if msg[0] == "error":
-            raise RuntimeError(msg[1])
-        return msg
-
+    producer = await asyncio.to_thread(Child, "producer", {**spec, "window": window})
     try:
-        await receive()  # ready
-        assert proc.pid is not None
-        cpu0 = _process_cpu_s(proc.pid)
-        parent.send(("go", {"run": 1, "count": count, "duration_s": 120}))
-        result = (await receive())[1]
-        client_cpu = _process_cpu_s(proc.pid) - cpu0
-        parent.send(("stop",))
-        return int(result["accepted"]), client_cpu
+        await asyncio.to_thread(producer.ready)
+        pid = producer.proc.pid
+        assert pid is not None
+        cpu0 = cpu_seconds(pid)
+        producer.send("go", {"run": 1, "count": count, "duration_s": 120})
+        result = await asyncio.to_thread(producer.expect, "done", 180)
+        return int(result["accepted"]), cpu_seconds(pid) - cpu0
     finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
+        await asyncio.to_thread(producer.stop)
 
 
 async def grpc_in(count: int, window: int, bare: bool) -> str:

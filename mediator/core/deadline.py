@@ -23,7 +23,7 @@ __all__ = ["deadline"]
 class _Clock:
     """The scopes open on one loop and the one timer that expires them."""
 
-    __slots__ = ("__weakref__", "handle", "loop", "scopes", "when")
+    __slots__ = ("handle", "loop", "scopes", "when")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
