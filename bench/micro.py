@@ -85,6 +85,15 @@ def event(i: int) -> Any:
     )
 
 
+async def _remove(client: Any, queue: str, exchange: str) -> None:
+    """Delete ``queue`` and ``exchange`` whatever happened (leave nothing on the shared broker), then close."""
+    with contextlib.suppress(Exception):
+        channel = await client.channel()
+        await channel.queue_delete(queue)
+        await channel.exchange_delete(exchange)
+    await client.close()
+
+
 async def amqp_out(count: int, window: int) -> str:
     import aio_pika
 
@@ -110,11 +119,7 @@ async def amqp_out(count: int, window: int) -> str:
         await in_flight(count, window, lambda i: out.send(events[i], "micro.out", "binary"))
         return report("amqp-out", count, started)
     finally:
-        with contextlib.suppress(Exception):  # whatever happened, leave nothing on the shared broker
-            channel = await client.channel()
-            await channel.queue_delete(queue)
-            await channel.exchange_delete(exchange)
-        await client.close()
+        await _remove(client, queue, exchange)
         link.cancel()
         await asyncio.gather(link, return_exceptions=True)
 
@@ -299,11 +304,7 @@ async def amqp_client(count: int, window: int) -> str:
         )
         return f"amqp-client: {accepted} messages, {1e6 * client_cpu / max(1, accepted):.1f} us of CPU per message"
     finally:
-        with contextlib.suppress(Exception):
-            channel = await client.channel()
-            await channel.queue_delete(queue)
-            await channel.exchange_delete(exchange)
-        await client.close()
+        await _remove(client, queue, exchange)
 
 
 class _Returning:
