@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from mediator.core.patterns import Template
-from mediator.core.seams import ConfigModel, InboundConfigBase, OutboundConfigBase, TemplateField
+from mediator.core.seams import BrokerTlsConfig, ConfigModel, InboundConfigBase, OutboundConfigBase, TemplateField
 
 
 def topic_filter_problem(text: str) -> str | None:
@@ -49,7 +49,13 @@ def publish_topic_problem(text: str) -> str | None:
 
 class MqttBrokerConfig(ConfigModel):
     """An MQTT broker we connect to. Each inbound and outbound opens its own connection to it, with the
-    client id ``<client_id>-<name>`` (fixed, so a persistent session survives a restart)."""
+    client id ``<client_id>-<name>`` (fixed, so a persistent session survives a restart).
+
+    ``tls`` (``[brokers.X.tls]``) connects over TLS (mqtts): the broker's certificate is verified against
+    ``ca_file`` (else the system's trust store) and the name ``server_hostname`` (else ``host``), and
+    ``cert_file``/``key_file`` are presented when the broker asks for a client certificate. ``port`` keeps
+    its default of 1883: a TLS listener is usually 8883, so set it.
+    """
 
     kind: Literal["mqtt"] = "mqtt"
     host: str = Field(default="127.0.0.1", min_length=1)
@@ -66,6 +72,7 @@ class MqttBrokerConfig(ConfigModel):
     # MQTT 5: how long the broker keeps an inbound's session (subscriptions, unacknowledged messages)
     # after a disconnect. MQTT 3.1.1 sessions of a fixed client id never expire.
     session_expiry_s: int = Field(default=3600, ge=0, le=4294967295)
+    tls: BrokerTlsConfig | None = None
 
     @field_validator("protocol", mode="before")
     @classmethod

@@ -1,33 +1,123 @@
-"""What the inbound and the outbound share: building an aiomqtt client and the reconnect backoff."""
+"""What the inbound and the outbound share: building an aiomqtt client (over TLS when the broker has
+``tls``) and the reconnect backoff."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import socket
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from adapters.mqtt import speedups
 from adapters.mqtt.config import MqttBrokerConfig
+from mediator.core.errors import ConfigError
+from mediator.core.seams import BrokerTlsConfig
 
 
 @dataclass(frozen=True, slots=True)
 class BrokerAccess:
-    """A broker's config plus the secret read from the environment at build time."""
+    """A broker's config plus what is read at build time: the secret from the environment and, with
+    ``tls``, the TLS context (its CA and client certificate files read once here, not per reconnect).
+
+    Raises ConfigError (file ``environment``) when a TLS file cannot be read."""
 
     name: str
     config: MqttBrokerConfig
     password: str | None
+    tls_context: ssl.SSLContext | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.config.tls is not None:
+            object.__setattr__(self, "tls_context", tls_context(f"brokers.{self.name}.tls", self.config.tls))
 
     @property
     def v5(self) -> bool:
         return self.config.protocol == "5"
+
+
+class BrokerSslContext(ssl.SSLContext):
+    """A client context that can verify (and send as SNI) a name other than the host it connects to.
+
+    Neither paho nor asyncio takes a server name apart from the host: both pass the host to
+    ``wrap_socket`` / ``wrap_bio``, where ``server_hostname`` replaces it when set.
+    """
+
+    server_name: str | None = None
+
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        return super().wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=do_handshake_on_connect,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            server_hostname=self.server_name or server_hostname,
+            session=session,
+        )
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return super().wrap_bio(
+            incoming,
+            outgoing,
+            server_side=server_side,
+            server_hostname=self.server_name or server_hostname,
+            session=session,
+        )
+
+
+def tls_context(key: str, tls: BrokerTlsConfig) -> ssl.SSLContext:
+    """The client TLS context of one broker, built once at build time: reading the CA and certificate
+    files is a small one-time blocking read while the daemon starts (or reloads), before it serves.
+
+    ``verify = false`` checks neither the certificate nor the name (a warning is logged). Raises
+    ConfigError (file ``environment``: ``check`` may run where the files are not) naming ``key``.
+    """
+    context = BrokerSslContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.server_name = tls.server_hostname
+    try:
+        if tls.ca_file is not None:
+            context.load_verify_locations(cafile=tls.ca_file)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("environment", [f"{key}.ca_file: cannot load {tls.ca_file!r}: {exc}"]) from None
+    if tls.cert_file is not None:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                "environment", [f"{key}.cert_file: cannot load {tls.cert_file!r} with {tls.key_file!r}: {exc}"]
+            ) from None
+    if not tls.verify:
+        context.check_hostname = False  # before verify_mode: CERT_NONE refuses check_hostname
+        context.verify_mode = ssl.CERT_NONE
+        structlog.get_logger(__name__).warning(
+            "broker.tls_unverified", key=key, reason="verify = false: the broker's certificate is not checked"
+        )
+    return context
 
 
 def make_client(
@@ -68,13 +158,15 @@ def make_client(
         keepalive=cfg.keepalive_s,
         timeout=cfg.connect_timeout_s,
         properties=props,
+        # check_hostname on the context (paho reads it: no tls_insecure of its own is needed).
+        tls_context=access.tls_context,
         max_inflight_messages=max_inflight,
         queue_type=queue_type,
         # Acknowledgements and pipelined publishes are tiny packets: without TCP_NODELAY they stall on
         # Nagle plus the peer's delayed ACK.
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     )
-    _buffer_reads(paho_client(client))
+    _buffer_reads(client)
     return client
 
 
@@ -86,19 +178,28 @@ class _BufferedSocket:
     calls and one event-loop turn each. aiomqtt's reader callback keeps calling ``loop_read`` while the
     socket reports ``pending()`` bytes (meant for TLS), so the packets of one large read are all handled
     in one turn. Measured on a lone QoS 1 subscriber (MQTT 5, 1 KiB): 101-135 -> 73 us of CPU per message.
+
+    ``failure`` keeps the error a read failed with (paho logs it and reports only "connection lost").
     """
 
-    __slots__ = ("_buf", "_pos", "_sock")
+    __slots__ = ("_buf", "_pos", "_sock", "failure")
 
     def __init__(self, sock: Any) -> None:
         self._sock: Any = sock
         self._buf: bytes = b""
         self._pos = 0
+        self.failure: OSError | None = None
 
     def recv(self, buffer_size: int) -> bytes:
         buf, pos = self._buf, self._pos
         if pos >= len(buf):
-            buf = self._sock.recv(READ_SIZE)  # BlockingIOError and b"" (closed) reach paho as before
+            try:
+                buf = self._sock.recv(READ_SIZE)  # BlockingIOError and b"" (closed) reach paho as before
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except OSError as exc:
+                self.failure = exc
+                raise
             if not buf:
                 return b""
             self._buf, pos = buf, 0
@@ -131,17 +232,36 @@ class _BufferedSocket:
 READ_SIZE = 65536
 
 
-def _buffer_reads(inner: paho.Client) -> None:
-    """Swap paho's socket for a ``_BufferedSocket`` as the connection opens (before aiomqtt sees it)."""
-    opened = inner.on_socket_open
+def _buffer_reads(client: aiomqtt.Client) -> None:
+    """Swap paho's socket for a ``_BufferedSocket`` as the connection opens (before aiomqtt sees it).
 
-    def on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
+    A read that fails before the CONNACK fails the connect at once, with the reason. aiomqtt ignores a
+    disconnect before CONNACK and waits out its whole timeout, then says "Operation timed out": that
+    is how a TLS 1.3 broker refusing our client certificate looks, since it says so in an alert after
+    the handshake has completed on our side (``tlsv13 alert certificate required``, ``unknown ca``).
+    """
+    inner = paho_client(client)
+    opened = inner.on_socket_open
+    disconnected = inner.on_disconnect
+    current: list[_BufferedSocket] = []
+
+    def on_socket_open(opening: paho.Client, userdata: Any, sock: Any) -> None:
         wrapped = _BufferedSocket(sock)
-        client._sock = wrapped
+        current[:] = [wrapped]
+        opening._sock = wrapped
         if opened is not None:
-            opened(client, userdata, wrapped)
+            opened(opening, userdata, wrapped)
+
+    def on_disconnect(closing: paho.Client, userdata: Any, *args: Any) -> None:
+        failure = current[0].failure if current else None
+        connecting: asyncio.Future[None] = client._connected
+        if failure is not None and not connecting.done():
+            connecting.set_exception(aiomqtt.MqttError(f"connection lost before CONNACK: {failure}"))
+        if disconnected is not None:
+            disconnected(closing, userdata, *args)
 
     inner.on_socket_open = on_socket_open
+    inner.on_disconnect = on_disconnect
 
 
 def properties(packet_type: int) -> Properties:

@@ -10,16 +10,31 @@ import signal
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.net import free_port, reachable
 
 
-class MosquittoInstance:
-    """A Mosquitto on a free loopback port, with a config that states the settings results depend on."""
+@dataclass(frozen=True, slots=True)
+class BrokerTls:
+    """The PEM files of a broker's TLS listener: its CA (which client certificates must chain to), its
+    certificate and key. The listener requires a client certificate."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+class MosquittoInstance:
+    """A Mosquitto on a free loopback port, with a config that states the settings results depend on.
+
+    With ``tls``, a second listener on ``tls_port`` speaks TLS only and requires a client certificate
+    signed by ``tls.ca_file`` (the plain listener on ``port`` stays, for ``start`` to wait on)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, tls: BrokerTls | None = None) -> None:
         self.port = port or free_port()
+        self.tls_port = free_port() if tls is not None else None
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / f"mosquitto-{self.port}.conf"
@@ -30,10 +45,21 @@ class MosquittoInstance:
             "max_queued_messages 100000\n"
             "persistence true\n"
             f"persistence_location {workdir}/\n"
-            "autosave_interval 1\n" + ("user root\n" if os.geteuid() == 0 else "")
+            "autosave_interval 1\n"
+            + ("user root\n" if os.geteuid() == 0 else "")
             # Started as root, mosquitto drops to the user "mosquitto", which cannot write (or even reach)
             # a test's temporary directory: persistence would fail silently ("Error saving in-memory
-            # database") and a restart would lose every session and queued message.
+            # database") and a restart would lose every session and queued message. (Staying root also
+            # lets it read a TLS key the test wrote, which the user "mosquitto" could not.)
+            + (
+                ""
+                if tls is None
+                else f"listener {self.tls_port} 127.0.0.1\n"
+                f"cafile {tls.ca_file}\n"
+                f"certfile {tls.cert_file}\n"
+                f"keyfile {tls.key_file}\n"
+                "require_certificate true\n"
+            )
         )
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -43,10 +69,13 @@ class MosquittoInstance:
                 "mosquitto", "-c", str(self.conf), stdout=asyncio.subprocess.DEVNULL, stderr=log
             )
         async with asyncio.timeout(10):
-            while not reachable("127.0.0.1", self.port, 0.2):
+            while not all(reachable("127.0.0.1", port, 0.2) for port in self.ports()):
                 if self.proc.returncode is not None:
                     raise AssertionError(f"mosquitto exited with {self.proc.returncode}")
                 await asyncio.sleep(0.05)
+
+    def ports(self) -> list[int]:
+        return [self.port] if self.tls_port is None else [self.port, self.tls_port]
 
     async def stop(self, kill: bool = False) -> None:
         if self.proc is None:
@@ -79,9 +108,13 @@ class RabbitNode:
     (shared/SERVICES.md): never the shared node on 5672, so a test may stop, kill and restart it.
 
     The synchronous methods (``start``, ``stop``, ``ctl``) are for session fixtures; tests use the
-    ``a*`` variants, which do not block the event loop."""
+    ``a*`` variants, which do not block the event loop.
 
-    def __init__(self, base: Path | None = None) -> None:
+    With ``tls``, the node also listens for amqps on ``tls_port`` (``tls_url``), with ``verify_peer`` and
+    ``fail_if_no_peer_cert``: a client without a certificate signed by ``tls.ca_file`` is refused. The
+    files are copied into the node's directory, which its user can read."""
+
+    def __init__(self, base: Path | None = None, tls: BrokerTls | None = None) -> None:
         # As root the Debian wrappers re-run the server as the rabbitmq user, which must own its files.
         self._user = pwd.getpwnam("rabbitmq") if os.geteuid() == 0 else None
         self.base = base or Path(tempfile.mkdtemp(prefix="mediator-rabbit-"))
@@ -105,9 +138,29 @@ class RabbitNode:
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         }
         _chown(self.base, self._user)
+        conf = f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
+        self.tls_port: int | None = None
+        self.tls_url: str | None = None
+        if tls is not None:
+            self.tls_port = free_port()
+            self.tls_url = f"amqps://guest:guest@127.0.0.1:{self.tls_port}/"
+            tls_dir = self.base / "tls"
+            tls_dir.mkdir()
+            _chown(tls_dir, self._user)
+            copies = {}
+            for role, source in (("cacertfile", tls.ca_file), ("certfile", tls.cert_file), ("keyfile", tls.key_file)):
+                copies[role] = tls_dir / f"{role}.pem"
+                shutil.copyfile(source, copies[role])
+                copies[role].chmod(0o600)
+                _chown(copies[role], self._user)
+            conf += (
+                f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+                + "".join(f"ssl_options.{role} = {path}\n" for role, path in copies.items())
+                + "ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n"
+            )
         files = {
             # Our own config file: the system one pins the listener to 5672, the shared node's port.
-            "rabbitmq.conf": f"listeners.tcp.local = 127.0.0.1:{self.port}\n",
+            "rabbitmq.conf": conf,
             "enabled_plugins": "[].\n",
             "rabbitmq-env.conf": "",  # not the system one, which names the shared node
         }
@@ -149,8 +202,9 @@ class RabbitNode:
             if time.monotonic() > deadline:
                 raise AssertionError(f"RabbitMQ node {self.node} did not start in {STARTUP_TIMEOUT_S} s\n{self.logs()}")
             time.sleep(0.5)
-        if not reachable("127.0.0.1", self.port):
-            raise AssertionError(f"RabbitMQ node {self.node} is up but not listening on {self.port}\n{self.logs()}")
+        for port in [self.port] if self.tls_port is None else [self.port, self.tls_port]:
+            if not reachable("127.0.0.1", port):
+                raise AssertionError(f"RabbitMQ node {self.node} is up but not listening on {port}\n{self.logs()}")
 
     async def astart(self) -> None:
         proc = await asyncio.create_subprocess_exec(
