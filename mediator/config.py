@@ -21,6 +21,8 @@ from mediator.core.seams import (
     InboundConfigBase,
     OutboundConfigBase,
 )
+from mediator.stages import problems as stage_problems
+from mediator.stages.config import AuthenticatorConfig, AuthorizationRuleConfig, RateLimitConfig, SecurityConfig
 
 
 class DaemonConfig(ConfigModel):
@@ -99,6 +101,10 @@ class RootConfig(ConfigModel):
     daemon: DaemonConfig = DaemonConfig()
     outbox: OutboxConfig = OutboxConfig()
     dead_letters: DeadLettersConfig = DeadLettersConfig()
+    security: SecurityConfig = SecurityConfig()
+    auth: dict[str, AuthenticatorConfig] = {}
+    authorization: list[AuthorizationRuleConfig] = []
+    rate_limits: list[RateLimitConfig] = []
     listeners: dict[str, dict[str, Any]] = {}
     brokers: dict[str, dict[str, Any]] = {}
     inbound: dict[str, dict[str, Any]] = {}
@@ -248,9 +254,6 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
             problems.append(f"dead_letters.forward.outbound: no outbound named {fwd.outbound!r}")
         fmt = fwd.format or str(getattr(outbound_models.get(fwd.outbound), "format", "binary"))
         dead_forward = DestinationSpec(fwd.outbound, Template.compile(fwd.address), fmt)
-    if problems:
-        raise ConfigError(file, problems)
-
     adapters = {
         kind: AdapterConfig(
             listeners=by_section.get("listeners", {}),
@@ -260,6 +263,9 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
         )
         for kind, by_section in typed.items()
     }
+    problems += stage_problems(adapters, root.auth, root.authorization, root.rate_limits)
+    if problems:
+        raise ConfigError(file, problems)
     return Config(file=file, root=root, adapters=adapters, routes=tuple(routes), dead_letter_forward=dead_forward)
 
 

@@ -20,12 +20,15 @@ from mediator.config import Config, load
 from mediator.core.envelope import Envelope
 from mediator.core.errors import ConfigError, NotReady
 from mediator.core.health import Health
+from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
 from mediator.core.seams import Built, Outbound, Runtime, Service
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
+from mediator.stages import Stages
+from mediator.stages import build as build_stages
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +53,10 @@ def make_outbox(config: Config) -> Outbox:
 
 
 class _NullSink:
-    async def accept(self, events: Sequence[Envelope]) -> None:
+    async def authenticate(self, origin: Origin) -> Principal:
+        raise NotReady("dry build")
+
+    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
         raise NotReady("dry build")
 
     async def dead_letter(self, event: Envelope, reason: str) -> None:
@@ -76,11 +82,31 @@ def build_adapters(config: Config, runtime: Runtime) -> tuple[Built, list[str], 
     return built, problems, environment
 
 
+def make_stages(config: Config) -> Stages:
+    """The ingress stages of ``config``; raises ConfigError when a key file or secret is missing or bad."""
+    root = config.root
+    return build_stages(
+        config.adapters, root.auth, root.authorization, root.rate_limits, root.security, Path(config.file).parent
+    )
+
+
 async def dry_build(config: Config) -> tuple[list[str], list[str]]:
     """Build every adapter without running anything (for ``check``): (problems, environment problems).
     Environment problems are reported apart because ``check`` may run where the secrets are not."""
-    _, problems, environment = build_adapters(config, Runtime(sink=_NullSink(), health=Health()))
-    return problems, environment
+    problems: list[str] = []
+    environment: list[str] = []
+    try:
+        stages = make_stages(config)
+    except ConfigError as exc:
+        (environment if exc.file == "environment" else problems).extend(
+            exc.problems if exc.file == "environment" else [f"{exc.file}: {p}" for p in exc.problems]
+        )
+        headers = frozenset({"authorization"})
+    else:
+        headers = stages.credential_headers
+    runtime = Runtime(sink=_NullSink(), health=Health(), credential_headers=headers)
+    _, more, env = build_adapters(config, runtime)
+    return problems + more, environment + env
 
 
 class Daemon:
@@ -90,6 +116,7 @@ class Daemon:
         self.backlog = Backlog()
         self.outbox = make_outbox(config)
         self.dispatchers: dict[str, Dispatcher] = {}
+        self.stages = make_stages(config)
         self.pipeline = Pipeline(
             Router(config.routes),
             self.outbox,
@@ -97,8 +124,17 @@ class Daemon:
             self.backlog,
             max_pending=config.outbox.max_pending,
             dedup=config.outbox.dedup_window_s > 0,
+            stages=self.stages.stages,
+            authenticate=self.stages.authenticate,
         )
-        runtime = Runtime(sink=self.pipeline, health=self.health, admin=DeadLetterAdmin(self))
+        runtime = Runtime(
+            sink=self.pipeline,
+            health=self.health,
+            admin=DeadLetterAdmin(self),
+            credential_headers=self.stages.credential_headers,
+            admin_roles=self.stages.admin_roles,
+        )
+        self._reload_hooks = runtime.reload_hooks
         self._specs = load_specs()
         built, problems, environment = build_adapters(config, runtime)
         if problems or environment:
@@ -137,6 +173,16 @@ class Daemon:
 
     def request_reload(self) -> None:
         self._reload.set()
+        # SIGHUP also re-reads what adapters and stages hold from files: TLS certificates, API keys.
+        self._hup()
+
+    def _hup(self) -> None:
+        for hook in self._reload_hooks:
+            try:
+                hook()
+            except Exception as exc:  # a hook must not stop the others or the daemon
+                log.error("reload.hook_failed", hook=getattr(hook, "__qualname__", repr(hook)), error=repr(exc))
+        self.stages.reload()
 
     async def _reload_loop(self) -> None:
         """On SIGHUP or a change of the file's mtime: validate the file again and swap the routes in.
@@ -166,11 +212,28 @@ class Daemon:
             changed = [k for k in static if getattr(old, k) != getattr(new.root, k)]
             if changed:
                 log.warning("config.restart_required", sections=changed, applied="routes only")
+            security = ("security", "auth", "authorization", "rate_limits")
+            update: dict[str, object] = {"routes": new.root.routes}
+            if any(getattr(old, k) != getattr(new.root, k) for k in security) and not changed:
+                try:
+                    stages = make_stages(new)
+                except ConfigError as exc:
+                    log.error("config.reload_refused", file=exc.file, problems=exc.problems)
+                    continue
+                old_stages, self.stages = self.stages, stages
+                self.pipeline.stages = stages.stages
+                self.pipeline.authenticator = stages.authenticate
+                stages.start()
+                await old_stages.close()
+                update.update({k: getattr(new.root, k) for k in security})
+                log.info("config.stages_reloaded", stages=[s.name for s in stages.stages])
+            elif any(getattr(old, k) != getattr(new.root, k) for k in security):
+                log.warning("config.stages_not_reloaded", reason="listener or inbound sections changed too")
             self.pipeline.router = Router(new.routes)
             self.pipeline.dead_letter_destination = new.dead_letter_forward
             self.config = Config(
                 self.config.file,
-                self.config.root.model_copy(update={"routes": new.root.routes}),
+                self.config.root.model_copy(update=update),
                 self.config.adapters,
                 new.routes,
             )
@@ -178,6 +241,7 @@ class Daemon:
 
     async def _run(self) -> None:
         pending = await self.outbox.open()
+        self.stages.start()
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(s.run(), name=s.name) for s in self.services]
@@ -203,6 +267,7 @@ class Daemon:
                 for task in tasks:
                     task.cancel()
         finally:
+            await self.stages.close()
             await self.outbox.close()
         log.info("daemon.stopped", undelivered=self.backlog.value)
 

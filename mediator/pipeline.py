@@ -8,11 +8,13 @@ from collections.abc import Mapping, Sequence
 import structlog
 
 from mediator.core.envelope import Envelope
-from mediator.core.errors import NotReady, Overloaded
+from mediator.core.errors import NotReady, Overloaded, Rejected
+from mediator.core.ingress import Batch, Origin, Principal, Stage
 from mediator.core.patterns import TemplateError
 from mediator.core.router import Delivery, DestinationSpec, Router
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.outbox.base import Accepted, Outbox, Pending, StorageError
+from mediator.stages.authn import Authenticate
 
 log = structlog.get_logger(__name__)
 
@@ -30,8 +32,13 @@ class Pipeline:
         *,
         max_pending: int,
         dedup: bool = True,
+        stages: Sequence[Stage] = (),
+        authenticate: Authenticate | None = None,
     ) -> None:
         self._dedup = dedup
+        # Swapped whole on a config reload, like the router; a call reads each once.
+        self.stages: tuple[Stage, ...] = tuple(stages)
+        self.authenticator = authenticate if authenticate is not None else Authenticate({})
         outbox.on_commit = self.dispatch
         self.router = router  # swapped whole on a config reload; routing reads it once per event
         self.dead_letter_destination: DestinationSpec | None = None
@@ -44,11 +51,30 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def accept(self, events: Sequence[Envelope]) -> None:
+    async def authenticate(self, origin: Origin) -> Principal:
+        try:
+            return await self.authenticator.authenticate(origin)
+        except Rejected as exc:
+            _log_refusal(exc, origin, None)
+            raise
+
+    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
         if self.draining:
             raise NotReady("shutting down", retry_after_s=5.0)
         if self._backlog.value >= self._max_pending:
             raise Overloaded(f"outbox holds {self._backlog.value} undelivered events", retry_after_s=2.0)
+        if origin is None:
+            # No Origin: nothing was presented, so the inbound's policy sees an anonymous caller.
+            inbound = events[0].provenance.inbound if events else ""
+            origin = Origin(inbound=inbound, protocol=events[0].provenance.protocol if events else "")
+        batch = Batch(origin, list(events))
+        try:
+            for stage in self.stages:
+                await stage.run(batch)
+        except Rejected as exc:
+            _log_refusal(exc, origin, batch)
+            raise
+        events = batch.events
         router = self.router
         items = []
         for env in events:
@@ -126,6 +152,28 @@ class Pipeline:
         for p in pending:
             dispatchers[p.outbound].submit(p)
 
+    async def close(self) -> None:
+        await self.authenticator.close()
+
     async def wait_idle(self) -> None:
         """Return when no commit is in progress."""
         await self._idle.wait()
+
+
+def _log_refusal(exc: Rejected, origin: Origin, batch: Batch | None) -> None:
+    """Every refusal, with who, where, which rule and why; never the credential (reasons never hold one)."""
+    principal = origin.principal
+    if batch is not None and batch.principals and len({p.id for p in batch.principals}) == 1:
+        principal = batch.principals[0]
+    log.info(
+        "envelope.refused",
+        code=exc.code.value,
+        inbound=origin.inbound,
+        protocol=origin.protocol,
+        principal=principal.id if principal is not None else None,
+        peer=origin.peer or None,
+        rule=exc.rule,
+        reason=exc.reason,
+        events=len(batch.events) if batch is not None else None,
+        event_id=batch.events[0].id if batch is not None and len(batch.events) == 1 else None,
+    )

@@ -27,6 +27,7 @@ from adapters.amqp.config import AmqpBrokerConfig, AmqpInboundConfig
 from adapters.amqp.connection import BrokerLink
 from mediator.core.envelope import Envelope
 from mediator.core.errors import NotReady, Rejected
+from mediator.core.ingress import Origin
 from mediator.core.seams import Runtime
 
 # A pause before handing a message back, so a sink that is not ready is not hammered by redeliveries.
@@ -56,6 +57,8 @@ class AmqpInbound(BrokerLink):
         self._arrived: list[AbstractIncomingMessage] = []
         self._tainted: object = None  # a channel on which a failed batch may have left deliveries unsettled
         self._wake = asyncio.Event()
+        # RabbitMQ authenticated the publishers; the user_id it validated is per message (provenance).
+        self._origin = Origin(inbound=name, protocol="amqp", broker=True)
 
     async def _setup(self, conn: AbstractRobustConnection) -> None:
         cfg = self.cfg
@@ -109,6 +112,7 @@ class AmqpInbound(BrokerLink):
                 message_id=message.message_id,
                 timestamp=message.timestamp,
                 type=message.type,
+                user_id=message.user_id,
             )
             try:
                 env = to_envelope(
@@ -130,7 +134,7 @@ class AmqpInbound(BrokerLink):
         if not decoded:
             return
         try:
-            await self.sink.accept([env for _, env in decoded])
+            await self.sink.accept([env for _, env in decoded], self._origin)
         except NotReady as exc:
             await self._requeue([message for message, _ in decoded], exc)
             return

@@ -27,6 +27,7 @@ from adapters.mqtt.config import MqttInboundConfig
 from adapters.mqtt.connection import Backoff, BrokerAccess, make_client, paho_client
 from mediator.core.envelope import Envelope
 from mediator.core.errors import NotReady, Rejected
+from mediator.core.ingress import Origin
 from mediator.core.seams import Runtime
 
 # Retrying a commit the sink refused with NotReady; the broker keeps the message meanwhile.
@@ -53,6 +54,8 @@ class MqttInbound:
         )
         self._qos = min(cfg.qos, 1)  # see MqttInboundConfig: QoS 2 is received as QoS 1
         self._log = structlog.get_logger(__name__).bind(inbound=name, protocol="mqtt")
+        # The broker authenticated the publishers; what it vouches for is per message (a topic segment).
+        self._origin = Origin(inbound=name, protocol="mqtt", broker=True)
         rt.health.register(self.name)
 
     async def run(self) -> None:
@@ -186,7 +189,7 @@ class MqttInbound:
 
     async def _accept(self, events: list[Envelope]) -> None:
         try:
-            await self._rt.sink.accept(events)
+            await self._rt.sink.accept(events, self._origin)
         except Rejected as exc:
             if len(events) > 1:
                 # One refused event must not take the rest of the batch with it: settle each on its own.

@@ -6,6 +6,7 @@ core code never sees an aiomqtt, aio-pika, aiohttp or grpc type.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -33,12 +34,42 @@ class RejectCode(Enum):
     RATE_LIMITED = "rate_limited"  # 429, RESOURCE_EXHAUSTED
 
 
-class Rejected(MediatorError):
-    """The sender's fault; never retried."""
+@dataclass(frozen=True, slots=True)
+class RateLimitState:
+    """The limit a refused (or any) call ran into, for the IETF httpapi RateLimit headers: ``quota``
+    events per ``window_s`` seconds, ``remaining`` of them now, the quota back in full after ``reset_s``."""
 
-    def __init__(self, code: RejectCode, reason: str) -> None:
+    policy: str
+    quota: int
+    window_s: float
+    remaining: int
+    reset_s: float
+
+
+class Rejected(MediatorError):
+    """The sender's fault; never retried.
+
+    ``rule`` names the config rule (authenticator, authorization rule, rate limit) that refused, for logs;
+    ``challenge`` is the authentication scheme a 401 offers (HTTP ``WWW-Authenticate``); ``retry_after_s``
+    and ``limit`` come with RATE_LIMITED.
+    """
+
+    def __init__(
+        self,
+        code: RejectCode,
+        reason: str,
+        *,
+        rule: str | None = None,
+        challenge: str | None = None,
+        retry_after_s: float | None = None,
+        limit: RateLimitState | None = None,
+    ) -> None:
         self.code = code
         self.reason = reason
+        self.rule = rule
+        self.challenge = challenge
+        self.retry_after_s = retry_after_s
+        self.limit = limit
         super().__init__(f"{code.value}: {reason}")
 
 

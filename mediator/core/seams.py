@@ -9,20 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Protocol
+from typing import Annotated, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, model_validator
 
 from mediator.core.envelope import Envelope
 from mediator.core.health import Health
+from mediator.core.ingress import Origin, Principal
 from mediator.core.patterns import Template
 
 
 class Sink(Protocol):
     """Where inbound adapters hand events. Shared by every inbound; safe to call concurrently."""
 
-    async def accept(self, events: Sequence[Envelope]) -> None:
-        """Run the ingress stages, route, and commit ``events`` to the outbox as one unit.
+    async def authenticate(self, origin: Origin) -> Principal:
+        """Who ``origin`` is, per the authenticators its inbound names (cached on ``origin.principal``,
+        so a stream or a request authenticates once). An adapter may call it before it reads a body or a
+        stream, to refuse early; ``accept`` calls it anyway. Raises ``Rejected(UNAUTHENTICATED)``."""
+        ...
+
+    async def accept(self, events: Sequence[Envelope], origin: Origin) -> None:
+        """Run the ingress stages, route, and commit ``events`` (all from ``origin``) as one unit.
 
         Returns only when every event is safe (committed, or recognised as a duplicate); only then may the
         adapter acknowledge its sender. Raises ``Rejected`` (the sender's fault: answer with the mapped
@@ -108,10 +115,70 @@ class RetryConfig(ConfigModel):
     backoff_max_s: float = Field(default=30.0, gt=0)
 
 
-class InboundConfigBase(ConfigModel):
-    """An inbound section. ``connection()`` names the listener or broker it uses, if any."""
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class TlsConfig(ConfigModel):
+    """TLS on a listener we run. The files are read at start and again on SIGHUP (established
+    connections keep the certificate they began with)."""
+
+    cert_file: str = Field(min_length=1, description="PEM certificate chain, the server's certificate first")
+    key_file: str = Field(min_length=1, description="PEM private key of the certificate")
+    client_ca_file: str | None = Field(default=None, description="PEM CA bundle client certificates must chain to")
+    client_cert: Literal["none", "optional", "required"] = Field(
+        default="none", description="ask for a client certificate (mTLS); 'required' refuses a handshake without one"
+    )
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> TlsConfig:
+        if self.client_cert != "none" and not self.client_ca_file:
+            raise ValueError(f"client_cert = {self.client_cert!r} needs client_ca_file")
+        return self
+
+
+class ListenerConfigBase(ConfigModel):
+    """A server we run. ``auth`` names the authenticators (``[auth.NAME]``) its inbounds use unless they
+    name their own; off loopback, a listener without any refuses to start unless ``allow_anonymous``."""
 
     kind: str
+    host: str = "127.0.0.1"
+    tls: TlsConfig | None = None
+    auth: list[str] = Field(default_factory=list)
+    allow_anonymous: bool = False
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
+
+
+class BrokerTlsConfig(ConfigModel):
+    """TLS to a broker (``mqtts``, ``amqps``): the CA that signed its certificate, and our own
+    certificate when the broker asks for one."""
+
+    ca_file: str | None = Field(default=None, description="PEM CA bundle; None: the system's trust store")
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_hostname: str | None = Field(default=None, description="name to verify instead of the host")
+    verify: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> BrokerTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class InboundConfigBase(ConfigModel):
+    """An inbound section. ``connection()`` names the listener or broker it uses, if any.
+
+    ``auth`` names authenticators (``[auth.NAME]``); None takes the listener's. With authenticators,
+    a caller none of them vouches for is refused unless ``allow_anonymous``.
+    """
+
+    kind: str
+    auth: list[str] | None = None
+    allow_anonymous: bool | None = None
 
     def connection(self) -> str | None:
         return None
@@ -139,11 +206,20 @@ class AdapterConfig:
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
-    """What the daemon lends to adapters."""
+    """What the daemon lends to adapters.
+
+    ``credential_headers``: the lower-case header / metadata names an inbound copies into
+    ``Origin.credentials``. ``reload_hooks``: callables an adapter adds (re-read its TLS certificates, say)
+    that the daemon calls on SIGHUP; each must be quick or schedule its own work, and must not raise.
+    ``admin_roles``: a principal with one of these may use admin endpoints when authentication is on.
+    """
 
     sink: Sink
     health: Health
     admin: Admin | None = None
+    credential_headers: frozenset[str] = frozenset({"authorization"})
+    reload_hooks: list[Callable[[], None]] = field(default_factory=list)
+    admin_roles: frozenset[str] = frozenset({"admin"})
 
 
 @dataclass(slots=True)

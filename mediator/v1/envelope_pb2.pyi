@@ -173,6 +173,7 @@ class Provenance(_message.Message):
     CLAIMS_FIELD_NUMBER: _builtins.int
     RECEIVED_FIELD_NUMBER: _builtins.int
     ID_MINTED_FIELD_NUMBER: _builtins.int
+    VOUCHED_USER_FIELD_NUMBER: _builtins.int
     inbound: _builtins.str
     """admin-chosen inbound name"""
     protocol: _builtins.str
@@ -185,6 +186,11 @@ class Provenance(_message.Message):
     id_minted: _builtins.bool
     """The gateway made the id up (the sender gave none): no sender can repeat it, so the deduplication
     window does not record it.
+    """
+    vouched_user: _builtins.str
+    """The publisher's identity as the broker vouches for it (AMQP user_id, which RabbitMQ validates; an
+    MQTT topic segment that the broker's ACL binds to the username), set by the inbound adapter for the
+    ingress stages to authenticate. Empty when the broker says nothing.
     """
     @_builtins.property
     def claims(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -201,10 +207,11 @@ class Provenance(_message.Message):
         claims: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         received: _timestamp_pb2.Timestamp | None = ...,
         id_minted: _builtins.bool = ...,
+        vouched_user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["received", b"received"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "id_minted", b"id_minted", "inbound", b"inbound", "principal", b"principal", "protocol", b"protocol", "received", b"received", "topic", b"topic", "topic_separator", b"topic_separator"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "id_minted", b"id_minted", "inbound", b"inbound", "principal", b"principal", "protocol", b"protocol", "received", b"received", "topic", b"topic", "topic_separator", b"topic_separator", "vouched_user", b"vouched_user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,7 +6,8 @@ import asyncio
 from collections.abc import Sequence
 
 from mediator.core.envelope import Envelope
-from mediator.core.errors import MediatorError
+from mediator.core.errors import MediatorError, RejectCode, Rejected
+from mediator.core.ingress import ANONYMOUS, Origin, Principal
 
 
 class ListSink:
@@ -17,9 +18,20 @@ class ListSink:
         self.dead: list[tuple[Envelope, str]] = []
         self.fail_with: MediatorError | None = None
         self.calls = 0
+        self.origins: list[Origin] = []  # every Origin handed to authenticate or accept
         self._changed = asyncio.Event()
 
-    async def accept(self, events: Sequence[Envelope]) -> None:
+    async def authenticate(self, origin: Origin) -> Principal:
+        self.origins.append(origin)
+        if isinstance(self.fail_with, Rejected) and self.fail_with.code is RejectCode.UNAUTHENTICATED:
+            raise self.fail_with
+        if origin.principal is None:
+            origin.principal = Principal("", ANONYMOUS, "anonymous")
+        return origin.principal
+
+    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
+        if origin is not None:
+            self.origins.append(origin)
         self.calls += 1
         if self.fail_with is not None:
             raise self.fail_with

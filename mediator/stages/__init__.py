@@ -1,0 +1,197 @@
+"""The ingress stages (protocol-neutral): authenticate, authorize, rate limit; content stages plug in after.
+
+``build`` turns a validated config into the ordered stage list the pipeline runs; ``problems`` finds what
+only the combination of sections can show (an inbound naming a missing authenticator, a public listener
+without authentication), for ``mediator check`` and start-up alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from mediator.core.ingress import Stage
+from mediator.core.seams import AdapterConfig, InboundConfigBase, ListenerConfigBase
+from mediator.stages.authn import (
+    ApiKeyAuthenticator,
+    Authenticate,
+    Authenticator,
+    BrokerAuthenticator,
+    JwtAuthenticator,
+    MtlsAuthenticator,
+    Policy,
+)
+from mediator.stages.authz import Authorize
+from mediator.stages.config import (
+    ApiKeyAuthConfig,
+    AuthenticatorConfig,
+    AuthorizationRuleConfig,
+    BrokerAuthConfig,
+    JwtAuthConfig,
+    MtlsAuthConfig,
+    RateLimitConfig,
+    SecurityConfig,
+)
+from mediator.stages.ratelimit import RateLimit
+
+__all__ = ["Stages", "build", "problems"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class Stages:
+    authenticate: Authenticate
+    stages: tuple[Stage, ...]
+    credential_headers: frozenset[str]
+    admin_roles: frozenset[str]
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def start(self) -> None:
+        """Fetch every JWKS in the background, so the first token does not wait for it."""
+        for auth in self.authenticate.authenticators():
+            if isinstance(auth, JwtAuthenticator) and auth.jwks is not None:
+                task = asyncio.get_running_loop().create_task(auth.jwks.prefetch(), name=f"jwks:{auth.name}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    def reload(self) -> None:
+        """SIGHUP: read the API key files again, in a thread."""
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(self.authenticate.reload_keys), name="auth:reload-keys"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.authenticate.close()
+
+
+def _listener_of(icfg: InboundConfigBase, listeners: Mapping[str, object]) -> tuple[str, ListenerConfigBase] | None:
+    ref = icfg.connection()
+    lcfg = listeners.get(ref) if ref is not None else None
+    return (ref, lcfg) if ref is not None and isinstance(lcfg, ListenerConfigBase) else None
+
+
+def _effective(icfg: InboundConfigBase, listener: ListenerConfigBase | None) -> tuple[list[str], bool]:
+    names = icfg.auth if icfg.auth is not None else (listener.auth if listener is not None else [])
+    if icfg.allow_anonymous is not None:
+        anonymous = icfg.allow_anonymous
+    else:
+        anonymous = listener.allow_anonymous if listener is not None else False
+    return list(names), anonymous
+
+
+def problems(
+    adapters: Mapping[str, AdapterConfig],
+    auth: Mapping[str, AuthenticatorConfig],
+    rules: list[AuthorizationRuleConfig],
+    limits: list[RateLimitConfig],
+) -> list[str]:
+    out: list[str] = []
+    listeners = {n: m for a in adapters.values() for n, m in a.listeners.items()}
+    brokers = {n for a in adapters.values() for n in a.brokers}
+    inbound_names = {n for a in adapters.values() for n in a.inbounds}
+    for name, lcfg in listeners.items():
+        if not isinstance(lcfg, ListenerConfigBase):
+            continue
+        for i, ref in enumerate(lcfg.auth):
+            acfg = auth.get(ref)
+            if acfg is None:
+                out.append(f"listeners.{name}.auth[{i}]: no authenticator [auth.{ref}]")
+            elif isinstance(acfg, BrokerAuthConfig):
+                out.append(f"listeners.{name}.auth[{i}]: [auth.{ref}] is for broker inbounds")
+            elif isinstance(acfg, MtlsAuthConfig) and (lcfg.tls is None or lcfg.tls.client_cert == "none"):
+                out.append(f"listeners.{name}.auth[{i}]: mtls needs tls.client_cert = 'optional' or 'required'")
+    for adapter in adapters.values():
+        for name, icfg in adapter.inbounds.items():
+            found = _listener_of(icfg, listeners)
+            listener = found[1] if found else None
+            on_broker = icfg.connection() in brokers
+            names, anonymous = _effective(icfg, listener)
+            where = f"inbound.{name}.auth" if icfg.auth is not None else f"listeners.{found[0]}.auth" if found else ""
+            for i, ref in enumerate(names):
+                acfg = auth.get(ref)
+                if acfg is None:
+                    out.append(f"{where}[{i}]: no authenticator [auth.{ref}]")
+                elif on_broker and not isinstance(acfg, BrokerAuthConfig):
+                    out.append(
+                        f"{where}[{i}]: inbound {name!r} reads from a broker, which authenticates its publishers: "
+                        f"use a kind = 'broker' authenticator, not {acfg.kind!r}"
+                    )
+                elif not on_broker and isinstance(acfg, BrokerAuthConfig):
+                    out.append(f"{where}[{i}]: [auth.{ref}] (kind = 'broker') is for broker inbounds")
+                elif isinstance(acfg, MtlsAuthConfig) and (
+                    listener is None or listener.tls is None or listener.tls.client_cert == "none"
+                ):
+                    out.append(f"{where}[{i}]: mtls needs the listener's tls.client_cert = 'optional' or 'required'")
+            if listener is not None and not listener.loopback and not names and not anonymous:
+                assert found is not None
+                out.append(
+                    f"inbound.{name}: listener {found[0]!r} listens on {listener.host} (not loopback) and nothing "
+                    "authenticates its callers: name authenticators (auth = [...]) or say allow_anonymous = true"
+                )
+    for i, rule in enumerate(rules):
+        for ref in rule.inbounds:
+            if ref not in inbound_names:
+                out.append(f"authorization[{i}].inbounds: no inbound named {ref!r}")
+    for i, limit in enumerate(limits):
+        for ref in limit.inbounds:
+            if ref not in inbound_names:
+                out.append(f"rate_limits[{i}].inbounds: no inbound named {ref!r}")
+    names = [r.name for r in rules]
+    out += [f"authorization: rule name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    return out
+
+
+def build(
+    adapters: Mapping[str, AdapterConfig],
+    auth: Mapping[str, AuthenticatorConfig],
+    rules: list[AuthorizationRuleConfig],
+    limits: list[RateLimitConfig],
+    security: SecurityConfig,
+    base_dir: Path,
+) -> Stages:
+    """The stages for a config that ``problems`` found nothing wrong with. Reads API key files and HS
+    secrets (small, once, before the daemon serves); raises ConfigError when one is missing or bad."""
+    made: dict[str, Authenticator] = {}
+    for name, acfg in auth.items():
+        if isinstance(acfg, ApiKeyAuthConfig):
+            key_auth = ApiKeyAuthenticator(name, acfg, base_dir)
+            key_auth.load_sync()
+            made[name] = key_auth
+        elif isinstance(acfg, JwtAuthConfig):
+            jwt_auth = JwtAuthenticator(name, acfg, base_dir)
+            jwt_auth.load_sync()
+            made[name] = jwt_auth
+        elif isinstance(acfg, MtlsAuthConfig):
+            made[name] = MtlsAuthenticator(name, acfg)
+        else:
+            made[name] = BrokerAuthenticator(name, acfg)
+    listeners = {n: m for a in adapters.values() for n, m in a.listeners.items()}
+    policies: dict[str, Policy] = {}
+    for name, lcfg in listeners.items():
+        if isinstance(lcfg, ListenerConfigBase) and lcfg.auth:
+            policies[f"listener:{name}"] = Policy(tuple(made[r] for r in lcfg.auth), allow_anonymous=True)
+    for adapter in adapters.values():
+        for name, icfg in adapter.inbounds.items():
+            found = _listener_of(icfg, listeners)
+            names, anonymous = _effective(icfg, found[1] if found else None)
+            if names:
+                policies[name] = Policy(tuple(made[r] for r in names), allow_anonymous=anonymous)
+    headers = {"authorization"} | {a.header for a in made.values() if isinstance(a, ApiKeyAuthenticator)}
+    authenticate = Authenticate(policies, security.reserved_attributes)
+    stages: list[Stage] = [authenticate]
+    authorize = Authorize(rules)
+    if authorize.enabled:
+        stages.append(authorize)
+    rate_limit = RateLimit(limits)
+    if rate_limit.enabled:
+        stages.append(rate_limit)
+    return Stages(authenticate, tuple(stages), frozenset(headers), frozenset(security.admin_roles))

@@ -1,0 +1,206 @@
+"""Config models of the ingress stages: ``[auth.NAME]`` authenticators, ``[[authorization]]`` rules,
+``[[rate_limits]]`` and ``[security]``. Secrets are never inline: files or environment variable names."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from mediator.core.seams import LOOPBACK_HOSTS, ConfigModel
+
+AUTHTYPES = ("user", "app_user", "service_account", "api_key", "system")
+AuthType = Literal["user", "app_user", "service_account", "api_key", "system"]
+
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+Claim = Literal["exp", "iss", "aud", "iat", "nbf", "sub"]
+DEFAULT_REQUIRED: tuple[Claim, ...] = ("exp", "iss", "aud")
+CertField = Literal["san_uri", "san_dns", "cn"]
+CERT_FIELDS: tuple[CertField, ...] = ("san_uri", "san_dns", "cn")
+
+
+_INLINE_SECRETS = frozenset({"secret", "key", "keys", "password", "token", "private_key", "api_key", "hash"})
+
+
+class _AuthBase(ConfigModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: object) -> object:
+        if isinstance(data, dict):
+            inline = sorted(_INLINE_SECRETS & set(data))
+            if inline:
+                raise ValueError(
+                    f"inline secrets are refused ({', '.join(inline)}): name a file (keys_file, jwks_file) or an "
+                    "environment variable (keys_env, secret_env) instead"
+                )
+        return data
+
+
+def _header_name(value: str) -> str:
+    if not value or any(c in value for c in " :\r\n\t") or not value.isascii():
+        raise ValueError(f"invalid header name {value!r}")
+    return value.lower()
+
+
+class ApiKeyAuthConfig(_AuthBase):
+    """API keys, stored hashed: ``keys_file`` (or ``keys_env``, the name of a variable holding the same
+    text) is TOML with one ``[[keys]]`` table per key: ``principal``, ``sha256`` (hex digest of the key),
+    optional ``roles`` and ``expires`` (an RFC 3339 date-time). Several keys may name one principal, so a
+    key is rotated by adding the new one, moving clients over, then removing the old. ``mediator
+    hash-key`` makes a key and its entry. The file is read again on SIGHUP."""
+
+    kind: Literal["api_key"]
+    keys_file: str | None = Field(default=None, description="TOML file of hashed keys")
+    keys_env: str | None = Field(default=None, description="name of an environment variable holding that TOML")
+    header: str = Field(default="x-api-key", description="header / gRPC metadata carrying the key")
+    bearer: bool = Field(default=True, description="also accept the key as `Authorization: Bearer <key>`")
+    authtype: AuthType = "api_key"
+
+    _header = field_validator("header")(classmethod(lambda cls, v: _header_name(v)))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeyAuthConfig:
+        if (self.keys_file is None) == (self.keys_env is None):
+            raise ValueError("give exactly one of keys_file and keys_env")
+        return self
+
+
+class JwtAuthConfig(_AuthBase):
+    """JSON Web Tokens (``Authorization: Bearer <jwt>``) from one issuer, verified with PyJWT.
+
+    Keys: ``jwks_url`` (fetched by the daemon, cached ``jwks_ttl_s``, fetched again for an unknown ``kid``
+    at most once per ``jwks_cooldown_s``; a failed fetch keeps the last good set), ``jwks_file``, or
+    ``secret_env`` for the HS algorithms. ``algorithms`` are pinned: a token naming any other is refused.
+    """
+
+    kind: Literal["jwt"]
+    issuer: str | None = Field(default=None, description="required `iss`; None only with require without 'iss'")
+    audience: list[str] = Field(default_factory=list, description="accepted `aud` values (any one)")
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256"], min_length=1)
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    secret_env: str | None = Field(default=None, description="environment variable holding the HS secret")
+    require: list[Claim] = Field(
+        default_factory=lambda: list(DEFAULT_REQUIRED), description="claims a token must carry"
+    )
+    leeway_s: float = Field(default=30.0, ge=0, le=300)
+    principal_claim: str = "sub"
+    roles_claim: str | None = Field(default=None, description="claim holding a list (or space-separated string)")
+    claims: list[str] = Field(default_factory=list, description="claims copied into the event's authclaims")
+    max_token_bytes: int = Field(default=8192, ge=256, le=65536)
+    jwks_ttl_s: float = Field(default=300.0, gt=0)
+    jwks_cooldown_s: float = Field(default=30.0, gt=0)
+    jwks_timeout_s: float = Field(default=5.0, gt=0)
+    jwks_ca_file: str | None = Field(default=None, description="CA bundle for an https jwks_url")
+    cache_size: int = Field(default=4096, ge=0, description="verified tokens kept until they expire (0: none)")
+    authtype: AuthType = "user"
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: list[str]) -> list[str]:
+        for alg in value:
+            if alg not in ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS:
+                allowed = ", ".join(sorted(ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS))
+                raise ValueError(f"algorithm {alg!r} is not one of {allowed}")
+        return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS):
+            return value
+        raise ValueError("jwks_url must be https:// (plain http only on a loopback address)")
+
+    @model_validator(mode="after")
+    def _keys(self) -> JwtAuthConfig:
+        hmac = [a for a in self.algorithms if a in HMAC_ALGORITHMS]
+        if hmac and len(hmac) != len(self.algorithms):
+            raise ValueError("do not mix HS and public-key algorithms in one authenticator (one per issuer)")
+        sources = [s for s in (self.jwks_url, self.jwks_file, self.secret_env) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of jwks_url, jwks_file and secret_env")
+        if hmac and self.secret_env is None:
+            raise ValueError("HS algorithms take their secret from secret_env")
+        if not hmac and self.secret_env is not None:
+            raise ValueError("secret_env is for HS algorithms; public-key algorithms use jwks_url or jwks_file")
+        if "iss" in self.require and self.issuer is None:
+            raise ValueError("issuer is required (or remove 'iss' from require)")
+        if "aud" in self.require and not self.audience:
+            raise ValueError("audience is required (or remove 'aud' from require)")
+        return self
+
+
+class MtlsAuthConfig(_AuthBase):
+    """Client certificates verified by a TLS listener (``tls.client_cert``): the principal is the first of
+    ``principal_from`` the certificate has."""
+
+    kind: Literal["mtls"]
+    principal_from: list[CertField] = Field(default_factory=lambda: list(CERT_FIELDS), min_length=1)
+    roles: dict[str, list[str]] = Field(default_factory=dict, description="principal -> roles")
+    default_roles: list[str] = Field(default_factory=list)
+    authtype: AuthType = "service_account"
+
+
+class BrokerAuthConfig(_AuthBase):
+    """The identity a broker vouches for, on broker inbounds: ``from = "topic"`` takes topic segment
+    ``segment`` (trustworthy where the broker's ACL binds it to the username, Mosquitto's ``pattern write
+    devices/%u/#``); ``from = "user_id"`` the AMQP ``user_id`` property (RabbitMQ checks it against the
+    connection's user)."""
+
+    kind: Literal["broker"]
+    source: Literal["topic", "user_id"] = Field(alias="from")
+    segment: int | None = Field(default=None, description="0-based topic segment (from = 'topic')")
+    roles: dict[str, list[str]] = Field(default_factory=dict, description="principal -> roles")
+    default_roles: list[str] = Field(default_factory=list)
+    authtype: AuthType = "app_user"
+
+    @model_validator(mode="after")
+    def _segment(self) -> BrokerAuthConfig:
+        if (self.source == "topic") != (self.segment is not None):
+            raise ValueError("from = 'topic' needs segment, and only it takes one")
+        return self
+
+
+AuthenticatorConfig = Annotated[
+    ApiKeyAuthConfig | JwtAuthConfig | MtlsAuthConfig | BrokerAuthConfig, Field(discriminator="kind")
+]
+
+
+class AuthorizationRuleConfig(ConfigModel):
+    """Who may publish what, where. As soon as one rule exists, what no ``allow`` rule allows is refused;
+    a matching ``deny`` rule refuses first. Empty lists match everything."""
+
+    name: str = Field(min_length=1)
+    effect: Literal["allow", "deny"] = "allow"
+    principals: list[str] = Field(default_factory=list, description="principal ids (globs)")
+    roles: list[str] = Field(default_factory=list, description="any one of these roles")
+    anonymous: bool = Field(default=False, description="also match callers no authenticator vouched for")
+    inbounds: list[str] = Field(default_factory=list)
+    types: list[str] = Field(default_factory=list, description="event types (globs)")
+
+
+class RateLimitConfig(ConfigModel):
+    """``rate`` events per second with bursts of ``burst``, counted per principal (per client address
+    for anonymous callers), per inbound, or for all. HTTP answers 429, gRPC RESOURCE_EXHAUSTED; a broker
+    inbound slows down instead (its acknowledgements wait)."""
+
+    name: str = Field(min_length=1)
+    per: Literal["principal", "inbound", "global"] = "principal"
+    rate: float = Field(gt=0, description="events per second")
+    burst: int = Field(default=0, ge=0, description="events at once (0: one second's worth)")
+    inbounds: list[str] = Field(default_factory=list, description="where it applies (empty: every inbound)")
+    max_keys: int = Field(default=100_000, ge=1, description="callers tracked at once (idle ones are forgotten)")
+
+
+class SecurityConfig(ConfigModel):
+    reserved_attributes: list[str] = Field(
+        default_factory=list, description="more attribute names stripped from what arrives, like authcontext's"
+    )
+    admin_roles: list[str] = Field(default_factory=lambda: ["admin"])
