@@ -65,6 +65,10 @@ class AmqpMessage:
     message_id: str | None = None
     timestamp: datetime | None = None
     type: str | None = None
+    # The ``user_id`` property: RabbitMQ refuses a message whose user_id is not the publishing
+    # connection's user (unless that user has the ``impersonator`` tag), so on the way in it is the
+    # publisher as the broker vouches for it. Never written on the way out.
+    user_id: str | None = None
 
 
 def detect_mode(msg: AmqpMessage) -> Mode:
@@ -141,7 +145,8 @@ def to_envelope(
     decode: Decode = "auto",
     now: Timestamp | None = None,
 ) -> Envelope:
-    """Decode one delivered message into an envelope stamped with the gateway's provenance.
+    """Decode one delivered message into an envelope stamped with the gateway's provenance (with the
+    broker-validated ``user_id`` as ``provenance.vouched_user``; an ingress stage decides what it proves).
 
     Raises Rejected when the message cannot be read as asked (the inbound dead-letters it).
     """
@@ -160,6 +165,8 @@ def to_envelope(
     else:
         env = _raw(msg, now)
     _stamp(env, inbound, msg.routing_key, now)
+    if msg.user_id:
+        env.provenance.vouched_user = msg.user_id
     if mode == "raw" and decode != "structured":
         env.provenance.id_minted = not msg.message_id
         try:

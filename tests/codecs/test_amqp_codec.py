@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import uuid
@@ -189,6 +190,26 @@ def test_protobuf_clears_sender_provenance() -> None:
     out = decode(AmqpMessage(body=body, content_type="application/cloudevents+protobuf", routing_key="r"))
     assert out.provenance.inbound == "commands"
     assert context_attributes(out) == context_attributes(env)
+
+
+def test_user_id_is_the_broker_vouched_user_in_every_mode() -> None:
+    env = sample_event()
+    forged = Envelope()
+    forged.CopyFrom(env)
+    forged.provenance.vouched_user = "admin"  # a sender's claim: never kept
+    messages = {
+        "raw": AmqpMessage(body=b"42", routing_key="r"),
+        "binary": from_envelope(env, "binary"),
+        "structured": from_envelope(env, "structured"),
+        "protobuf": AmqpMessage(body=forged.SerializeToString(), content_type="application/cloudevents+protobuf"),
+    }
+    for mode, msg in messages.items():
+        assert detect_mode(msg) == mode
+        vouched = decode(dataclasses.replace(msg, user_id="device-7"))
+        assert vouched.provenance.vouched_user == "device-7", mode
+        assert "device-7" not in context_attributes(vouched).values(), mode  # provenance, not an attribute
+        assert decode(msg).provenance.vouched_user == "", mode  # the broker says nothing: nobody
+    assert from_envelope(vouched, "binary").user_id is None  # never written on the way out
 
 
 def test_raw_uses_properties_and_templates() -> None:
