@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mediator.core.errors import ConfigError
 from mediator.core.patterns import Template
-from mediator.core.seams import ConfigModel, InboundConfigBase, OutboundConfigBase, TemplateField
+from mediator.core.seams import BrokerTlsConfig, ConfigModel, InboundConfigBase, OutboundConfigBase, TemplateField
 
 HEADER_PREFIXES = ("cloudEvents_", "cloudEvents:", "ce-", "ce_")
 """Attribute header prefixes: the CloudEvents AMQP binding writes ``cloudEvents_`` (``cloudEvents:`` in its
@@ -20,10 +20,20 @@ older drafts), the RabbitMQ binding of the CloudEvents SDKs ``ce-``; ``ce_`` is 
 HeaderPrefix = Literal["cloudEvents_", "cloudEvents:", "ce-", "ce_"]
 ExchangeType = Literal["topic", "direct", "fanout", "headers"]
 
+# aiormq's own TLS settings in the URL's query. We always hand aiormq a context of our own (built once
+# per broker, from ``tls``), which makes it ignore these: refused rather than silently dropped.
+URL_TLS_PARAMETERS = ("cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl")
+
 
 class AmqpBrokerConfig(ConfigModel):
     """A RabbitMQ (AMQP 0-9-1) broker we connect to. Each inbound and outbound opens its own connection
-    (RabbitMQ's advice: a publisher blocked by flow control must not stall consumers)."""
+    (RabbitMQ's advice: a publisher blocked by flow control must not stall consumers).
+
+    An ``amqps://`` URL connects over TLS (port 5671 unless the URL names one), verifying the broker's
+    certificate against ``tls.ca_file`` (without ``tls``: the system's trust store) and the name
+    ``tls.server_hostname`` (else the URL's host); ``tls.cert_file``/``key_file`` are presented when the
+    broker asks for a client certificate. ``tls`` on an ``amqp://`` URL is refused: it would not be used.
+    """
 
     kind: Literal["amqp"] = "amqp"
     url: str = "amqp://guest:guest@127.0.0.1:5672/"
@@ -33,6 +43,7 @@ class AmqpBrokerConfig(ConfigModel):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     reconnect_initial_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+    tls: BrokerTlsConfig | None = None
 
     @field_validator("url")
     @classmethod
@@ -44,6 +55,14 @@ class AmqpBrokerConfig(ConfigModel):
     def _backoff(self) -> AmqpBrokerConfig:
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_scheme(self) -> AmqpBrokerConfig:
+        if self.url_env is None:  # else checked when the variable is read (``resolved_url``)
+            problem = _tls_problem(self.url, self.tls)
+            if problem is not None:
+                raise ValueError(problem)
         return self
 
     def resolved_url(self, name: str, environ: Mapping[str, str] | None = None) -> str:
@@ -61,12 +80,26 @@ class AmqpBrokerConfig(ConfigModel):
             _check_url(value)
         except ValueError as exc:
             raise ConfigError("environment", [f"brokers.{name}.url_env ({self.url_env}): {exc}"]) from None
+        problem = _tls_problem(value, self.tls)
+        if problem is not None:
+            raise ConfigError("environment", [f"brokers.{name}.url_env ({self.url_env}): {problem}"])
         return value
 
 
 def _check_url(value: str) -> None:
     if not value.startswith(("amqp://", "amqps://")):
         raise ValueError("url must start with amqp:// or amqps://")
+    query = value.partition("?")[2]
+    given = {part.partition("=")[0] for part in query.split("&") if part}
+    in_url = [name for name in URL_TLS_PARAMETERS if name in given]
+    if in_url:
+        raise ValueError(f"TLS settings go in [brokers.X.tls], not in the URL ({', '.join(in_url)})")
+
+
+def _tls_problem(url: str, tls: BrokerTlsConfig | None) -> str | None:
+    if tls is not None and not url.startswith("amqps://"):
+        return "tls is set but the url is amqp:// (plain TCP): use amqps:// to connect over TLS"
+    return None
 
 
 class AmqpBindingConfig(ConfigModel):

@@ -4,12 +4,18 @@ The FIRST connect is ours: aio-pika's robust connection gives up at once when th
 (``fail_fast``), so we retry with capped exponential backoff and jitter. Once connected, the robust
 connection restores channels, exchanges, queues, bindings and consumers by itself after a connection loss;
 its close and reconnect callbacks drive the component's health.
+
+Over ``amqps://`` the connection uses one TLS context per broker, built when the component is built
+(``broker_ssl_context``); aio-pika hands the same context to every reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import socket
+import ssl
+import weakref
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -20,7 +26,9 @@ from aio_pika.connection import make_url
 from yarl import URL
 
 from adapters.amqp.config import AmqpBrokerConfig
+from mediator.core.errors import ConfigError
 from mediator.core.health import Health
+from mediator.core.seams import BrokerTlsConfig
 
 CLOSE_TIMEOUT_S = 5.0
 SETUP_TIMEOUT_S = 10.0
@@ -53,11 +61,112 @@ def safe_address(url: str) -> str:
     return f"{parsed.host}:{port}{parsed.path or '/'}"
 
 
-async def open_connection(url: str, broker: AmqpBrokerConfig, connection_name: str) -> AbstractRobustConnection:
-    """Connect once (bounded by ``connect_timeout_s``); raises on failure after closing what it opened."""
+class BrokerSslContext(ssl.SSLContext):
+    """A client context that can verify (and send as SNI) a name other than the host it connects to:
+    asyncio passes the host to ``wrap_bio``, where ``server_name`` replaces it when set."""
+
+    server_name: str | None = None
+
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        return super().wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=do_handshake_on_connect,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            server_hostname=self.server_name or server_hostname,
+            session=session,
+        )
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return super().wrap_bio(
+            incoming,
+            outgoing,
+            server_side=server_side,
+            server_hostname=self.server_name or server_hostname,
+            session=session,
+        )
+
+
+def tls_context(where: str, tls: BrokerTlsConfig | None) -> ssl.SSLContext:
+    """A client TLS context (``tls`` None: the system's trust store, the URL's host verified).
+
+    Reading the CA and certificate files is a small one-time blocking read while the daemon builds its
+    components, before it serves. ``verify = false`` checks neither the certificate nor the name (a
+    warning is logged). Raises ConfigError (file ``environment``: ``check`` may run where the files are
+    not) that starts with ``where``.
+    """
+    tls = tls or BrokerTlsConfig()
+    context = BrokerSslContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.server_name = tls.server_hostname
+    try:
+        if tls.ca_file is not None:
+            context.load_verify_locations(cafile=tls.ca_file)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("environment", [f"{where}: tls.ca_file: cannot load {tls.ca_file!r}: {exc}"]) from None
+    if tls.cert_file is not None:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                "environment", [f"{where}: tls.cert_file: cannot load {tls.cert_file!r} with {tls.key_file!r}: {exc}"]
+            ) from None
+    if not tls.verify:
+        context.check_hostname = False  # before verify_mode: CERT_NONE refuses check_hostname
+        context.verify_mode = ssl.CERT_NONE
+        structlog.get_logger(__name__).warning(
+            "broker.tls_unverified", where=where, reason="verify = false: the broker's certificate is not checked"
+        )
+    return context
+
+
+# One context per broker: every inbound and outbound of a broker opens a connection of its own. Keyed by
+# the (frozen, hashable) broker config, held only while that config lives; a weak map because the
+# daemon's config object is the only owner that matters (and ``check`` builds and drops one).
+_CONTEXTS: weakref.WeakKeyDictionary[AmqpBrokerConfig, ssl.SSLContext] = weakref.WeakKeyDictionary()
+
+
+def broker_ssl_context(where: str, broker: AmqpBrokerConfig, url: str) -> ssl.SSLContext | None:
+    """The TLS context for ``url`` (None for ``amqp://``), built at most once per broker config.
+
+    Built here rather than left to aiormq, which would read its files (or the system store) again at
+    every connect; the URL's own TLS parameters are refused by the config, so nothing is lost.
+    """
+    if not url.startswith("amqps://"):
+        return None
+    context = _CONTEXTS.get(broker)
+    if context is None:
+        context = _CONTEXTS[broker] = tls_context(where, broker.tls)
+    return context
+
+
+async def open_connection(
+    url: str, broker: AmqpBrokerConfig, connection_name: str, ssl_context: ssl.SSLContext | None = None
+) -> AbstractRobustConnection:
+    """Connect once (bounded by ``connect_timeout_s``); raises on failure after closing what it opened.
+    ``ssl_context`` is required for an ``amqps://`` URL (``broker_ssl_context``)."""
     interval = min(broker.reconnect_max_s, max(broker.reconnect_initial_s, MIN_ROBUST_INTERVAL_S))
     conn = RobustConnection(
         make_url(url, heartbeat=broker.heartbeat_s, reconnect_interval=interval),
+        # aio-pika keeps it for every reconnect; aiormq uses it instead of building its own.
+        ssl_context=ssl_context,
         client_properties={"connection_name": connection_name},
     )
     try:
@@ -91,6 +200,7 @@ class BrokerLink(ABC):
         self.name = self.component  # Service.name: the task name in the supervisor's TaskGroup
         self.broker = broker
         self.url = url
+        self.ssl_context = broker_ssl_context(f"{self.role}.{admin_name}: its broker", broker, url)
         self.health = health
         self.up = False  # connected, with everything ``_setup`` declared in place
         self.log: Any = structlog.get_logger(__name__).bind(**{self.role: admin_name}, protocol="amqp")
@@ -111,7 +221,9 @@ class BrokerLink(ABC):
                 self._ready(False, f"connecting to {address}")
                 conn: AbstractRobustConnection | None = None
                 try:
-                    conn = await open_connection(self.url, self.broker, f"mediator {self.component}")
+                    conn = await open_connection(
+                        self.url, self.broker, f"mediator {self.component}", ssl_context=self.ssl_context
+                    )
                     conn.close_callbacks.add(self._on_lost)
                     conn.reconnect_callbacks.add(self._on_restored)
                     async with asyncio.timeout(SETUP_TIMEOUT_S):
@@ -123,9 +235,10 @@ class BrokerLink(ABC):
                         raise  # cancelled: stop, with nothing left open
                     self._disconnected()
                     delay = backoff.next()
-                    self._ready(False, f"cannot connect to {address}: {exc!r}")
+                    error = repr(exc) + self._tls_hint(exc)
+                    self._ready(False, f"cannot connect to {address}: {error}")
                     self.log.warning(
-                        f"{self.role}.connect_failed", broker=address, error=repr(exc), retry_in_s=round(delay, 3)
+                        f"{self.role}.connect_failed", broker=address, error=error, retry_in_s=round(delay, 3)
                     )
                     await asyncio.sleep(delay)
                     continue
@@ -146,6 +259,17 @@ class BrokerLink(ABC):
                 self.log.warning(f"{self.role}.closed", broker=address)
         finally:
             self._ready(False, "stopped")
+
+    def _tls_hint(self, exc: BaseException) -> str:
+        """Why an amqps connection was reset, when we can guess. RabbitMQ refuses a missing client
+        certificate with a TLS 1.3 alert after our side of the handshake completed, and closes; the
+        alert often arrives with a reset that discards it, leaving only "connection reset" to report."""
+        tls = self.broker.tls
+        if self.ssl_context is None or (tls is not None and tls.cert_file is not None):
+            return ""
+        if "reset" not in str(exc).lower():
+            return ""
+        return " (over TLS without a client certificate: a broker that requires one closes the connection so)"
 
     def _on_lost(self, _sender: object, exc: BaseException | None) -> None:
         # Also called for every failed reconnection attempt: warn once per outage.
