@@ -149,6 +149,30 @@ def cmd_dead_letters(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(_dead_letters(config, args.action, ids, args.limit))
 
 
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    """A new API key on stdout's first line, and the ``[[keys]]`` entry (its SHA-256, never the key) after."""
+    from mediator.stages.authn import new_api_key
+
+    key, digest = new_api_key()
+    print(key)
+    print("# add to the keys_file (the key above is shown once; give it to the client):", file=sys.stderr)
+    roles = ", ".join(json.dumps(r) for r in args.role or [])
+    entry = f'[[keys]]\nprincipal = {json.dumps(args.principal)}\nsha256 = "{digest}"\nroles = [{roles}]\n'
+    if args.expires:
+        from datetime import datetime
+
+        try:
+            when = datetime.fromisoformat(args.expires)
+        except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:
+            print(f"--expires: {args.expires!r} is not an RFC 3339 date-time with an offset", file=sys.stderr)
+            return EXIT_CONFIG
+        entry += f"expires = {args.expires}\n"
+    print(entry, end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mediator", description="Multi-protocol event gateway.")
     parser.add_argument("--version", action="version", version=f"mediator {__version__}")
@@ -166,7 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     dlq.add_argument("--id", type=int, action="append", help="replay only this dead letter (repeatable)")
     dlq.add_argument("--limit", type=int, default=100, help="list at most this many")
     dlq.set_defaults(func=cmd_dead_letters)
+    hk = sub.add_parser("hash-key", help="make a new API key and its [[keys]] entry for an api_key keys_file")
+    hk.add_argument("--principal", required=True, help="who the key authenticates")
+    hk.add_argument("--role", action="append", help="a role of that principal (repeatable)")
+    hk.add_argument("--expires", help="RFC 3339 date-time after which the key is refused, e.g. 2027-01-01T00:00:00Z")
     args = parser.parse_args(argv)
+    if args.command == "hash-key":
+        return cmd_hash_key(args)
     try:
         code: int = args.func(args, _load(args.config))
     except ConfigError as exc:

@@ -22,7 +22,13 @@ from mediator.core.seams import (
     OutboundConfigBase,
 )
 from mediator.stages import problems as stage_problems
-from mediator.stages.config import AuthenticatorConfig, AuthorizationRuleConfig, RateLimitConfig, SecurityConfig
+from mediator.stages.config import (
+    AUTH_KINDS,
+    AuthenticatorConfig,
+    AuthorizationRuleConfig,
+    RateLimitConfig,
+    SecurityConfig,
+)
 
 
 class DaemonConfig(ConfigModel):
@@ -154,7 +160,10 @@ def _loc(parts: tuple[int | str, ...]) -> str:
 def _problems(exc: ValidationError, prefix: str = "") -> list[str]:
     out = []
     for err in exc.errors():
-        loc = _loc(tuple(err["loc"]))
+        parts = tuple(err["loc"])
+        if len(parts) > 2 and parts[0] == "auth" and parts[2] in AUTH_KINDS:
+            parts = parts[:2] + parts[3:]  # the discriminated union's tag is not a key the admin wrote
+        loc = _loc(parts)
         path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         msg = err["msg"].removeprefix("Value error, ")
         out.append(f"{path}: {msg}" if path else msg)

@@ -168,6 +168,7 @@ class BrokerAuthConfig(_AuthBase):
         return self
 
 
+AUTH_KINDS = frozenset({"api_key", "jwt", "mtls", "broker"})
 AuthenticatorConfig = Annotated[
     ApiKeyAuthConfig | JwtAuthConfig | MtlsAuthConfig | BrokerAuthConfig, Field(discriminator="kind")
 ]

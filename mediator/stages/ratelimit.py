@@ -41,7 +41,8 @@ class Gcra:
         """(the new TAT if ``cost`` events were let through now, how long they would have to wait)."""
         tat = self._tat.get(key, now)
         new_tat = max(tat, now) + cost * self._interval
-        return new_tat, max(0.0, new_tat - now - self._tolerance)
+        delay = new_tat - now - self._tolerance
+        return new_tat, delay if delay > 1e-9 else 0.0  # a burst exactly used up is not over it
 
     def commit(self, key: str, new_tat: float, now: float) -> None:
         tat = self._tat
