@@ -33,6 +33,7 @@ from mediator.core.errors import (
 )
 from mediator.core.formats import from_protobuf, to_protobuf
 from mediator.core.health import Health
+from mediator.core.ingress import Origin
 from mediator.core.seams import AdapterConfig, Runtime
 from tests.support.fakes import ListSink
 from tests.support.net import free_port, unique, wait_until
@@ -393,7 +394,7 @@ async def test_inbound_poison_message_is_dead_lettered_and_acked(rabbitmq: str) 
 class _RejectingSink(ListSink):
     """A sink whose ingress stages refuse everything (dead letters still work)."""
 
-    async def accept(self, events: Sequence[Envelope]) -> None:
+    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
         self.calls += 1
         raise Rejected(RejectCode.FORBIDDEN, "not allowed")
 
@@ -422,12 +423,12 @@ class _SlowSink(ListSink):
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def accept(self, events: Sequence[Envelope]) -> None:
+    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
         self.in_flight += len(events)
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             await asyncio.sleep(self.delay_s)
-            await super().accept(events)
+            await super().accept(events, origin)
         finally:
             self.in_flight -= len(events)
 
@@ -528,11 +529,11 @@ class _ChannelClosingSink(ListSink):
         super().__init__()
         self.inbound: AmqpInbound | None = None
 
-    async def accept(self, events: Sequence[Envelope]) -> None:
+    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
         if self.calls == 0 and self.inbound is not None and self.inbound._channel is not None:
             underlay = await self.inbound._channel.get_underlay_channel()
             await underlay.close()
-        await super().accept(events)
+        await super().accept(events, origin)
 
 
 async def test_a_channel_closed_before_the_ack_is_survived_and_the_batch_redelivered(rabbitmq: str) -> None:

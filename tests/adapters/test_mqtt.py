@@ -31,6 +31,7 @@ from mediator.core.errors import (
     TerminalDeliveryError,
 )
 from mediator.core.health import Health
+from mediator.core.ingress import Origin
 from mediator.core.seams import AdapterConfig, Runtime
 from tests.support.fakes import ListSink
 from tests.support.net import unique, wait_until
@@ -135,7 +136,7 @@ def sample_event(id: str = "evt-1") -> Envelope:
 class RejectingSink(ListSink):
     """Refuses every event, as an ingress stage would; dead letters still work."""
 
-    async def accept(self, events: Sequence[Envelope]) -> None:
+    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
         self.calls += 1
         raise Rejected(RejectCode.FORBIDDEN, "not allowed")
 
@@ -150,12 +151,12 @@ class GatedSink(ListSink):
         self.sizes: list[int] = []
         self.refuse = refuse
 
-    async def accept(self, events: Sequence[Envelope]) -> None:
+    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
         await self.gate.wait()
         self.sizes.append(len(events))
         if any(e.binary_data in self.refuse for e in events):
             raise Rejected(RejectCode.FORBIDDEN, "not allowed")
-        await super().accept(events)
+        await super().accept(events, origin)
 
 
 # ---------------------------------------------------------------- config
