@@ -44,7 +44,13 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
                 f"{listener.inbound.name!r} (at most one gRPC inbound per listener)"
             )
         else:
-            listener.inbound = GrpcInbound(name, rt.sink, stream_max_in_flight=listener.cfg.stream_max_in_flight)
+            listener.inbound = GrpcInbound(
+                name,
+                rt.sink,
+                stream_max_in_flight=listener.cfg.stream_max_in_flight,
+                credential_headers=rt.credential_headers,
+                certificates=listener.cfg.tls is not None and listener.cfg.tls.client_cert != "none",
+            )
             rt.health.register(f"inbound:{name}")
 
     outbounds: dict[str, Outbound] = {}

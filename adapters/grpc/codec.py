@@ -7,13 +7,14 @@ without provenance.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from types import MappingProxyType
 
 import grpc
 
 from mediator.core.envelope import Envelope, validate
-from mediator.core.errors import RejectCode
+from mediator.core.errors import RejectCode, Rejected
 
 PROTOCOL = "grpc"
 TOPIC_SEPARATOR = "/"
@@ -40,6 +41,44 @@ def code_number(status: grpc.StatusCode) -> int:
     """The google.rpc.Code number of a status (what PublishAck.code carries)."""
     number: int = status.value[0]
     return number
+
+
+# grpc-core reads this trailer as the server's retry pushback when a client has a retry policy (gRFC A6).
+PUSHBACK = "grpc-retry-pushback-ms"
+
+
+def pushback(retry_after_s: float) -> tuple[str, str]:
+    """The ``grpc-retry-pushback-ms`` trailer for a retry after ``retry_after_s`` seconds."""
+    return (PUSHBACK, str(max(0, round(retry_after_s * 1000))))
+
+
+def _seconds(value: float) -> int:
+    """Whole seconds, rounded up (never sooner than asked), ignoring float noise (0.1 * 3 is 0.3)."""
+    return max(0, math.ceil(round(value, 6)))
+
+
+def _token(text: str) -> str:
+    """``text`` as a metadata value inside a quoted string: grpc refuses a trailer that is not printable
+    ASCII (the whole abort would fail), and a quote or backslash would end the string early."""
+    return "".join(c for c in text if " " <= c <= "~" and c not in '"\\')
+
+
+def rejected_trailers(exc: Rejected) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a refusal: for a rate limit, when to retry (``grpc-retry-pushback-ms``
+    for grpc-core's retry policy, ``retry-after`` in whole seconds as HTTP's header for other clients)
+    and the IETF httpapi ``ratelimit-policy`` / ``ratelimit`` fields; for UNAUTHENTICATED the scheme to
+    use (``www-authenticate``). Never a credential: only what the refusing stage chose to say."""
+    trailers: list[tuple[str, str]] = []
+    if exc.retry_after_s is not None:
+        trailers.append(pushback(exc.retry_after_s))
+        trailers.append(("retry-after", str(_seconds(exc.retry_after_s))))
+    if (limit := exc.limit) is not None:
+        policy = _token(limit.policy)
+        trailers.append(("ratelimit-policy", f'"{policy}";q={limit.quota};w={max(1, _seconds(limit.window_s))}'))
+        trailers.append(("ratelimit", f'"{policy}";r={max(0, limit.remaining)};t={_seconds(limit.reset_s)}'))
+    if exc.challenge and (challenge := "".join(c for c in exc.challenge if " " <= c <= "~")):
+        trailers.append(("www-authenticate", challenge))
+    return tuple(trailers)
 
 
 def to_envelope(request: Envelope, *, inbound: str, method: str, received_ns: int) -> Envelope:

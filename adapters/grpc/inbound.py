@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any, NoReturn
 
 import grpc
 import structlog
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
-from adapters.grpc.codec import code_number, status_for, to_envelope
+from adapters.grpc.codec import code_number, pushback, rejected_trailers, status_for, to_envelope
 from mediator.core.envelope import Envelope
 from mediator.core.errors import NotReady, Overloaded, Rejected
+from mediator.core.ingress import Origin, PeerCertificate
 from mediator.core.seams import Sink
 from mediator.v1.service_pb2 import PublishAck, PublishReply
 
@@ -22,36 +27,92 @@ def not_ready_status(exc: NotReady) -> grpc.StatusCode:
     return grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, Overloaded) else grpc.StatusCode.UNAVAILABLE
 
 
-# grpc-core reads this trailer as the server's retry pushback when a client has a retry policy.
-_PUSHBACK = "grpc-retry-pushback-ms"
-
-
 async def abort(context: Any, code: grpc.StatusCode, details: str, trailers: tuple[Any, ...] = ()) -> NoReturn:
     """``context.abort`` (which raises) typed as never returning."""
     await context.abort(code, details, trailers)
     raise AssertionError("grpc context.abort returned")  # pragma: no cover
 
 
+@functools.lru_cache(maxsize=1024)
+def peer_certificate(pem: bytes) -> PeerCertificate:
+    """The identity in a verified client certificate (grpc's ``x509_pem_cert``): its SAN URIs and DNS
+    names and its subject's common name (the last one, as Go reads it, if there are several).
+
+    Cached per PEM (bounded): parsing costs tens of microseconds, and a client sends the same certificate
+    on every connection. Raises ``ValueError`` on a PEM that is not a certificate (grpc never hands one).
+    """
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        uris: list[str] = []
+        dns: list[str] = []
+    else:
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        dns = san.get_values_for_type(x509.DNSName)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = names[-1].value if names else None
+    if isinstance(common_name, bytes):
+        common_name = common_name.decode("utf-8", "replace")
+    return PeerCertificate(uris=tuple(uris), dns=tuple(dns), common_name=common_name)
+
+
+def origin_of(context: Any, inbound: str, credential_headers: frozenset[str], *, certificates: bool = True) -> Origin:
+    """The ``Origin`` of one gRPC call: the peer address, the invocation metadata whose names are in
+    ``credential_headers`` (in order, duplicates kept; grpc hands names lower-case, as HTTP/2 requires)
+    and, when ``certificates`` (a TLS listener), the client certificate grpc-core verified against the
+    client CA. grpc puts ``x509_pem_cert`` in the auth context only after that verification (a TLS
+    listener here either requires and verifies a client certificate or never asks for one), so a
+    certificate here is always a verified one."""
+    metadata: Iterable[tuple[str, str | bytes]] = context.invocation_metadata() or ()
+    # Binary ("-bin") metadata arrives as bytes; a credential is text, so those are not credentials.
+    credentials = tuple((key, value) for key, value in metadata if key in credential_headers and isinstance(value, str))
+    certificate = None
+    if certificates:
+        pems = context.auth_context().get("x509_pem_cert")
+        if pems:
+            certificate = peer_certificate(pems[0])
+    return Origin(
+        inbound=inbound, protocol="grpc", peer=context.peer(), credentials=credentials, certificate=certificate
+    )
+
+
 class GrpcInbound:
     """The inbound half of a gRPC listener. One per listener at most; the listener's servicer calls it."""
 
-    def __init__(self, name: str, sink: Sink, *, stream_max_in_flight: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        sink: Sink,
+        *,
+        stream_max_in_flight: int,
+        credential_headers: frozenset[str] = frozenset({"authorization"}),
+        certificates: bool = False,
+    ) -> None:
         self.name = name
         self._sink = sink
         self._max_in_flight = stream_max_in_flight
+        self._credential_headers = credential_headers
+        self._certificates = certificates  # a TLS listener: read the client certificate of each call
         self._log = structlog.get_logger(__name__).bind(inbound=name, protocol="grpc")
 
+    def origin(self, context: Any) -> Origin:
+        return origin_of(context, self.name, self._credential_headers, certificates=self._certificates)
+
     async def publish(self, request: Envelope, context: Any) -> PublishReply:
-        """Unary Publish: returns the reply once the event is committed, or aborts with the mapped status."""
+        """Unary Publish: authenticates the caller (before the request is even validated, so a stranger
+        learns nothing about it), then returns the reply once the event is committed, or aborts with the
+        mapped status and trailers."""
+        origin = self.origin(context)
         try:
+            await self._sink.authenticate(origin)
             env = to_envelope(request, inbound=self.name, method="Publish", received_ns=time.time_ns())
-            await self._sink.accept([env])
+            await self._sink.accept([env], origin)
         except Rejected as exc:
-            self._log.debug("envelope.rejected", event_id=request.id, code=exc.code.value)
-            await abort(context, status_for(exc.code), exc.reason)
+            self._log.debug("envelope.rejected", event_id=request.id, code=exc.code.value, rule=exc.rule)
+            await abort(context, status_for(exc.code), exc.reason, rejected_trailers(exc))
         except NotReady as exc:
-            pushback = str(max(0, int(exc.retry_after_s * 1000)))
-            await abort(context, not_ready_status(exc), exc.reason, ((_PUSHBACK, pushback),))
+            await abort(context, not_ready_status(exc), exc.reason, (pushback(exc.retry_after_s),))
         self._log.debug("envelope.accepted", event_id=env.id, size=env.ByteSize())
         return PublishReply(id=env.id)
 
@@ -64,7 +125,19 @@ class GrpcInbound:
         their ack; when that many are pending the reader stops reading, so HTTP/2 flow control pushes back
         on the client. A refused event gets a non-zero ack and the stream goes on. Cancellation (the client
         went away) abandons the pending accepts without acknowledging them.
+
+        The caller is authenticated once, before anything is read: a refusal aborts the whole call with
+        the mapped status; otherwise every batch of the stream reuses the same ``Origin`` (and so the
+        principal cached on it).
         """
+        origin = self.origin(context)
+        try:
+            await self._sink.authenticate(origin)
+        except Rejected as exc:
+            self._log.debug("stream.rejected", code=exc.code.value, rule=exc.rule)
+            await abort(context, status_for(exc.code), exc.reason, rejected_trailers(exc))
+        except NotReady as exc:
+            await abort(context, not_ready_status(exc), exc.reason, (pushback(exc.retry_after_s),))
         slots = asyncio.Semaphore(self._max_in_flight)
         # Unbounded on purpose: every item holds a slot of ``slots``, so neither exceeds max_in_flight + 1.
         incoming: deque[PublishAck | tuple[Envelope, int] | None] = deque()
@@ -72,7 +145,7 @@ class GrpcInbound:
         acks: asyncio.Queue[PublishAck | None] = asyncio.Queue()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._read(context, slots, incoming, arrived), name=f"inbound:{self.name}:stream-reader")
-            tg.create_task(self._commit(incoming, arrived, acks), name=f"inbound:{self.name}:stream-commits")
+            tg.create_task(self._commit(origin, incoming, arrived, acks), name=f"inbound:{self.name}:stream-commits")
             while (ack := await acks.get()) is not None:
                 await context.write(ack)
                 slots.release()
@@ -105,6 +178,7 @@ class GrpcInbound:
 
     async def _commit(
         self,
+        origin: Origin,
         incoming: deque[PublishAck | tuple[Envelope, int] | None],
         arrived: asyncio.Event,
         acks: asyncio.Queue[PublishAck | None],
@@ -117,7 +191,7 @@ class GrpcInbound:
             batch = list(incoming)
             incoming.clear()
             events = [item for item in batch if isinstance(item, tuple)]
-            outcome = await self._accept_all([env for env, _ in events]) if events else {}
+            outcome = await self._accept_all([env for env, _ in events], origin) if events else {}
             for item in batch:
                 if item is None:
                     acks.put_nowait(None)
@@ -129,16 +203,16 @@ class GrpcInbound:
                 code, reason = outcome.get(id(env), (0, ""))
                 acks.put_nowait(PublishAck(id=env.id, code=code, reason=reason, sequence=sequence))
 
-    async def _accept_all(self, events: list[Envelope]) -> dict[int, tuple[int, str]]:
+    async def _accept_all(self, events: list[Envelope], origin: Origin) -> dict[int, tuple[int, str]]:
         """Accept ``events`` together; the (code, reason) of each refused one, by ``id()`` of its envelope.
         A refusal of the whole batch by a stage is retried event by event, so only the refused ones say so."""
         try:
-            await self._sink.accept(events)
+            await self._sink.accept(events, origin)
         except Rejected as exc:
             if len(events) > 1:
                 refused: dict[int, tuple[int, str]] = {}
                 for env in events:
-                    refused.update(await self._accept_all([env]))
+                    refused.update(await self._accept_all([env], origin))
                 return refused
             return {id(events[0]): (code_number(status_for(exc.code)), exc.reason)}
         except NotReady as exc:

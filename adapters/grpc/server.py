@@ -1,12 +1,17 @@
-"""One gRPC server per listener: the Mediator service, standard health checking and server reflection."""
+"""One gRPC server per listener: the Mediator service, standard health checking and server reflection,
+over TLS (optionally mutual) when the listener has a ``tls`` section."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from pathlib import Path
 from typing import Any
 
 import grpc
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -14,7 +19,8 @@ from adapters.grpc.config import GrpcListenerConfig
 from adapters.grpc.inbound import GrpcInbound, abort
 from adapters.grpc.outbound import SubscriberHub
 from mediator.core.envelope import Envelope
-from mediator.core.seams import Runtime
+from mediator.core.errors import ConfigError
+from mediator.core.seams import Runtime, TlsConfig
 from mediator.v1 import service_pb2, service_pb2_grpc
 from mediator.v1.service_pb2 import PublishReply, SubscribeRequest
 
@@ -46,12 +52,80 @@ class MediatorServicer(service_pb2_grpc.MediatorServicer):
         await self._hub.subscribe(request, context)
 
 
+class ServerCertificates:
+    """The certificate (and client CA) a TLS listener serves, replaceable while it runs.
+
+    grpc's dynamic server credentials ask ``fetch`` for a new configuration before every TLS handshake,
+    on a grpc-core thread; an established connection keeps the certificate it began with. ``fetch``
+    does no I/O: ``load`` (blocking, run it on a thread) reads and checks the files, ``stage`` hands the
+    result to the next handshake. A load that fails leaves the served certificate as it was.
+    """
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self.tls = tls
+        self.generation = 0  # certificates staged so far (1 once started)
+        self.failures = 0  # reloads refused
+        self._lock = threading.Lock()  # fetch runs on grpc-core's threads, stage on the event loop's
+        self._pending: Any = None  # grpc.ServerCertificateConfiguration | None
+
+    def load(self) -> tuple[Any, str]:
+        """Read and check the files: the configuration for grpc and the leaf certificate's expiry (ISO 8601).
+        Raises ``OSError`` (unreadable) or ``ValueError`` (not PEM, no certificate, the key does not match
+        the certificate, an encrypted key). Blocking."""
+        tls = self.tls
+        chain_pem = Path(tls.cert_file).read_bytes()
+        key_pem = Path(tls.key_file).read_bytes()
+        ca_pem = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+        try:
+            chain = x509.load_pem_x509_certificates(chain_pem)
+            key = serialization.load_pem_private_key(key_pem, password=None)
+            if ca_pem is not None:
+                x509.load_pem_x509_certificates(ca_pem)
+        except TypeError as exc:  # an encrypted key, or a key type TLS cannot use
+            raise ValueError(f"{tls.key_file}: {exc}") from exc
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+            raise ValueError(f"{tls.key_file} is not the key of the first certificate in {tls.cert_file}")
+        config = grpc.ssl_server_certificate_configuration([(key_pem, chain_pem)], root_certificates=ca_pem)
+        return config, chain[0].not_valid_after_utc.isoformat()
+
+    def credentials(self, initial: Any) -> grpc.ServerCredentials:
+        # require_client_authentication=True is GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY:
+        # a client without a certificate, or with one that does not chain to the client CA, fails the
+        # handshake. False never asks for one ("optional" is refused by the config for that reason).
+        return grpc.dynamic_ssl_server_credentials(
+            initial, self.fetch, require_client_authentication=self.tls.client_cert == "required"
+        )
+
+    def begin(self) -> None:
+        """A server starts with the configuration just loaded (in its credentials): nothing is pending."""
+        with self._lock:
+            self._pending = None
+            self.generation += 1
+
+    def stage(self, config: Any) -> None:
+        """Serve ``config`` from the next handshake on."""
+        with self._lock:
+            self._pending = config
+            self.generation += 1
+
+    def fetch(self) -> Any:
+        """grpc-core's certificate fetcher: the staged configuration once, then None ("unchanged")."""
+        with self._lock:
+            config, self._pending = self._pending, None
+        return config
+
+
 class GrpcListener:
     """A ``Service``: binds, serves until cancelled, then stops with ``grace_s`` for calls in flight.
 
     Health: ``listener:<name>`` (and the inbound and outbounds on it) are ready while the server is up.
     The gRPC health service reports "" and ``mediator.v1.Mediator`` SERVING when the whole daemon is
     ready (``rt.health.ready``), polled every ``health_poll_s``.
+
+    With ``tls``, the certificate files are read at start (unreadable ones fail the start with a
+    ``ConfigError``) and again whenever the daemon runs its reload hooks (SIGHUP), on a thread; a reload
+    that fails logs ``tls.reload_failed`` and keeps serving the previous certificate.
     """
 
     def __init__(self, name: str, cfg: GrpcListenerConfig, rt: Runtime, *, health_poll_s: float = 1.0) -> None:
@@ -65,7 +139,55 @@ class GrpcListener:
         self.health_poll_s = health_poll_s
         self._component = f"listener:{name}"
         self._log = structlog.get_logger(__name__).bind(listener=name, protocol="grpc")
+        self.certificates = ServerCertificates(cfg.tls) if cfg.tls is not None else None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reload_wanted = asyncio.Event()
         rt.health.register(self._component)
+        if self.certificates is not None:
+            rt.reload_hooks.append(self.request_reload)
+
+    def request_reload(self) -> None:
+        """The reload hook: re-read the TLS files soon (on the listener's loop, the reading on a thread).
+        Safe from any thread; does nothing while the listener is not running (a start reads them anyway)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._reload_wanted.set)
+
+    async def reload_certificates(self) -> bool:
+        """Read the TLS files again and serve them from the next handshake on; False (logged as
+        ``tls.reload_failed``, the previous certificate still served) if they cannot be used."""
+        certificates = self.certificates
+        if certificates is None:
+            return False
+        try:
+            config, expires = await asyncio.to_thread(certificates.load)
+        except Exception as exc:  # whatever went wrong, the certificate in use stays
+            certificates.failures += 1
+            self._log.error("tls.reload_failed", cert_file=certificates.tls.cert_file, error=str(exc))
+            return False
+        certificates.stage(config)
+        self._log.info("tls.reloaded", cert_file=certificates.tls.cert_file, not_after=expires)
+        return True
+
+    async def _reloads(self) -> None:
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            await self.reload_certificates()
+
+    async def _credentials(self) -> grpc.ServerCredentials | None:
+        """The server credentials (None: plaintext), the files read off the loop."""
+        certificates = self.certificates
+        if certificates is None:
+            return None
+        try:
+            initial, expires = await asyncio.to_thread(certificates.load)
+        except (OSError, ValueError) as exc:
+            self._rt.health.set(self._component, False, "TLS certificate unusable")
+            raise ConfigError(certificates.tls.cert_file, [f"listeners.{self.name}.tls: {exc}"]) from exc
+        certificates.begin()
+        self._log.info("tls.loaded", cert_file=certificates.tls.cert_file, not_after=expires)
+        return certificates.credentials(initial)
 
     def _components(self) -> list[str]:
         names = [self._component]
@@ -76,12 +198,7 @@ class GrpcListener:
 
     async def run(self) -> None:
         cfg = self.cfg
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ]
-        )
+        server = grpc.aio.server(options=cfg.server_options())
         service_pb2_grpc.add_MediatorServicer_to_server(MediatorServicer(self.inbound, self.hub), server)
         health_servicer = health.aio.HealthServicer()
         # The servicer starts with "" SERVING; nothing is known yet, so say NOT_SERVING until the first poll.
@@ -91,8 +208,13 @@ class GrpcListener:
         if cfg.reflection:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{cfg.host}:{cfg.port}"
+        credentials = await self._credentials()
         try:
-            port = server.add_insecure_port(address)
+            port = (
+                server.add_insecure_port(address)
+                if credentials is None
+                else server.add_secure_port(address, credentials)
+            )
         except RuntimeError as exc:  # grpcio >= 1.50 raises instead of returning 0
             port = 0
             reason = str(exc)
@@ -107,17 +229,22 @@ class GrpcListener:
             self.port = port
             for component in self._components():
                 self._rt.health.set(component, True, f"listening on {cfg.host}:{port}")
-            self._log.info("listener.started", host=cfg.host, port=port)
+            self._log.info("listener.started", host=cfg.host, port=port, tls=credentials is not None)
             self.started.set()
-            while True:
-                ready = self._rt.health.ready
-                if ready != serving:
-                    status = _SERVING if ready else _NOT_SERVING
-                    await health_servicer.set(health.OVERALL_HEALTH, status)
-                    await health_servicer.set(SERVICE_NAME, status)
-                    serving = ready
-                await asyncio.sleep(self.health_poll_s)
+            async with asyncio.TaskGroup() as tasks:
+                if self.certificates is not None:
+                    self._loop = asyncio.get_running_loop()
+                    tasks.create_task(self._reloads(), name=f"listener:{self.name}:tls-reload")
+                while True:
+                    ready = self._rt.health.ready
+                    if ready != serving:
+                        status = _SERVING if ready else _NOT_SERVING
+                        await health_servicer.set(health.OVERALL_HEALTH, status)
+                        await health_servicer.set(SERVICE_NAME, status)
+                        serving = ready
+                    await asyncio.sleep(self.health_poll_s)
         finally:
+            self._loop = None
             self.started.clear()
             for component in self._components():
                 self._rt.health.set(component, False, "stopped")

@@ -21,6 +21,7 @@ from adapters.grpc import ADAPTER, GrpcInboundConfig, GrpcListener, GrpcListener
 from mediator.core.envelope import Envelope, new_event
 from mediator.core.errors import ConfigError, NotReady, Overloaded, RejectCode, Rejected
 from mediator.core.health import Health
+from mediator.core.ingress import Origin
 from mediator.core.seams import AdapterConfig, Outbound, Runtime
 from mediator.v1.envelope_pb2 import Provenance
 from mediator.v1.service_pb2 import PublishAck, SubscribeRequest
@@ -290,7 +291,7 @@ class GatedSink(ListSink):
         self.batches: list[list[str]] = []
         self.not_ready: set[str] = set()
 
-    async def accept(self, events: Sequence[Envelope]) -> None:
+    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
         self.waiting += 1
         try:
             await self.gate.wait()
@@ -305,7 +306,7 @@ class GatedSink(ListSink):
         for exc in (self.refuse.get(i) for i in ids):
             if exc is not None:
                 raise exc
-        await super().accept(events)
+        await super().accept(events, origin)
 
 
 async def test_publish_stream_pauses_reading_at_max_in_flight_and_commits_what_queued_together() -> None:
