@@ -1,11 +1,12 @@
-"""HTTP adapter: aiohttp listeners with POST inbounds (plain or CloudEvents), and webhook outbounds."""
+"""HTTP adapter: aiohttp listeners (HTTP or HTTPS, optionally mTLS) with POST inbounds (plain or CloudEvents),
+and webhook outbounds."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
-from adapters.http.config import HttpInboundConfig, HttpListenerConfig, HttpOutboundConfig
+from adapters.http.config import CorsConfig, HttpInboundConfig, HttpListenerConfig, HttpOutboundConfig
 from adapters.http.inbound import HttpInbound, paths_conflict
 from adapters.http.listener import HttpListener
 from adapters.http.outbound import HttpOutbound
@@ -14,6 +15,7 @@ from mediator.core.seams import AdapterConfig, AdapterSpec, Built, Runtime
 
 __all__ = [
     "ADAPTER",
+    "CorsConfig",
     "HttpInbound",
     "HttpInboundConfig",
     "HttpListener",
@@ -51,7 +53,7 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
         if target is None:
             problems.append(f"inbound.{name}.listener: no http listener named {icfg.listener!r}")
             continue
-        by_listener[icfg.listener].append(HttpInbound(name, icfg, target, rt.sink))
+        by_listener[icfg.listener].append(HttpInbound(name, icfg, target, rt.sink, rt.credential_headers))
     for inbounds in by_listener.values():
         problems.extend(paths_conflict(inbounds))
     if problems:
@@ -64,8 +66,20 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
                 raise ConfigError(
                     "environment", [f"listeners.{name}.admin_token_env: variable {lcfg.admin_token_env} is not set"]
                 )
-        listener = HttpListener(name, lcfg, by_listener[name], rt.health, rt.admin, token)
+        listener = HttpListener(
+            name,
+            lcfg,
+            by_listener[name],
+            rt.health,
+            rt.admin,
+            token,
+            sink=rt.sink,
+            admin_roles=rt.admin_roles,
+            credential_headers=rt.credential_headers,
+        )
         rt.health.register(listener.name)
+        if lcfg.tls is not None:
+            rt.reload_hooks.append(listener.reload_tls)
         built.services.append(listener)
     for name, ocfg in cfg.outbounds.items():
         if not isinstance(ocfg, HttpOutboundConfig):

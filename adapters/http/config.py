@@ -6,30 +6,107 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mediator.core.seams import ConfigModel, InboundConfigBase, OutboundConfigBase, TemplateField
+from mediator.core.seams import (
+    ConfigModel,
+    InboundConfigBase,
+    ListenerConfigBase,
+    OutboundConfigBase,
+    TemplateField,
+)
+
+EXPOSED_BY_DEFAULT = ("RateLimit", "RateLimit-Policy", "Retry-After", "WWW-Authenticate")
+"""The response headers a browser script may read by default: the ones our refusals carry."""
 
 
-class HttpListenerConfig(ConfigModel):
+class CorsConfig(ConfigModel):
+    """Cross-origin requests from browsers (the Fetch standard's CORS protocol) to a listener's inbounds.
+
+    A preflight (``OPTIONS`` with ``Access-Control-Request-Method``) from an allowed origin, for an allowed
+    method and headers, is answered 204 with the ``Access-Control-Allow-*`` headers; any other preflight 403.
+    Inbound responses (202 and refusals) to an allowed origin carry ``Access-Control-Allow-Origin``.
+    """
+
+    allow_origins: list[str] = Field(
+        min_length=1,
+        description='origins allowed, exactly as browsers send them ("https://app.example.com"), or "*" for any',
+    )
+    allow_methods: list[str] = Field(default_factory=lambda: ["POST"], description="methods a preflight may ask for")
+    allow_headers: list[str] = Field(
+        default_factory=list, description="request headers a preflight may ask for (case-insensitive)"
+    )
+    expose_headers: list[str] = Field(
+        default_factory=lambda: list(EXPOSED_BY_DEFAULT),
+        description="response headers a browser script may read (Access-Control-Expose-Headers)",
+    )
+    max_age_s: int | None = Field(default=None, ge=0, description="how long a browser may cache a preflight answer")
+    allow_credentials: bool = Field(
+        default=False, description="let browsers send cookies and HTTP authentication (never with origin '*')"
+    )
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and (not origin.startswith(("http://", "https://")) or origin.endswith("/")):
+                raise ValueError(f"an origin is '*' or scheme://host[:port] without a path, got {origin!r}")
+        return value
+
+    @field_validator("allow_methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        return [m.upper() for m in value]
+
+    @model_validator(mode="after")
+    def _credentials(self) -> CorsConfig:
+        # The Fetch standard refuses "*" with credentials; echoing any origin instead would let every site
+        # send a user's credentials here, so it is a config error rather than a silent echo.
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError("allow_credentials = true needs explicit allow_origins, not '*'")
+        return self
+
+
+class HttpListenerConfig(ListenerConfigBase):
     """An HTTP server we run; it also serves ``/healthz`` and ``/readyz``."""
 
     kind: Literal["http"] = "http"
-    host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=1_048_576, ge=1)
     # aiohttp has no header or body read timeout: this bounds reading one request body.
-    read_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=10.0, gt=0, description="the whole request body must arrive within it")
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="the whole request head must arrive within it, counted from the request's first byte "
+        "(a client trickling its headers is closed, with a 408 when nothing else is being answered)",
+    )
+    keepalive_timeout_s: float = Field(
+        default=15.0, gt=0, description="an idle keep-alive connection (no request started) is closed after it"
+    )
+    max_header_bytes: int = Field(
+        default=8190, ge=256, le=1_048_576, description="the longest header field (name and value); longer: 431"
+    )
+    max_headers: int = Field(
+        default=100, ge=1, le=10_000, description="the most header fields a request has; more: 431"
+    )
+    max_connections: int = Field(
+        default=1024,
+        ge=1,
+        description="open connections on this listener; one more is answered 503 (Retry-After: 1) and closed",
+    )
+    cors: CorsConfig | None = Field(
+        default=None, description="CORS for browsers; None: no CORS headers, every preflight refused (403)"
+    )
     reuse_port: bool = False
     backlog: int = Field(default=1024, ge=1)
     # /admin/dead-letters (list, replay). Off a loopback address it requires a bearer token, given by the
-    # NAME of the environment variable that holds it.
+    # NAME of the environment variable that holds it, or authentication (``auth``) and an admin role.
     admin: bool = True
     admin_token_env: str | None = None
 
     @model_validator(mode="after")
     def _admin_guarded(self) -> HttpListenerConfig:
-        loopback = self.host in ("127.0.0.1", "::1", "localhost")
-        if self.admin and not loopback and not self.admin_token_env:
-            raise ValueError("admin endpoints on a non-loopback host need admin_token_env (or admin = false)")
+        if self.admin and not self.loopback and not self.admin_token_env and not self.auth:
+            raise ValueError("admin endpoints on a non-loopback host need admin_token_env or auth (or admin = false)")
         return self
 
 

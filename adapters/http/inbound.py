@@ -1,7 +1,8 @@
 """HTTP inbound: one POST endpoint per ``[inbound.X]`` section, served by its listener (``listener.py``).
 
 A request is answered 202 only after ``Sink.accept`` returned (the events are committed); refusals map
-onto status codes and never become a 500.
+onto status codes and never become a 500. The caller is authenticated (``Sink.authenticate``) before its
+body is read, so an unauthenticated client is refused without the gateway buffering what it sent.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -21,7 +23,8 @@ from adapters.http import codec
 from adapters.http.config import HttpInboundConfig, HttpListenerConfig
 from mediator.core import formats
 from mediator.core.envelope import SPEC_VERSION, Envelope, new_id, now_timestamp
-from mediator.core.errors import NotReady, RejectCode, Rejected
+from mediator.core.errors import NotReady, RateLimitState, RejectCode, Rejected
+from mediator.core.ingress import Origin, PeerCertificate
 from mediator.core.patterns import Template, TemplateError
 from mediator.core.seams import Sink
 
@@ -37,6 +40,8 @@ STATUS_BY_CODE: dict[RejectCode, int] = {
 # W3C Trace Context: version-traceid-parentid-flags; an invalid value is ignored, as the spec asks.
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _JSON = "application/json"
+DEFAULT_CHALLENGE = 'Bearer realm="mediator"'
+DEFAULT_CREDENTIAL_HEADERS = frozenset({"authorization"})
 
 
 class _ReadTimeout(Exception):
@@ -50,6 +55,93 @@ class _ClientGone(Exception):
 def error_response(status: int, error: str, reason: str, headers: dict[str, str] | None = None) -> web.Response:
     body = json.dumps({"error": error, "reason": reason}, ensure_ascii=False).encode("utf-8")
     return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
+
+
+def rejection_response(exc: Rejected) -> web.Response:
+    """The answer to a refusal: the mapped status, the JSON error body (the stage's reason, which never
+    carries a credential) and the headers the status calls for."""
+    headers: dict[str, str] | None = None
+    if exc.code is RejectCode.UNAUTHENTICATED:
+        headers = {"WWW-Authenticate": exc.challenge or DEFAULT_CHALLENGE}  # RFC 9110 15.5.2: a 401 must
+    elif exc.code is RejectCode.RATE_LIMITED:
+        headers = rate_limit_headers(exc.retry_after_s, exc.limit)
+    return error_response(STATUS_BY_CODE.get(exc.code, 400), exc.code.value, exc.reason, headers)
+
+
+def rate_limit_headers(retry_after_s: float | None, limit: RateLimitState | None) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, at least 1) and, with a limit, the IETF httpapi RateLimit headers
+    (draft-ietf-httpapi-ratelimit-headers-09/-10, structured-field form)::
+
+        RateLimit-Policy: "<policy>";q=<quota>;w=<window s>
+        RateLimit: "<policy>";r=<remaining>;t=<seconds until the quota is back>
+    """
+    if retry_after_s is None:
+        retry_after_s = limit.reset_s if limit is not None else 1.0
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    if limit is not None:
+        name = _sf_string(limit.policy)
+        window = max(1, math.ceil(limit.window_s))
+        headers["RateLimit-Policy"] = f"{name};q={max(0, limit.quota)};w={window}"
+        headers["RateLimit"] = f"{name};r={max(0, limit.remaining)};t={max(0, math.ceil(limit.reset_s))}"
+    return headers
+
+
+def _sf_string(value: str) -> str:
+    """An RFC 8941 sf-string: printable ASCII only (anything else dropped), with ``\\`` and ``"`` escaped."""
+    printable = "".join(c for c in value if " " <= c <= "~")
+    return '"' + printable.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def credentials(request: web.BaseRequest, names: Collection[str]) -> tuple[tuple[str, str], ...]:
+    """(name, value) for every value of the headers ``names`` (lower-case), name by name in the order of
+    ``names``, each header's values in the order they came."""
+    headers = request.headers
+    found: list[tuple[str, str]] = []
+    for name in names:
+        for value in headers.getall(name, ()):
+            found.append((name, value))
+    return tuple(found)
+
+
+def peer_certificate(request: web.BaseRequest) -> PeerCertificate | None:
+    """The client certificate the TLS layer verified, if any. ``peercert`` is only filled in when the
+    handshake verified a certificate against the client CA (CERT_OPTIONAL or CERT_REQUIRED); a plain
+    connection, or TLS without a client certificate, gives None."""
+    transport = request.transport
+    if transport is None:
+        return None
+    cert = transport.get_extra_info("peercert")
+    if not cert:
+        return None
+    return certificate_identity(cert)
+
+
+def certificate_identity(cert: dict[str, Any]) -> PeerCertificate:
+    """SAN URI and DNS entries and the subject's common name, from ``ssl.SSLSocket.getpeercert()``'s dict."""
+    uris: list[str] = []
+    dns: list[str] = []
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "URI":
+            uris.append(value)
+        elif kind == "DNS":
+            dns.append(value)
+    common_name: str | None = None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                common_name = value
+    return PeerCertificate(uris=tuple(uris), dns=tuple(dns), common_name=common_name)
+
+
+def make_origin(request: web.BaseRequest, inbound: str, names: Collection[str], tls: bool) -> Origin:
+    """Who is calling, as the stages see it (``mediator.core.ingress.Origin``)."""
+    return Origin(
+        inbound=inbound,
+        protocol="http",
+        peer=request.remote or "",
+        credentials=credentials(request, names) if names else (),
+        certificate=peer_certificate(request) if tls else None,
+    )
 
 
 async def read_body(request: web.BaseRequest, max_bytes: int, timeout_s: float) -> bytes:
@@ -89,7 +181,14 @@ async def read_body(request: web.BaseRequest, max_bytes: int, timeout_s: float) 
 class HttpInbound:
     """The request handler of one inbound section; ``path`` is where its listener routes POSTs."""
 
-    def __init__(self, name: str, cfg: HttpInboundConfig, listener: HttpListenerConfig, sink: Sink) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: HttpInboundConfig,
+        listener: HttpListenerConfig,
+        sink: Sink,
+        credential_headers: Collection[str] = DEFAULT_CREDENTIAL_HEADERS,
+    ) -> None:
         self.name = name
         self.path = cfg.path
         self._sink = sink
@@ -100,17 +199,23 @@ class HttpInbound:
         self._max_batch = cfg.max_batch
         self._max_bytes = listener.max_body_bytes
         self._read_timeout_s = listener.read_timeout_s
+        self._credential_names = tuple(sorted({n.lower() for n in credential_headers}))
+        self._tls = listener.tls is not None
         self._log = structlog.get_logger(__name__).bind(inbound=name, protocol="http")
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        origin = make_origin(request, self.name, self._credential_names, self._tls)
         try:
+            # Before the body: a caller nobody vouches for is refused without its body being buffered
+            # (aiohttp discards what is left of it for at most LINGER_S, so the client reads the 401).
+            await self._sink.authenticate(origin)
             body = await read_body(request, self._max_bytes, self._read_timeout_s)
             events, batch = self.decode(request, body)
             if events:
-                await self._sink.accept(events)
+                await self._sink.accept(events, origin)
         except Rejected as exc:
-            self._log.debug("envelope.rejected", code=exc.code.value, reason=exc.reason)
-            response = error_response(STATUS_BY_CODE.get(exc.code, 400), exc.code.value, exc.reason)
+            self._log.debug("envelope.rejected", code=exc.code.value, reason=exc.reason, rule=exc.rule)
+            response = rejection_response(exc)
             if exc.code is RejectCode.TOO_LARGE:
                 response.force_close()  # the rest of an oversized body is not worth reading
             return response

@@ -1,33 +1,305 @@
-"""One aiohttp server per ``[listeners.X]`` section: the inbound POST routes plus /healthz and /readyz."""
+"""One aiohttp server per ``[listeners.X]`` section: the inbound POST routes plus /healthz and /readyz.
+
+The edge limits aiohttp leaves to us live here (DESIGN section 4: aiohttp has no header read timeout):
+a connection handler (``_EdgeHandler``) that bounds the time a request head may take, answers header floods
+431 instead of aiohttp's 400, and caps the connections of one listener; TLS (and mTLS) with certificates
+reloaded on SIGHUP; CORS for browsers; and who may use the admin endpoints.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, cast
 
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import hdrs, http_parser, web, web_protocol
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.streams import StreamReader
 
-from adapters.http.config import HttpListenerConfig
-from adapters.http.inbound import HttpInbound
+from adapters.http.config import CorsConfig, HttpListenerConfig
+from adapters.http.inbound import (
+    DEFAULT_CHALLENGE,
+    DEFAULT_CREDENTIAL_HEADERS,
+    HttpInbound,
+    error_response,
+    make_origin,
+    rejection_response,
+)
+from mediator.core.errors import RejectCode, Rejected
 from mediator.core.health import Health
-from mediator.core.seams import Admin
+from mediator.core.seams import Admin, Sink, TlsConfig
 
 # Bounded grace for in-flight requests when the listener stops (the daemon's drain happens before).
 SHUTDOWN_GRACE_S = 5.0
 # After a refusal that leaves part of the body unread, aiohttp reads and discards the rest for this long
 # before closing (so the client sees the answer rather than a reset); its default of 10 s is generous.
 LINGER_S = 2.0
+# The request line (method, target, version) has its own limit, distinct from ``max_header_bytes`` so that
+# a too-long target is told apart from a too-long header field (414 rather than 431).
+MAX_REQUEST_LINE_BYTES = 8192
+# A refused connection is logged at most this often (a flood must not become a log flood).
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 _HEALTHZ = b'{"status":"ok"}'
+
+
+def _raw_response(status: str, error: str, reason: str, extra: str = "") -> bytes:
+    """A complete HTTP/1.1 answer written straight to a transport, outside any request (no request was
+    parsed, so aiohttp's response machinery has nothing to answer)."""
+    body = json.dumps({"error": error, "reason": reason}).encode("utf-8")
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"{extra}Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+_BUSY = _raw_response("503 Service Unavailable", "not_ready", "too many connections", "Retry-After: 1\r\n")
+_HEAD_TIMEOUT = _raw_response("408 Request Timeout", "timeout", "request head not received in time")
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
+class _EdgeServer(web.Server):
+    """aiohttp's low-level server with our connection handler, and the count of open connections."""
+
+    def __init__(self, handler: Handler, cfg: HttpListenerConfig, log: Any, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.header_timeout_s = cfg.header_timeout_s
+        self.max_header_bytes = cfg.max_header_bytes
+        self.max_headers = cfg.max_headers
+        self.max_connections = cfg.max_connections
+        self.open = 0  # connections past connection_made and before connection_lost, refused ones excluded
+        self.refused = 0  # connections refused over max_connections since start
+        self.log = log
+        self._refusal_logged = 0.0
+
+    def __call__(self) -> _EdgeHandler:
+        return _EdgeHandler(self, loop=self._loop, **self._kwargs)
+
+    def refusing(self) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG_INTERVAL_S:
+            self._refusal_logged = now
+            self.log.warning("listener.connections_refused", open=self.open, refused=self.refused)
+
+
+class _EdgeHandler(web_protocol.RequestHandler):
+    """aiohttp's per-connection protocol with the edge limits.
+
+    Head timeout: a request head (request line and headers) must be complete within ``header_timeout_s``
+    of its first byte. A head is starting when bytes arrive while no head is pending and the previous
+    request's body (if any) has been received in full; it is complete once aiohttp's parser queued its
+    message. One timer per connection at most: it is armed lazily and, when it fires early (a later head
+    moved the deadline), re-armed for the pending deadline, so a keep-alive connection serving many requests
+    does not create and cancel a timer per request. A head that starts within the same segment as the end
+    of the previous request's body is only noticed at its next segment (we cannot see into the C parser's
+    buffer), which delays the deadline by at most that gap.
+
+    Connection cap: beyond ``max_connections`` a new connection is answered 503 with ``Retry-After: 1``
+    at once, without parsing anything, and closed. A client that already wrote its request may see a reset
+    instead of the answer (the unread request is discarded by the kernel); either way it is refused quickly
+    and holds nothing.
+    """
+
+    __slots__ = ("_edge", "_head_deadline", "_head_timer", "_last_payload", "_refused")
+
+    def __init__(self, manager: _EdgeServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
+        max_headers = manager.max_headers
+        if getattr(web_protocol, "HttpRequestParser", None) is http_parser.HttpRequestParserPy:
+            # The pure-Python parser (AIOHTTP_NO_EXTENSIONS) counts the request line and the empty line that
+            # ends the head among its "headers"; the C parser counts header fields only. Both then allow
+            # exactly ``max_headers`` header fields (tested with each parser).
+            max_headers += 2
+        super().__init__(
+            manager,
+            loop=loop,
+            max_line_size=MAX_REQUEST_LINE_BYTES,
+            max_field_size=manager.max_header_bytes,
+            max_headers=max_headers,
+            **kwargs,
+        )
+        self._edge = manager
+        self._head_deadline = 0.0  # 0: no request head pending
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._last_payload: StreamReader | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        edge = self._edge
+        if edge.open >= edge.max_connections:
+            self._refused = True
+            edge.refusing()
+            writer = cast(asyncio.Transport, transport)  # a stream transport (TCP or TLS; asyncio's or uvloop's)
+            writer.write(_BUSY)
+            writer.close()
+            return
+        edge.open += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._refused:
+            return
+        self._edge.open -= 1
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_deadline or self._force_close or self._close:
+            starting = False
+        else:
+            last = self._last_payload
+            starting = last is None or last.is_eof()
+        messages = self._messages
+        queued = len(messages)
+        super().data_received(data)
+        if len(messages) > queued:
+            self._head_deadline = 0.0
+            self._last_payload = messages[-1][1]
+        elif starting and data:
+            loop = self._loop
+            self._head_deadline = deadline = loop.time() + self._edge.header_timeout_s
+            if self._head_timer is None:
+                self._head_timer = loop.call_at(deadline, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        deadline = self._head_deadline
+        if not deadline or self.transport is None:
+            return
+        loop = self._loop
+        if loop.time() < deadline:
+            self._head_timer = loop.call_at(deadline, self._head_timed_out)
+            return
+        self._edge.log.debug("request.head_timed_out", peer=self.peername, timeout_s=self._edge.header_timeout_s)
+        if not self._request_in_progress:
+            # RFC 9110 15.5.9: a server may send 408 on an idle connection it is about to close.
+            self.transport.write(_HEAD_TIMEOUT)
+        self.force_close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp answers every parser error 400; a header field or count over its limit is 431 (RFC 6585),
+        a request target over its limit 414. Both parsers (C llhttp and pure Python) raise ``LineTooLong``
+        with the limit it hit for a long line, and ``BadHttpMessage("Too many headers received")`` for a
+        count. The reason never quotes the header: it may be a credential."""
+        if status == 400 and isinstance(exc, BadHttpMessage):
+            response: web.Response | None = None
+            if isinstance(exc, LineTooLong):
+                limit = exc.args[1] if len(exc.args) > 1 else None
+                if limit == MAX_REQUEST_LINE_BYTES and limit != self._edge.max_header_bytes:
+                    response = error_response(
+                        414, "uri_too_long", f"the request line exceeds {MAX_REQUEST_LINE_BYTES} bytes"
+                    )
+                else:
+                    response = error_response(
+                        431, "headers_too_large", f"a header field exceeds {self._edge.max_header_bytes} bytes"
+                    )
+            elif "Too many headers" in exc.message:
+                response = error_response(431, "headers_too_large", f"more than {self._edge.max_headers} header fields")
+            if response is not None:
+                self._edge.log.debug("request.headers_refused", peer=self.peername, status=response.status)
+                response.force_close()
+                return response
+        return super().handle_error(request, status, exc, message)
+
+
+def server_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A server-side context from the files named in ``tls``; reads them (a few KiB), so call it off the
+    loop once serving. Raises ``OSError`` (missing file) or ``ssl.SSLError`` (bad PEM, key not matching)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.client_ca_file:
+        ctx.load_verify_locations(cafile=tls.client_ca_file)
+    ctx.verify_mode = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}[
+        tls.client_cert
+    ]
+    return ctx
+
+
+class _Cors:
+    """The CORS protocol (Fetch standard, section 3.2) for one listener's inbounds, headers precomputed."""
+
+    def __init__(self, cfg: CorsConfig) -> None:
+        self.any = "*" in cfg.allow_origins  # the validator refuses "*" with credentials
+        self.origins = frozenset(cfg.allow_origins)
+        self.methods = frozenset(cfg.allow_methods)
+        self.headers = frozenset(h.lower() for h in cfg.allow_headers)
+        common: dict[str, str] = {}
+        if cfg.allow_credentials:
+            common[hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS] = "true"
+        self.actual = dict(common)
+        if cfg.expose_headers:
+            self.actual[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = ", ".join(cfg.expose_headers)
+        self.preflight = dict(common)
+        self.preflight[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = ", ".join(cfg.allow_methods)
+        if cfg.allow_headers:
+            self.preflight[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = ", ".join(cfg.allow_headers)
+        if cfg.max_age_s is not None:
+            self.preflight[hdrs.ACCESS_CONTROL_MAX_AGE] = str(cfg.max_age_s)
+
+    def allowed(self, origin: str | None) -> bool:
+        return origin is not None and (self.any or origin in self.origins)
+
+    def _allow_origin(self, response: web.StreamResponse, origin: str) -> None:
+        if self.any:
+            response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*"
+        else:
+            response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+
+    def wrap(self, handler: Handler) -> Handler:
+        """``handler`` with the CORS headers on its answers (202 and refusals alike) to allowed origins."""
+
+        async def with_cors(request: web.BaseRequest) -> web.StreamResponse:
+            response = await handler(request)
+            origin = request.headers.get(hdrs.ORIGIN)
+            if not self.any:
+                # The answer depends on Origin whether or not this one is allowed: caches must key on it.
+                response.headers.add(hdrs.VARY, hdrs.ORIGIN)
+            if origin is not None and self.allowed(origin):
+                self._allow_origin(response, origin)
+                response.headers.update(self.actual)
+            return response
+
+        return with_cors
+
+    def answer_preflight(self, request: web.BaseRequest) -> web.Response:
+        headers = request.headers
+        origin = headers.get(hdrs.ORIGIN)
+        if not self.allowed(origin):
+            return error_response(403, "forbidden", "origin not allowed")
+        assert origin is not None
+        method = headers.get(hdrs.ACCESS_CONTROL_REQUEST_METHOD, "").strip()
+        if method not in self.methods:
+            return error_response(403, "forbidden", f"method {method!r} not allowed")
+        asked = headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "")
+        refused = [h for h in (p.strip().lower() for p in asked.split(",")) if h and h not in self.headers]
+        if refused:
+            return error_response(403, "forbidden", f"headers not allowed: {', '.join(refused)}")
+        response = web.Response(status=204, headers=self.preflight)
+        self._allow_origin(response, origin)
+        if not self.any:
+            response.headers.add(hdrs.VARY, hdrs.ORIGIN)
+        return response
+
+
 class HttpListener:
-    """A ``Service``: serves until cancelled. A port that cannot be bound is a start-up error (raises)."""
+    """A ``Service``: serves until cancelled. A port that cannot be bound, or TLS files that cannot be
+    loaded, are start-up errors (raise)."""
 
     def __init__(
         self,
@@ -37,18 +309,39 @@ class HttpListener:
         health: Health,
         admin: Admin | None = None,
         admin_token: str | None = None,
+        *,
+        sink: Sink | None = None,
+        admin_roles: Collection[str] = frozenset({"admin"}),
+        credential_headers: Collection[str] = DEFAULT_CREDENTIAL_HEADERS,
     ) -> None:
         self.name = f"listener:{name}"
         self.cfg = cfg
         self.inbounds = inbounds
         self.health = health
         self.admin = admin if cfg.admin else None
-        self._admin_auth = f"Bearer {admin_token}" if admin_token else None
+        self._admin_auth = f"Bearer {admin_token}".encode() if admin_token else None
+        # Admin by principal only when the listener authenticates; otherwise today's rules (token, loopback).
+        self._admin_sink = sink if cfg.auth else None
+        self._admin_roles = frozenset(admin_roles)
+        self._credential_names = tuple(sorted({n.lower() for n in credential_headers}))
         self.started = asyncio.Event()
         self.port: int | None = None  # the bound port once started (useful with port = 0)
         self._log = structlog.get_logger(__name__).bind(listener=name, protocol="http")
         self._router = web.UrlDispatcher()  # the Application's, once running
         self._fast: dict[tuple[str, str], Handler] = {}
+        self._cors = _Cors(cfg.cors) if cfg.cors is not None else None
+        self._server: _EdgeServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tls_current: ssl.SSLContext | None = None  # what new handshakes use (swapped on reload)
+        self._reloads: set[asyncio.Task[bool]] = set()
+        self.last_reload: asyncio.Task[bool] | None = None  # the latest TLS reload, for whoever waits on it
+
+    @property
+    def open_connections(self) -> int:
+        return self._server.open if self._server is not None else 0
+
+    def _inbound_handler(self, inbound: HttpInbound) -> Handler:
+        return self._cors.wrap(inbound.handle) if self._cors is not None else inbound.handle
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.cfg.max_body_bytes)
@@ -59,7 +352,7 @@ class HttpListener:
             app.router.add_post("/admin/dead-letters/replay", self._replay)
         for inbound in self.inbounds:
             # Only POST is routed, so aiohttp answers any other method on the path with 405 and Allow.
-            app.router.add_post(inbound.path, inbound.handle, name=f"inbound:{inbound.name}")
+            app.router.add_post(inbound.path, self._inbound_handler(inbound), name=f"inbound:{inbound.name}")
         return app
 
     def fast_routes(self) -> dict[tuple[str, str], Handler]:
@@ -67,7 +360,7 @@ class HttpListener:
         table: dict[tuple[str, str], Handler] = {("GET", "/healthz"): self._healthz, ("GET", "/readyz"): self._readyz}
         for inbound in self.inbounds:
             if "{" not in inbound.path:
-                table["POST", inbound.path] = inbound.handle
+                table["POST", inbound.path] = self._inbound_handler(inbound)
         return table
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -77,12 +370,16 @@ class HttpListener:
         handler: a dict lookup instead of the Application's router, match info, web.Request and middleware
         chain (the listener and an inbound with a sink that accepts at once, under wrk: 97 -> 79 us of CPU
         per request). Everything else is resolved by the Application's router as before: templated paths,
-        404, 405 with Allow, HEAD, admin routes, ``Expect: 100-continue``. aiohttp resolves the most
-        explicit path first, so an exact path wins over a template either way.
+        404, 405 with Allow, HEAD, admin routes, ``Expect: 100-continue``, CORS preflights. aiohttp resolves
+        the most explicit path first, so an exact path wins over a template either way.
         """
         handler = self._fast.get((request.method, request.rel_url.path_safe))
         if handler is not None and hdrs.EXPECT not in request.headers:
             return await handler(request)
+        if request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers:
+            preflight = await self._preflight(request)
+            if preflight is not None:
+                return preflight
         match = await self._router.resolve(request)  # type: ignore[arg-type]  # reads path and method only
         if request.headers.get(hdrs.EXPECT):
             early = await match.expect_handler(request)  # type: ignore[arg-type]
@@ -92,15 +389,43 @@ class HttpListener:
         response: web.StreamResponse = await match.handler(request)  # type: ignore[arg-type]
         return response
 
+    async def _preflight(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        """The answer to a CORS preflight for an inbound's path; None for any other path (the router
+        answers it: 404 or 405)."""
+        match = await self._router.resolve(request.clone(method=hdrs.METH_POST))  # type: ignore[arg-type]
+        route = match.route.name if match.http_exception is None else None
+        if route is None or not route.startswith("inbound:"):
+            return None
+        if self._cors is None:
+            return error_response(403, "forbidden", "cross-origin requests are not enabled on this listener")
+        return self._cors.answer_preflight(request)
+
     async def run(self) -> None:
         app = self.make_app()
         self._router = app.router
         self._fast = self.fast_routes()
-        server = web.Server(
+        self._loop = asyncio.get_running_loop()
+        ssl_context: ssl.SSLContext | None = None
+        if self.cfg.tls is not None:
+            try:
+                ssl_context = server_context(self.cfg.tls)  # start-up: reading a few KiB on the loop is fine
+            except (OSError, ssl.SSLError) as exc:
+                self._log.error("listener.tls_failed", error=str(exc))
+                raise
+            self._tls_current = ssl_context
+            # New handshakes switch to the latest context here (reload swaps it); established connections
+            # keep the SSL object, and so the certificate, they started with. OpenSSL calls the server
+            # name callback for every ClientHello, with None when the client sent no SNI.
+            ssl_context.sni_callback = self._pick_context
+        server = _EdgeServer(
             self._dispatch,
+            self.cfg,
+            self._log,
             access_log=None,  # per-request logging costs more than the request itself
             lingering_time=LINGER_S,
+            keepalive_timeout=self.cfg.keepalive_timeout_s,
         )
+        self._server = server
         runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         try:
@@ -110,6 +435,7 @@ class HttpListener:
                 self.cfg.port,
                 backlog=self.cfg.backlog,
                 reuse_port=self.cfg.reuse_port or None,
+                ssl_context=ssl_context,
             )
             try:
                 await site.start()
@@ -117,13 +443,19 @@ class HttpListener:
                 self._log.error("listener.bind_failed", host=self.cfg.host, port=self.cfg.port, error=str(exc))
                 raise
             self.port = site.port
-            self.health.set(self.name, True, f"listening on {self.cfg.host}:{self.port}")
-            self._log.info("listener.started", host=self.cfg.host, port=self.port, inbounds=len(self.inbounds))
+            scheme = "https" if ssl_context is not None else "http"
+            self.health.set(self.name, True, f"listening on {scheme}://{self.cfg.host}:{self.port}")
+            self._log.info(
+                "listener.started", host=self.cfg.host, port=self.port, inbounds=len(self.inbounds), scheme=scheme
+            )
             self.started.set()
             await asyncio.Future()  # serve until cancelled
         finally:
             self.health.set(self.name, False, "stopped")
             self.started.clear()
+            for task in self._reloads:
+                task.cancel()
+            self._loop = None
             try:
                 # cleanup: stop accepting, close idle connections, wait up to the grace for handlers.
                 async with asyncio.timeout(SHUTDOWN_GRACE_S + 1.0):
@@ -132,6 +464,54 @@ class HttpListener:
                 self._log.warning("listener.stop_timed_out", grace_s=SHUTDOWN_GRACE_S)
             self._log.info("listener.stopped")
 
+    # ---------------------------------------------------------------- TLS reload
+
+    def _pick_context(self, conn: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        current = self._tls_current
+        if current is not None and current is not ctx:
+            conn.context = current
+
+    def reload_tls(self) -> None:
+        """The SIGHUP hook (``Runtime.reload_hooks``): re-read the certificate, key and client CA.
+
+        Returns at once. The files are read in a worker thread into a new context, which new handshakes
+        then use; a fresh context rather than ``load_cert_chain`` on the live one, because OpenSSL installs
+        a new certificate before it checks the key, so a half-replaced pair (new certificate, missing or old
+        key) would leave the live context without a usable key. A failure is logged (``tls.reload_failed``)
+        and the old certificate keeps serving. A no-op when the listener is not serving TLS.
+        """
+        loop = self._loop
+        if loop is None or self.cfg.tls is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._start_reload()
+        else:
+            loop.call_soon_threadsafe(self._start_reload)
+
+    def _start_reload(self) -> None:
+        task = asyncio.create_task(self._reload_tls(), name=f"{self.name}:tls-reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+        self.last_reload = task
+
+    async def _reload_tls(self) -> bool:
+        tls = self.cfg.tls
+        assert tls is not None
+        try:
+            ctx = await asyncio.to_thread(server_context, tls)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._log.error("tls.reload_failed", cert_file=tls.cert_file, error=str(exc))
+            return False
+        self._tls_current = ctx
+        self._log.info("tls.reloaded", cert_file=tls.cert_file)
+        return True
+
+    # ---------------------------------------------------------------- health and admin
+
     async def _healthz(self, request: web.BaseRequest) -> web.Response:
         return web.Response(body=_HEALTHZ, content_type="application/json")
 
@@ -139,15 +519,38 @@ class HttpListener:
         body = json.dumps(self.health.snapshot()).encode("utf-8")
         return web.Response(status=200 if self.health.ready else 503, body=body, content_type="application/json")
 
-    def _admin_refusal(self, request: web.BaseRequest) -> web.Response | None:
-        if self._admin_auth is not None and not hmac.compare_digest(
-            request.headers.get("Authorization", ""), self._admin_auth
-        ):
-            return web.json_response({"error": "unauthenticated"}, status=401, headers={"WWW-Authenticate": "Bearer"})
-        return None
+    async def _admin_refusal(self, request: web.BaseRequest) -> web.Response | None:
+        """None when the caller may use admin: it presents the admin token, or (when the listener
+        authenticates) it is a principal with one of the admin roles; with neither configured, admin is
+        open (the config only allows that on loopback). 401 without a valid credential, 403 for an
+        authenticated principal without an admin role."""
+        if self._admin_auth is not None:
+            given = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape")
+            if hmac.compare_digest(given, self._admin_auth):  # constant time: the token is a secret
+                return None
+        sink = self._admin_sink
+        if sink is None:
+            if self._admin_auth is None:
+                return None
+            return error_response(401, "unauthenticated", "admin token required", {"WWW-Authenticate": "Bearer"})
+        origin = make_origin(request, self.name, self._credential_names, self.cfg.tls is not None)
+        try:
+            principal = await sink.authenticate(origin)
+        except Rejected as exc:
+            self._log.info("admin.refused", code=exc.code.value, rule=exc.rule, peer=origin.peer)
+            return rejection_response(exc)
+        if principal.anonymous:
+            self._log.info("admin.refused", code=RejectCode.UNAUTHENTICATED.value, peer=origin.peer)
+            return error_response(
+                401, "unauthenticated", "admin needs an authenticated caller", {"WWW-Authenticate": DEFAULT_CHALLENGE}
+            )
+        if principal.roles & self._admin_roles:
+            return None
+        self._log.info("admin.refused", code=RejectCode.FORBIDDEN.value, principal=principal.id, peer=origin.peer)
+        return error_response(403, "forbidden", "admin needs one of the roles " + ", ".join(sorted(self._admin_roles)))
 
     async def _dead_letters(self, request: web.BaseRequest) -> web.Response:
-        refusal = self._admin_refusal(request)
+        refusal = await self._admin_refusal(request)
         if refusal is not None:
             return refusal
         assert self.admin is not None
@@ -159,7 +562,7 @@ class HttpListener:
         return web.json_response({"dead_letters": letters})
 
     async def _replay(self, request: web.BaseRequest) -> web.Response:
-        refusal = self._admin_refusal(request)
+        refusal = await self._admin_refusal(request)
         if refusal is not None:
             return refusal
         assert self.admin is not None
