@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 
 import structlog
@@ -160,20 +161,43 @@ class Pipeline:
         await self._idle.wait()
 
 
-def _log_refusal(exc: Rejected, origin: Origin, batch: Batch | None) -> None:
-    """Every refusal, with who, where, which rule and why; never the credential (reasons never hold one)."""
-    principal = origin.principal
-    if batch is not None and batch.principals and len({p.id for p in batch.principals}) == 1:
-        principal = batch.principals[0]
-    log.info(
-        "envelope.refused",
-        code=exc.code.value,
-        inbound=origin.inbound,
-        protocol=origin.protocol,
-        principal=principal.id if principal is not None else None,
-        peer=origin.peer or None,
-        rule=exc.rule,
-        reason=exc.reason,
-        events=len(batch.events) if batch is not None else None,
-        event_id=batch.events[0].id if batch is not None and len(batch.events) == 1 else None,
-    )
+class _RefusalLog:
+    """Every refusal is logged, with who, where, which rule and why (never the credential: no reason holds
+    one); a caller refused again and again for the same reason is logged once a second with the count of
+    the refusals in between, so a flood of 429s cannot flood the log."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str, str, str | None], tuple[float, int]] = {}
+
+    def __call__(self, exc: Rejected, origin: Origin, batch: Batch | None) -> None:
+        principal = origin.principal
+        if batch is not None and batch.principals and len({p.id for p in batch.principals}) == 1:
+            principal = batch.principals[0]
+        who = principal.id if principal is not None and principal.id else None
+        key = (exc.code.value, origin.inbound, who or origin.peer, exc.rule)
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (0.0, 0))
+        if now - last < self.INTERVAL_S:
+            self._last[key] = (last, suppressed + 1)
+            return
+        if len(self._last) > 10_000:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        log.info(
+            "envelope.refused",
+            code=exc.code.value,
+            inbound=origin.inbound,
+            protocol=origin.protocol,
+            principal=who,
+            peer=origin.peer or None,
+            rule=exc.rule,
+            reason=exc.reason,
+            events=len(batch.events) if batch is not None else None,
+            event_id=batch.events[0].id if batch is not None and len(batch.events) == 1 else None,
+            suppressed=suppressed or None,
+        )
+
+
+_log_refusal = _RefusalLog()

@@ -374,3 +374,24 @@ async def test_public_listener_without_authentication_refuses_to_start(tmp_path:
     assert proc.returncode == 2, (out, err)
     assert b"not loopback" in err
     assert b"allow_anonymous" in err
+
+
+async def test_security_sections_reload_on_sighup_and_a_bad_edit_keeps_the_old(secured: Secured) -> None:
+    alice = bearer(secured.issuer.token("alice", roles=["publisher"]))
+    config = secured.daemon.config
+    assert secured.daemon.proc is not None
+    async with aiohttp.ClientSession() as session:
+        assert (await secured.post(session, AUDIT, alice)).status == 403
+        original = config.read_text()
+        config.write_text(original + '\n[[authorization]]\nname = "alice-audits"\nprincipals = ["alice"]\n')
+        secured.daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while (await secured.post(session, AUDIT, alice)).status != 202:
+            assert time.monotonic() < deadline, "the new rule was not applied on SIGHUP"
+            await asyncio.sleep(0.1)
+        # A bad edit (a rule naming an inbound that does not exist) is refused; the running rules stay.
+        config.write_text(original + '\n[[authorization]]\nname = "x"\ninbounds = ["nowhere"]\n')
+        secured.daemon.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(1.0)
+        assert (await secured.post(session, AUDIT, alice)).status == 202
+    assert "config.reload_refused" in secured.daemon.logs()
