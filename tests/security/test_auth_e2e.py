@@ -17,8 +17,10 @@ from pathlib import Path
 
 import aio_pika
 import aiohttp
+import grpc
 import pytest
 
+from mediator.v1 import envelope_pb2, service_pb2_grpc
 from tests.e2e.test_quickstart import bound_queue, get_one
 from tests.support.daemon import DaemonProcess, Quickstart
 from tests.support.jwtkit import AUDIENCE, ISSUER, Issuer, SigningKey
@@ -93,6 +95,13 @@ per = "principal"
 rate = 1.0
 burst = 5
 inbounds = ["limited"]
+
+[[rate_limits]]
+name = "grpc-per-caller"
+per = "principal"
+rate = 1.0
+burst = 5
+inbounds = ["grpc"]
 
 [[routes]]
 name = "invoices"
@@ -395,3 +404,42 @@ async def test_security_sections_reload_on_sighup_and_a_bad_edit_keeps_the_old(s
         await asyncio.sleep(1.0)
         assert (await secured.post(session, AUDIT, alice)).status == 202
     assert "config.reload_refused" in secured.daemon.logs()
+
+
+async def test_grpc_credentials_refusals_and_per_principal_limits(secured: Secured) -> None:
+    iss = secured.issuer
+    target = f"127.0.0.1:{secured.quickstart.grpc_port}"
+
+    def event(type_: str = INVOICE) -> envelope_pb2.Envelope:
+        return envelope_pb2.Envelope(id=uuid.uuid4().hex, source="/grpc", spec_version="1.0", type=type_)
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = service_pb2_grpc.MediatorStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as none:
+            await stub.Publish(event())
+        assert none.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        reply = await stub.Publish(event(), metadata=(("x-api-key", KEY_BILLING_1),))
+        assert reply.id
+        alice = (("authorization", f"Bearer {iss.token('alice', roles=['publisher'])}"),)
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.Publish(event(AUDIT), metadata=alice)
+        assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "default-deny" in (denied.value.details() or "")
+        outcomes: list[grpc.StatusCode] = []
+        trailers = None
+        for _ in range(15):
+            try:
+                await stub.Publish(event(), metadata=alice)
+                outcomes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                outcomes.append(exc.code())
+                trailers = exc.trailing_metadata()
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes, outcomes
+        assert outcomes.count(grpc.StatusCode.OK) <= 7, outcomes
+        assert trailers is not None
+        pushback = dict(trailers).get("grpc-retry-pushback-ms")
+        assert pushback is not None
+        assert int(pushback) > 0
+        carol = (("authorization", f"Bearer {iss.token('carol', roles=['publisher'])}"),)
+        for _ in range(5):
+            assert (await stub.Publish(event(), metadata=carol)).id, "another principal is not limited"
