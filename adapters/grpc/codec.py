@@ -57,26 +57,35 @@ def _seconds(value: float) -> int:
     return max(0, math.ceil(round(value, 6)))
 
 
-def _token(text: str) -> str:
-    """``text`` as a metadata value inside a quoted string: grpc refuses a trailer that is not printable
-    ASCII (the whole abort would fail), and a quote or backslash would end the string early."""
-    return "".join(c for c in text if " " <= c <= "~" and c not in '"\\')
+def _sf_string(text: str) -> str:
+    """An RFC 8941 sf-string (as the HTTP adapter writes it): printable ASCII only, since grpc refuses a
+    trailer that is not (the whole abort would fail), with ``\\`` and ``"`` escaped."""
+    kept = "".join(c for c in text if " " <= c <= "~")
+    return '"' + kept.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def rejected_trailers(exc: Rejected) -> tuple[tuple[str, str], ...]:
-    """The trailing metadata of a refusal: for a rate limit, when to retry (``grpc-retry-pushback-ms``
-    for grpc-core's retry policy, ``retry-after`` in whole seconds as HTTP's header for other clients)
-    and the IETF httpapi ``ratelimit-policy`` / ``ratelimit`` fields; for UNAUTHENTICATED the scheme to
-    use (``www-authenticate``). Never a credential: only what the refusing stage chose to say."""
+    """The trailing metadata of a refusal. A rate limit says when to retry: ``grpc-retry-pushback-ms``
+    (read by grpc-core's retry policy) and ``retry-after`` (whole seconds, at least 1, like HTTP's
+    header), from ``retry_after_s``, else the limit's reset, else 1 s; with its limit, the IETF httpapi
+    ``ratelimit-policy`` and ``ratelimit`` fields as the HTTP adapter writes them. UNAUTHENTICATED
+    carries the stage's challenge as ``www-authenticate``. Never a credential: only what the refusing
+    stage chose to say."""
     trailers: list[tuple[str, str]] = []
-    if exc.retry_after_s is not None:
-        trailers.append(pushback(exc.retry_after_s))
-        trailers.append(("retry-after", str(_seconds(exc.retry_after_s))))
-    if (limit := exc.limit) is not None:
-        policy = _token(limit.policy)
-        trailers.append(("ratelimit-policy", f'"{policy}";q={limit.quota};w={max(1, _seconds(limit.window_s))}'))
-        trailers.append(("ratelimit", f'"{policy}";r={max(0, limit.remaining)};t={_seconds(limit.reset_s)}'))
-    if exc.challenge and (challenge := "".join(c for c in exc.challenge if " " <= c <= "~")):
+    if exc.code is RejectCode.RATE_LIMITED:
+        limit = exc.limit
+        delay = exc.retry_after_s if exc.retry_after_s is not None else limit.reset_s if limit else 1.0
+        trailers.append(pushback(delay))
+        trailers.append(("retry-after", str(max(1, _seconds(delay)))))
+        if limit is not None:
+            policy = _sf_string(limit.policy)
+            trailers.append(
+                ("ratelimit-policy", f"{policy};q={max(0, limit.quota)};w={max(1, _seconds(limit.window_s))}")
+            )
+            trailers.append(("ratelimit", f"{policy};r={max(0, limit.remaining)};t={_seconds(limit.reset_s)}"))
+    elif exc.code is RejectCode.UNAUTHENTICATED and (
+        challenge := "".join(c for c in exc.challenge or "" if " " <= c <= "~")
+    ):
         trailers.append(("www-authenticate", challenge))
     return tuple(trailers)
 

@@ -25,6 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import ValidationError
 
 from adapters.grpc import ADAPTER, GrpcInboundConfig, GrpcListener, GrpcListenerConfig
+from adapters.grpc.codec import rejected_trailers
 from adapters.grpc.inbound import peer_certificate
 from mediator.core.envelope import Envelope, new_event
 from mediator.core.errors import ConfigError, RateLimitState, RejectCode, Rejected
@@ -466,6 +467,28 @@ async def test_refusals_map_to_status_and_trailers(
         assert srv.sink.events == []
         assert srv.sink.origins[0].credentials == (("authorization", secret),)  # it was there to leak
         assert "s3cr3t" not in repr(logs) + repr(tuple(error.trailing_metadata() or ())) + (error.details() or "")
+
+
+def test_refusal_trailers_default_and_quote() -> None:
+    limit = RateLimitState(policy='per "clïent"', quota=5, window_s=0.5, remaining=-1, reset_s=0.3)
+    assert rejected_trailers(Rejected(RejectCode.RATE_LIMITED, "slow down", limit=limit)) == (
+        ("grpc-retry-pushback-ms", "300"),  # no retry_after_s: the limit's reset
+        ("retry-after", "1"),  # at least a second, as HTTP's Retry-After
+        ("ratelimit-policy", '"per \\"clent\\"";q=5;w=1'),
+        ("ratelimit", '"per \\"clent\\"";r=0;t=1'),
+    )
+    assert rejected_trailers(Rejected(RejectCode.RATE_LIMITED, "slow down")) == (
+        ("grpc-retry-pushback-ms", "1000"),
+        ("retry-after", "1"),
+    )
+    assert rejected_trailers(Rejected(RejectCode.RATE_LIMITED, "x", retry_after_s=0.1 * 3)) == (
+        ("grpc-retry-pushback-ms", "300"),
+        ("retry-after", "1"),
+    )
+    assert rejected_trailers(Rejected(RejectCode.UNAUTHENTICATED, "x", challenge="Bearer é")) == (
+        ("www-authenticate", "Bearer "),
+    )
+    assert rejected_trailers(Rejected(RejectCode.FORBIDDEN, "x", retry_after_s=3)) == ()
 
 
 _REFUSAL_TRAILERS = {"grpc-retry-pushback-ms", "retry-after", "ratelimit-policy", "ratelimit", "www-authenticate"}
