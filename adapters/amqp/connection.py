@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import ssl
 import weakref
 from abc import ABC, abstractmethod
@@ -26,9 +25,8 @@ from aio_pika.connection import make_url
 from yarl import URL
 
 from adapters.amqp.config import AmqpBrokerConfig
-from mediator.core.errors import ConfigError
 from mediator.core.health import Health
-from mediator.core.seams import BrokerTlsConfig
+from mediator.core.tls import client_context
 
 CLOSE_TIMEOUT_S = 5.0
 SETUP_TIMEOUT_S = 10.0
@@ -61,82 +59,6 @@ def safe_address(url: str) -> str:
     return f"{parsed.host}:{port}{parsed.path or '/'}"
 
 
-class BrokerSslContext(ssl.SSLContext):
-    """A client context that can verify (and send as SNI) a name other than the host it connects to:
-    asyncio passes the host to ``wrap_bio``, where ``server_name`` replaces it when set."""
-
-    server_name: str | None = None
-
-    def wrap_socket(
-        self,
-        sock: socket.socket,
-        server_side: bool = False,
-        do_handshake_on_connect: bool = True,
-        suppress_ragged_eofs: bool = True,
-        server_hostname: str | bytes | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLSocket:
-        return super().wrap_socket(
-            sock,
-            server_side=server_side,
-            do_handshake_on_connect=do_handshake_on_connect,
-            suppress_ragged_eofs=suppress_ragged_eofs,
-            server_hostname=self.server_name or server_hostname,
-            session=session,
-        )
-
-    def wrap_bio(
-        self,
-        incoming: ssl.MemoryBIO,
-        outgoing: ssl.MemoryBIO,
-        server_side: bool = False,
-        server_hostname: str | bytes | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLObject:
-        return super().wrap_bio(
-            incoming,
-            outgoing,
-            server_side=server_side,
-            server_hostname=self.server_name or server_hostname,
-            session=session,
-        )
-
-
-def tls_context(where: str, tls: BrokerTlsConfig | None) -> ssl.SSLContext:
-    """A client TLS context (``tls`` None: the system's trust store, the URL's host verified).
-
-    Reading the CA and certificate files is a small one-time blocking read while the daemon builds its
-    components, before it serves. ``verify = false`` checks neither the certificate nor the name (a
-    warning is logged). Raises ConfigError (file ``environment``: ``check`` may run where the files are
-    not) that starts with ``where``.
-    """
-    tls = tls or BrokerTlsConfig()
-    context = BrokerSslContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.server_name = tls.server_hostname
-    try:
-        if tls.ca_file is not None:
-            context.load_verify_locations(cafile=tls.ca_file)
-        else:
-            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("environment", [f"{where}: tls.ca_file: cannot load {tls.ca_file!r}: {exc}"]) from None
-    if tls.cert_file is not None:
-        try:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                "environment", [f"{where}: tls.cert_file: cannot load {tls.cert_file!r} with {tls.key_file!r}: {exc}"]
-            ) from None
-    if not tls.verify:
-        context.check_hostname = False  # before verify_mode: CERT_NONE refuses check_hostname
-        context.verify_mode = ssl.CERT_NONE
-        structlog.get_logger(__name__).warning(
-            "broker.tls_unverified", where=where, reason="verify = false: the broker's certificate is not checked"
-        )
-    return context
-
-
 # One context per broker: every inbound and outbound of a broker opens a connection of its own. Keyed by
 # the (frozen, hashable) broker config, held only while that config lives; a weak map because the
 # daemon's config object is the only owner that matters (and ``check`` builds and drops one).
@@ -153,7 +75,7 @@ def broker_ssl_context(where: str, broker: AmqpBrokerConfig, url: str) -> ssl.SS
         return None
     context = _CONTEXTS.get(broker)
     if context is None:
-        context = _CONTEXTS[broker] = tls_context(where, broker.tls)
+        context = _CONTEXTS[broker] = client_context(f"{where}: tls", broker.tls)
     return context
 
 
