@@ -32,9 +32,9 @@ from tests.adapters.test_amqp import running as running_amqp
 from tests.adapters.test_mqtt import inbound_cfg
 from tests.adapters.test_mqtt import running as running_mqtt
 from tests.support.brokers import BrokerTls, MosquittoInstance, RabbitNode
+from tests.support.certs import Pki, make_pki
 from tests.support.fakes import ListSink
 from tests.support.net import unique, wait_until
-from tests.support.tls_certs import Pki, make_pki
 
 pytestmark = pytest.mark.timeout(90)
 

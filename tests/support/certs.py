@@ -132,3 +132,33 @@ def serial_of(cert: bytes | Path) -> int:
     if isinstance(cert, Path):
         return x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
     return x509.load_der_x509_certificate(cert).serial_number
+
+
+@dataclass(frozen=True, slots=True)
+class CertFiles:
+    """PEM files on disk: a CA certificate, and a leaf certificate with its key."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Pki:
+    """A CA with a server certificate for loopback brokers and a client certificate."""
+
+    ca_file: Path
+    server: CertFiles
+    client: CertFiles
+
+
+def make_pki(directory: Path, ca_name: str = "mediator test CA", client_name: str = "device-1") -> Pki:
+    """A CA and two leaves it signs: ``server`` (SANs 127.0.0.1, localhost and broker.test) and ``client``
+    (common name ``client_name``, clientAuth). Keys are world-readable here: a broker the test starts may
+    run as its own user and must read them."""
+    ca = make_ca(directory, ca_name.replace(" ", "-"))
+    server = ca.issue(directory / "server", cn="broker.test", dns=("localhost", "broker.test"), ips=("127.0.0.1",))
+    client = ca.issue(directory / "client", cn=client_name, client=True)
+    for _, key in (server, client):
+        key.chmod(0o644)
+    return Pki(ca.cert_path, CertFiles(ca.cert_path, *server), CertFiles(ca.cert_path, *client))
