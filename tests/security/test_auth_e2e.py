@@ -111,7 +111,10 @@ to = [{{ outbound = "subscribers", address = "invoices" }}]
 [[routes]]
 name = "audits"
 match = {{ type = ["{AUDIT}"] }}
-to = [{{ outbound = "subscribers", address = "audits" }}]
+to = [
+  {{ outbound = "subscribers", address = "audits" }},
+  {{ outbound = "orders-exchange", address = "audit.{{authid}}" }},
+]
 """
 
 
@@ -308,6 +311,16 @@ async def test_authorization_matrix(secured: Secured) -> None:
             headers={**h, "ce-type": ORDER, "ce-id": "c", **bearer(principals["carol"])},
         ) as resp:
             assert "carol-no-orders" in (await resp.json())["reason"]
+
+
+async def test_address_templates_use_the_verified_principal(secured: Secured) -> None:
+    conn = await aio_pika.connect(RABBIT_URL)
+    async with conn, aiohttp.ClientSession() as session:
+        queue = await bound_queue(await conn.channel(), secured.quickstart.orders_exchange, "audit.bob")
+        resp = await secured.post(session, AUDIT, {**bearer(secured.issuer.token("bob")), "ce-authid": "carol"})
+        assert resp.status == 202
+        msg = await get_one(queue)
+        assert msg.routing_key == "audit.bob"
 
 
 async def test_consumers_see_the_verified_principal_and_never_a_spoofed_one(secured: Secured) -> None:
