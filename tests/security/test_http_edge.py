@@ -317,7 +317,9 @@ async def test_without_cors_a_preflight_is_refused_and_no_cors_headers_are_sent(
 
 async def test_cors_preflight_for_an_allowed_origin_and_refusals() -> None:
     cors = {"allow_origins": [APP], "allow_headers": ["Content-Type", "Authorization"], "max_age_s": 600}
-    async with serve(cors=cors) as edge:
+    templated = {"path": "/devices/{device}", "type": "com.example.t", "source": "urn:{topic.1}"}
+    async with serve(cors=cors, inbounds={"orders": PLAIN, "devices": templated}) as edge:
+        assert (await exchange(edge.port, preflight(APP, path="/devices/d-1"))).status == 204
         ok = await exchange(edge.port, preflight(APP, headers="content-type, authorization"))
         assert ok.status == 204
         assert ok.headers["access-control-allow-origin"] == APP
@@ -701,6 +703,25 @@ async def test_admin_token_is_still_one_way_in(monkeypatch: pytest.MonkeyPatch) 
 async def test_admin_open_on_loopback_without_auth_or_token() -> None:
     async with serve(admin=FakeAdmin()) as edge:
         assert await admin_status(edge) == 200
+
+
+def test_edge_settings_have_defaults_and_descriptions() -> None:
+    cfg = HttpListenerConfig()
+    assert (cfg.header_timeout_s, cfg.keepalive_timeout_s) == (10.0, 15.0)
+    assert (cfg.max_header_bytes, cfg.max_headers, cfg.max_connections) == (8190, 100, 1024)
+    assert cfg.cors is None
+    fields = HttpListenerConfig.model_fields
+    for name in (
+        "header_timeout_s",
+        "keepalive_timeout_s",
+        "max_header_bytes",
+        "max_headers",
+        "max_connections",
+        "cors",
+    ):
+        assert fields[name].description, name
+    with pytest.raises(ValueError, match="greater than 0"):
+        HttpListenerConfig.model_validate({"header_timeout_s": 0})
 
 
 def test_admin_off_loopback_needs_a_token_or_auth() -> None:
