@@ -77,7 +77,8 @@ class HttpListenerConfig(ListenerConfigBase):
         default=10.0,
         gt=0,
         description="the whole request head must arrive within it, counted from the request's first byte "
-        "(a client trickling its headers is closed, with a 408 when nothing else is being answered)",
+        "(a client trickling its headers is closed, with a 408 when nothing else is being answered); "
+        "with TLS, the handshake must also complete within it",
     )
     keepalive_timeout_s: float = Field(
         default=15.0, gt=0, description="an idle keep-alive connection (no request started) is closed after it"

@@ -404,7 +404,7 @@ class HttpListener:
         app = self.make_app()
         self._router = app.router
         self._fast = self.fast_routes()
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         ssl_context: ssl.SSLContext | None = None
         if self.cfg.tls is not None:
             try:
@@ -428,26 +428,30 @@ class HttpListener:
         self._server = server
         runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
+        listening: asyncio.Server | None = None
         try:
-            site = web.TCPSite(
-                runner,
-                self.cfg.host,
-                self.cfg.port,
-                backlog=self.cfg.backlog,
-                reuse_port=self.cfg.reuse_port or None,
-                ssl_context=ssl_context,
-            )
             try:
-                await site.start()
+                # loop.create_server rather than aiohttp's TCPSite, which cannot bound the TLS handshake:
+                # asyncio's default is 60 s, a slowloris of its own for connections not yet counted.
+                listening = await loop.create_server(
+                    server,
+                    self.cfg.host,
+                    self.cfg.port,
+                    backlog=self.cfg.backlog,
+                    reuse_port=self.cfg.reuse_port or None,
+                    ssl=ssl_context,
+                    ssl_handshake_timeout=self.cfg.header_timeout_s if ssl_context is not None else None,
+                )
             except OSError as exc:
                 self._log.error("listener.bind_failed", host=self.cfg.host, port=self.cfg.port, error=str(exc))
                 raise
-            self.port = site.port
+            self.port = listening.sockets[0].getsockname()[1]
             scheme = "https" if ssl_context is not None else "http"
             self.health.set(self.name, True, f"listening on {scheme}://{self.cfg.host}:{self.port}")
             self._log.info(
                 "listener.started", host=self.cfg.host, port=self.port, inbounds=len(self.inbounds), scheme=scheme
             )
+            self._loop = loop  # from now on, reload_tls has a loop to run on
             self.started.set()
             await asyncio.Future()  # serve until cancelled
         finally:
@@ -456,8 +460,10 @@ class HttpListener:
             for task in self._reloads:
                 task.cancel()
             self._loop = None
+            if listening is not None:
+                listening.close()  # stop accepting; runner.cleanup then closes the connections
             try:
-                # cleanup: stop accepting, close idle connections, wait up to the grace for handlers.
+                # cleanup: close idle connections, wait up to the grace for handlers.
                 async with asyncio.timeout(SHUTDOWN_GRACE_S + 1.0):
                     await runner.cleanup()
             except TimeoutError:

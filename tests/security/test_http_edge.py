@@ -447,6 +447,17 @@ async def test_https_handshake_and_request(pki: Pki) -> None:
         assert len(edge.sink.events) == 1
 
 
+async def test_a_tls_handshake_that_stalls_is_closed_within_the_header_timeout(pki: Pki) -> None:
+    async with serve(tls=pki.tls(), header_timeout_s=1.0) as edge:
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        writer.write(b"\x16\x03\x01")  # the first bytes of a ClientHello record, and no more
+        t0 = time.monotonic()
+        await closed_by_peer(reader, 5)
+        assert 0.8 <= time.monotonic() - t0 <= 3.0  # asyncio's own default would be 60 s
+        await close(writer)
+        assert (await tls_post(edge.port, pki.client_context())).status == 202
+
+
 async def test_tls_min_version_13_refuses_a_tls12_client(pki: Pki) -> None:
     async with serve(tls=pki.tls(min_version="1.3")) as edge:
         old = pki.client_context()
