@@ -38,6 +38,8 @@ from typing import Any
 
 from bench.infra import WORK, free_port
 from bench.runner import run_wrk
+from mediator.core.ingress import Origin, Principal
+from mediator.stages.authn import ANONYMOUS_PRINCIPAL
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 PAYLOAD = b'{"s":"1","p":"' + b"x" * 1006 + b'"}'
@@ -152,7 +154,11 @@ class _Accepting:
     def __init__(self) -> None:
         self.count = 0
 
-    async def accept(self, events: Sequence[Any]) -> None:
+    async def authenticate(self, origin: Origin) -> Principal:
+        origin.principal = ANONYMOUS_PRINCIPAL
+        return ANONYMOUS_PRINCIPAL
+
+    async def accept(self, events: Sequence[Any], origin: Origin | None = None) -> None:
         await asyncio.sleep(0)
         self.count += len(events)
 
