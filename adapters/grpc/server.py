@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from adapters.grpc.codec import rejected_trailers, status_for
 from adapters.grpc.config import GrpcListenerConfig
-from adapters.grpc.inbound import GrpcInbound, abort
+from adapters.grpc.inbound import GrpcInbound, abort, origin_of
 from adapters.grpc.outbound import SubscriberHub
 from mediator.core.envelope import Envelope
-from mediator.core.errors import ConfigError
+from mediator.core.errors import ConfigError, Rejected
 from mediator.core.seams import Runtime, TlsConfig
 from mediator.v1 import service_pb2, service_pb2_grpc
 from mediator.v1.service_pb2 import PublishReply, SubscribeRequest
@@ -32,9 +34,15 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class MediatorServicer(service_pb2_grpc.MediatorServicer):
     """Routes the three RPCs to the listener's inbound (if any) and subscriber hub."""
 
-    def __init__(self, inbound: GrpcInbound | None, hub: SubscriberHub) -> None:
+    def __init__(
+        self,
+        inbound: GrpcInbound | None,
+        hub: SubscriberHub,
+        admit_subscriber: Callable[[Any], Awaitable[None]] | None = None,
+    ) -> None:
         self._inbound = inbound
         self._hub = hub
+        self._admit_subscriber = admit_subscriber
 
     async def Publish(self, request: Envelope, context: Any) -> PublishReply:
         if self._inbound is None:
@@ -49,6 +57,8 @@ class MediatorServicer(service_pb2_grpc.MediatorServicer):
         await self._inbound.publish_stream(context)
 
     async def Subscribe(self, request: SubscribeRequest, context: Any) -> None:  # type: ignore[override]
+        if self._admit_subscriber is not None:
+            await self._admit_subscriber(context)
         await self._hub.subscribe(request, context)
 
 
@@ -189,6 +199,19 @@ class GrpcListener:
         self._log.info("tls.loaded", cert_file=certificates.tls.cert_file, not_after=expires)
         return certificates.credentials(initial)
 
+    async def _admit_subscriber(self, context: Any) -> None:
+        """On a listener with ``auth``, a Subscribe stream reads events out: its caller must be a verified
+        principal of the listener's authenticators (anonymous callers and bad credentials: UNAUTHENTICATED)."""
+        origin = origin_of(
+            context, f"listener:{self.name}", self._rt.credential_headers, certificates=self.cfg.tls is not None
+        )
+        try:
+            principal = await self._rt.sink.authenticate(origin)
+        except Rejected as exc:
+            await abort(context, status_for(exc.code), exc.reason, rejected_trailers(exc))
+        if principal.anonymous:
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, "Subscribe needs credentials on this listener")
+
     def _components(self) -> list[str]:
         names = [self._component]
         if self.inbound is not None:
@@ -199,7 +222,8 @@ class GrpcListener:
     async def run(self) -> None:
         cfg = self.cfg
         server = grpc.aio.server(options=cfg.server_options())
-        service_pb2_grpc.add_MediatorServicer_to_server(MediatorServicer(self.inbound, self.hub), server)
+        admit = self._admit_subscriber if cfg.auth else None
+        service_pb2_grpc.add_MediatorServicer_to_server(MediatorServicer(self.inbound, self.hub, admit), server)
         health_servicer = health.aio.HealthServicer()
         # The servicer starts with "" SERVING; nothing is known yet, so say NOT_SERVING until the first poll.
         await health_servicer.set(health.OVERALL_HEALTH, _NOT_SERVING)

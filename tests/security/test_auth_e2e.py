@@ -20,7 +20,7 @@ import aiohttp
 import grpc
 import pytest
 
-from mediator.v1 import envelope_pb2, service_pb2_grpc
+from mediator.v1 import envelope_pb2, service_pb2, service_pb2_grpc
 from tests.e2e.test_quickstart import bound_queue, get_one
 from tests.support.daemon import DaemonProcess, Quickstart
 from tests.support.jwtkit import AUDIENCE, ISSUER, Issuer, SigningKey
@@ -456,3 +456,16 @@ async def test_grpc_credentials_refusals_and_per_principal_limits(secured: Secur
         carol = (("authorization", f"Bearer {iss.token('carol', roles=['publisher'])}"),)
         for _ in range(5):
             assert (await stub.Publish(event(), metadata=carol)).id, "another principal is not limited"
+        # Subscribe streams events out: on a listener with auth it needs a verified principal too.
+        anonymous = stub.Subscribe(service_pb2.SubscribeRequest(type="com.example.*"))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await anext(aiter(anonymous))
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        subscribed = stub.Subscribe(service_pb2.SubscribeRequest(type=INVOICE), metadata=carol)
+        await subscribed.initial_metadata()
+        sent = event()
+        await stub.Publish(sent, metadata=(("x-api-key", KEY_BILLING_2),))
+        async with asyncio.timeout(15):
+            got = await anext(aiter(subscribed))
+        assert got.id == sent.id
+        subscribed.cancel()
