@@ -90,6 +90,9 @@ class _EdgeServer(web.Server):
             self.log.warning("listener.connections_refused", open=self.open, refused=self.refused)
 
 
+_parse = web_protocol.RequestHandler.data_received  # called directly: no super() lookup per segment
+
+
 class _EdgeHandler(web_protocol.RequestHandler):
     """aiohttp's per-connection protocol with the edge limits.
 
@@ -160,7 +163,7 @@ class _EdgeHandler(web_protocol.RequestHandler):
             starting = last is None or last.is_eof()
         messages = self._messages
         queued = len(messages)
-        super().data_received(data)
+        _parse(self, data)
         if len(messages) > queued:
             self._head_deadline = 0.0
             self._last_payload = messages[-1][1]
