@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
+from mediator.core.content import DataCache
 from mediator.core.envelope import Envelope
 
 ANONYMOUS = "unauthenticated"
@@ -75,12 +76,14 @@ class Batch:
     """The events of one ``Sink.accept`` on their way through the stages.
 
     ``principals`` holds one entry per event once authentication ran (the same object for every event
-    of an HTTP or gRPC call). A stage may replace ``events`` (a transform) but keeps the two aligned.
+    of an HTTP or gRPC call). A stage may replace ``events`` (a transform) but keeps the two aligned, and
+    calls ``data.forget(env)`` after changing an event's data.
     """
 
     origin: Origin
     events: list[Envelope]
     principals: list[Principal] = field(default_factory=list)
+    data: DataCache = field(default_factory=DataCache)  # each event's data parsed once (``content.py``)
 
 
 class Stage(Protocol):
