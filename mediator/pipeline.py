@@ -70,7 +70,8 @@ class Pipeline:
             origin = Origin(inbound=inbound, protocol=events[0].provenance.protocol if events else "")
         batch = Batch(origin, list(events))
         try:
-            for stage in self.stages:
+            # The gateway's own events (aggregation composites) were made from events that passed already.
+            for stage in () if origin.trusted else self.stages:
                 await stage.run(batch)
         except Rejected as exc:
             _log_refusal(exc, origin, batch)
@@ -90,10 +91,14 @@ class Pipeline:
             else:
                 items.append(Accepted(env, (), (), dead_reason="no route matched", dedup_key=key))
                 log.warning("route.unmatched", event_id=env.id, type=env.type, inbound=env.provenance.inbound)
+        for env, reason in batch.dead_letters:
+            log.error("envelope.dead_lettered", event_id=env.id, inbound=env.provenance.inbound, reason=reason)
+            items.append(Accepted(env, (), (), dead_reason=reason))
         # Once the commit is under way it completes and its deliveries are dispatched (by the outbox's
         # on_commit hook) even if the caller is cancelled; the caller then does not acknowledge, the sender
         # retries, and the deduplication window absorbs the repeat.
-        await self._commit(items)
+        if items:  # a stage may have taken every event (an aggregation stored them itself)
+            await self._commit(items)
         if self.dead_letter_destination is not None:
             for item in items:
                 if item.dead_reason is not None:

@@ -69,6 +69,7 @@ class Origin:
     certificate: PeerCertificate | None = None
     broker: bool = False
     principal: Principal | None = None
+    trusted: bool = False  # the gateway's own events (aggregation composites): the stages are skipped
 
 
 @dataclass(slots=True)
@@ -77,13 +78,16 @@ class Batch:
 
     ``principals`` holds one entry per event once authentication ran (the same object for every event
     of an HTTP or gRPC call). A stage may replace ``events`` (a transform) but keeps the two aligned, and
-    calls ``data.forget(env)`` after changing an event's data.
+    calls ``data.forget(env)`` after changing an event's data. A stage that takes an event out (an
+    aggregation keeps it, an enrichment lookup failed) may put it in ``dead_letters`` with the reason:
+    it is committed as a dead letter with the rest of the batch, and the sender acknowledged.
     """
 
     origin: Origin
     events: list[Envelope]
     principals: list[Principal] = field(default_factory=list)
     data: DataCache = field(default_factory=DataCache)  # each event's data parsed once (``content.py``)
+    dead_letters: list[tuple[Envelope, str]] = field(default_factory=list)  # (event, reason)
 
 
 class Stage(Protocol):
