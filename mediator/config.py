@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+import json
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from mediator.core.errors import ConfigError
 from mediator.core.formats import FORMATS
@@ -150,24 +154,90 @@ class Config:
         return {n: c for a in self.adapters.values() for n, c in a.outbounds.items()}
 
 
-def _loc(parts: tuple[int | str, ...]) -> str:
+def route_key(i: int, name: object) -> str:
+    """A route as the admin knows it: ``routes["orders"]`` when it has a name, else ``routes[0]``."""
+    return f"routes[{json.dumps(name)}]" if isinstance(name, str) and name else f"routes[{i}]"
+
+
+def _loc(parts: tuple[int | str, ...], raw: object = None) -> str:
     out = ""
+    node = raw
     for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        child = None
+        if isinstance(part, int):
+            child = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
+            name = child.get("name") if isinstance(child, dict) and out == "routes" else None
+            out = route_key(part, name) if name is not None else f"{out}[{part}]"
+        else:
+            child = node.get(part) if isinstance(node, dict) else None
+            out += f".{part}" if out else str(part)
+        node = child
     return out
 
 
-def _problems(exc: ValidationError, prefix: str = "") -> list[str]:
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _step(tp: object, part: int | str) -> object:
+    """The annotation one key (or index, or union tag) below ``tp``; None when it cannot be told."""
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        for name, info in tp.model_fields.items():
+            if part in (name, info.alias):
+                return info.annotation
+        return None
+    if origin in (list, tuple) and isinstance(part, int):
+        return typing.get_args(tp)[0]
+    if origin is dict and isinstance(part, str):
+        return typing.get_args(tp)[1]
+    if origin in (typing.Union, types.UnionType):
+        members = [m for m in typing.get_args(tp) if m is not type(None)]
+        if len(members) == 1:
+            return _step(members[0], part)
+        for member in members:  # a discriminated union: pydantic puts the tag in the path
+            kind = getattr(member, "model_fields", {}).get("kind")
+            if kind is not None and part in typing.get_args(kind.annotation):
+                return member
+    return None
+
+
+def _suggestion(model: type[BaseModel], parts: tuple[int | str, ...]) -> str:
+    """``"; did you mean `drain_timeout_s`?"`` for an unknown key close to one the model has, else ''."""
+    tp: object = model
+    for part in parts[:-1]:
+        tp = _step(tp, part)
+    while typing.get_origin(tp) in (typing.Union, types.UnionType):
+        members = [m for m in typing.get_args(tp) if m is not type(None)]
+        tp = members[0] if len(members) == 1 else None
+    if not (isinstance(tp, type) and issubclass(tp, BaseModel)) or not parts:
+        return ""
+    close = difflib.get_close_matches(str(parts[-1]), _field_names(tp), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def _problems(
+    exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None, raw: object = None
+) -> list[str]:
     out = []
     for err in exc.errors():
         parts = tuple(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and model is not None:
+            msg += _suggestion(model, parts)
         if len(parts) > 2 and parts[0] == "auth" and parts[2] in AUTH_KINDS:
             parts = parts[:2] + parts[3:]  # the discriminated union's tag is not a key the admin wrote
-        loc = _loc(parts)
+        loc = _loc(parts, raw)
         path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
-        msg = err["msg"].removeprefix("Value error, ")
         out.append(f"{path}: {msg}" if path else msg)
     return out
+
+
+def _article(kind: str) -> str:
+    """'a' or 'an' before a protocol name read letter by letter (an amqp, an mqtt, an http, a grpc)."""
+    return "an" if kind[:1].lower() in "aefhilmnorsx" else "a"
 
 
 def load(path: str | Path, specs: Mapping[str, AdapterSpec]) -> Config:
@@ -187,7 +257,7 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
     try:
         root = RootConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(file, _problems(exc)) from exc
+        raise ConfigError(file, _problems(exc, model=RootConfig, raw=raw)) from exc
 
     sections: dict[str, dict[str, dict[str, Any]]] = {
         "listeners": {},
@@ -212,7 +282,7 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
             try:
                 typed[kind].setdefault(section, {})[name] = model.model_validate(body)
             except ValidationError as exc:
-                problems.extend(_problems(exc, where))
+                problems.extend(_problems(exc, where, model, body))
 
     conn_kind = {
         **{n: b.get("kind") for n, b in root.listeners.items()},
@@ -229,20 +299,22 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
                 if ref not in conn_kind:
                     problems.append(f"{section}.{name}.{key}: no {key} named {ref!r}")
                 elif conn_kind[ref] != kind:
-                    problems.append(f"{section}.{name}.{key}: {ref!r} is a {conn_kind[ref]} {key}, not {kind}")
+                    other = str(conn_kind[ref])
+                    problems.append(f"{section}.{name}.{key}: {ref!r} is {_article(other)} {other} {key}, not {kind}")
 
     outbound_models = {n: m for by_section in typed.values() for n, m in by_section.get("outbound", {}).items()}
     outbound_names = set(root.outbound)
     inbound_names = set(root.inbound)
     routes: list[RouteSpec] = []
     for i, route in enumerate(root.routes):
+        where = route_key(i, route.name)
         for name in route.match.inbound:
             if name not in inbound_names:
-                problems.append(f"routes[{i}].match.inbound: no inbound named {name!r}")
+                problems.append(f"{where}.match.inbound: no inbound named {name!r}")
         dests = []
         for j, dest in enumerate(route.to):
             if dest.outbound not in outbound_names:
-                problems.append(f"routes[{i}].to[{j}].outbound: no outbound named {dest.outbound!r}")
+                problems.append(f"{where}.to[{j}].outbound: no outbound named {dest.outbound!r}")
             fmt = dest.format or str(getattr(outbound_models.get(dest.outbound), "format", "binary"))
             dests.append(DestinationSpec(dest.outbound, Template.compile(dest.address), fmt))
         routes.append(

@@ -34,32 +34,43 @@ CASES = {
     "unknown-root-key": (SHIPPED + "\n[surprise]\nx = 1\n", ["surprise"]),
     "unknown-adapter-key": (
         edit('path = "/orders"', 'path = "/orders"\npaht = "/typo"'),
-        ["inbound.orders-http.paht", "Extra inputs are not permitted"],
+        ["inbound.orders-http.paht", "Extra inputs are not permitted; did you mean `path`?"],
+    ),
+    "misspelt-daemon-key": (
+        edit("drain_timeout_s = 10.0", "drain_timout_s = 10.0"),
+        ["daemon.drain_timout_s", "did you mean `drain_timeout_s`?"],
+    ),
+    "misspelt-route-key": (
+        edit('name = "orders"\nmatch', 'name = "orders"\nmatc = {}\nmatch'),
+        ['routes["orders"].matc', "did you mean `match`?"],
     ),
     "wrong-type": (edit("port = 1883", 'port = "eighteen"'), ["brokers.mosquitto.port"]),
     "wrong-type-daemon": (edit("drain_timeout_s = 10.0", 'drain_timeout_s = "soon"'), ["daemon.drain_timeout_s"]),
     "unknown-kind": (edit('kind = "amqp"\nurl', 'kind = "kafka"\nurl'), ["brokers.rabbit.kind", "kafka"]),
     "missing-outbound": (
         edit('{ outbound = "mqtt", address = "orders/created" }', '{ outbound = "nowhere", address = "x" }'),
-        ["routes[0].to[1].outbound", "nowhere"],
+        ['routes["orders"].to[1].outbound', "nowhere"],
     ),
     "missing-broker": (edit('broker = "mosquitto"\ntopics', 'broker = "nobroker"\ntopics'), ["inbound.devices.broker"]),
     "wrong-broker-kind": (
         edit('broker = "mosquitto"\ntopics', 'broker = "rabbit"\ntopics'),
-        ["inbound.devices.broker", "amqp"],
+        ["inbound.devices.broker", "'rabbit' is an amqp broker, not mqtt"],
     ),
     "missing-inbound-in-route": (
         edit('match = { inbound = ["devices"]', 'match = { inbound = ["ghost"]'),
-        ["routes[1].match.inbound", "ghost"],
+        ['routes["telemetry"].match.inbound', "ghost"],
     ),
-    "bad-template": (edit('address = "telemetry.{topic.1}"', 'address = "telemetry.{topic.1"'), ["routes[1].to[0]"]),
+    "bad-template": (
+        edit('address = "telemetry.{topic.1}"', 'address = "telemetry.{topic.1"'),
+        ['routes["telemetry"].to[0]'],
+    ),
     "two-grpc-inbounds-on-one-listener": (
         edit("[inbound.orders-http]", '[inbound.grpc2]\nkind = "grpc"\nlistener = "grpc"\n\n[inbound.orders-http]'),
         ["inbound.grpc", "at most one gRPC inbound"],
     ),
     "bad-format": (
         edit('address = "orders.created" }', 'address = "orders.created", format = "xml" }'),
-        ["routes[0].to[0].format"],
+        ['routes["orders"].to[0].format'],
     ),
 }
 
