@@ -103,6 +103,7 @@ class Dispatcher:
                 with deadline(timeout_s):
                     await self._outbound.send(delivery.event, delivery.address, delivery.format)
             except TerminalDeliveryError as exc:
+                delivery.attempts += 1  # this send was an attempt too: the dead letter counts what was tried
                 await self._dead(delivery, str(exc))
             except RetryableDeliveryError as exc:
                 await self._retry(delivery, str(exc), exc.retry_after_s)

@@ -59,7 +59,7 @@ class Pipeline:
             _log_refusal(exc, origin, None)
             raise
 
-    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
+    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> set[str]:
         if self.draining:
             raise NotReady("shutting down", retry_after_s=5.0)
         if self._backlog.value >= self._max_pending:
@@ -97,14 +97,16 @@ class Pipeline:
         # Once the commit is under way it completes and its deliveries are dispatched (by the outbox's
         # on_commit hook) even if the caller is cancelled; the caller then does not acknowledge, the sender
         # retries, and the deduplication window absorbs the repeat.
+        duplicates: list[int] = []  # positions in ``items`` the dedup window skipped
         if items:  # a stage may have taken every event (an aggregation stored them itself)
-            await self._commit(items)
+            await self._commit(items, duplicates)
         if self.dead_letter_destination is not None:
             for item in items:
                 if item.dead_reason is not None:
                     await self.forward_dead(item.event, item.dead_reason)
                 for fail in item.failures:
                     await self.forward_dead(item.event, fail.reason, fail.route, fail.outbound)
+        return {items[i].event.id for i in duplicates}
 
     async def dead_letter(self, event: Envelope, reason: str) -> None:
         log.error("envelope.dead_lettered", event_id=event.id, inbound=event.provenance.inbound, reason=reason)
@@ -139,11 +141,11 @@ class Pipeline:
         except (TemplateError, NotReady) as exc:
             log.error("dead_letter.forward_failed", event_id=event.id, reason=str(exc))
 
-    async def _commit(self, items: list[Accepted]) -> None:
+    async def _commit(self, items: list[Accepted], duplicates: list[int] | None = None) -> None:
         self._in_flight += 1
         self._idle.clear()
         try:
-            await self._outbox.commit(items)
+            await self._outbox.commit(items, duplicates)
         except StorageError as exc:
             raise NotReady(str(exc), retry_after_s=5.0) from exc
         finally:

@@ -107,14 +107,14 @@ class GrpcInbound:
         try:
             await self._sink.authenticate(origin)
             env = to_envelope(request, inbound=self.name, method="Publish", received_ns=time.time_ns())
-            await self._sink.accept([env], origin)
+            duplicates = await self._sink.accept([env], origin)
         except Rejected as exc:
             self._log.debug("envelope.rejected", event_id=request.id, code=exc.code.value, rule=exc.rule)
             await abort(context, status_for(exc.code), exc.reason, rejected_trailers(exc))
         except NotReady as exc:
             await abort(context, not_ready_status(exc), exc.reason, (pushback(exc.retry_after_s),))
         self._log.debug("envelope.accepted", event_id=env.id, size=env.ByteSize())
-        return PublishReply(id=env.id)
+        return PublishReply(id=env.id, duplicate=bool(duplicates))
 
     async def publish_stream(self, context: Any) -> None:
         """Bidirectional PublishStream: one PublishAck per event, in the order the events came.
@@ -191,7 +191,8 @@ class GrpcInbound:
             batch = list(incoming)
             incoming.clear()
             events = [item for item in batch if isinstance(item, tuple)]
-            outcome = await self._accept_all([env for env, _ in events], origin) if events else {}
+            duplicates: set[str] = set()
+            outcome = await self._accept_all([env for env, _ in events], origin, duplicates) if events else {}
             for item in batch:
                 if item is None:
                     acks.put_nowait(None)
@@ -201,21 +202,27 @@ class GrpcInbound:
                     continue
                 env, sequence = item
                 code, reason = outcome.get(id(env), (0, ""))
-                acks.put_nowait(PublishAck(id=env.id, code=code, reason=reason, sequence=sequence))
+                duplicate = not code and env.id in duplicates
+                acks.put_nowait(PublishAck(id=env.id, code=code, reason=reason, sequence=sequence, duplicate=duplicate))
 
-    async def _accept_all(self, events: list[Envelope], origin: Origin) -> dict[int, tuple[int, str]]:
+    async def _accept_all(
+        self, events: list[Envelope], origin: Origin, duplicates: set[str]
+    ) -> dict[int, tuple[int, str]]:
         """Accept ``events`` together; the (code, reason) of each refused one, by ``id()`` of its envelope.
-        A refusal of the whole batch by a stage is retried event by event, so only the refused ones say so."""
+        A refusal of the whole batch by a stage is retried event by event, so only the refused ones say so.
+        The ids the sink reports as duplicates are added to ``duplicates``."""
         try:
-            await self._sink.accept(events, origin)
+            duplicated = await self._sink.accept(events, origin)
         except Rejected as exc:
             if len(events) > 1:
                 refused: dict[int, tuple[int, str]] = {}
                 for env in events:
-                    refused.update(await self._accept_all([env], origin))
+                    refused.update(await self._accept_all([env], origin, duplicates))
                 return refused
             return {id(events[0]): (code_number(status_for(exc.code)), exc.reason)}
         except NotReady as exc:
             code = code_number(not_ready_status(exc))
             return {id(env): (code, exc.reason) for env in events}
+        if duplicated:
+            duplicates.update(duplicated)
         return {}

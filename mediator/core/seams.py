@@ -7,7 +7,7 @@ imports them, and adapters never import each other.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Protocol
 
@@ -28,11 +28,14 @@ class Sink(Protocol):
         stream, to refuse early; ``accept`` calls it anyway. Raises ``Rejected(UNAUTHENTICATED)``."""
         ...
 
-    async def accept(self, events: Sequence[Envelope], origin: Origin) -> None:
+    async def accept(self, events: Sequence[Envelope], origin: Origin) -> Collection[str] | None:
         """Run the ingress stages, route, and commit ``events`` (all from ``origin``) as one unit.
 
         Returns only when every event is safe (committed, or recognised as a duplicate); only then may the
-        adapter acknowledge its sender. Raises ``Rejected`` (the sender's fault: answer with the mapped
+        adapter acknowledge its sender. Returns the ids of the duplicates (events whose source and id were
+        committed within the dedup window: safe, and not delivered again), so the adapter can tell its
+        sender; None or empty when there were none. (Ids rather than positions: a stage may reshape the
+        batch.) Raises ``Rejected`` (the sender's fault: answer with the mapped
         refusal and never retry) or ``NotReady`` (draining, overloaded or unable to commit: answer 503 /
         UNAVAILABLE, or withhold the ack so the broker redelivers). Cancellation abandons the commit
         wait; the events may or may not be committed, so the adapter must not acknowledge.

@@ -65,12 +65,13 @@ class Outbox(Protocol):
         """Open the store and return every delivery left pending by an earlier run."""
         ...
 
-    async def commit(self, items: Sequence[Accepted]) -> list[Pending]:
+    async def commit(self, items: Sequence[Accepted], duplicates: list[int] | None = None) -> list[Pending]:
         """Write the events and their deliveries (and dead letters) atomically; return the new deliveries.
 
         Returns once durable (for a durable store). Raises StorageError when nothing was committed.
         Concurrent calls are grouped into one transaction. An item whose ``dedup_key`` was committed
-        within the deduplication window is skipped (it yields no deliveries), in the same transaction."""
+        within the deduplication window is skipped (it yields no deliveries), in the same transaction;
+        its position in ``items`` is appended to ``duplicates`` when given (meaningful only on success)."""
         ...
 
     def done(self, delivery: Pending) -> None:

@@ -26,15 +26,17 @@ class MemoryOutbox:
     async def open(self) -> list[Pending]:
         return []
 
-    async def commit(self, items: Sequence[Accepted]) -> list[Pending]:
+    async def commit(self, items: Sequence[Accepted], duplicates: list[int] | None = None) -> list[Pending]:
         out: list[Pending] = []
         now = time.time()
         horizon = now - self._window
         while self._seen and next(iter(self._seen.values())) < horizon:
             self._seen.popitem(last=False)
-        for item in items:
+        for i, item in enumerate(items):
             if item.dedup_key is not None and self._window > 0:
                 if item.dedup_key in self._seen:
+                    if duplicates is not None:
+                        duplicates.append(i)
                     continue
                 self._seen[item.dedup_key] = now
             if item.dead_reason is not None:

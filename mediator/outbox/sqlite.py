@@ -259,7 +259,7 @@ class SqliteOutbox:
         log.info("outbox.closed", transactions=self._transactions, operations=self._operations)
 
     # ------------------------------------------------------------------ the Outbox API
-    async def commit(self, items: Sequence[Accepted]) -> list[Pending]:
+    async def commit(self, items: Sequence[Accepted], duplicates: list[int] | None = None) -> list[Pending]:
         window = self._window
         if window > 0:
             now = time.time()
@@ -267,7 +267,9 @@ class SqliteOutbox:
                 self._last_prune = now
                 horizon = now - window
                 self._lazy_write(lambda conn: conn.execute("DELETE FROM seen WHERE at < ?", (horizon,)))
-        result: list[Pending] = await self._call(lambda conn: _commit(conn, items, window, self._ids), self._committed)
+        result: list[Pending] = await self._call(
+            lambda conn: _commit(conn, items, window, self._ids, duplicates), self._committed
+        )
         return result
 
     def _ids(self, count: int) -> range:
@@ -436,12 +438,18 @@ def _fsync_dir(path: Path) -> None:
 
 # ---------------------------------------------------------------------- SQL, run on the loop inside a transaction
 def _commit(
-    conn: sqlite3.Connection, items: Sequence[Accepted], window: float, ids: Callable[[int], range]
+    conn: sqlite3.Connection,
+    items: Sequence[Accepted],
+    window: float,
+    ids: Callable[[int], range],
+    duplicates: list[int] | None = None,
 ) -> list[Pending]:
     out: list[Pending] = []
     rows: list[tuple[int, bytes, str, str, str, str]] = []
     now = time.time()
-    for item in items:
+    if duplicates is not None:
+        del duplicates[:]  # a transaction rolled back and run again must not report twice
+    for i, item in enumerate(items):
         if item.dedup_key is not None and window > 0:
             # New key, or one last seen before the window: (re)claim it. Otherwise a duplicate: skip.
             claimed = conn.execute(
@@ -450,6 +458,8 @@ def _commit(
                 (item.dedup_key, now, now - window),
             ).rowcount
             if not claimed:
+                if duplicates is not None:
+                    duplicates.append(i)
                 continue
         blob = item.event.SerializeToString()
         if item.dead_reason is not None:

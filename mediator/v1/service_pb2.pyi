@@ -24,6 +24,7 @@ class PublishReply(_message.Message):
     DUPLICATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     duplicate: _builtins.bool
+    """safe, but a repeat of an event (same source and id) within the dedup window: not delivered again"""
     def __init__(
         self,
         *,
@@ -46,12 +47,15 @@ class PublishAck(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     code: _builtins.int
     """A google.rpc.Code value: 0 (OK) when committed, otherwise the refusal."""
     reason: _builtins.str
     sequence: _builtins.int
     """0-based position of the event in this stream"""
+    duplicate: _builtins.bool
+    """safe, but a repeat of an event (same source and id) within the dedup window: not delivered again"""
     def __init__(
         self,
         *,
@@ -59,10 +63,11 @@ class PublishAck(_message.Message):
         code: _builtins.int = ...,
         reason: _builtins.str = ...,
         sequence: _builtins.int = ...,
+        duplicate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "id", b"id", "reason", b"reason", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "duplicate", b"duplicate", "id", b"id", "reason", b"reason", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -183,7 +183,7 @@ async def test_terminal_failure_is_dead_lettered_at_once() -> None:
         await h.settled()
         assert len(out.calls) == 1
         [dead] = await h.outbox.dead_letters()
-        assert (dead.reason, dead.attempts) == ("no such queue", 0)
+        assert (dead.reason, dead.attempts) == ("no such queue", 1)  # the one send that was tried
         assert h.outbox.failed_attempts == []
 
 
@@ -301,7 +301,7 @@ async def test_pipeline_dead_letter_commits_an_undecodable_message() -> None:
 
 async def test_storage_failure_is_not_ready() -> None:
     class BrokenOutbox(RecordingOutbox):
-        async def commit(self, items: Sequence[Accepted]) -> list[Pending]:
+        async def commit(self, items: Sequence[Accepted], duplicates: list[int] | None = None) -> list[Pending]:
             raise StorageError("disk full")
 
     backlog = Backlog()
