@@ -65,6 +65,19 @@ _HEAD_TIMEOUT = _raw_response("408 Request Timeout", "timeout", "request head no
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
+def route_error(exc: web.HTTPException, request: web.BaseRequest) -> web.Response:
+    """The router's 404 or 405 in the daemon's JSON error shape (aiohttp's own is plain text); a 405
+    keeps its Allow header (RFC 9110 15.5.6). Only requests no route serves come here."""
+    path = request.rel_url.path
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allow = exc.headers.get(hdrs.ALLOW, "")
+        reason = f"{request.method} is not allowed on {path} (allowed: {allow or 'none'})"
+        return error_response(405, "method_not_allowed", reason, {hdrs.ALLOW: allow})
+    if isinstance(exc, web.HTTPNotFound):
+        return error_response(404, "not_found", f"nothing is served at {path}")
+    return error_response(exc.status, "error", exc.reason)
+
+
 class _EdgeServer(web.Server):
     """aiohttp's low-level server with our connection handler, and the count of open connections."""
 
@@ -384,6 +397,8 @@ class HttpListener:
             if preflight is not None:
                 return preflight
         match = await self._router.resolve(request)  # type: ignore[arg-type]  # reads path and method only
+        if match.http_exception is not None:
+            return route_error(match.http_exception, request)
         if request.headers.get(hdrs.EXPECT):
             early = await match.expect_handler(request)  # type: ignore[arg-type]
             await request.writer.drain()
@@ -587,4 +602,7 @@ class HttpListener:
                     {"error": "invalid", "reason": 'body must be {"ids": [integers]} or empty'}, status=400
                 )
         replayed = await self.admin.replay(ids)
+        if ids and not replayed:
+            listed = ", ".join(str(i) for i in ids)
+            return error_response(404, "not_found", f"no replayable dead letter with id {listed}")
         return web.json_response({"replayed": replayed})
