@@ -1,4 +1,6 @@
-"""``mediator run --config FILE`` and ``mediator check --config FILE`` (also ``python -m mediator``)."""
+"""``mediator run --config FILE`` and ``mediator check --config FILE`` (also ``python -m mediator``), and the
+operator's tools: ``dead-letters``, ``publish``, ``tail``, ``hash-key``. ``$MEDIATOR_CONFIG`` names the config
+file when ``--config`` does not (a systemd unit's ``Environment=``)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from mediator.logs import configure
 from mediator.registry import load_specs
 
 EXIT_CONFIG = 2
+CONFIG_ENV = "MEDIATOR_CONFIG"
 
 
 def _load(path: str) -> Config:
@@ -102,7 +105,23 @@ def _admin_url(config: Config) -> tuple[str, dict[str, str]] | None:
     return None
 
 
-async def _dead_letters(config: Config, action: str, ids: list[int] | None, limit: int) -> int:
+def _print_letters(letters: list[dict[str, object]], as_json: bool | None) -> None:
+    """A table on a terminal (or with ``--table``), JSON with ``--json`` or into a pipe."""
+    from mediator.client import describe_rows, table
+
+    if as_json is None:
+        as_json = not sys.stdout.isatty()
+    if as_json:
+        print(json.dumps({"dead_letters": letters}, indent=2))
+    elif letters:
+        print(table(describe_rows(letters)))
+    else:
+        print("no dead letters")
+
+
+async def _dead_letters(
+    config: Config, action: str, ids: list[int] | None, limit: int, as_json: bool | None = None
+) -> int:
     import aiohttp
 
     from mediator.daemon import describe
@@ -114,12 +133,14 @@ async def _dead_letters(config: Config, action: str, ids: list[int] | None, limi
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
                 if action == "list":
                     async with http.get(url, params={"limit": str(limit)}, headers=headers) as resp:
-                        resp.raise_for_status()
-                        print(json.dumps(await resp.json(), indent=2))
+                        if resp.status != 200:
+                            return await _admin_failed(resp)
+                        _print_letters((await resp.json())["dead_letters"], as_json)
                 else:
                     body = {"ids": ids} if ids is not None else {}
                     async with http.post(f"{url}/replay", json=body, headers=headers) as resp:
-                        resp.raise_for_status()
+                        if resp.status != 200:
+                            return await _admin_failed(resp)
                         print(json.dumps(await resp.json()))
                 return 0
         except aiohttp.ClientConnectionError:
@@ -133,20 +154,90 @@ async def _dead_letters(config: Config, action: str, ids: list[int] | None, limi
     await outbox.open()
     try:
         if action == "list":
-            letters = [describe(dl) for dl in await outbox.dead_letters(limit)]
-            print(json.dumps({"dead_letters": letters}, indent=2))
+            _print_letters([describe(dl) for dl in await outbox.dead_letters(limit)], as_json)
         else:
             rows = await outbox.replay(ids)
+            if ids and not rows:
+                print(f"mediator: no replayable dead letter with id {', '.join(map(str, ids))}", file=sys.stderr)
+                return 1
             print(json.dumps({"replayed": len(rows), "note": "delivered when the daemon next starts"}))
     finally:
         await outbox.close()
     return 0
 
 
+async def _admin_failed(resp: object) -> int:
+    """The daemon's refusal (404 for an unknown id, 401/403) on one line, exit status 1."""
+    import aiohttp
+
+    assert isinstance(resp, aiohttp.ClientResponse)
+    try:
+        body = await resp.json(content_type=None)
+        reason = body.get("reason") if isinstance(body, dict) else None
+    except ValueError:
+        reason = None
+    print(f"mediator: the daemon answered {resp.status}: {reason or resp.reason}", file=sys.stderr)
+    return 1
+
+
 def cmd_dead_letters(args: argparse.Namespace, config: Config) -> int:
     configure("warning", "console")
     ids: list[int] | None = args.id or None
-    return asyncio.run(_dead_letters(config, args.action, ids, args.limit))
+    return asyncio.run(_dead_letters(config, args.action, ids, args.limit, args.json))
+
+
+def cmd_publish(args: argparse.Namespace, config: Config | None) -> int:
+    from mediator import client
+
+    try:
+        event = client.build_event(args, client.read_data(args.data, sys.stdin.buffer))
+        target = client.target_of(args, config)
+    except client.ClientError as exc:
+        print(f"mediator: {exc}", file=sys.stderr)
+        return 1
+
+    async def main() -> int:
+        reply = await client.publish(target, event, args.timeout)
+        print(json.dumps(reply))
+        return 0
+
+    return client.run(main())
+
+
+def cmd_tail(args: argparse.Namespace, config: Config | None) -> int:
+    from mediator import client
+    from mediator.v1.service_pb2 import SubscribeRequest
+
+    try:
+        target = client.target_of(args, config)
+    except client.ClientError as exc:
+        print(f"mediator: {exc}", file=sys.stderr)
+        return 1
+    request = SubscribeRequest(
+        outbound=args.outbound or "", type=args.type or "", source=args.source or "", address=args.address or ""
+    )
+    return client.run(
+        client.tail(
+            target, request, count=args.count, timeout_s=args.timeout, as_json=args.json, out=sys.stdout, err=sys.stderr
+        )
+    )
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    """Where the daemon's gRPC API is and how to pass its listener's checks."""
+    p.add_argument("--config", "-c", default=_default_config(), help="config.toml naming the gRPC listener")
+    p.add_argument("--target", help="HOST:PORT of the gRPC listener (default: the config's first gRPC listener)")
+    p.add_argument("--token", help="bearer token (sent as `authorization: Bearer ...`; default $MEDIATOR_TOKEN)")
+    p.add_argument("--api-key", help="API key (sent as `x-api-key`; default $MEDIATOR_API_KEY)")
+    p.add_argument("--tls", action="store_true", help="use TLS (implied by --ca-file or the listener's tls)")
+    p.add_argument("--ca-file", help="PEM CA bundle the listener's certificate chains to")
+    p.add_argument("--cert-file", help="client certificate (PEM) for an mTLS listener")
+    p.add_argument("--key-file", help="its private key (PEM)")
+    p.add_argument("--server-name", help="name to verify in the listener's certificate instead of the host")
+
+
+def _default_config() -> str:
+    return os.environ.get(CONFIG_ENV) or "config.toml"
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
@@ -182,14 +273,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("check", cmd_check, "validate a config file and list every error"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", "-c", default="config.toml", help="path to config.toml")
+        p.add_argument("--config", "-c", default=_default_config(), help=f"path to config.toml (or ${CONFIG_ENV})")
         p.set_defaults(func=func)
     dlq = sub.add_parser("dead-letters", help="list or replay dead letters (running daemon, else the outbox file)")
     dlq.add_argument("action", choices=["list", "replay"])
-    dlq.add_argument("--config", "-c", default="config.toml", help="path to config.toml")
+    dlq.add_argument("--config", "-c", default=_default_config(), help=f"path to config.toml (or ${CONFIG_ENV})")
     dlq.add_argument("--id", type=int, action="append", help="replay only this dead letter (repeatable)")
     dlq.add_argument("--limit", type=int, default=100, help="list at most this many")
+    shape = dlq.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", default=None, help="list as JSON (the default into a pipe)")
+    shape.add_argument("--table", dest="json", action="store_false", help="list as a table (the default on a terminal)")
     dlq.set_defaults(func=cmd_dead_letters)
+    pub = sub.add_parser("publish", help="publish one event through the running daemon's gRPC API")
+    pub.add_argument("data", nargs="?", help="the event data: text, @FILE for a file's bytes, - for stdin")
+    pub.add_argument("--type", required=True, help="event type, e.g. com.example.order.created")
+    pub.add_argument("--source", default="/mediator/cli", help="event source (default /mediator/cli)")
+    pub.add_argument("--id", help="event id (default: a new UUID); the same source and id again is a duplicate")
+    pub.add_argument("--content-type", help="datacontenttype (default: guessed: JSON, text or octet-stream)")
+    pub.add_argument("--attr", action="append", metavar="NAME=VALUE", help="an extension attribute (repeatable)")
+    pub.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the commit (default 10)")
+    _client_options(pub)
+    pub.set_defaults(func=cmd_publish)
+    tl = sub.add_parser("tail", help="print the events routed to a gRPC outbound as they arrive (Subscribe)")
+    tl.add_argument("--type", help="exact type or a glob, e.g. 'com.example.*' (default: any)")
+    tl.add_argument("--source", help="glob over source (default: any)")
+    tl.add_argument("--outbound", help="the gRPC outbound to follow (default: every one)")
+    tl.add_argument("--address", help="glob over the destination address (default: any)")
+    tl.add_argument("--count", type=int, help="exit after this many events")
+    tl.add_argument("--timeout", type=float, help="exit after this many seconds")
+    tl.add_argument("--json", action="store_true", help="one CloudEvents JSON object per line")
+    _client_options(tl)
+    tl.set_defaults(func=cmd_tail)
     hk = sub.add_parser("hash-key", help="make a new API key and its [[keys]] entry for an api_key keys_file")
     hk.add_argument("--principal", required=True, help="who the key authenticates")
     hk.add_argument("--role", action="append", help="a role of that principal (repeatable)")
@@ -198,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "hash-key":
         return cmd_hash_key(args)
     try:
+        if args.command in ("publish", "tail") and args.target is not None:
+            return int(args.func(args, None))  # told where: no config needed
         code: int = args.func(args, _load(args.config))
     except ConfigError as exc:
         _print_config_error(exc)

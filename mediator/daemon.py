@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -29,6 +31,7 @@ from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
 from mediator.stages import Stages
 from mediator.stages import build as build_stages
+from mediator.systemd import Notifier
 
 log = structlog.get_logger(__name__)
 
@@ -150,6 +153,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._reload = asyncio.Event()
+        self.notifier = Notifier()
 
     async def _forward_dead(self, delivery: Pending, reason: str) -> None:
         await self.pipeline.forward_dead(delivery.event, reason, delivery.route, delivery.outbound, delivery.attempts)
@@ -247,6 +251,10 @@ class Daemon:
                 tasks = [tg.create_task(s.run(), name=s.name) for s in self.services]
                 tasks += [tg.create_task(d.run(), name=f"dispatcher:{n}") for n, d in self.dispatchers.items()]
                 tasks.append(tg.create_task(self._reload_loop(), name="config-reload"))
+                if self.notifier.enabled:
+                    tasks.append(tg.create_task(self._notify_ready(), name="systemd:ready"))
+                if self.notifier.watchdog_s is not None:
+                    tasks.append(tg.create_task(self._watchdog(self.notifier.watchdog_s), name="systemd:watchdog"))
                 orphans = 0
                 for p in pending:
                     dispatcher = self.dispatchers.get(p.outbound)
@@ -269,12 +277,35 @@ class Daemon:
         finally:
             await self.stages.close()
             await self.outbox.close()
+            self.notifier.close()
         log.info("daemon.stopped", undelivered=self.backlog.value)
+
+    async def _notify_ready(self) -> None:
+        """READY=1 once every listener is bound (``Type=notify``: ``systemctl start`` returns then).
+
+        Listeners only, not brokers: the daemon serves (and its outbox accepts) while a broker is down and
+        connects when it appears, so waiting for brokers would fail the unit's start for an outage that
+        /readyz reports anyway. STATUS= then says what is still connecting."""
+        listeners = [f"listener:{name}" for name in self.config.root.listeners]
+        for component in listeners:
+            await self.health.wait_ready(component)
+        waiting = [name for name, s in self.health.snapshot().items() if not s["ready"]]
+        status = f"listening ({len(listeners)} listeners)" + (f"; connecting: {', '.join(waiting)}" if waiting else "")
+        self.notifier.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+        log.info("systemd.ready", listeners=len(listeners), connecting=waiting or None)
+
+    async def _watchdog(self, interval_s: float) -> None:
+        """WATCHDOG=1 every ``interval_s`` (half of systemd's WatchdogSec) from the event loop itself, so a
+        loop that stops turning stops the pings and systemd restarts the daemon. Runs through the drain."""
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval_s)
 
     async def _drain(self) -> None:
         budget = self.config.daemon.drain_timeout_s
         deadline = time.monotonic() + budget
         log.info("daemon.draining", timeout_s=budget, undelivered=self.backlog.value)
+        self.notifier.notify("STOPPING=1", f"STATUS=draining ({self.backlog.value} undelivered)")
         self.pipeline.draining = True
         self.health.draining = True
         for phase in (self.pipeline.wait_idle, self.backlog.wait_empty):
@@ -329,6 +360,6 @@ def describe(dl: DeadLetter) -> dict[str, object]:
         "address": dl.address,
         "reason": dl.reason,
         "attempts": dl.attempts,
-        "at": dl.at,
+        "at": datetime.fromtimestamp(dl.at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "replayable": bool(dl.format),
     }
