@@ -26,6 +26,8 @@ from mediator.core.seams import (
     OutboundConfigBase,
 )
 from mediator.stages import problems as stage_problems
+from mediator.stages.aggregate import AggregateConfig
+from mediator.stages.aggregate import problems as aggregate_problems
 from mediator.stages.config import (
     AUTH_KINDS,
     AuthenticatorConfig,
@@ -33,6 +35,8 @@ from mediator.stages.config import (
     RateLimitConfig,
     SecurityConfig,
 )
+from mediator.stages.enrich import EnrichConfig
+from mediator.stages.enrich import problems as enrich_problems
 
 
 class DaemonConfig(ConfigModel):
@@ -115,6 +119,8 @@ class RootConfig(ConfigModel):
     auth: dict[str, AuthenticatorConfig] = {}
     authorization: list[AuthorizationRuleConfig] = []
     rate_limits: list[RateLimitConfig] = []
+    enrich: list[EnrichConfig] = []
+    aggregate: list[AggregateConfig] = []
     listeners: dict[str, dict[str, Any]] = {}
     brokers: dict[str, dict[str, Any]] = {}
     inbound: dict[str, dict[str, Any]] = {}
@@ -345,6 +351,7 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
         for kind, by_section in typed.items()
     }
     problems += stage_problems(adapters, root.auth, root.authorization, root.rate_limits)
+    problems += enrich_problems(root.enrich, inbound_names) + aggregate_problems(root.aggregate, inbound_names)
     if problems:
         raise ConfigError(file, problems)
     return Config(file=file, root=root, adapters=adapters, routes=tuple(routes), dead_letter_forward=dead_forward)

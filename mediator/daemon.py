@@ -31,6 +31,8 @@ from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
 from mediator.stages import Stages
 from mediator.stages import build as build_stages
+from mediator.stages.aggregate import Aggregator
+from mediator.stages.aggstore import store_path
 from mediator.systemd import Notifier
 
 log = structlog.get_logger(__name__)
@@ -89,7 +91,13 @@ def make_stages(config: Config) -> Stages:
     """The ingress stages of ``config``; raises ConfigError when a key file or secret is missing or bad."""
     root = config.root
     return build_stages(
-        config.adapters, root.auth, root.authorization, root.rate_limits, root.security, Path(config.file).parent
+        config.adapters,
+        root.auth,
+        root.authorization,
+        root.rate_limits,
+        root.security,
+        Path(config.file).parent,
+        enrich=root.enrich,
     )
 
 
@@ -120,6 +128,11 @@ class Daemon:
         self.outbox = make_outbox(config)
         self.dispatchers: dict[str, Dispatcher] = {}
         self.stages = make_stages(config)
+        # Aggregation is the last stage; its store lives beside the outbox (in memory with a memory outbox).
+        outbox_cfg = config.outbox
+        self.aggregator = Aggregator(
+            ":memory:" if outbox_cfg.kind == "memory" else store_path(outbox_cfg.path), config.root.aggregate
+        )
         self.pipeline = Pipeline(
             Router(config.routes),
             self.outbox,
@@ -127,9 +140,10 @@ class Daemon:
             self.backlog,
             max_pending=config.outbox.max_pending,
             dedup=config.outbox.dedup_window_s > 0,
-            stages=self.stages.stages,
+            stages=self.stages.stages + self.aggregator.stages(),
             authenticate=self.stages.authenticate,
         )
+        self.aggregator.sink = self.pipeline
         runtime = Runtime(
             sink=self.pipeline,
             health=self.health,
@@ -216,7 +230,7 @@ class Daemon:
             changed = [k for k in static if getattr(old, k) != getattr(new.root, k)]
             if changed:
                 log.warning("config.restart_required", sections=changed, applied="routes only")
-            security = ("security", "auth", "authorization", "rate_limits")
+            security = ("security", "auth", "authorization", "rate_limits", "enrich", "aggregate")
             update: dict[str, object] = {"routes": new.root.routes}
             if any(getattr(old, k) != getattr(new.root, k) for k in security) and not changed:
                 try:
@@ -225,7 +239,8 @@ class Daemon:
                     log.error("config.reload_refused", file=exc.file, problems=exc.problems)
                     continue
                 old_stages, self.stages = self.stages, stages
-                self.pipeline.stages = stages.stages
+                await self.aggregator.configure(new.root.aggregate)
+                self.pipeline.stages = stages.stages + self.aggregator.stages()
                 self.pipeline.authenticator = stages.authenticate
                 stages.start()
                 await old_stages.close()
@@ -245,10 +260,12 @@ class Daemon:
 
     async def _run(self) -> None:
         pending = await self.outbox.open()
+        await self.aggregator.open()
         self.stages.start()
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(s.run(), name=s.name) for s in self.services]
+                tasks = [tg.create_task(self.aggregator.run(), name="aggregate")]
+                tasks += [tg.create_task(s.run(), name=s.name) for s in self.services]
                 tasks += [tg.create_task(d.run(), name=f"dispatcher:{n}") for n, d in self.dispatchers.items()]
                 tasks.append(tg.create_task(self._reload_loop(), name="config-reload"))
                 if self.notifier.enabled:
@@ -276,6 +293,7 @@ class Daemon:
                     task.cancel()
         finally:
             await self.stages.close()
+            await self.aggregator.close()
             await self.outbox.close()
             self.notifier.close()
         log.info("daemon.stopped", undelivered=self.backlog.value)

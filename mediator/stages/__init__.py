@@ -36,6 +36,8 @@ from mediator.stages.config import (
     RateLimitConfig,
     SecurityConfig,
 )
+from mediator.stages.enrich import Enrich, EnrichConfig
+from mediator.stages.enrich import build as build_enrichers
 from mediator.stages.ratelimit import RateLimit
 
 __all__ = ["Stages", "build", "problems"]
@@ -50,6 +52,7 @@ class Stages:
     credential_headers: frozenset[str]
     admin_roles: frozenset[str]
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    enrichers: tuple[Enrich, ...] = ()  # their connection pools are closed with the stages
 
     def start(self) -> None:
         """Fetch every JWKS in the background, so the first token does not wait for it."""
@@ -71,6 +74,8 @@ class Stages:
         for task in list(self._tasks):
             task.cancel()
         await self.authenticate.close()
+        for enricher in self.enrichers:
+            await enricher.close()
 
 
 def _listener_of(icfg: InboundConfigBase, listeners: Mapping[str, object]) -> tuple[str, ListenerConfigBase] | None:
@@ -157,6 +162,7 @@ def build(
     limits: list[RateLimitConfig],
     security: SecurityConfig,
     base_dir: Path,
+    enrich: list[EnrichConfig] | None = None,
 ) -> Stages:
     """The stages for a config that ``problems`` found nothing wrong with. Reads API key files and HS
     secrets (small, once, before the daemon serves); raises ConfigError when one is missing or bad."""
@@ -194,4 +200,8 @@ def build(
     rate_limit = RateLimit(limits)
     if rate_limit.enabled:
         stages.append(rate_limit)
-    return Stages(authenticate, tuple(stages), frozenset(headers), frozenset(security.admin_roles))
+    enrichers = build_enrichers(enrich or [])  # after the limits: no lookup for a caller refused anyway
+    stages += enrichers
+    return Stages(
+        authenticate, tuple(stages), frozenset(headers), frozenset(security.admin_roles), enrichers=tuple(enrichers)
+    )
