@@ -23,8 +23,8 @@ services:
 	./scripts/services.sh
 
 install-brokers:
-	@echo "About to install RabbitMQ and Mosquitto from Debian packages (needs root): apt-get install -y rabbitmq-server mosquitto"
-	apt-get install -y rabbitmq-server mosquitto
+	@echo "About to install RabbitMQ, Mosquitto and Redis from Debian packages (needs root): apt-get install -y rabbitmq-server mosquitto redis-server"
+	apt-get install -y rabbitmq-server mosquitto redis-server
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

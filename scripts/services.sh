@@ -38,3 +38,17 @@ else
   echo "services: Mosquitto is not installed. As root: make install-brokers (apt-get install rabbitmq-server mosquitto)" >&2
   exit 1
 fi
+
+# Redis: the enrichment tests look customers up in it (their outage tests start a redis-server of their own).
+if up 6379; then
+  echo "services: Redis is up on 127.0.0.1:6379"
+elif command -v redis-server >/dev/null 2>&1; then
+  echo "services: Redis is not running; starting it (redis-server --daemonize yes --bind 127.0.0.1)"
+  redis-server --daemonize yes --bind 127.0.0.1
+  for _ in $(seq 1 50); do up 6379 && break; sleep 0.1; done
+  up 6379 || { echo "services: Redis did not come up" >&2; exit 1; }
+  echo "services: Redis started"
+else
+  echo "services: Redis is not installed. As root: make install-brokers (apt-get install redis-server)" >&2
+  exit 1
+fi
