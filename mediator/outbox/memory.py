@@ -45,7 +45,8 @@ class MemoryOutbox:
             for fail in item.failures:
                 self._bury(item.event, fail.route, fail.outbound, "", "", fail.reason, 0, now)
             for d in item.deliveries:
-                p = Pending(next(self._ids), item.event, d.route, d.outbound, d.address, d.format)
+                event = item.event if d.event is None else d.event
+                p = Pending(next(self._ids), event, d.route, d.outbound, d.address, d.format)
                 self._pending[p.id] = p
                 out.append(p)
         if self.on_commit is not None and out:

@@ -476,8 +476,10 @@ def _commit(
                 (blob, fail.route, fail.outbound, "", "", fail.reason, 0, now),
             )
         for did, d in zip(ids(len(item.deliveries)), item.deliveries, strict=True):
-            rows.append((did, blob, d.route, d.outbound, d.address, d.format))
-            out.append(Pending(did, item.event, d.route, d.outbound, d.address, d.format, 0))
+            # A destination that transformed the event stores (and is sent) its own copy.
+            event, row_blob = (item.event, blob) if d.event is None else (d.event, d.event.SerializeToString())
+            rows.append((did, row_blob, d.route, d.outbound, d.address, d.format))
+            out.append(Pending(did, event, d.route, d.outbound, d.address, d.format, 0))
     if rows:
         conn.executemany("INSERT INTO deliveries(id,envelope,route,outbound,address,format) VALUES (?,?,?,?,?,?)", rows)
     return out
