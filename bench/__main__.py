@@ -11,13 +11,16 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import report
 from bench.infra import ROOT, WORK, Daemon, Mosquitto, NodeRed, OwnRabbit, free_port, log
-from bench.paths import PATHS, Env, PathDef
+from bench.paths import PATHS, Env, PathDef, credentials
 from bench.report import aggregate
 from bench.runner import Cell, Settings, measure
 
@@ -28,6 +31,48 @@ BUDGET_S = 570.0
 NODERED_PATHS = ("http-mqtt", "http-amqp", "mqtt-mqtt")
 PLUGIN_PATHS = ("mqtt-amqp",)
 MEMORY_PATH = "http-amqp"
+AUTH_PATH = "http-amqp"
+"""Beside its unauthenticated row, measured in the same round: the daemon requiring a JWT, then an API key."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRow:
+    """An authenticated mediator row: its key in results.json (beside ``mediator``), its label, the
+    credential (``Env.auth``) and the JWT authenticator's ``cache_size`` (None: the daemon's default)."""
+
+    key: str
+    system: str
+    kind: str
+    jwt_cache_size: int | None = None
+
+    @property
+    def suffix(self) -> str:
+        return "-" + self.key.removeprefix("mediator_")
+
+
+def auth_rows(jwt_cache_sizes: list[int | None]) -> list[AuthRow]:
+    """One JWT row per cache size, then the API key row."""
+    from mediator.stages.config import JwtAuthConfig
+
+    default = JwtAuthConfig.model_fields["cache_size"].default
+    rows = []
+    for size in jwt_cache_sizes:
+        if size is None or size == default:
+            rows.append(AuthRow("mediator_jwt", "mediator (JWT RS256)", "jwt", size))
+        else:
+            label = "mediator (JWT RS256, no cache)" if size == 0 else f"mediator (JWT, cache {size})"
+            rows.append(AuthRow(f"mediator_jwt_cache{size}", label, "jwt", size))
+    return [*rows, AuthRow("mediator_api_key", "mediator (API key)", "api_key")]
+
+
+def _cache_sizes(text: str) -> list[int | None]:
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+    if not sizes or min(sizes) < 0:
+        raise argparse.ArgumentTypeError(f"cache sizes are integers >= 0: {text!r}")
+    return list(sizes)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,6 +81,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of: {', '.join(PATHS)}")
     ap.add_argument("--no-peers", action="store_true", help="skip Node-RED and the RabbitMQ MQTT plugin")
     ap.add_argument("--no-memory", action="store_true", help="skip the in-memory outbox figure")
+    ap.add_argument("--no-auth", action="store_true", help=f"skip the authenticated {AUTH_PATH} rows (JWT, API key)")
+    ap.add_argument(
+        "--jwt-cache-size",
+        type=_cache_sizes,
+        default=[None],
+        metavar="N[,N...]",
+        help="cache_size of the JWT authenticator (0: verify every token); several values give one JWT row"
+        " each, in that order, in the same round (default: the daemon's default)",
+    )
     ap.add_argument("--profile", action="store_true", help="py-spy the daemon in each path's first saturation run")
     ap.add_argument(
         "--rounds",
@@ -108,8 +162,8 @@ class Bench:
             return True
         return False
 
-    def env(self, name: str, outbox: str = "sqlite") -> Env:
-        uid = f"{self.uid}-{name}" + ("-mem" if outbox == "memory" else "")
+    def env(self, name: str, outbox: str = "sqlite", auth: AuthRow | None = None) -> Env:
+        uid = f"{self.uid}-{name}" + ("-mem" if outbox == "memory" else "") + (auth.suffix if auth else "")
         workdir = WORK / "daemon" / uid
         workdir.mkdir(parents=True, exist_ok=True)
         for f in workdir.glob("outbox.sqlite*"):
@@ -123,25 +177,45 @@ class Bench:
             hook_port=free_port(),
             workdir=str(workdir),
             outbox=outbox,
+            auth=auth.kind if auth else None,
+            jwt_cache_size=auth.jwt_cache_size if auth else None,
         )
 
     # ------------------------------------------------------------------------------------------ mediator
 
-    def mediator(self, path: PathDef, outbox: str = "sqlite", profile: bool = True) -> dict[str, Any]:
-        env = self.env(path.name, outbox)
+    def mediator(
+        self,
+        path: PathDef,
+        outbox: str = "sqlite",
+        profile: bool = True,
+        auth: AuthRow | None = None,
+    ) -> dict[str, Any]:
+        """One mediator cell; with ``auth`` the HTTP listener requires that credential, which every producer
+        (wrk and the Python probes) then sends."""
+        env = self.env(path.name, outbox, auth)
+        headers = credentials(env)
         daemon = Daemon(path.config(env), Path(env.workdir), env.http_port)
+        wrk_url = f"http://127.0.0.1:{env.http_port}/bench" if path.producer == "http" else None
+        tag = ("-memory" if outbox == "memory" else "") + (auth.suffix if auth else "")
         cell = Cell(
             label=path.name,
-            system="mediator" if outbox == "sqlite" else "mediator (memory outbox)",
-            producer=path.producer_spec(env),
+            system=auth.system if auth else ("mediator (memory outbox)" if outbox == "memory" else "mediator"),
+            producer={**path.producer_spec(env), "headers": headers},
             consumer=path.consumer_spec(env),
             pid=lambda: daemon.pid if daemon.proc else None,
-            wrk_url=f"http://127.0.0.1:{env.http_port}/bench" if path.producer == "http" else None,
-            profile_name=(path.name + ("-memory" if outbox == "memory" else "")) if profile else None,
+            wrk_url=wrk_url,
+            wrk_headers=headers,
+            profile_name=path.name + tag if profile else None,
             alive=daemon.exited,
         )
+
+        def start() -> None:
+            daemon.start()
+            if auth is not None and wrk_url is not None:
+                _refused_without_credential(wrk_url)
+
         try:
-            res = measure(cell, self.settings, start_system=daemon.start)
+            res = measure(cell, self.settings, start_system=start)
         finally:
             rc = daemon.stop()
             problems = daemon.problems()
@@ -150,6 +224,8 @@ class Bench:
             if rc not in (0, None):
                 self.results["problems"].append({"cell": f"{path.name} [{cell.system}]", "exit": rc})
             amqp_cleanup(SHARED_AMQP, [env.exchange_in, env.exchange_out], [env.queue_in, env.queue_out])
+        if auth is not None:
+            res["auth"] = {"kind": auth.kind, "jwt_cache_size": auth.jwt_cache_size}
         res["daemon_exit"] = rc
         res["daemon_log_lines"] = len(problems)
         return res
@@ -429,6 +505,13 @@ class Bench:
             if self.over_budget(name):
                 continue
             entry["mediator"] = self._guard(name, lambda n=name: self.mediator(PATHS[n], profile=first))
+            if name == AUTH_PATH and not a.no_auth:
+                for row in auth_rows(a.jwt_cache_size):
+                    what = f"{name} [{row.system}]"
+                    if not self.over_budget(what):
+                        entry[row.key] = self._guard(
+                            what, lambda n=name, r=row: self.mediator(PATHS[n], profile=first, auth=r)
+                        )
             if name == MEMORY_PATH and not a.no_memory and not self.over_budget(f"{name} [memory]"):
                 entry["mediator_memory"] = self._guard(
                     f"{name} [memory]", lambda n=name: self.mediator(PATHS[n], "memory", profile=first)
@@ -460,8 +543,20 @@ class Bench:
 def _cells(results: dict[str, Any]) -> list[dict[str, Any]]:
     out = list(results["ceilings"].values())
     for entry in results["paths"].values():
-        out += [entry.get("mediator"), entry.get("mediator_memory"), *entry.get("peers", {}).values()]
+        out += [c for k, c in entry.items() if k.startswith("mediator")] + list(entry.get("peers", {}).values())
     return [c for c in out if c]
+
+
+def _refused_without_credential(url: str) -> None:
+    """An authenticated row measures authentication only if the daemon refuses a request that carries none."""
+    request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    if status != 401:
+        raise RuntimeError(f"{url} answered {status} to a request without a credential, not 401")
 
 
 def _cpus() -> int:

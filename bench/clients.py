@@ -401,7 +401,7 @@ async def _http_producer(spec: dict[str, Any], conn: Connection) -> None:
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=window), timeout=aiohttp.ClientTimeout(total=30)
     )
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **spec.get("headers", {})}
 
     async def send_one(seq: int) -> bool:
         async with session.post(url, data=payload.make(seq, time.monotonic_ns()), headers=headers) as resp:

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+AUTH_KINDS = ("jwt", "api_key")
+"""Ingress authentication variants of the daemon (``Env.auth``): an RS256 JWT or an API key."""
+JWT_ISSUER = "https://issuer.bench/"
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,8 @@ class Env:
     hook_port: int
     workdir: str
     outbox: str = "sqlite"
+    auth: str | None = None  # one of AUTH_KINDS: the HTTP listener requires that credential
+    jwt_cache_size: int | None = None  # [auth.bench-jwt] cache_size; None: the daemon's default
 
     @property
     def exchange_out(self) -> str:
@@ -96,6 +105,55 @@ PATHS: dict[str, PathDef] = {
 }
 
 
+def credentials(env: Env) -> dict[str, str]:
+    """Write the files ``env.auth`` needs into the daemon's directory (a JWK Set with a fresh RSA public
+    key, or a keys file with a fresh key's SHA-256) and return the header that carries the credential.
+    One token (or key) for the whole cell, as a client would send: with the JWT cache, the signature is
+    checked once; with ``cache_size = 0``, on every event."""
+    if env.auth is None:
+        return {}
+    workdir = Path(env.workdir)
+    if env.auth == "api_key":
+        from mediator.stages.authn import new_api_key
+
+        key, digest = new_api_key()  # what `mediator hash-key` prints
+        (workdir / "api-keys.toml").write_text(f'[[keys]]\nprincipal = "bench"\nsha256 = "{digest}"\n')
+        return {"X-API-Key": key}
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    private = rsa.generate_private_key(65537, 2048)
+    jwk = {**json.loads(RSAAlgorithm.to_jwk(private.public_key())), "kid": "bench", "use": "sig", "alg": "RS256"}
+    (workdir / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    now = int(time.time())
+    claims = {"iss": JWT_ISSUER, "aud": "mediator", "sub": "bench", "iat": now, "exp": now + 3600}
+    token = jwt.encode(claims, private, algorithm="RS256", headers={"kid": "bench"})
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _auth(env: Env) -> str:
+    if env.auth == "jwt":
+        cache = "" if env.jwt_cache_size is None else f"cache_size = {env.jwt_cache_size}\n"
+        return f"""auth = ["bench-jwt"]
+
+[auth.bench-jwt]
+kind = "jwt"
+issuer = "{JWT_ISSUER}"
+audience = ["mediator"]
+algorithms = ["RS256"]
+jwks_file = "jwks.json"
+{cache}"""
+    if env.auth == "api_key":
+        return """auth = ["bench-keys"]
+
+[auth.bench-keys]
+kind = "api_key"
+keys_file = "api-keys.toml"
+"""
+    return ""
+
+
 def _config(path: PathDef, env: Env) -> str:
     parts = [
         f"""
@@ -112,7 +170,7 @@ max_pending = 100000
 kind = "http"
 host = "127.0.0.1"
 port = {env.http_port}
-
+{_auth(env)}
 [brokers.mosquitto]
 kind = "mqtt"
 host = "127.0.0.1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import statistics
 import subprocess
 import threading
@@ -50,6 +51,8 @@ class Cell:
     consumer: dict[str, Any]
     pid: Callable[[], int | None] = lambda: None
     wrk_url: str | None = None
+    wrk_headers: dict[str, str] = field(default_factory=dict)
+    """Sent by wrk as ``-H``; the Python producer takes its own from ``producer["headers"]``."""
     profile_name: str | None = None
     alive: Callable[[], str | None] = lambda: None
     """None while the system under test runs; otherwise why it does not (checked after every run, so that a
@@ -103,7 +106,9 @@ end
     return path
 
 
-def run_wrk(url: str, run_id: int, duration_s: float) -> dict[str, Any]:
+def run_wrk(url: str, run_id: int, duration_s: float, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """One wrk run; besides wrk's summary, ``cpu_percent``: wrk's own CPU (both threads) over the run, as %
+    of one core, so that a load generator short of CPU is not mistaken for the system's limit."""
     argv = [
         "wrk",
         f"-t{WRK_THREADS}",
@@ -113,16 +118,24 @@ def run_wrk(url: str, run_id: int, duration_s: float) -> dict[str, Any]:
         "10s",
         "-s",
         str(wrk_script()),
+        *(arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")),
         url,
         "--",
         str(run_id * payload.RUN_SPAN),
     ]
+    # wrk is the only child reaped while it runs (the daemon and the client processes outlive the run).
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.monotonic() - t0
     m = re.search(r"^WRKJSON (.*)$", out.stdout, re.M)
     if m is None:
         raise RuntimeError(f"wrk printed no summary (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
     res: dict[str, Any] = json.loads(m.group(1))
     res["accepted"] = res["requests"] - res["non2xx"]
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    res["cpu_percent"] = round(100 * cpu / wall, 1)
     return res
 
 
@@ -267,6 +280,7 @@ def measure(cell: Cell, settings: Settings, start_system: Callable[[], None] | N
         "accept_latency_wrk": lat_summary([r.get("wrk_lat") for r in sat]),
         "cpu_percent": median([r.get("cpu_percent") for r in sat]),
         "cpu_us_per_msg": median([r.get("cpu_us_per_msg") for r in sat]),
+        "wrk_cpu_percent": median([r["wrk"]["cpu_percent"] for r in sat if "wrk" in r]),
         "peak_rss_mb": rss,
         "steady_rss_mb": steady_rss,
         "loss": sum(r["loss"] for r in sat + lat),
@@ -344,7 +358,7 @@ def _saturation(cell: Cell, settings: Settings, producer: Child, consumer: Child
                 "window": 8,
             },
         )
-        wrk_res = run_wrk(cell.wrk_url, run_id, settings.sat_s)
+        wrk_res = run_wrk(cell.wrk_url, run_id, settings.sat_s, cell.wrk_headers)
         probe = producer.expect("done", 60)
         accepted = wrk_res["accepted"] + probe["accepted"]
         refused = wrk_res["non2xx"] + probe["refused"]

@@ -14,9 +14,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from mediator.core.convert import ConvertConfig, Converter
+from mediator.core.egress import Egress
 from mediator.core.errors import ConfigError
 from mediator.core.formats import FORMATS
 from mediator.core.patterns import Template, TopicPattern, validate_topic_pattern
+from mediator.core.predicate import Predicate
 from mediator.core.router import DestinationSpec, RouteSpec
 from mediator.core.seams import (
     AdapterConfig,
@@ -25,6 +28,7 @@ from mediator.core.seams import (
     InboundConfigBase,
     OutboundConfigBase,
 )
+from mediator.core.transform import Transform, TransformConfig
 from mediator.stages import problems as stage_problems
 from mediator.stages.aggregate import AggregateConfig
 from mediator.stages.aggregate import problems as aggregate_problems
@@ -84,6 +88,8 @@ class DestinationConfig(ConfigModel):
     format: str | None = None  # None: the outbound's own `format`, else "binary"
 
     @field_validator("address")
+    transform: TransformConfig | None = None  # egress: applied when the event is committed (core/egress.py)
+    convert: ConvertConfig | None = None  # after the transform: JSON to Protobuf or Avro and back
     @classmethod
     def _template(cls, value: str) -> str:
         Template.compile(value)
@@ -102,8 +108,24 @@ class RouteConfig(ConfigModel):
     match: MatchConfig = MatchConfig()
     to: list[DestinationConfig] = Field(min_length=1)
 
+    when: str | None = None  # CEL over attributes, data, inbound, topic (core/predicate.py)
+    final: bool = False  # when this route matched, later routes are not evaluated
 
 class DeadLettersConfig(ConfigModel):
+    @field_validator("when")
+    @classmethod
+    def _when(cls, value: str | None) -> str | None:
+        if value is not None:
+            Predicate.compile(value)  # compiled again into the RouteSpec; a few microseconds
+        return value
+
+
+class RoutingConfig(ConfigModel):
+    """``mode = "first"``: every route is ``final`` (ordered first-match); "all": each matching route
+    contributes its destinations, unless one marked ``final`` ends the walk."""
+
+    mode: Literal["all", "first"] = "all"
+
     """Dead letters are always kept in the outbox (list and replay them); ``forward`` also sends a copy
     to a destination, e.g. an AMQP dead-letter exchange: ``forward = { outbound = "dlx", address =
     "dead.{deadletterroute}", format = "structured" }``."""
@@ -117,6 +139,7 @@ class RootConfig(ConfigModel):
     dead_letters: DeadLettersConfig = DeadLettersConfig()
     security: SecurityConfig = SecurityConfig()
     auth: dict[str, AuthenticatorConfig] = {}
+    routing: RoutingConfig = RoutingConfig()
     authorization: list[AuthorizationRuleConfig] = []
     rate_limits: list[RateLimitConfig] = []
     enrich: list[EnrichConfig] = []
@@ -252,6 +275,19 @@ def load(path: str | Path, specs: Mapping[str, AdapterSpec]) -> Config:
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
+def _egress(dest: DestinationConfig, base_dir: Path, where: str, problems: list[str]) -> Egress | None:
+    """A destination's transform and conversion, compiled; a file that cannot be used is a problem."""
+    if dest.transform is None and dest.convert is None:
+        return None
+    converter = None
+    if dest.convert is not None:
+        try:
+            converter = Converter(dest.convert, base_dir)
+        except ValueError as exc:
+            problems.append(f"{where}.convert: {exc}")
+    return Egress(Transform(dest.transform) if dest.transform is not None else None, converter)
+
+
         raise ConfigError(file, [f"cannot read: {exc.strerror or exc}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, [f"TOML syntax error: {exc}"]) from exc
@@ -322,7 +358,8 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
             if dest.outbound not in outbound_names:
                 problems.append(f"{where}.to[{j}].outbound: no outbound named {dest.outbound!r}")
             fmt = dest.format or str(getattr(outbound_models.get(dest.outbound), "format", "binary"))
-            dests.append(DestinationSpec(dest.outbound, Template.compile(dest.address), fmt))
+            egress = _egress(dest, Path(file).parent, f"{where}.to[{j}]", problems)
+            dests.append(DestinationSpec(dest.outbound, Template.compile(dest.address), fmt, egress))
         routes.append(
             RouteSpec(
                 name=route.name,
@@ -338,6 +375,8 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
     fwd = root.dead_letters.forward
     if fwd is not None:
         if fwd.outbound not in outbound_names:
+                when=Predicate.compile(route.when) if route.when is not None else None,
+                final=route.final or root.routing.mode == "first",
             problems.append(f"dead_letters.forward.outbound: no outbound named {fwd.outbound!r}")
         fmt = fwd.format or str(getattr(outbound_models.get(fwd.outbound), "format", "binary"))
         dead_forward = DestinationSpec(fwd.outbound, Template.compile(fwd.address), fmt)
