@@ -86,10 +86,10 @@ class DestinationConfig(ConfigModel):
     outbound: str
     address: str = ""
     format: str | None = None  # None: the outbound's own `format`, else "binary"
-
-    @field_validator("address")
     transform: TransformConfig | None = None  # egress: applied when the event is committed (core/egress.py)
     convert: ConvertConfig | None = None  # after the transform: JSON to Protobuf or Avro and back
+
+    @field_validator("address")
     @classmethod
     def _template(cls, value: str) -> str:
         Template.compile(value)
@@ -106,12 +106,10 @@ class DestinationConfig(ConfigModel):
 class RouteConfig(ConfigModel):
     name: str = Field(min_length=1)
     match: MatchConfig = MatchConfig()
-    to: list[DestinationConfig] = Field(min_length=1)
-
     when: str | None = None  # CEL over attributes, data, inbound, topic (core/predicate.py)
     final: bool = False  # when this route matched, later routes are not evaluated
+    to: list[DestinationConfig] = Field(min_length=1)
 
-class DeadLettersConfig(ConfigModel):
     @field_validator("when")
     @classmethod
     def _when(cls, value: str | None) -> str | None:
@@ -126,6 +124,8 @@ class RoutingConfig(ConfigModel):
 
     mode: Literal["all", "first"] = "all"
 
+
+class DeadLettersConfig(ConfigModel):
     """Dead letters are always kept in the outbox (list and replay them); ``forward`` also sends a copy
     to a destination, e.g. an AMQP dead-letter exchange: ``forward = { outbound = "dlx", address =
     "dead.{deadletterroute}", format = "structured" }``."""
@@ -137,9 +137,9 @@ class RootConfig(ConfigModel):
     daemon: DaemonConfig = DaemonConfig()
     outbox: OutboxConfig = OutboxConfig()
     dead_letters: DeadLettersConfig = DeadLettersConfig()
+    routing: RoutingConfig = RoutingConfig()
     security: SecurityConfig = SecurityConfig()
     auth: dict[str, AuthenticatorConfig] = {}
-    routing: RoutingConfig = RoutingConfig()
     authorization: list[AuthorizationRuleConfig] = []
     rate_limits: list[RateLimitConfig] = []
     enrich: list[EnrichConfig] = []
@@ -269,12 +269,6 @@ def _article(kind: str) -> str:
     return "an" if kind[:1].lower() in "aefhilmnorsx" else "a"
 
 
-def load(path: str | Path, specs: Mapping[str, AdapterSpec]) -> Config:
-    """Read and validate ``path``; raise ConfigError listing every problem found."""
-    file = str(path)
-    try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
 def _egress(dest: DestinationConfig, base_dir: Path, where: str, problems: list[str]) -> Egress | None:
     """A destination's transform and conversion, compiled; a file that cannot be used is a problem."""
     if dest.transform is None and dest.convert is None:
@@ -288,6 +282,12 @@ def _egress(dest: DestinationConfig, base_dir: Path, where: str, problems: list[
     return Egress(Transform(dest.transform) if dest.transform is not None else None, converter)
 
 
+def load(path: str | Path, specs: Mapping[str, AdapterSpec]) -> Config:
+    """Read and validate ``path``; raise ConfigError listing every problem found."""
+    file = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
         raise ConfigError(file, [f"cannot read: {exc.strerror or exc}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, [f"TOML syntax error: {exc}"]) from exc
@@ -369,14 +369,14 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
                 sources=tuple(route.match.source),
                 topics=tuple(TopicPattern(t) for t in route.match.topic),
                 attributes=dict(route.match.attributes),
+                when=Predicate.compile(route.when) if route.when is not None else None,
+                final=route.final or root.routing.mode == "first",
             )
         )
     dead_forward: DestinationSpec | None = None
     fwd = root.dead_letters.forward
     if fwd is not None:
         if fwd.outbound not in outbound_names:
-                when=Predicate.compile(route.when) if route.when is not None else None,
-                final=route.final or root.routing.mode == "first",
             problems.append(f"dead_letters.forward.outbound: no outbound named {fwd.outbound!r}")
         fmt = fwd.format or str(getattr(outbound_models.get(fwd.outbound), "format", "binary"))
         dead_forward = DestinationSpec(fwd.outbound, Template.compile(fwd.address), fmt)

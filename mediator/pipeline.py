@@ -79,15 +79,17 @@ class Pipeline:
         events = batch.events
         router = self.router
         items = []
+        data = batch.data.get  # a route's `when` and a destination's transform share each event's parse
         for env in events:
-            deliveries, failures = router.route(env)
+            deliveries, failures = router.route(env, data, _log_predicate)
             # CloudEvents: source + id identify an event; a repeat within the window is committed once.
             # An id the gateway made up cannot be repeated by anyone: it is not recorded.
             key = f"{env.source}\x00{env.id}" if self._dedup and not env.provenance.id_minted else None
             if deliveries or failures:
                 items.append(Accepted(env, deliveries, failures, dedup_key=key))
                 for fail in failures:
-                    log.warning("route.unrenderable", event_id=env.id, route=fail.route, reason=fail.reason)
+                    what = "transform.failed" if fail.reason.startswith("transform failed") else "route.unrenderable"
+                    log.warning(what, event_id=env.id, route=fail.route, outbound=fail.outbound, reason=fail.reason)
             else:
                 items.append(Accepted(env, (), (), dead_reason="no route matched", dedup_key=key))
                 log.warning("route.unmatched", event_id=env.id, type=env.type, inbound=env.provenance.inbound)
@@ -208,3 +210,37 @@ class _RefusalLog:
 
 
 _log_refusal = _RefusalLog()
+
+
+class _PredicateLog:
+    """A route's ``when`` that could not be evaluated for an event (a missing field, mismatched types)
+    counts as no match; each is counted per route, and logged at most once a second per route, with the
+    failures in between counted (``suppressed``) and the route's total (``failures``)."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, route: str, env: Envelope, reason: str) -> None:
+        total = self.counts[route] = self.counts.get(route, 0) + 1
+        now = time.monotonic()
+        last, suppressed = self._last.get(route, (0.0, 0))
+        if now - last < self.INTERVAL_S:
+            self._last[route] = (last, suppressed + 1)
+            return
+        if len(self._last) > 10_000:
+            self._last.clear()
+        self._last[route] = (now, 0)
+        log.info(
+            "route.predicate_failed",
+            route=route,
+            event_id=env.id,
+            reason=reason,
+            failures=total,
+            suppressed=suppressed or None,
+        )
+
+
+_log_predicate = _PredicateLog()

@@ -17,6 +17,7 @@ from mediator.core.envelope import Envelope
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.patterns import Template
+from mediator.core.transform import TransformConfig
 
 
 class Sink(Protocol):
@@ -182,6 +183,7 @@ class InboundConfigBase(ConfigModel):
     kind: str
     auth: list[str] | None = None
     allow_anonymous: bool | None = None
+    transform: TransformConfig | None = None  # the ingress transform (mediator/stages/transform.py)
 
     def connection(self) -> str | None:
         return None

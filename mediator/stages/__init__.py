@@ -39,6 +39,7 @@ from mediator.stages.config import (
 from mediator.stages.enrich import Enrich, EnrichConfig
 from mediator.stages.enrich import build as build_enrichers
 from mediator.stages.ratelimit import RateLimit
+from mediator.stages.transform import build as build_ingress_transform
 
 __all__ = ["Stages", "build", "problems"]
 
@@ -202,6 +203,9 @@ def build(
         stages.append(rate_limit)
     enrichers = build_enrichers(enrich or [])  # after the limits: no lookup for a caller refused anyway
     stages += enrichers
+    ingress_transform = build_ingress_transform(adapters)  # last: it reshapes what the checks passed
+    if ingress_transform.enabled:
+        stages.append(ingress_transform)
     return Stages(
         authenticate, tuple(stages), frozenset(headers), frozenset(security.admin_roles), enrichers=tuple(enrichers)
     )
