@@ -548,9 +548,7 @@ class Aggregator:
         windows = {name: s.cfg.dedup_window_s for name, s in self._specs.items()}
         late = {name: s.cfg.late_window_s for name, s in self._specs.items()}
         default = 300.0
-        self._seen = {
-            k: at for k, at in self._seen.items() if at == 0.0 or now - at < windows.get(k[0], default)
-        }
+        self._seen = {k: at for k, at in self._seen.items() if at == 0.0 or now - at < windows.get(k[0], default)}
         self._closed = {k: at for k, at in self._closed.items() if now - at < late.get(k[0], default)}
         seen_before = {name: now - w for name, w in windows.items()}
         closed_before = {name: now - w for name, w in late.items()}
