@@ -39,6 +39,8 @@ from mediator.stages.config import (
     RateLimitConfig,
     SecurityConfig,
 )
+from mediator.stages.content_config import SchemaConfig, ValidationConfig
+from mediator.stages.content_schema import CompiledSchema, load_schemas
 from mediator.stages.enrich import EnrichConfig
 from mediator.stages.enrich import problems as enrich_problems
 
@@ -142,6 +144,8 @@ class RootConfig(ConfigModel):
     auth: dict[str, AuthenticatorConfig] = {}
     authorization: list[AuthorizationRuleConfig] = []
     rate_limits: list[RateLimitConfig] = []
+    validation: ValidationConfig = ValidationConfig()
+    schemas: list[SchemaConfig] = []
     enrich: list[EnrichConfig] = []
     aggregate: list[AggregateConfig] = []
     listeners: dict[str, dict[str, Any]] = {}
@@ -170,6 +174,8 @@ class Config:
     adapters: Mapping[str, AdapterConfig]
     routes: tuple[RouteSpec, ...] = field(default_factory=tuple)
     dead_letter_forward: DestinationSpec | None = None
+    # [[schemas]], read and compiled by ``load`` (in the reload's thread on a reload, never on the loop).
+    schemas: tuple[CompiledSchema, ...] = ()
 
     @property
     def daemon(self) -> DaemonConfig:
@@ -390,10 +396,25 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
         for kind, by_section in typed.items()
     }
     problems += stage_problems(adapters, root.auth, root.authorization, root.rate_limits)
+    for i, schema in enumerate(root.schemas):
+        missing = [n for n in schema.inbounds if n not in inbound_names]
+        problems += [f"schemas[{i}].inbounds: no inbound named {n!r}" for n in missing]
+    schemas: list[CompiledSchema] = []
+    try:
+        schemas = load_schemas(root.schemas, Path(file).parent, file)
+    except ConfigError as exc:
+        problems += exc.problems
     problems += enrich_problems(root.enrich, inbound_names) + aggregate_problems(root.aggregate, inbound_names)
     if problems:
         raise ConfigError(file, problems)
-    return Config(file=file, root=root, adapters=adapters, routes=tuple(routes), dead_letter_forward=dead_forward)
+    return Config(
+        file=file,
+        root=root,
+        adapters=adapters,
+        routes=tuple(routes),
+        dead_letter_forward=dead_forward,
+        schemas=tuple(schemas),
+    )
 
 
 def _model_for(spec: AdapterSpec, section: str) -> type[ConfigModel] | None:

@@ -98,6 +98,8 @@ def make_stages(config: Config) -> Stages:
         root.security,
         Path(config.file).parent,
         enrich=root.enrich,
+        validation=root.validation,
+        schemas=config.schemas,
     )
 
 
@@ -230,7 +232,12 @@ class Daemon:
             changed = [k for k in static if getattr(old, k) != getattr(new.root, k)]
             if changed:
                 log.warning("config.restart_required", sections=changed, applied="routes only")
-            security = ("security", "auth", "authorization", "rate_limits", "enrich", "aggregate")
+            if [s.digest for s in new.schemas] != [s.digest for s in self.config.schemas]:
+                old = old.model_copy(update={"schemas": None})  # a schema file changed: rebuild the stages
+            security = (
+                *("security", "auth", "authorization", "rate_limits"),
+                *("validation", "schemas", "enrich", "aggregate"),
+            )
             update: dict[str, object] = {"routes": new.root.routes}
             if any(getattr(old, k) != getattr(new.root, k) for k in security) and not changed:
                 try:
@@ -255,6 +262,7 @@ class Daemon:
                 self.config.root.model_copy(update=update),
                 self.config.adapters,
                 new.routes,
+                schemas=new.schemas if "schemas" in update else self.config.schemas,
             )
             log.info("config.reloaded", routes=len(new.routes))
 

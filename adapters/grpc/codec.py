@@ -8,10 +8,12 @@ without provenance.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from mediator.core.envelope import Envelope, validate
 from mediator.core.errors import RejectCode, Rejected
@@ -28,6 +30,7 @@ REJECT_STATUS: Mapping[RejectCode, grpc.StatusCode] = MappingProxyType(
         RejectCode.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
         RejectCode.UNSUPPORTED_MEDIA: grpc.StatusCode.INVALID_ARGUMENT,
         RejectCode.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        RejectCode.UNPROCESSABLE: grpc.StatusCode.INVALID_ARGUMENT,
     }
 )
 """How each refusal answers a gRPC caller."""
@@ -90,14 +93,48 @@ def rejected_trailers(exc: Rejected) -> tuple[tuple[str, str], ...]:
     return tuple(trailers)
 
 
-def to_envelope(request: Envelope, *, inbound: str, method: str, received_ns: int) -> Envelope:
+class Undecodable:
+    """A request whose bytes are no message of the method's type: what ``lenient`` hands the handler
+    instead of letting grpcio answer UNKNOWN ("Unexpected DecodeError") before our code runs."""
+
+    __slots__ = ("reason",)
+    id = ""  # for logs and stream acks, like a request's
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+M = TypeVar("M", bound=Message)
+
+
+def lenient(cls: type[M]) -> Callable[[bytes], M | Undecodable]:
+    """A request deserializer that parses as grpcio's generated one does (same cost) but turns a
+    ``DecodeError`` into an ``Undecodable`` for the handler to refuse with INVALID_ARGUMENT."""
+    name = cls.DESCRIPTOR.full_name
+    parse = cls.FromString
+
+    def deserialize(data: bytes) -> M | Undecodable:
+        try:
+            return parse(data)
+        except DecodeError:
+            return Undecodable(
+                f"the request ({len(data)} bytes) is not a {name} message: the Protobuf wire format is corrupt"
+            )
+
+    return deserialize
+
+
+def to_envelope(request: Envelope | Undecodable, *, inbound: str, method: str, received_ns: int) -> Envelope:
     """The validated inbound envelope for one Publish / PublishStream request.
 
     Takes ownership of ``request`` and returns it, modified: the gRPC runtime deserialised it for this call
     alone, and a copy per event is measurable at stream rates. The sender's provenance is cleared, the
-    envelope validated (raises ``Rejected``), then provenance is set: ``inbound``, protocol "grpc", the
-    method name as topic, "/" as separator and ``received_ns`` (Unix time in ns) as received time.
+    envelope validated (raises ``Rejected``; so does an ``Undecodable``), then provenance is set:
+    ``inbound``, protocol "grpc", the method name as topic, "/" as separator and ``received_ns`` (Unix
+    time in ns) as received time.
     """
+    if type(request) is Undecodable:
+        raise Rejected(RejectCode.INVALID, request.reason)
     request.ClearField("provenance")
     validate(request)
     prov = request.provenance

@@ -14,7 +14,7 @@ import structlog
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from adapters.grpc.codec import code_number, pushback, rejected_trailers, status_for, to_envelope
+from adapters.grpc.codec import Undecodable, code_number, pushback, rejected_trailers, status_for, to_envelope
 from mediator.core.envelope import Envelope
 from mediator.core.errors import NotReady, Overloaded, Rejected
 from mediator.core.ingress import Origin, PeerCertificate
@@ -99,7 +99,7 @@ class GrpcInbound:
     def origin(self, context: Any) -> Origin:
         return origin_of(context, self.name, self._credential_headers, certificates=self._certificates)
 
-    async def publish(self, request: Envelope, context: Any) -> PublishReply:
+    async def publish(self, request: Envelope | Undecodable, context: Any) -> PublishReply:
         """Unary Publish: authenticates the caller (before the request is even validated, so a stranger
         learns nothing about it), then returns the reply once the event is committed, or aborts with the
         mapped status and trailers."""

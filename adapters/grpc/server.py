@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adapters.grpc.codec import rejected_trailers, status_for
+from adapters.grpc.codec import Undecodable, lenient, rejected_trailers, status_for
 from adapters.grpc.config import GrpcListenerConfig
 from adapters.grpc.inbound import GrpcInbound, abort, origin_of
 from adapters.grpc.outbound import SubscriberHub
@@ -24,7 +24,7 @@ from mediator.core.envelope import Envelope
 from mediator.core.errors import ConfigError, Rejected
 from mediator.core.seams import Runtime, TlsConfig
 from mediator.v1 import service_pb2, service_pb2_grpc
-from mediator.v1.service_pb2 import PublishReply, SubscribeRequest
+from mediator.v1.service_pb2 import PublishAck, PublishReply, SubscribeRequest
 
 SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["Mediator"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -44,7 +44,7 @@ class MediatorServicer(service_pb2_grpc.MediatorServicer):
         self._hub = hub
         self._admit_subscriber = admit_subscriber
 
-    async def Publish(self, request: Envelope, context: Any) -> PublishReply:
+    async def Publish(self, request: Envelope | Undecodable, context: Any) -> PublishReply:  # type: ignore[override]
         if self._inbound is None:
             await abort(context, grpc.StatusCode.UNIMPLEMENTED, "no gRPC inbound is configured on this listener")
         return await self._inbound.publish(request, context)
@@ -56,10 +56,38 @@ class MediatorServicer(service_pb2_grpc.MediatorServicer):
             await abort(context, grpc.StatusCode.UNIMPLEMENTED, "no gRPC inbound is configured on this listener")
         await self._inbound.publish_stream(context)
 
-    async def Subscribe(self, request: SubscribeRequest, context: Any) -> None:  # type: ignore[override]
+    async def Subscribe(self, request: SubscribeRequest | Undecodable, context: Any) -> None:  # type: ignore[override]
         if self._admit_subscriber is not None:
             await self._admit_subscriber(context)
+        if isinstance(request, Undecodable):
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         await self._hub.subscribe(request, context)
+
+
+def add_mediator_service(servicer: MediatorServicer, server: Any) -> None:
+    """``service_pb2_grpc.add_MediatorServicer_to_server`` with ``lenient`` request deserializers: a
+    request whose bytes do not decode reaches the handler as an ``Undecodable`` (INVALID_ARGUMENT with a
+    clear message; in PublishStream a refused ack, and the stream goes on) instead of grpcio's UNKNOWN
+    "Unexpected DecodeError" before any of our code runs."""
+    handlers = {
+        "Publish": grpc.unary_unary_rpc_method_handler(
+            servicer.Publish,
+            request_deserializer=lenient(Envelope),
+            response_serializer=PublishReply.SerializeToString,
+        ),
+        "PublishStream": grpc.stream_stream_rpc_method_handler(
+            servicer.PublishStream,
+            request_deserializer=lenient(Envelope),
+            response_serializer=PublishAck.SerializeToString,
+        ),
+        "Subscribe": grpc.unary_stream_rpc_method_handler(
+            servicer.Subscribe,
+            request_deserializer=lenient(SubscribeRequest),
+            response_serializer=Envelope.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class ServerCertificates:
@@ -223,7 +251,7 @@ class GrpcListener:
         cfg = self.cfg
         server = grpc.aio.server(options=cfg.server_options())
         admit = self._admit_subscriber if cfg.auth else None
-        service_pb2_grpc.add_MediatorServicer_to_server(MediatorServicer(self.inbound, self.hub, admit), server)
+        add_mediator_service(MediatorServicer(self.inbound, self.hub, admit), server)
         health_servicer = health.aio.HealthServicer()
         # The servicer starts with "" SERVING; nothing is known yet, so say NOT_SERVING until the first poll.
         await health_servicer.set(health.OVERALL_HEALTH, _NOT_SERVING)

@@ -115,7 +115,10 @@ class HttpInboundConfig(InboundConfigBase):
     """A POST endpoint on a listener.
 
     ``mode = "plain"``: the body is the event data; ``type`` and ``source`` (templates) name the event
-    (a request carrying ``ce-specversion`` is still read as a binary-mode CloudEvent).
+    (a request carrying ``ce-specversion``, or a CloudEvents structured, batch or Protobuf content type,
+    is still read as a CloudEvent). Its Content-Type must be one of ``accept`` (else 415, with an
+    ``Accept-Post`` header listing them); a request without one is 415 unless ``default_content_type``
+    says what it is.
     ``mode = "cloudevents"``: binary, structured, batch or Protobuf CloudEvents only.
     """
 
@@ -126,6 +129,34 @@ class HttpInboundConfig(InboundConfigBase):
     type: TemplateField | None = None
     source: TemplateField | None = None
     max_batch: int = Field(default=1000, ge=1)
+    accept: list[str] = Field(
+        default_factory=lambda: ["application/json"],
+        min_length=1,
+        description="plain mode: the media types accepted ('application/json' includes text/json and "
+        "*+json; 'type/*' and '*/*' too); anything else is 415",
+    )
+    default_content_type: str | None = Field(
+        default=None, description="plain mode: the datacontenttype of a request without a Content-Type"
+    )
+
+    @field_validator("accept")
+    @classmethod
+    def _accept(cls, value: list[str]) -> list[str]:
+        out = []
+        for media in value:
+            m = media.strip().lower()
+            kind, _, sub = m.partition("/")
+            if not kind or not sub or ";" in m or any(c.isspace() for c in m) or (kind == "*" and sub != "*"):
+                raise ValueError(f"{media!r} is not a media type or range (type/subtype, type/*, */*)")
+            out.append(m)
+        return out
+
+    @field_validator("default_content_type")
+    @classmethod
+    def _default_type(cls, value: str | None) -> str | None:
+        if value is not None and ("/" not in value or "*" in value or "\r" in value or "\n" in value):
+            raise ValueError(f"{value!r} is not a media type (type/subtype)")
+        return value
 
     @field_validator("path")
     @classmethod
@@ -138,6 +169,8 @@ class HttpInboundConfig(InboundConfigBase):
 
     @model_validator(mode="after")
     def _templates(self) -> HttpInboundConfig:
+        if self.mode != "plain" and {"accept", "default_content_type"} & self.model_fields_set:
+            raise ValueError("accept and default_content_type are for mode = 'plain'; CloudEvents say their own")
         if self.mode == "plain":
             missing = [k for k in ("type", "source") if getattr(self, k) is None]
             if missing:

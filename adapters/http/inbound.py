@@ -11,7 +11,7 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -35,6 +35,7 @@ STATUS_BY_CODE: dict[RejectCode, int] = {
     RejectCode.TOO_LARGE: 413,
     RejectCode.UNSUPPORTED_MEDIA: 415,
     RejectCode.RATE_LIMITED: 429,
+    RejectCode.UNPROCESSABLE: 422,
 }
 
 # W3C Trace Context: version-traceid-parentid-flags; an invalid value is ignored, as the spec asks.
@@ -42,6 +43,16 @@ _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 _JSON = "application/json"
 DEFAULT_CHALLENGE = 'Bearer realm="mediator"'
 DEFAULT_CREDENTIAL_HEADERS = frozenset({"authorization"})
+_PROBLEM = "application/problem+json"
+# Content refusals are RFC 9457 problem details (with the {"error", "reason"} of every refusal as well).
+_PROBLEM_TITLES = {
+    RejectCode.INVALID: "Malformed event",
+    RejectCode.UNSUPPORTED_MEDIA: "Unsupported media type",
+    RejectCode.UNPROCESSABLE: "Event does not match its schema",
+}
+# Read as CloudEvents on a plain inbound too: never forwarded as opaque data.
+_CLOUDEVENTS_MEDIA = frozenset({formats.JSON_CONTENT_TYPE, formats.BATCH_CONTENT_TYPE, formats.PROTOBUF_CONTENT_TYPE})
+_CLOUDEVENTS_ACCEPT_POST = ", ".join(sorted(_CLOUDEVENTS_MEDIA))
 
 
 class _ReadTimeout(Exception):
@@ -65,7 +76,47 @@ def rejection_response(exc: Rejected) -> web.Response:
         headers = {"WWW-Authenticate": exc.challenge or DEFAULT_CHALLENGE}  # RFC 9110 15.5.2: a 401 must
     elif exc.code is RejectCode.RATE_LIMITED:
         headers = rate_limit_headers(exc.retry_after_s, exc.limit)
+    elif exc.code in _PROBLEM_TITLES:
+        return problem_response(exc, STATUS_BY_CODE[exc.code])
     return error_response(STATUS_BY_CODE.get(exc.code, 400), exc.code.value, exc.reason, headers)
+
+
+def problem_response(exc: Rejected, status: int) -> web.Response:
+    """RFC 9457 ``application/problem+json``: ``type`` (``urn:mediator:problem:<code>``), ``title``,
+    ``status``, ``detail`` (the reason), every problem found in ``errors`` (``detail`` and a JSON ``pointer``
+    into the data or the ``attribute`` it is about), and ``error`` and ``reason`` as every refusal has."""
+    problem: dict[str, Any] = {
+        "type": f"urn:mediator:problem:{exc.code.value}",
+        "title": _PROBLEM_TITLES.get(exc.code, "Refused"),
+        "status": status,
+        "detail": exc.reason,
+        "error": exc.code.value,
+        "reason": exc.reason,
+    }
+    if exc.errors:
+        listed: list[dict[str, str]] = []
+        for err in exc.errors:
+            item = {"detail": err.message}
+            if err.pointer is not None:
+                item["pointer"] = err.pointer
+            if err.attribute is not None:
+                item["attribute"] = err.attribute
+            listed.append(item)
+        problem["errors"] = listed
+    body = json.dumps(problem, ensure_ascii=False).encode("utf-8")
+    return web.Response(status=status, body=body, content_type=_PROBLEM)
+
+
+def media_matcher(pattern: str) -> Callable[[str], bool]:
+    """A test of a (lower-case, parameterless) media type against one ``accept`` entry."""
+    if pattern == "*/*":
+        return bool
+    if pattern.endswith("/*"):
+        prefix = pattern[:-1]
+        return lambda media: media.startswith(prefix)
+    if pattern == "application/json":
+        return formats.is_json  # text/json and every +json suffix too (never called with "")
+    return pattern.__eq__
 
 
 def rate_limit_headers(retry_after_s: float | None, limit: RateLimitState | None) -> dict[str, str]:
@@ -204,6 +255,10 @@ class HttpInbound:
         self._read_timeout_s = listener.read_timeout_s
         self._credential_names = tuple(sorted({n.lower() for n in credential_headers}))
         self._tls = listener.tls is not None
+        self._accepts = tuple(media_matcher(m) for m in cfg.accept)
+        self._accept_post = ", ".join(cfg.accept) if self._templates is not None else _CLOUDEVENTS_ACCEPT_POST
+        self._default_content_type = cfg.default_content_type
+        self._any_media = "*/*" in cfg.accept
         self._log = structlog.get_logger(__name__).bind(inbound=name, protocol="http")
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -212,6 +267,8 @@ class HttpInbound:
             # Before the body: a caller nobody vouches for is refused without its body being buffered
             # (aiohttp discards what is left of it for at most LINGER_S, so the client reads the 401).
             await self._sink.authenticate(origin)
+            if self._templates is not None:
+                self._check_media(request.headers)  # before the body: a 415 reads none of it
             body = await read_body(request, self._max_bytes, self._read_timeout_s)
             events, batch = self.decode(request, body)
             if events:
@@ -219,6 +276,8 @@ class HttpInbound:
         except Rejected as exc:
             self._log.debug("envelope.rejected", code=exc.code.value, reason=exc.reason, rule=exc.rule)
             response = rejection_response(exc)
+            if exc.code is RejectCode.UNSUPPORTED_MEDIA:
+                response.headers["Accept-Post"] = self._accept_post  # RFC 9110 style: what a POST here takes
             if exc.code is RejectCode.TOO_LARGE:
                 response.force_close()  # the rest of an oversized body is not worth reading
             return response
@@ -248,7 +307,7 @@ class HttpInbound:
         now = now_timestamp()
         topic = request.path[1:]
         try:
-            if self._templates is not None and "ce-specversion" not in headers:
+            if self._templates is not None and not _is_cloudevent(headers):
                 return [self._plain_event(request, body, now, topic, *self._templates)], False
             events = codec.to_envelopes(headers, body, max_batch=self._max_batch)
         except (ValueError, TypeError) as exc:
@@ -261,6 +320,21 @@ class HttpInbound:
                 _set_trace(env, trace, request)
         return events, codec.media_type(headers.get("Content-Type")) == formats.BATCH_CONTENT_TYPE
 
+    def _check_media(self, headers: Mapping[str, str]) -> None:
+        """Plain mode: the Content-Type is one ``accept`` takes (a CloudEvent is read as one whatever it is)."""
+        if _is_cloudevent(headers):
+            return
+        media = codec.media_type(headers.get("Content-Type"))
+        if not media:
+            if self._default_content_type is not None or self._any_media:
+                return  # '*/*' takes anything, a body without a Content-Type too
+            raise Rejected(RejectCode.UNSUPPORTED_MEDIA, f"a Content-Type is required; accepted: {self._accept_post}")
+        if not any(accepts(media) for accepts in self._accepts):
+            raise Rejected(
+                RejectCode.UNSUPPORTED_MEDIA,
+                f"Content-Type {media!r} is not accepted here; accepted: {self._accept_post}",
+            )
+
     def _plain_event(
         self, request: web.BaseRequest, body: bytes, now: Timestamp, topic: str, type_: Template, source: Template
     ) -> Envelope:
@@ -269,7 +343,7 @@ class HttpInbound:
         env = Envelope(id=given_id or new_id(), spec_version=SPEC_VERSION)
         env.binary_data = body
         env.attributes["time"].ce_timestamp.CopyFrom(now)
-        content_type = headers.get("Content-Type")
+        content_type = headers.get("Content-Type") or self._default_content_type
         if content_type:
             env.attributes["datacontenttype"].ce_string = content_type
         trace = _traceparent(request)
@@ -294,6 +368,11 @@ class HttpInbound:
         prov.topic = topic
         prov.topic_separator = "/"
         prov.received.CopyFrom(now)
+
+
+def _is_cloudevent(headers: Mapping[str, str]) -> bool:
+    """Binary mode (``ce-specversion``) or a CloudEvents structured, batch or Protobuf body."""
+    return "ce-specversion" in headers or codec.media_type(headers.get("Content-Type")) in _CLOUDEVENTS_MEDIA
 
 
 def _id_body(event_id: str) -> bytes:

@@ -32,6 +32,17 @@ class RejectCode(Enum):
     TOO_LARGE = "too_large"  # 413
     UNSUPPORTED_MEDIA = "unsupported_media"  # 415
     RATE_LIMITED = "rate_limited"  # 429, RESOURCE_EXHAUSTED
+    UNPROCESSABLE = "unprocessable"  # 422 (well-formed, but not what its schema says), INVALID_ARGUMENT
+
+
+@dataclass(frozen=True, slots=True)
+class ContentError:
+    """One thing wrong with an event's content: what, and where: an RFC 6901 JSON pointer into the data
+    ("" for the whole of it) or the name of a context attribute (neither: the event as a whole)."""
+
+    message: str
+    pointer: str | None = None
+    attribute: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +62,8 @@ class Rejected(MediatorError):
 
     ``rule`` names the config rule (authenticator, authorization rule, rate limit) that refused, for logs;
     ``challenge`` is the authentication scheme a 401 offers (HTTP ``WWW-Authenticate``); ``retry_after_s``
-    and ``limit`` come with RATE_LIMITED.
+    and ``limit`` come with RATE_LIMITED; ``errors`` lists every problem a content check found (HTTP's
+    problem body carries them).
     """
 
     def __init__(
@@ -63,6 +75,7 @@ class Rejected(MediatorError):
         challenge: str | None = None,
         retry_after_s: float | None = None,
         limit: RateLimitState | None = None,
+        errors: tuple[ContentError, ...] = (),
     ) -> None:
         self.code = code
         self.reason = reason
@@ -70,6 +83,7 @@ class Rejected(MediatorError):
         self.challenge = challenge
         self.retry_after_s = retry_after_s
         self.limit = limit
+        self.errors = errors
         super().__init__(f"{code.value}: {reason}")
 
 

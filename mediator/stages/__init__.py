@@ -8,7 +8,7 @@ without authentication), for ``mediator check`` and start-up alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,10 @@ from mediator.stages.config import (
 )
 from mediator.stages.enrich import Enrich, EnrichConfig
 from mediator.stages.enrich import build as build_enrichers
+from mediator.stages.content_config import ValidationConfig
+from mediator.stages.content_schema import CompiledSchema, SchemaStage
 from mediator.stages.ratelimit import RateLimit
+from mediator.stages.wellformed import WellFormed
 from mediator.stages.transform import build as build_ingress_transform
 
 __all__ = ["Stages", "build", "problems"]
@@ -164,6 +167,8 @@ def build(
     security: SecurityConfig,
     base_dir: Path,
     enrich: list[EnrichConfig] | None = None,
+    validation: ValidationConfig | None = None,
+    schemas: Sequence[CompiledSchema] = (),
 ) -> Stages:
     """The stages for a config that ``problems`` found nothing wrong with. Reads API key files and HS
     secrets (small, once, before the daemon serves); raises ConfigError when one is missing or bad."""
@@ -201,6 +206,12 @@ def build(
     rate_limit = RateLimit(limits)
     if rate_limit.enabled:
         stages.append(rate_limit)
+    # Content after the callers are known and within their limits: no parse for a refused caller.
+    if validation is None or validation.enabled:
+        stages.append(WellFormed(validation or ValidationConfig()))
+    schema_stage = SchemaStage(tuple(schemas))
+    if schema_stage.enabled:
+        stages.append(schema_stage)
     enrichers = build_enrichers(enrich or [])  # after the limits: no lookup for a caller refused anyway
     stages += enrichers
     ingress_transform = build_ingress_transform(adapters)  # last: it reshapes what the checks passed

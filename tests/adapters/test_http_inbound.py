@@ -20,8 +20,15 @@ from mediator.core.health import Health
 from mediator.v1.envelope_pb2 import Provenance
 from tests.adapters.test_http_support import Running, serve
 
-PLAIN = {"path": "/orders", "type": "com.example.order.created", "source": "/orders"}
-TEMPLATED = {"path": "/devices/{device}/telemetry", "type": "com.example.telemetry", "source": "urn:dev:{topic.1}"}
+# accept: these tests post any media type (aiohttp sends application/octet-stream for bytes); the default,
+# JSON only, is tested in tests/content/.
+PLAIN = {"path": "/orders", "type": "com.example.order.created", "source": "/orders", "accept": ["*/*"]}
+TEMPLATED = {
+    "path": "/devices/{device}/telemetry",
+    "type": "com.example.telemetry",
+    "source": "urn:dev:{topic.1}",
+    "accept": ["*/*"],
+}
 CE = {"path": "/events", "mode": "cloudevents", "max_batch": 3}
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -94,7 +101,7 @@ async def test_plain_templates_render_against_the_path(running: Running, client:
 
 
 async def test_plain_template_that_cannot_render_is_400() -> None:
-    section = {"path": "/o", "type": "t", "source": "urn:{subject}"}
+    section = {"path": "/o", "type": "t", "source": "urn:{subject}", "accept": ["*/*"]}
     async with serve({"o": section}) as running, aiohttp.ClientSession() as client:
         status, reply, _ = await post(client, running.base + "/o", b"{}")
     assert status == 400
@@ -373,7 +380,7 @@ async def test_sink_rejection_maps_to_status(
     running.sink.fail_with = Rejected(code, "stage said no")
     got, reply, _ = await post(client, running.base + "/orders", b"{}")
     assert got == status
-    assert reply == {"error": code.value, "reason": "stage said no"}
+    assert {k: reply[k] for k in ("error", "reason")} == {"error": code.value, "reason": "stage said no"}
 
 
 async def test_not_ready_is_503_with_retry_after(running: Running, client: aiohttp.ClientSession) -> None:

@@ -32,7 +32,8 @@ from tests.support.certs import CA, make_ca, serial_of
 from tests.support.fakes import ListSink
 from tests.support.net import free_port, wait_until
 
-PLAIN = {"path": "/orders", "type": "com.example.order.created", "source": "/orders"}
+# accept: these requests carry no Content-Type; the default (JSON only) is tested in tests/content/.
+PLAIN = {"path": "/orders", "type": "com.example.order.created", "source": "/orders", "accept": ["*/*"]}
 APP = "https://app.example.com"
 
 
@@ -317,7 +318,7 @@ async def test_without_cors_a_preflight_is_refused_and_no_cors_headers_are_sent(
 
 async def test_cors_preflight_for_an_allowed_origin_and_refusals() -> None:
     cors = {"allow_origins": [APP], "allow_headers": ["Content-Type", "Authorization"], "max_age_s": 600}
-    templated = {"path": "/devices/{device}", "type": "com.example.t", "source": "urn:{topic.1}"}
+    templated = {"path": "/devices/{device}", "type": "com.example.t", "source": "urn:{topic.1}", "accept": ["*/*"]}
     async with serve(cors=cors, inbounds={"orders": PLAIN, "devices": templated}) as edge:
         assert (await exchange(edge.port, preflight(APP, path="/devices/d-1"))).status == 204
         ok = await exchange(edge.port, preflight(APP, headers="content-type, authorization"))
