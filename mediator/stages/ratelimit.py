@@ -134,6 +134,14 @@ class RateLimit:
                 k = lim.key(origin, principal)
                 per_key[k] = per_key.get(k, 0) + count
             for k, count in per_key.items():
+                if count > lim.gcra.burst and not origin.broker:
+                    # Waiting would never help: say so instead of a 429 the client would retry forever.
+                    raise Rejected(
+                        RejectCode.TOO_LARGE,
+                        f"{count} events at once exceed what rate limit {lim.cfg.name!r} allows (bursts of "
+                        f"{lim.gcra.burst}): send smaller batches",
+                        rule=lim.cfg.name,
+                    )
                 new_tat, delay = lim.gcra.check(k, count, now)
                 if delay > 0 and (refusing is None or delay > refusing[2]):
                     refusing = (lim, k, delay)

@@ -158,6 +158,9 @@ async def test_rate_limit_refuses_listeners_and_waits_on_brokers() -> None:
     assert refused.value.code is RejectCode.RATE_LIMITED
     assert refused.value.retry_after_s is not None
     assert 0 < refused.value.retry_after_s <= 0.05 + 1e-6
+    with pytest.raises(Rejected) as batch:
+        await limit.run(Batch(origin, [object()] * 3, [Principal("bob", "user", "jwt")] * 3))  # type: ignore[list-item]
+    assert batch.value.code is RejectCode.TOO_LARGE, "a batch over the burst can never pass: not a 429"
     broker = Origin("in", "mqtt", broker=True)
     loop = asyncio.get_running_loop()
     start = loop.time()
