@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install proto services install-brokers lint typecheck test run check bench clean
+.PHONY: install proto docs services install-brokers lint typecheck test run check bench clean activate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,15 @@ install: $(STAMP)
 # tests/test_proto_drift.py fails when the committed copy and the .proto files disagree.
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
+
+# docs/config-reference.md from the config models (every key, type, default, description);
+# tests/firsthour/test_config_reference.py fails when the committed copy differs.
+docs: $(STAMP)
+	$(PY) scripts/gen_config_reference.py
+
+# `mediator` is installed in the virtualenv, not on PATH: this prints the line that puts it there.
+activate: $(STAMP)
+	@echo "source $(VENV)/bin/activate    # then: mediator --help (or call $(VENV)/bin/mediator directly)"
 
 services:
 	./scripts/services.sh

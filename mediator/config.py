@@ -46,18 +46,29 @@ from mediator.stages.enrich import problems as enrich_problems
 
 
 class DaemonConfig(ConfigModel):
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["auto", "json", "console"] = "auto"
-    drain_timeout_s: float = Field(default=10.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="our events at this level and above; libraries' at warning and above"
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="console: readable lines; json: one object per line; auto: console on a terminal"
+    )
+    drain_timeout_s: float = Field(
+        default=10.0, gt=0, description="on SIGTERM: time allowed to finish in-flight work before exiting"
+    )
 
 
 class OutboxConfig(ConfigModel):
-    kind: Literal["sqlite", "memory"] = "sqlite"
-    path: str = "var/outbox.sqlite"
-    synchronous: Literal["full", "normal"] = "full"
+    kind: Literal["sqlite", "memory"] = Field(
+        default="sqlite",
+        description="sqlite: durable (WAL, group commit); memory: fast, everything pending lost on crash",
+    )
+    path: str = Field(default="var/outbox.sqlite", description="the SQLite file, relative to the working directory")
+    synchronous: Literal["full", "normal"] = Field(
+        default="full", description="full: fsync before acknowledging; normal: faster, the last commits may be lost"
+    )
     # Each pending delivery keeps its event in memory (its payload plus about 1 KiB), so this bounds memory.
     max_pending: int = Field(default=20_000, ge=1)
-    max_batch: int = Field(default=512, ge=1)
+    max_batch: int = Field(default=512, ge=1, description="operations grouped into one transaction at most")
     dedup_window_s: float = Field(default=300.0, ge=0)  # 0 disables; key = event source + id
 
 

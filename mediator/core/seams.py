@@ -114,9 +114,9 @@ class ConfigModel(BaseModel):
 class RetryConfig(ConfigModel):
     """Dispatch policy of one outbound."""
 
-    max_attempts: int = Field(default=10, ge=1)
-    backoff_initial_s: float = Field(default=0.2, gt=0)
-    backoff_max_s: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=10, ge=1, description="sends tried before the delivery is dead-lettered")
+    backoff_initial_s: float = Field(default=0.2, gt=0, description="first retry delay (doubled each time, jittered)")
+    backoff_max_s: float = Field(default=30.0, gt=0, description="longest retry delay")
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -146,10 +146,12 @@ class ListenerConfigBase(ConfigModel):
     name their own; off loopback, a listener without any refuses to start unless ``allow_anonymous``."""
 
     kind: str
-    host: str = "127.0.0.1"
-    tls: TlsConfig | None = None
-    auth: list[str] = Field(default_factory=list)
-    allow_anonymous: bool = False
+    host: str = Field(
+        default="127.0.0.1", description="address to bind; off loopback, auth or allow_anonymous is needed"
+    )
+    tls: TlsConfig | None = Field(default=None, description="serve TLS (and mTLS with client_cert)")
+    auth: list[str] = Field(default_factory=list, description="authenticators ([auth.NAME]) its inbounds use")
+    allow_anonymous: bool = Field(default=False, description="let callers no authenticator vouches for through")
 
     @property
     def loopback(self) -> bool:
@@ -191,8 +193,8 @@ class InboundConfigBase(ConfigModel):
 
 class OutboundConfigBase(ConfigModel):
     kind: str
-    max_in_flight: int = Field(default=256, ge=1, le=65536)
-    send_timeout_s: float = Field(default=10.0, gt=0)
+    max_in_flight: int = Field(default=256, ge=1, le=65536, description="sends awaiting confirmation at once")
+    send_timeout_s: float = Field(default=10.0, gt=0, description="a send not confirmed within it is retried")
     retry: RetryConfig = RetryConfig()
 
     def connection(self) -> str | None:
