@@ -130,7 +130,7 @@ def _unknown_fields(msg: Message, path: list[str | int], out: list[ContentError]
             if entry_value.type == FieldDescriptor.TYPE_MESSAGE:
                 for key, item in value.items():
                     _unknown_fields(item, [*path, fd.name, key], out, limit)
-        elif fd.label == FieldDescriptor.LABEL_REPEATED:
+        elif fd.is_repeated:
             for i, item in enumerate(value):
                 _unknown_fields(item, [*path, fd.name, i], out, limit)
         else:
