@@ -500,8 +500,9 @@ class Aggregator:
                     for m in members:
                         await self.sink.dead_letter(m.event, reason)
                 break
-            except NotReady as exc:
-                log.warning("aggregate.complete_retried", aggregation=group.name, key=group.key, reason=exc.reason)
+            except Exception as exc:  # NotReady (draining, overloaded, storage), or a bug: never lose the group
+                reason_now = exc.reason if isinstance(exc, NotReady) else repr(exc)
+                log.warning("aggregate.complete_retried", aggregation=group.name, key=group.key, reason=reason_now)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
         now = time.time()
@@ -538,7 +539,8 @@ class Aggregator:
                 for m in stored.members:
                     await self.sink.dead_letter(m.event, reason)
                 break
-            except NotReady:
+            except Exception as exc:  # the outbox cannot commit now: the members stay stored meanwhile
+                log.warning("aggregate.dead_letter_retried", aggregation=stored.aggregation, error=repr(exc))
                 await asyncio.sleep(1.0)
         with contextlib.suppress(Exception):
             await self._store.call(AggregateStore.complete(stored.uid, stored.aggregation, stored.key, [], time.time()))
