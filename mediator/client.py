@@ -141,11 +141,12 @@ def guess_content_type(data: bytes) -> str:
 
 
 def build_event(args: Any, data: bytes) -> Any:
-    from mediator.core.envelope import set_attribute
+    from mediator.core.envelope import now_timestamp, set_attribute
     from mediator.core.errors import Rejected
     from mediator.v1.envelope_pb2 import Envelope
 
     env = Envelope(id=args.id or str(uuid.uuid4()), source=args.source, spec_version="1.0", type=args.type)
+    env.attributes["time"].ce_timestamp.CopyFrom(now_timestamp())  # when it happened: now (--attr time=... wins)
     if data:
         env.binary_data = data
         set_attribute(env, "datacontenttype", args.content_type or guess_content_type(data))
