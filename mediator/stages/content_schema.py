@@ -98,7 +98,7 @@ class ProtobufChecker:
             return [ContentError(f"data does not parse as {self.full_name}", pointer="")]
         out = [
             ContentError(f"{e}: required field missing", pointer=_dotted_pointer(e))
-            for e in msg.FindInitializationErrors()
+            for e in msg.FindInitializationErrors()  # type: ignore[attr-defined]  # (not in the stubs)
         ]
         _unknown_fields(msg, [], out, limit)
         return out[:limit]
@@ -112,7 +112,7 @@ def _dotted_pointer(path: str) -> str:
 def _unknown_fields(msg: Message, path: list[str | int], out: list[ContentError], limit: int) -> None:
     """Fields the message does not declare, or declares with another wire type (upb keeps both as unknown
     fields): data meant for some other message, or not Protobuf at all."""
-    for unknown in UnknownFieldSet(msg):
+    for unknown in UnknownFieldSet(msg):  # type: ignore[attr-defined]  # iterable; the stubs say not
         if len(out) >= limit:
             return
         out.append(
@@ -126,7 +126,7 @@ def _unknown_fields(msg: Message, path: list[str | int], out: list[ContentError]
         if fd.type != FieldDescriptor.TYPE_MESSAGE:
             continue
         if _is_map(fd):
-            entry_value = fd.message_type.fields_by_name["value"]
+            entry_value = fd.message_type.fields_by_name["value"]  # type: ignore[union-attr]  # _is_map checked it
             if entry_value.type == FieldDescriptor.TYPE_MESSAGE:
                 for key, item in value.items():
                     _unknown_fields(item, [*path, fd.name, key], out, limit)

@@ -57,6 +57,11 @@ _CHARSET = re.compile(r";\s*charset\s*=\s*\"?([^\";\s]+)", re.IGNORECASE)
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
 
 
+def _forbidden(text: str) -> bool:
+    # ASCII (nearly every value): isprintable is exactly "no C0 control character, no DEL", in C.
+    return not text.isprintable() if text.isascii() else _FORBIDDEN.search(text) is not None
+
+
 def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
@@ -146,10 +151,10 @@ class WellFormed:
 
     def _attribute_errors(self, env: Envelope) -> list[ContentError]:
         errors: list[ContentError] = []
-        for name, value in (("id", env.id), ("source", env.source), ("type", env.type)):
-            if not value:
+        for name, required in (("id", env.id), ("source", env.source), ("type", env.type)):
+            if not required:
                 errors.append(ContentError("is required", attribute=name))
-            elif _FORBIDDEN.search(value) is not None:
+            elif _forbidden(required):
                 errors.append(ContentError("holds a control character or noncharacter", attribute=name))
         if env.spec_version != "1.0":
             what = f"is {env.spec_version!r}, expected '1.0'" if env.spec_version else "is required"
@@ -182,7 +187,7 @@ class WellFormed:
             if size > self._max_value:
                 errors.append(ContentError(f"is {size} bytes, over the limit of {self._max_value}", attribute=name))
                 continue
-            if text and _FORBIDDEN.search(text) is not None:
+            if text and _forbidden(text):
                 errors.append(ContentError("holds a control character or noncharacter", attribute=name))
                 continue
             problem = _typed_problem(name, kind, text, value.ce_timestamp if kind == "ce_timestamp" else None)
