@@ -133,7 +133,7 @@ def to_envelope(request: Envelope | Undecodable, *, inbound: str, method: str, r
     ``inbound``, protocol "grpc", the method name as topic, "/" as separator and ``received_ns`` (Unix
     time in ns) as received time.
     """
-    if type(request) is Undecodable:
+    if isinstance(request, Undecodable):
         raise Rejected(RejectCode.INVALID, request.reason)
     request.ClearField("provenance")
     validate(request)

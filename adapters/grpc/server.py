@@ -44,7 +44,7 @@ class MediatorServicer(service_pb2_grpc.MediatorServicer):
         self._hub = hub
         self._admit_subscriber = admit_subscriber
 
-    async def Publish(self, request: Envelope | Undecodable, context: Any) -> PublishReply:  # type: ignore[override]
+    async def Publish(self, request: Envelope | Undecodable, context: Any) -> PublishReply:
         if self._inbound is None:
             await abort(context, grpc.StatusCode.UNIMPLEMENTED, "no gRPC inbound is configured on this listener")
         return await self._inbound.publish(request, context)
