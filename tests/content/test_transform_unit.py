@@ -282,12 +282,21 @@ def test_config_key_paths_of_transforms_and_conversions(tmp_path: Path) -> None:
     extra = """
 [[routes]]
 name = "shaped"
-to = [
-  { outbound = "orders-exchange", address = "a", transform = { remove = ["authid"] } },
-  { outbound = "orders-exchange", address = "b",
-    convert = { to = "protobuf", descriptor_set = "n.pb", message = "m" } },
-  { outbound = "orders-exchange", address = "c", convert = { to = "avro", avro_schema = "bad.avsc" } },
-]
+
+[[routes.to]]
+outbound = "orders-exchange"
+address = "a"
+transform = { remove = ["authid"] }
+
+[[routes.to]]
+outbound = "orders-exchange"
+address = "b"
+convert = { to = "protobuf", descriptor_set = "n.pb", message = "m" }
+
+[[routes.to]]
+outbound = "orders-exchange"
+address = "c"
+convert = { to = "avro", avro_schema = "bad.avsc" }
 """
     (tmp_path / "bad.avsc").write_text('{"type": "nonsense"}')
     with pytest.raises(ConfigError) as exc:
