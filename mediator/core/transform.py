@@ -26,7 +26,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mediator.core.content import NOT_JSON, parsed
-from mediator.core.envelope import Envelope, attribute, set_attribute, valid_attribute_name, value_to_str
+from mediator.core.envelope import Envelope, attribute, data_bytes, set_attribute, valid_attribute_name, value_to_str
 from mediator.core.errors import Rejected
 from mediator.core.patterns import Template, TemplateError
 
@@ -288,9 +288,13 @@ class _Work:
                 if self.source.WhichOneof("data") not in (None, "binary_data") or self.source.binary_data:
                     raise TransformError("the data is not JSON")
                 shared = {}  # no data yet: operations that add fields start from an empty object
-            # A private copy: the parsed value is shared with the other destinations and the stages.
-            # orjson round trip: ~2 us for 1 KiB against ~25 us for copy.deepcopy.
-            self.data = orjson.loads(orjson.dumps(shared)) if isinstance(shared, dict | list) else shared
+            # A private copy: the parsed value is shared with the other destinations and the stages. The
+            # getter parsed these very bytes, so parsing them again is the cheapest deep copy (1 KiB: ~1.5 us,
+            # against ~25 us for copy.deepcopy).
+            if isinstance(shared, dict | list) and shared:
+                self.data = orjson.loads(data_bytes(self.source))
+            else:
+                self.data = type(shared)() if isinstance(shared, dict | list) else shared
         return self.data
 
     def obj(self) -> dict[str, Any]:

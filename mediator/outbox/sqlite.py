@@ -461,7 +461,8 @@ def _commit(
                 if duplicates is not None:
                     duplicates.append(i)
                 continue
-        blob = item.event.SerializeToString()
+        # Serialized only if stored as it is: a destination with its own transformed copy stores that.
+        blob = item.event.SerializeToString() if item.dead_reason or item.failures or _shares(item) else b""
         if item.dead_reason is not None:
             conn.execute(
                 "INSERT INTO dead_letters(envelope,route,outbound,address,format,reason,attempts,at)"
@@ -483,6 +484,10 @@ def _commit(
     if rows:
         conn.executemany("INSERT INTO deliveries(id,envelope,route,outbound,address,format) VALUES (?,?,?,?,?,?)", rows)
     return out
+
+
+def _shares(item: Accepted) -> bool:
+    return any(d.event is None for d in item.deliveries)
 
 
 def _bury(conn: sqlite3.Connection, d: Pending, reason: str) -> None:
