@@ -169,6 +169,8 @@ def from_batch(body: bytes, *, max_batch: int) -> list[Envelope]:
         items = json.loads(body)
     except ValueError as exc:
         raise Rejected(RejectCode.INVALID, f"body is not valid JSON: {exc}") from exc
+    except RecursionError:  # as in formats: deep nesting is the sender's fault, not a 500
+        raise Rejected(RejectCode.INVALID, "body is not valid JSON: nested too deeply") from None
     if not isinstance(items, list):
         raise Rejected(RejectCode.INVALID, "a CloudEvents batch must be a JSON array")
     if len(items) > max_batch:

@@ -173,3 +173,5 @@ def _loads(body: bytes) -> Any:
         return json.loads(body)
     except ValueError as exc:
         raise Rejected(RejectCode.INVALID, f"body is not valid JSON: {exc}") from exc
+    except RecursionError:  # the json module recurses per nesting level: 100,000 brackets are a 400, not a 500
+        raise Rejected(RejectCode.INVALID, "body is not valid JSON: nested too deeply") from None

@@ -112,6 +112,16 @@ async def test_malformed_events_refused_on_every_protocol(
         assert got == 400, reply
         assert reply["errors"][0]["attribute"] == "comexampleext"
 
+        # Deep nesting in the structured and batch formats is a 400, not a 500 (the json module recurses).
+        deep = b'{"specversion": "1.0", "id": "d", "source": "/d", "type": "t", "data": ' + b"[" * 100_000 + b"}"
+        for ct, body in (
+            ("application/cloudevents+json", deep),
+            ("application/cloudevents-batch+json", b"[" * 100_000),
+        ):
+            got, reply, _ = await post(http, base + "/events", body, {"Content-Type": ct})
+            assert (got, reply["error"]) == (400, "invalid"), (ct, got, reply)
+            assert "nested too deeply" in reply["detail"], ct
+
         # A structured CloudEvent posted to the plain inbound is read as a CloudEvent, never as opaque data.
         event = {"specversion": "1.0", "id": "structured-1", "source": "/s", "type": ORDER, "data": {"n": 1}}
         got, reply, _ = await post(
