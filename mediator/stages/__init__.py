@@ -36,13 +36,13 @@ from mediator.stages.config import (
     RateLimitConfig,
     SecurityConfig,
 )
-from mediator.stages.enrich import Enrich, EnrichConfig
-from mediator.stages.enrich import build as build_enrichers
 from mediator.stages.content_config import ValidationConfig
 from mediator.stages.content_schema import CompiledSchema, SchemaStage
+from mediator.stages.enrich import Enrich, EnrichConfig
+from mediator.stages.enrich import build as build_enrichers
 from mediator.stages.ratelimit import RateLimit
-from mediator.stages.wellformed import WellFormed
 from mediator.stages.transform import build as build_ingress_transform
+from mediator.stages.wellformed import WellFormed
 
 __all__ = ["Stages", "build", "problems"]
 
