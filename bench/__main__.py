@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import report
 from bench.infra import ROOT, WORK, Daemon, Mosquitto, NodeRed, OwnRabbit, free_port, log
-from bench.paths import PATHS, Env, PathDef, credentials
+from bench.paths import PATHS, Env, PathDef, content_files, credentials
 from bench.report import aggregate
 from bench.runner import Cell, Settings, measure
 
@@ -32,6 +32,9 @@ NODERED_PATHS = ("http-mqtt", "http-amqp", "mqtt-mqtt")
 PLUGIN_PATHS = ("mqtt-amqp",)
 MEMORY_PATH = "http-amqp"
 AUTH_PATH = "http-amqp"
+CONTENT_PATH = "http-amqp"
+"""Beside the plain row, in the same round: a JSON Schema check, a CEL route and a field transform."""
+CONTENT_SYSTEM = "mediator (schema+CEL+transform)"
 """Beside its unauthenticated row, measured in the same round: the daemon requiring a JWT, then an API key."""
 
 
@@ -82,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-peers", action="store_true", help="skip Node-RED and the RabbitMQ MQTT plugin")
     ap.add_argument("--no-memory", action="store_true", help="skip the in-memory outbox figure")
     ap.add_argument("--no-auth", action="store_true", help=f"skip the authenticated {AUTH_PATH} rows (JWT, API key)")
+    ap.add_argument(
+        "--no-content", action="store_true", help=f"skip the {CONTENT_PATH} row with a schema, a CEL route, a transform"
+    )
     ap.add_argument(
         "--jwt-cache-size",
         type=_cache_sizes,
@@ -162,8 +168,13 @@ class Bench:
             return True
         return False
 
-    def env(self, name: str, outbox: str = "sqlite", auth: AuthRow | None = None) -> Env:
-        uid = f"{self.uid}-{name}" + ("-mem" if outbox == "memory" else "") + (auth.suffix if auth else "")
+    def env(self, name: str, outbox: str = "sqlite", auth: AuthRow | None = None, content: bool = False) -> Env:
+        uid = (
+            f"{self.uid}-{name}"
+            + ("-mem" if outbox == "memory" else "")
+            + (auth.suffix if auth else "")
+            + ("-content" if content else "")
+        )
         workdir = WORK / "daemon" / uid
         workdir.mkdir(parents=True, exist_ok=True)
         for f in workdir.glob("outbox.sqlite*"):
@@ -179,6 +190,7 @@ class Bench:
             outbox=outbox,
             auth=auth.kind if auth else None,
             jwt_cache_size=auth.jwt_cache_size if auth else None,
+            content=content,
         )
 
     # ------------------------------------------------------------------------------------------ mediator
@@ -189,17 +201,23 @@ class Bench:
         outbox: str = "sqlite",
         profile: bool = True,
         auth: AuthRow | None = None,
+        content: bool = False,
     ) -> dict[str, Any]:
         """One mediator cell; with ``auth`` the HTTP listener requires that credential, which every producer
-        (wrk and the Python probes) then sends."""
-        env = self.env(path.name, outbox, auth)
+        (wrk and the Python probes) then sends; with ``content`` the daemon checks a JSON Schema, routes by a
+        CEL predicate over the data and transforms it (``bench.paths.CONTENT_TOML``)."""
+        env = self.env(path.name, outbox, auth, content)
         headers = credentials(env)
+        content_files(env)
         daemon = Daemon(path.config(env), Path(env.workdir), env.http_port)
         wrk_url = f"http://127.0.0.1:{env.http_port}/bench" if path.producer == "http" else None
-        tag = ("-memory" if outbox == "memory" else "") + (auth.suffix if auth else "")
+        tag = (
+            ("-memory" if outbox == "memory" else "") + (auth.suffix if auth else "") + ("-content" if content else "")
+        )
+        system = auth.system if auth else ("mediator (memory outbox)" if outbox == "memory" else "mediator")
         cell = Cell(
             label=path.name,
-            system=auth.system if auth else ("mediator (memory outbox)" if outbox == "memory" else "mediator"),
+            system=CONTENT_SYSTEM if content else system,
             producer={**path.producer_spec(env), "headers": headers},
             consumer=path.consumer_spec(env),
             pid=lambda: daemon.pid if daemon.proc else None,
@@ -226,6 +244,9 @@ class Bench:
             amqp_cleanup(SHARED_AMQP, [env.exchange_in, env.exchange_out], [env.queue_in, env.queue_out])
         if auth is not None:
             res["auth"] = {"kind": auth.kind, "jwt_cache_size": auth.jwt_cache_size}
+            res["variant"] = auth.key
+        if content:
+            res["variant"] = "content"
         res["daemon_exit"] = rc
         res["daemon_log_lines"] = len(problems)
         return res
@@ -512,6 +533,10 @@ class Bench:
                         entry[row.key] = self._guard(
                             what, lambda n=name, r=row: self.mediator(PATHS[n], profile=first, auth=r)
                         )
+            if name == CONTENT_PATH and not a.no_content and not self.over_budget(f"{name} [content]"):
+                entry["mediator_content"] = self._guard(
+                    f"{name} [content]", lambda n=name: self.mediator(PATHS[n], profile=first, content=True)
+                )
             if name == MEMORY_PATH and not a.no_memory and not self.over_budget(f"{name} [memory]"):
                 entry["mediator_memory"] = self._guard(
                     f"{name} [memory]", lambda n=name: self.mediator(PATHS[n], "memory", profile=first)

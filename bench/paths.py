@@ -27,6 +27,7 @@ class Env:
     outbox: str = "sqlite"
     auth: str | None = None  # one of AUTH_KINDS: the HTTP listener requires that credential
     jwt_cache_size: int | None = None  # [auth.bench-jwt] cache_size; None: the daemon's default
+    content: bool = False  # a JSON Schema check, a CEL route and a field transform (see CONTENT_TOML)
 
     @property
     def exchange_out(self) -> str:
@@ -130,6 +131,38 @@ def credentials(env: Env) -> dict[str, str]:
     claims = {"iss": JWT_ISSUER, "aud": "mediator", "sub": "bench", "iat": now, "exp": now + 3600}
     token = jwt.encode(claims, private, algorithm="RS256", headers={"kid": "bench"})
     return {"Authorization": f"Bearer {token}"}
+
+
+BENCH_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["s", "t", "p"],
+    "properties": {
+        "s": {"type": "string", "pattern": "^[0-9]{16}$"},
+        "t": {"type": "string", "pattern": "^[0-9]{19}$"},
+        "p": {"type": "string"},
+    },
+}
+CONTENT_TOML = """
+[[schemas]]
+name = "bench"
+kind = "json"
+file = "bench.schema.json"
+types = ["com.example.bench"]
+"""
+"""The content variant (``Env.content``): every event checked against ``BENCH_SCHEMA``, routed by a CEL
+predicate over its data, and its data reshaped by field operations on the way out (the consumer still
+finds ``s`` and ``t``)."""
+CONTENT_ROUTE = (
+    "when = \"size(data.s) == 16 && data.p != ''\"\n",
+    ', transform = { rename = { "data.p" = "data.pad" }, add = { "data.via" = "mediator" } }',
+)
+
+
+def content_files(env: Env) -> None:
+    """Write the JSON Schema the content variant's config names."""
+    if env.content:
+        (Path(env.workdir) / "bench.schema.json").write_text(json.dumps(BENCH_SCHEMA))
 
 
 def _auth(env: Env) -> str:
@@ -238,6 +271,7 @@ listener = "grpc"
 """
         )
     # ------------------------------------------------------------------ outbound + route
+    when, transform = CONTENT_ROUTE if env.content else ("", "")
     if path.consumer == "amqp":
         out, address = (
             f'kind = "amqp"\nbroker = "rabbit"\nexchange = "{env.exchange_out}"\nexchange_type = "topic"',
@@ -260,7 +294,9 @@ listener = "grpc"
 [[routes]]
 name = "bench"
 match = {{ inbound = ["src"] }}
-to = [{{ outbound = "dst", address = "{address}" }}]
+{when}to = [{{ outbound = "dst", address = "{address}"{transform} }}]
 """
     )
+    if env.content:
+        parts.append(CONTENT_TOML)
     return "".join(parts)

@@ -12,7 +12,7 @@ COLUMNS = (
     ("msgs/s", 8),
     ("/ceil", 6),
     ("/peer", 6),
-    ("/noauth", 7),
+    ("/plain", 7),
     ("e2e@1k p50/p99/max ms", 22),
     ("e2e@sat p50/p99/max ms", 23),
     ("accept p50/p99 ms", 17),
@@ -81,8 +81,8 @@ def _us(cell: dict[str, Any] | None) -> float | None:
 def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``ceilings`` and ``paths`` of the table from the rounds; each mediator cell also gets
     ``ratio_ceil`` / ``ratio_peer``: the median over rounds of the ratio measured within each round. An
-    authenticated cell also gets ``ratio_noauth`` (its msgs/s / the unauthenticated row's) and
-    ``us_per_msg_over_noauth`` (its daemon CPU per message minus that row's), each the median of the
+    variant cell (authenticated, content stages) also gets ``ratio_plain`` (its msgs/s / the plain mediator
+    row's) and ``us_per_msg_over_plain`` (its daemon CPU per message minus that row's), each the median of the
     within-round figures."""
     kinds = sorted({k for r in rounds for k in r["ceilings"]})
     ceilings = {k: combine([r["ceilings"].get(k) for r in rounds]) for k in kinds}
@@ -106,16 +106,16 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 cell["ratio_ceil_rounds"] = [round(x, 3) for x in ceil_ratios]
                 cell["ratio_peer"] = median(peer_ratios)
                 cell["ratio_peer_rounds"] = [round(x, 3) for x in peer_ratios]
-                if "auth" in cell:
+                if "variant" in cell:
                     noauth = [e.get("mediator") for e in entries]
                     thr_ratios = [
                         t / n for c, b in zip(cells, noauth, strict=True) if (t := _thr(c)) and (n := _thr(b))
                     ]
                     extra_us = [u - n for c, b in zip(cells, noauth, strict=True) if (u := _us(c)) and (n := _us(b))]
-                    cell["ratio_noauth"] = median(thr_ratios)
-                    cell["ratio_noauth_rounds"] = [round(x, 3) for x in thr_ratios]
-                    cell["us_per_msg_over_noauth"] = median(extra_us)
-                    cell["us_per_msg_over_noauth_rounds"] = [round(x, 1) for x in extra_us]
+                    cell["ratio_plain"] = median(thr_ratios)
+                    cell["ratio_plain_rounds"] = [round(x, 3) for x in thr_ratios]
+                    cell["us_per_msg_over_plain"] = median(extra_us)
+                    cell["us_per_msg_over_plain_rounds"] = [round(x, 1) for x in extra_us]
             entry[key] = cell
         peer_names = list(dict.fromkeys(p for e in entries for p in e.get("peers", {})))
         if peer_names:
@@ -157,7 +157,7 @@ def _row(path: str, system: str, cell: dict[str, Any] | None, ceil: float | None
         _f(thr),
         _ratio(thr, ceil, cell.get("ratio_ceil")),
         _ratio(thr, peer, cell.get("ratio_peer")),
-        _ratio(None, None, cell.get("ratio_noauth")),
+        _ratio(None, None, cell.get("ratio_plain")),
         _lat(cell.get("latency_fixed_load")) + ("*" if thr is not None and thr < 1050 else ""),
         _lat(cell.get("latency_saturation")),
         _lat(cell.get("accept_latency_wrk"), with_max=False),
@@ -192,7 +192,7 @@ def table(results: dict[str, Any]) -> str:
         med = entry.get("mediator")
         rows.append(_row(title, "mediator (sqlite outbox)", med, ceil, peer))
         for key, cell in entry.items():
-            if key.startswith("mediator_") and cell:  # authenticated rows, then the memory outbox
+            if key.startswith("mediator_") and cell:  # variant rows (auth, content), then the memory outbox
                 rows.append(_row("", _short_system(cell, key), cell, ceil, peer))
         for kind, c in zip(entry.get("ceilings", []), cks, strict=False):
             rows.append(_row("", f"ceiling: {kind} direct", c, None, None))
@@ -218,9 +218,10 @@ def table(results: dict[str, Any]) -> str:
         f"1 KiB payloads. {meta.get('rounds', 1)} round(s): the whole suite ran that many times, each cell once per"
         " round; figures are medians over rounds. msgs/s = distinct sequence numbers counted at the consumer /"
         " (last arrival - first send), at saturation. /ceil = mediator / the slower direct broker round trip the"
-        " path involves, /peer = mediator / the best peer, /noauth = an authenticated row / the unauthenticated one"
-        ' (every request carries one RS256 JWT or API key; "no cache" = JWT cache_size 0, the signature checked'
-        " per event): each the median of the ratios measured within a round.",
+        " path involves, /peer = mediator / the best peer, /plain = a variant row / the plain mediator row"
+        ' (JWT / API key: every request carries one RS256 JWT or API key; "no cache" = JWT cache_size 0, the'
+        " signature checked per event; content: a JSON Schema check, a CEL route and a field transform per"
+        " event): each the median of the ratios measured within a round.",
         "e2e = consumer arrival - producer send time (CLOCK_MONOTONIC), median over runs of each run's p50/p99/max;"
         " @1k = open-loop 1,000 msgs/s (* = the system's saturated rate is below 1,000 msgs/s, so the backlog and"
         " the latency grow with the run's length); @sat = during saturation"
