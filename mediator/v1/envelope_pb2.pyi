@@ -174,6 +174,8 @@ class Provenance(_message.Message):
     RECEIVED_FIELD_NUMBER: _builtins.int
     ID_MINTED_FIELD_NUMBER: _builtins.int
     VOUCHED_USER_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TRACESTATE_FIELD_NUMBER: _builtins.int
     inbound: _builtins.str
     """admin-chosen inbound name"""
     protocol: _builtins.str
@@ -192,6 +194,12 @@ class Provenance(_message.Message):
     MQTT topic segment that the broker's ACL binds to the username), set by the inbound adapter for the
     ingress stages to authenticate. Empty when the broker says nothing.
     """
+    traceparent: _builtins.str
+    """W3C Trace Context. From the inbound adapter to the ingress seam: what the carrier of the hop held (the
+    MQTT 5 `traceparent` user property, the AMQP `traceparent` header). Once committed with tracing on:
+    the gateway's receive span, the parent of every send span of the event. Never written to a consumer.
+    """
+    tracestate: _builtins.str
     @_builtins.property
     def claims(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -208,10 +216,12 @@ class Provenance(_message.Message):
         received: _timestamp_pb2.Timestamp | None = ...,
         id_minted: _builtins.bool = ...,
         vouched_user: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
+        tracestate: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["received", b"received"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "id_minted", b"id_minted", "inbound", b"inbound", "principal", b"principal", "protocol", b"protocol", "received", b"received", "topic", b"topic", "topic_separator", b"topic_separator", "vouched_user", b"vouched_user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "id_minted", b"id_minted", "inbound", b"inbound", "principal", b"principal", "protocol", b"protocol", "received", b"received", "topic", b"topic", "topic_separator", b"topic_separator", "traceparent", b"traceparent", "tracestate", b"tracestate", "vouched_user", b"vouched_user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
