@@ -50,6 +50,7 @@ from mediator.core.ingress import Batch, Origin
 from mediator.core.patterns import TemplateError, any_of, compile_glob
 from mediator.core.seams import ConfigModel
 from mediator.stages.aggstore import AggregateStore, StoredGroup, StoredMember
+from mediator.stages.config import named_problems
 from mediator.stages.keys import KeyTemplate
 
 log = structlog.get_logger(__name__)
@@ -94,12 +95,7 @@ class AggregateConfig(ConfigModel):
 
 
 def problems(configs: list[AggregateConfig], inbound_names: set[str]) -> list[str]:
-    out: list[str] = []
-    names = [c.name for c in configs]
-    out += [f"aggregate: name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
-    for i, cfg in enumerate(configs):
-        out += [f"aggregate[{i}].inbounds: no inbound named {r!r}" for r in cfg.inbounds if r not in inbound_names]
-    return out
+    return named_problems("aggregate", configs, inbound_names)
 
 
 class Sink(Protocol):

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from typing import Annotated, Literal, Protocol
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -38,6 +39,24 @@ class _AuthBase(ConfigModel):
                     "environment variable (keys_env, secret_env) instead"
                 )
         return data
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def inbounds(self) -> list[str]: ...
+
+
+def named_problems(section: str, configs: Sequence[_Named], inbound_names: set[str]) -> list[str]:
+    """The problems of a ``[[section]]`` array whose entries have a ``name`` and ``inbounds``: a name used
+    twice, an inbound that does not exist."""
+    names = [c.name for c in configs]
+    out = [f"{section}: name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    for i, cfg in enumerate(configs):
+        out += [f"{section}[{i}].inbounds: no inbound named {r!r}" for r in cfg.inbounds if r not in inbound_names]
+    return out
 
 
 def _header_name(value: str) -> str:

@@ -41,6 +41,7 @@ from mediator.core.errors import ConfigError, NotReady, RejectCode, Rejected
 from mediator.core.ingress import AUTH_ATTRIBUTES, Batch
 from mediator.core.patterns import TemplateError, any_of, compile_glob
 from mediator.core.seams import ConfigModel
+from mediator.stages.config import named_problems
 from mediator.stages.keys import KeyTemplate
 
 log = structlog.get_logger(__name__)
@@ -122,12 +123,7 @@ def url_problem(kind: str, url: str, *, inline: bool) -> str | None:
 
 
 def problems(configs: list[EnrichConfig], inbound_names: set[str]) -> list[str]:
-    out: list[str] = []
-    names = [c.name for c in configs]
-    out += [f"enrich: name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
-    for i, cfg in enumerate(configs):
-        out += [f"enrich[{i}].inbounds: no inbound named {r!r}" for r in cfg.inbounds if r not in inbound_names]
-    return out
+    return named_problems("enrich", configs, inbound_names)
 
 
 class LookupFailed(Exception):
