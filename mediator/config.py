@@ -29,6 +29,7 @@ from mediator.core.seams import (
     OutboundConfigBase,
 )
 from mediator.core.transform import Transform, TransformConfig
+from mediator.observability.tracing_config import TracingConfig
 from mediator.stages import problems as stage_problems
 from mediator.stages.aggregate import AggregateConfig
 from mediator.stages.aggregate import problems as aggregate_problems
@@ -159,6 +160,7 @@ class RootConfig(ConfigModel):
     schemas: list[SchemaConfig] = []
     enrich: list[EnrichConfig] = []
     aggregate: list[AggregateConfig] = []
+    tracing: TracingConfig = TracingConfig()
     listeners: dict[str, dict[str, Any]] = {}
     brokers: dict[str, dict[str, Any]] = {}
     inbound: dict[str, dict[str, Any]] = {}

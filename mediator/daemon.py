@@ -26,6 +26,7 @@ from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
 from mediator.core.seams import Built, Outbound, Runtime, Service
 from mediator.dispatch import Backlog, Dispatcher
+from mediator.observability.tracing import Tracing
 from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
@@ -146,8 +147,12 @@ class Daemon:
             authenticate=self.stages.authenticate,
         )
         self.aggregator.sink = self.pipeline
+        # [tracing]: spans observed at the seams (mediator/observability/tracing.py); off: None, nothing wrapped.
+        self.tracing = Tracing(config.root.tracing) if config.root.tracing.enabled else None
+        self.sink = self.pipeline if self.tracing is None else self.tracing.sink(self.pipeline)
+        self._on_dead = self._forward_dead if self.tracing is None else self.tracing.dead_lettered(self._forward_dead)
         runtime = Runtime(
-            sink=self.pipeline,
+            sink=self.sink,
             health=self.health,
             admin=DeadLetterAdmin(self),
             credential_headers=self.stages.credential_headers,
@@ -163,8 +168,10 @@ class Daemon:
         outbound_cfgs = config.outbound_configs()
         self.pipeline.dead_letter_destination = config.dead_letter_forward
         for name, outbound in outbounds.items():
+            if self.tracing is not None:
+                outbound = self.tracing.outbound(outbound, outbound_cfgs[name].kind)
             self.dispatchers[name] = Dispatcher(
-                name, outbound, outbound_cfgs[name], self.outbox, self.health, self.backlog, self._forward_dead
+                name, outbound, outbound_cfgs[name], self.outbox, self.health, self.backlog, self._on_dead
             )
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -303,6 +310,8 @@ class Daemon:
             await self.stages.close()
             await self.aggregator.close()
             await self.outbox.close()
+            if self.tracing is not None:  # the last spans, exported within the drain's budget
+                await self.tracing.close(self.config.daemon.drain_timeout_s)
             self.notifier.close()
         log.info("daemon.stopped", undelivered=self.backlog.value)
 

@@ -40,6 +40,7 @@ from mediator.core.formats import (
     to_structured,
 )
 from mediator.core.patterns import Template, TemplateError
+from mediator.core.tracecontext import TRACEPARENT, TRACESTATE
 
 PROTOCOL = "amqp"
 TOPIC_SEPARATOR = "."
@@ -167,6 +168,10 @@ def to_envelope(
     _stamp(env, inbound, msg.routing_key, now)
     if msg.user_id:
         env.provenance.vouched_user = msg.user_id
+    headers = msg.headers
+    if headers and TRACEPARENT in headers:
+        # The hop's W3C trace context; a ``cloudEvents_traceparent`` header is the event's own attribute.
+        _hop(env, headers)
     if mode == "raw" and decode != "structured":
         env.provenance.id_minted = not msg.message_id
         try:
@@ -176,6 +181,15 @@ def to_envelope(
             raise Rejected(RejectCode.INVALID, f"cannot name the event: {exc}") from exc
         validate(env)
     return env
+
+
+def _hop(env: Envelope, headers: Mapping[str, object]) -> None:
+    prov = env.provenance
+    try:
+        prov.traceparent = header_str(headers[TRACEPARENT]) or ""
+        prov.tracestate = header_str(headers.get(TRACESTATE)) or ""
+    except Rejected:  # a malformed trace context is ignored, as W3C Trace Context asks; the event is not
+        prov.traceparent = prov.tracestate = ""
 
 
 def _raw(msg: AmqpMessage, now: Timestamp) -> Envelope:

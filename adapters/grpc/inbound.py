@@ -19,6 +19,7 @@ from mediator.core.envelope import Envelope
 from mediator.core.errors import NotReady, Overloaded, Rejected
 from mediator.core.ingress import Origin, PeerCertificate
 from mediator.core.seams import Sink
+from mediator.core.tracecontext import TRACEPARENT, TRACESTATE
 from mediator.v1.service_pb2 import PublishAck, PublishReply
 
 
@@ -72,9 +73,15 @@ def origin_of(context: Any, inbound: str, credential_headers: frozenset[str], *,
         pems = context.auth_context().get("x509_pem_cert")
         if pems:
             certificate = peer_certificate(pems[0])
-    return Origin(
+    origin = Origin(
         inbound=inbound, protocol="grpc", peer=context.peer(), credentials=credentials, certificate=certificate
     )
+    for key, value in metadata:  # the call's W3C trace context: the parent of its receive span
+        if key == TRACEPARENT and isinstance(value, str):
+            origin.traceparent = value
+        elif key == TRACESTATE and isinstance(value, str):
+            origin.tracestate = value
+    return origin
 
 
 class GrpcInbound:

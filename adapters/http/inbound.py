@@ -27,6 +27,7 @@ from mediator.core.errors import NotReady, RateLimitState, RejectCode, Rejected
 from mediator.core.ingress import Origin, PeerCertificate
 from mediator.core.patterns import Template, TemplateError
 from mediator.core.seams import Sink
+from mediator.core.tracecontext import TRACEPARENT, TRACESTATE
 
 STATUS_BY_CODE: dict[RejectCode, int] = {
     RejectCode.INVALID: 400,
@@ -263,6 +264,10 @@ class HttpInbound:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         origin = make_origin(request, self.name, self._credential_names, self._tls)
+        traceparent = request.headers.get(TRACEPARENT)
+        if traceparent is not None:  # the hop's context: the parent of the receive span, when tracing is on
+            origin.traceparent = traceparent
+            origin.tracestate = request.headers.get(TRACESTATE, "")
         try:
             # Before the body: a caller nobody vouches for is refused without its body being buffered
             # (aiohttp discards what is left of it for at most LINGER_S, so the client reads the 401).

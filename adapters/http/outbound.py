@@ -14,6 +14,7 @@ from mediator.core.deadline import deadline
 from mediator.core.envelope import Envelope, value_to_str
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
 from mediator.core.health import Health
+from mediator.core.tracecontext import TRACEPARENT, TRACESTATE, outgoing
 
 _URL_CACHE_MAX = 4096
 _ERROR_BODY_MAX = 200
@@ -97,7 +98,12 @@ class HttpOutbound:
         if self._static_headers:
             headers = {**self._static_headers, **headers}
         attrs = event.attributes
-        if "traceparent" in attrs:
+        hop = outgoing()
+        if hop is not None:  # tracing on: the send span is the receiver's parent (ce-traceparent is the event's)
+            headers[TRACEPARENT] = hop[0]
+            if hop[1]:
+                headers[TRACESTATE] = hop[1]
+        elif "traceparent" in attrs:
             headers["traceparent"] = value_to_str(attrs["traceparent"])
             if "tracestate" in attrs:
                 headers["tracestate"] = value_to_str(attrs["tracestate"])

@@ -30,6 +30,7 @@ from mediator.core.envelope import (
 )
 from mediator.core.errors import RejectCode, Rejected, TerminalDeliveryError
 from mediator.core.patterns import Template, TemplateError
+from mediator.core.tracecontext import TRACEPARENT, TRACESTATE
 
 PROTOCOL = "mqtt"
 TOPIC_SEPARATOR = "/"
@@ -75,6 +76,12 @@ def to_envelope(message: MqttMessage, rules: InboundRules, received: Timestamp |
     the gateway's provenance. Raises ``Rejected`` when the message claims to be a CloudEvent but is not
     a valid one, or when a template cannot be rendered for it."""
     prov = provenance(rules.inbound, message.topic, received)
+    for name, value in message.user_properties:
+        # The hop's W3C trace context (in binary mode the same property is also the CloudEvents attribute).
+        if name == TRACEPARENT:
+            prov.traceparent = value
+        elif name == TRACESTATE:
+            prov.tracestate = value
     media = _media(message.content_type)
     if rules.decode == "structured":
         events = [formats.from_structured(message.payload)]
@@ -135,23 +142,44 @@ def undecodable(message: MqttMessage, inbound: str, received: Timestamp | None =
     )
 
 
-def from_envelope(env: Envelope, topic: str, format: str, *, v5: bool) -> MqttMessage:
+def from_envelope(
+    env: Envelope, topic: str, format: str, *, v5: bool, trace: tuple[str, str] | None = None
+) -> MqttMessage:
     """The MQTT message for ``env`` in ``format`` (see ``mediator.core.formats.FORMATS``).
 
     On MQTT 3.1.1 the binary format is the payload alone: 3.1.1 has no properties, so the attributes
     cannot travel (a consumer that needs them asks for ``structured``). Provenance is never written.
+    ``trace``, (traceparent, tracestate) of the send, goes in the ``traceparent`` and ``tracestate`` user
+    properties on MQTT 5; in binary mode it wins over the event's own attributes of those names (the
+    binding puts both under one name, and the hop's context is what a consumer's tracing reads).
     Raises ``TerminalDeliveryError`` for an unknown format.
     """
     if format == "binary":
         if not v5:
             return MqttMessage(topic, data_bytes(env))
         props = tuple((name, value) for name, value in iter_attributes(env) if name != "datacontenttype")
+        if trace is not None:
+            props = _with_trace(props, trace)
         return MqttMessage(topic, data_bytes(env), attribute(env, "datacontenttype"), props)
+    hop = _with_trace((), trace) if trace is not None and v5 else ()
     if format == "structured":
-        return MqttMessage(topic, formats.to_structured(env), formats.JSON_CONTENT_TYPE if v5 else None)
+        return MqttMessage(topic, formats.to_structured(env), formats.JSON_CONTENT_TYPE if v5 else None, hop)
     if format == "protobuf":
-        return MqttMessage(topic, formats.to_protobuf(env), formats.PROTOBUF_CONTENT_TYPE if v5 else None)
+        return MqttMessage(topic, formats.to_protobuf(env), formats.PROTOBUF_CONTENT_TYPE if v5 else None, hop)
     raise TerminalDeliveryError(f"unknown format {format!r}; expected one of {', '.join(formats.FORMATS)}")
+
+
+def _with_trace(props: tuple[tuple[str, str], ...], trace: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    kept = tuple(p for p in props if p[0] != TRACEPARENT and p[0] != TRACESTATE)
+    traceparent, tracestate = trace
+    return (
+        (*kept, (TRACEPARENT, traceparent), (TRACESTATE, tracestate))
+        if tracestate
+        else (
+            *kept,
+            (TRACEPARENT, traceparent),
+        )
+    )
 
 
 def user_properties(pairs: object) -> tuple[tuple[str, str], ...]:

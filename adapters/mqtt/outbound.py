@@ -23,6 +23,7 @@ from mediator.core.deadline import deadline
 from mediator.core.envelope import Envelope
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
 from mediator.core.health import Health
+from mediator.core.tracecontext import outgoing
 
 # PUBACK/PUBREC reason codes (MQTT 5 section 3.4.2.1) that retrying cannot cure.
 _TERMINAL_REASONS = frozenset({0x87, 0x90, 0x95, 0x99})  # not authorized, bad topic, too large, bad format
@@ -115,7 +116,7 @@ class MqttOutbound:
         inner = self._paho
         if inner is None:
             raise RetryableDeliveryError(f"not connected to broker {self._access.name!r}")
-        message = from_envelope(event, address, format, v5=self._v5)
+        message = from_envelope(event, address, format, v5=self._v5, trace=outgoing())
         props: PublishProperties | None = None
         if self._v5 and (message.content_type or message.user_properties):
             try:

@@ -70,6 +70,10 @@ class Origin:
     broker: bool = False
     principal: Principal | None = None
     trusted: bool = False  # the gateway's own events (aggregation composites): the stages are skipped
+    # W3C Trace Context of the call (HTTP headers, gRPC metadata), as it came; "" when absent. Broker
+    # inbounds put each message's in its event's provenance instead (a batch mixes senders).
+    traceparent: str = ""
+    tracestate: str = ""
 
 
 @dataclass(slots=True)

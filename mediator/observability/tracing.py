@@ -1,0 +1,325 @@
+"""OpenTelemetry tracing, observed at the seams: ``Sink`` (receive spans) and ``Outbound.send`` (send spans).
+
+Built only when ``[tracing] enabled``: the daemon then wraps its sink and each outbound, so with tracing
+off nothing here runs and nothing is imported on the hot path.
+
+Spans follow the OpenTelemetry messaging conventions, as few and as cheap as they allow:
+
+- **Receive.** One SERVER span per HTTP request or gRPC call (one per committed batch of a PublishStream),
+  one CONSUMER span (``process``) per MQTT or AMQP message. Parent: the W3C ``traceparent`` of the hop's
+  carrier (``Origin`` for calls, ``provenance`` for broker messages); without one, the event's own
+  CloudEvents ``traceparent`` (the trace continues rather than restarts); else a new trace. The span's
+  context is stamped into each event's provenance before the commit, so it survives in the outbox.
+- **Creation context.** An event without a CloudEvents ``traceparent`` attribute gets the receive span's:
+  it was created here. One that has it keeps it unchanged, across every hop (the distributed tracing
+  extension carries the trace that started the event; the carriers carry the hop).
+- **Send.** One PRODUCER span per delivery attempt (a retry is a new span), child of the receive span and
+  linked to the event's creation context. Its context is what the outbound writes into its carrier
+  (``mediator.core.tracecontext.outgoing``), so a consumer's parent is the send span. A failed attempt has
+  error status with the reason; a dead letter has a span of its own, error status, the reason as description.
+
+Export: a ``BatchSpanProcessor`` (its own thread) and OTLP/HTTP; ``close`` flushes within the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import Span, TraceState
+
+from mediator.core.envelope import Envelope
+from mediator.core.errors import ConfigError, NotReady, Rejected
+from mediator.core.ingress import Origin, Principal
+from mediator.core.seams import Outbound, Sink
+from mediator.core.tracecontext import TRACEPARENT, TRACESTATE, reset_outgoing, set_outgoing, valid_traceparent
+from mediator.observability.tracing_config import TracingConfig
+from mediator.outbox.base import Pending
+
+log = structlog.get_logger(__name__)
+
+# messaging.system: the well-known value where there is one (rabbitmq), the protocol otherwise.
+_SYSTEMS = {"amqp": "rabbitmq", "mqtt": "mqtt", "http": "http", "grpc": "grpc"}
+_GRPC_SERVICE = "mediator.v1.Mediator"
+_ERROR = StatusCode.ERROR
+
+
+def parse(traceparent: str, tracestate: str = "") -> SpanContext | None:
+    """The remote span context a traceparent names, or None when it is absent or invalid."""
+    value = valid_traceparent(traceparent)
+    if value is None:
+        return None
+    trace_id = int(value[3:35], 16)
+    span_id = int(value[36:52], 16)
+    if not trace_id or not span_id:
+        return None
+    state = TraceState.from_header([tracestate]) if tracestate else None
+    return SpanContext(trace_id, span_id, True, TraceFlags(int(value[53:55], 16) & 1), state)
+
+
+def format_context(ctx: SpanContext) -> tuple[str, str]:
+    """(traceparent, tracestate) of a span context, as W3C Trace Context writes them."""
+    state = ctx.trace_state
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}", state.to_header() if state else ""
+
+
+def _as_parent(ctx: SpanContext | None) -> Any:
+    return trace.set_span_in_context(NonRecordingSpan(ctx)) if ctx is not None else None
+
+
+def _event_context(env: Envelope) -> SpanContext | None:
+    """The creation context the CloudEvents distributed tracing extension holds, if any."""
+    attrs = env.attributes
+    if TRACEPARENT not in attrs:
+        return None
+    state = attrs[TRACESTATE].ce_string if TRACESTATE in attrs else ""
+    return parse(attrs[TRACEPARENT].ce_string, state)
+
+
+class Tracing:
+    """The tracer provider of one daemon, and the wrappers that observe its seams."""
+
+    def __init__(self, cfg: TracingConfig, *, version: str = "") -> None:
+        headers, problems = cfg.resolved_headers()
+        if problems:
+            raise ConfigError("environment", problems)
+        self.cfg = cfg
+        self._provider = TracerProvider(
+            resource=Resource.create({"service.name": cfg.service_name, "service.version": version}),
+            sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)),
+        )
+        exporter = OTLPSpanExporter(endpoint=cfg.endpoint, headers=headers, timeout=cfg.export_timeout_s)
+        self._processor = BatchSpanProcessor(
+            exporter,
+            max_queue_size=cfg.max_queue_size,
+            schedule_delay_millis=cfg.schedule_delay_s * 1000,
+            max_export_batch_size=min(cfg.max_export_batch, cfg.max_queue_size),
+            export_timeout_millis=cfg.export_timeout_s * 1000,
+        )
+        self._provider.add_span_processor(self._processor)
+        self.tracer = self._provider.get_tracer("mediator", version)
+        log.info("tracing.started", endpoint=cfg.endpoint, sample_ratio=cfg.sample_ratio)
+
+    def sink(self, inner: Sink) -> Sink:
+        return TracedSink(inner, self.tracer)
+
+    def outbound(self, inner: Outbound, kind: str) -> Outbound:
+        return TracedOutbound(inner, kind, self.tracer)
+
+    def dead_lettered(
+        self, hook: Callable[[Pending, str], Awaitable[None]]
+    ) -> Callable[[Pending, str], Awaitable[None]]:
+        """``hook`` (the dispatcher's dead-letter callback) preceded by a dead-letter span: error status, the
+        reason as its description, child of the event's receive span."""
+        tracer = self.tracer
+
+        async def traced(delivery: Pending, reason: str) -> None:
+            event = delivery.event
+            prov = event.provenance
+            span = tracer.start_span(
+                f"dead_letter {delivery.outbound}",
+                context=_as_parent(parse(prov.traceparent, prov.tracestate)),
+                kind=SpanKind.INTERNAL,
+                attributes={
+                    "messaging.message.id": event.id,
+                    "messaging.destination.name": delivery.address,
+                    "mediator.outbound": delivery.outbound,
+                    "mediator.route": delivery.route,
+                    "mediator.delivery.attempts": delivery.attempts,
+                    "error.type": "dead_letter",
+                },
+            )
+            span.set_status(Status(_ERROR, reason))
+            span.end()
+            await hook(delivery, reason)
+
+        return traced
+
+    async def close(self, timeout_s: float) -> None:
+        """Export what is still queued (within ``timeout_s``), then stop the exporter thread."""
+        started = time.monotonic()
+        flushed = await asyncio.to_thread(self._processor.force_flush, max(1, int(timeout_s * 1000)))
+        await asyncio.to_thread(self._provider.shutdown)
+        log.info("tracing.stopped", flushed=flushed, took_s=round(time.monotonic() - started, 3))
+
+
+class TracedSink:
+    """A ``Sink`` that opens the receive span(s) of each call around the inner sink's ``accept``."""
+
+    def __init__(self, inner: Sink, tracer: trace.Tracer) -> None:
+        self._inner = inner
+        self._tracer = tracer
+
+    def __getattr__(self, name: str) -> Any:  # anything else the pipeline offers
+        return getattr(self._inner, name)
+
+    async def authenticate(self, origin: Origin) -> Principal:
+        return await self._inner.authenticate(origin)
+
+    async def accept(self, events: Sequence[Envelope], origin: Origin) -> Collection[str] | None:
+        if not events:
+            return await self._inner.accept(events, origin)
+        spans = [self._consumer(env) for env in events] if origin.broker else [self._server(events, origin)]
+        # A refused or deferred batch comes back (event by event, or after a pause): what the carrier said
+        # must still be there, not this attempt's span.
+        saved = [
+            (env, env.provenance.traceparent, env.provenance.tracestate, TRACEPARENT in env.attributes)
+            for env in events
+        ]
+        for span, env in self._pairs(spans, events, origin.broker):
+            self._stamp(env, span.get_span_context())
+        try:
+            return await self._inner.accept(events, origin)
+        except BaseException as exc:
+            _restore(saved)
+            for span in spans:
+                _failed(span, exc, error=origin.broker or not isinstance(exc, Rejected))
+            raise
+        finally:
+            for span in spans:
+                span.end()
+
+    async def dead_letter(self, event: Envelope, reason: str) -> None:
+        span = self._consumer(event)
+        span.set_attribute("error.type", "dead_letter")
+        span.set_status(Status(_ERROR, reason))
+        self._stamp(event, span.get_span_context())
+        try:
+            await self._inner.dead_letter(event, reason)
+        finally:
+            span.end()
+
+    @staticmethod
+    def _pairs(spans: list[Span], events: Sequence[Envelope], broker: bool) -> list[tuple[Span, Envelope]]:
+        if broker:
+            return list(zip(spans, events, strict=True))
+        return [(spans[0], env) for env in events]
+
+    @staticmethod
+    def _stamp(env: Envelope, ctx: SpanContext) -> None:
+        traceparent, tracestate = format_context(ctx)
+        prov = env.provenance
+        prov.traceparent = traceparent
+        prov.tracestate = tracestate
+        attrs = env.attributes
+        if TRACEPARENT not in attrs:
+            attrs[TRACEPARENT].ce_string = traceparent
+            if tracestate:
+                attrs[TRACESTATE].ce_string = tracestate
+
+    def _consumer(self, env: Envelope) -> Span:
+        prov = env.provenance
+        parent = parse(prov.traceparent, prov.tracestate) or _event_context(env)
+        system = _SYSTEMS.get(prov.protocol, prov.protocol)
+        return self._tracer.start_span(
+            f"process {prov.inbound}",
+            context=_as_parent(parent),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": system,
+                "messaging.operation.type": "process",
+                "messaging.destination.name": prov.topic,
+                "messaging.message.id": env.id,
+            },
+        )
+
+    def _server(self, events: Sequence[Envelope], origin: Origin) -> Span:
+        first = events[0]
+        parent = parse(origin.traceparent, origin.tracestate) or _event_context(first)
+        attributes: dict[str, str | int]
+        if origin.protocol == "grpc":
+            method = first.provenance.topic
+            name = f"{_GRPC_SERVICE}/{method}"
+            attributes = {"rpc.system": "grpc", "rpc.service": _GRPC_SERVICE, "rpc.method": method}
+        else:
+            route = "/" + first.provenance.topic
+            name = f"POST {route}"
+            attributes = {"http.request.method": "POST", "http.route": route}
+        attributes["mediator.inbound"] = origin.inbound
+        if len(events) == 1:
+            attributes["messaging.message.id"] = first.id
+        else:
+            attributes["messaging.batch.message_count"] = len(events)
+        return self._tracer.start_span(name, context=_as_parent(parent), kind=SpanKind.SERVER, attributes=attributes)
+
+
+def _restore(saved: list[tuple[Envelope, str, str, bool]]) -> None:
+    for env, traceparent, tracestate, had_attribute in saved:
+        env.provenance.traceparent = traceparent
+        env.provenance.tracestate = tracestate
+        if not had_attribute:
+            env.attributes.pop(TRACEPARENT, None)
+            env.attributes.pop(TRACESTATE, None)
+
+
+def _failed(span: Span, exc: BaseException, *, error: bool) -> None:
+    """Record why ``accept`` did not commit. A refusal answered to an HTTP or gRPC caller is the caller's
+    fault (the HTTP conventions leave a server span's status unset for a 4xx); on a broker it becomes a
+    dead letter, and a NotReady or a crash is ours: error status."""
+    if isinstance(exc, Rejected):
+        span.set_attribute("error.type", exc.code.value)
+        if error:
+            span.set_status(Status(_ERROR, exc.reason))
+    elif isinstance(exc, NotReady):
+        span.set_attribute("error.type", "not_ready")
+        span.set_status(Status(_ERROR, exc.reason))
+    elif isinstance(exc, asyncio.CancelledError):
+        span.set_attribute("error.type", "cancelled")
+    else:
+        span.set_attribute("error.type", type(exc).__qualname__)
+        span.set_status(Status(_ERROR, repr(exc)))
+
+
+class TracedOutbound:
+    """An ``Outbound`` whose every ``send`` is a PRODUCER span; its context is the carrier's."""
+
+    def __init__(self, inner: Outbound, kind: str, tracer: trace.Tracer) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.max_in_flight = inner.max_in_flight
+        self._system = _SYSTEMS.get(kind, kind)
+        self._span_name = f"send {inner.name}"
+        self._tracer = tracer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def send(self, event: Envelope, address: str, format: str) -> None:
+        prov = event.provenance
+        parent = parse(prov.traceparent, prov.tracestate)
+        created = _event_context(event)
+        links = None
+        if created is not None and (parent is None or created.span_id != parent.span_id):
+            links = [Link(created)]
+        span = self._tracer.start_span(
+            self._span_name,
+            context=_as_parent(parent),
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": self._system,
+                "messaging.operation.type": "send",
+                "messaging.destination.name": address,
+                "messaging.message.id": event.id,
+            },
+            links=links,
+        )
+        token = set_outgoing(format_context(span.get_span_context()))
+        try:
+            await self.inner.send(event, address, format)
+        except BaseException as exc:
+            span.set_attribute("error.type", type(exc).__name__)
+            span.set_status(Status(_ERROR, str(exc) or type(exc).__name__))
+            raise
+        finally:
+            reset_outgoing(token)
+            span.end()
