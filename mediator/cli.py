@@ -1,6 +1,6 @@
 """``mediator run --config FILE`` and ``mediator check --config FILE`` (also ``python -m mediator``), and the
-operator's tools: ``dead-letters``, ``publish``, ``tail``, ``hash-key``. ``$MEDIATOR_CONFIG`` names the config
-file when ``--config`` does not (a systemd unit's ``Environment=``)."""
+operator's tools: ``dead-letters``, ``publish``, ``tail``, ``hash-key``, ``reload``. ``$MEDIATOR_CONFIG`` names
+the config file when ``--config`` does not (a systemd unit's ``Environment=``)."""
 
 from __future__ import annotations
 
@@ -223,6 +223,56 @@ def cmd_tail(args: argparse.Namespace, config: Config | None) -> int:
     )
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Signal the running daemon to reload (SIGHUP; SIGUSR1 with ``--force``) and print the outcome it
+    writes beside the outbox. Finds the daemon by its pid file there; exits 1 if the reload was refused or
+    rolled back, or no daemon answers."""
+    import signal
+    import time
+    import tomllib
+    from pathlib import Path
+
+    from mediator.daemon import PID_FILE, RELOAD_STATUS_FILE
+
+    # Only where the outbox is, from the file as it is now: a file the daemon would refuse must not stop us.
+    try:
+        raw = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
+        outbox_path = str(raw.get("outbox", {}).get("path", "var/outbox.sqlite"))
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        outbox_path = "var/outbox.sqlite"
+    state = Path(outbox_path).parent
+    try:
+        pid = int((state / PID_FILE).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        print(f"mediator: no running daemon (no live pid in {state / PID_FILE})", file=sys.stderr)
+        return 1
+    status_path = state / RELOAD_STATUS_FILE
+
+    def status() -> dict[str, object] | None:
+        try:
+            value = json.loads(status_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    before = status()
+    os.kill(pid, signal.SIGUSR1 if args.force else signal.SIGHUP)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        after = status()
+        if after is not None and after != before and after.get("pid") == pid:
+            print(json.dumps(after, indent=2))
+            return 0 if after.get("outcome") == "applied" else 1
+        time.sleep(0.1)
+    print(
+        f"mediator: sent {'SIGUSR1' if args.force else 'SIGHUP'} to {pid}; no outcome within {args.timeout} s "
+        "(see the daemon's log)",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def _client_options(p: argparse.ArgumentParser) -> None:
     """Where the daemon's gRPC API is and how to pass its listener's checks."""
     p.add_argument("--config", "-c", default=_default_config(), help="config.toml naming the gRPC listener")
@@ -308,9 +358,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     hk.add_argument("--principal", required=True, help="who the key authenticates")
     hk.add_argument("--role", action="append", help="a role of that principal (repeatable)")
     hk.add_argument("--expires", help="RFC 3339 date-time after which the key is refused, e.g. 2027-01-01T00:00:00Z")
+    rl = sub.add_parser("reload", help="make the running daemon reload its config file and print the outcome")
+    rl.add_argument("--config", "-c", default=_default_config(), help=f"path to config.toml (or ${CONFIG_ENV})")
+    rl.add_argument("--force", action="store_true", help="apply a config with no route, inbound or listener")
+    rl.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the outcome (default 30)")
     args = parser.parse_args(argv)
     if args.command == "hash-key":
         return cmd_hash_key(args)
+    if args.command == "reload":
+        return cmd_reload(args)
     try:
         if args.command in ("publish", "tail") and args.target is not None:
             return int(args.func(args, None))  # told where: no config needed

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import hashlib
 import json
 import tomllib
 import types
@@ -55,6 +57,14 @@ class DaemonConfig(ConfigModel):
     )
     drain_timeout_s: float = Field(
         default=10.0, gt=0, description="on SIGTERM: time allowed to finish in-flight work before exiting"
+    )
+    removed_outbound: Literal["keep", "dead_letter"] = Field(
+        default="dead_letter",
+        description="deliveries pending for an outbound a reload removed: keep them until it returns, "
+        "or dead-letter them after removed_outbound_grace_s",
+    )
+    removed_outbound_grace_s: float = Field(
+        default=60.0, ge=0, description="with removed_outbound = 'dead_letter': how long a removed outbound may return"
     )
 
 
@@ -189,6 +199,7 @@ class Config:
     dead_letter_forward: DestinationSpec | None = None
     # [[schemas]], read and compiled by ``load`` (in the reload's thread on a reload, never on the loop).
     schemas: tuple[CompiledSchema, ...] = ()
+    sha256: str = ""  # of the file's text, as loaded (the config's version: its first 12 hex digits)
 
     @property
     def daemon(self) -> DaemonConfig:
@@ -305,12 +316,20 @@ def load(path: str | Path, specs: Mapping[str, AdapterSpec]) -> Config:
     """Read and validate ``path``; raise ConfigError listing every problem found."""
     file = str(path)
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(file, [f"cannot read: {exc.strerror or exc}"]) from exc
+    return loads(text, specs, file)
+
+
+def loads(text: str, specs: Mapping[str, AdapterSpec], file: str = "<config>") -> Config:
+    """Validate the text of a config file (a reload reads it itself, to load exactly what it checked)."""
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, [f"TOML syntax error: {exc}"]) from exc
-    return parse(raw, specs, file)
+    config = parse(raw, specs, file)
+    return dataclasses.replace(config, sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
 def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = "<config>") -> Config:

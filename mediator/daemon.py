@@ -9,25 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
-from mediator.config import Config, load
+from mediator.config import Config, loads
 from mediator.core.envelope import Envelope
 from mediator.core.errors import ConfigError, NotReady
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
-from mediator.core.seams import Built, Outbound, Runtime, Service
+from mediator.core.seams import Built, OutboundConfigBase, Runtime, Service
 from mediator.dispatch import Backlog, Dispatcher
-from mediator.observability.tracing import Tracing
-from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox
+from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox, StorageError
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
 from mediator.stages import Stages
@@ -35,18 +36,59 @@ from mediator.stages import build as build_stages
 from mediator.stages.aggregate import Aggregator
 from mediator.stages.aggstore import store_path
 from mediator.systemd import Notifier
+from mediator.units import Unit, UnitSpec, build_unit, plan, settled_text
 
 log = structlog.get_logger(__name__)
 
 RELOAD_POLL_S = 2.0
-"""How often the config file's mtime is checked (SIGHUP reloads at once)."""
+"""How often the config file's mtime and size are checked (SIGHUP reloads at once)."""
+
+UNIT_START_TIMEOUT_S = 15.0
+"""A reload waits this long for its new listeners to bind before it rolls back."""
+
+UNIT_STOP_TIMEOUT_S = 15.0
+"""A unit being stopped gets this long to drain (an HTTP listener waits for its handlers' commits)."""
+
+PID_FILE = "mediator.pid"
+RELOAD_STATUS_FILE = "mediator.reload.json"
+"""Beside the outbox: the running daemon's pid (``mediator reload`` signals it) and the outcome of its
+latest reload (``mediator reload`` waits for it to change and prints it)."""
+
+SECURITY_SECTIONS = (
+    *("security", "auth", "authorization", "rate_limits"),
+    *("validation", "schemas", "enrich", "aggregate"),
+)
+"""The root sections the ingress stages are built from."""
 
 
-def _mtime(path: Path) -> float:
+def _stamp(path: Path) -> tuple[int, int]:
     try:
-        return path.stat().st_mtime
+        st = path.stat()
     except OSError:
-        return 0.0
+        return (0, 0)
+    return st.st_mtime_ns, st.st_size
+
+
+def state_dir(config: Config) -> Path:
+    """Where the pid and reload status files live: the outbox file's directory."""
+    return Path(config.outbox.path).parent
+
+
+class _StartFailed(Exception):
+    """A unit a reload started did not come up (a port that cannot be bound)."""
+
+
+class _Absent:
+    """The outbound of a dispatcher parked at start for an outbound the config no longer has
+    (``removed_outbound = "keep"``): never run; a reload that brings the outbound back replaces it."""
+
+    max_in_flight = 1
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def send(self, event: Envelope, address: str, format: str) -> None:
+        raise NotReady(f"outbound {self.name!r} is not configured")
 
 
 def make_outbox(config: Config) -> Outbox:
@@ -147,36 +189,153 @@ class Daemon:
             authenticate=self.stages.authenticate,
         )
         self.aggregator.sink = self.pipeline
-        # [tracing]: spans observed at the seams (mediator/observability/tracing.py); off: None, nothing wrapped.
-        self.tracing = Tracing(config.root.tracing) if config.root.tracing.enabled else None
-        self.sink = self.pipeline if self.tracing is None else self.tracing.sink(self.pipeline)
-        self._on_dead = self._forward_dead if self.tracing is None else self.tracing.dead_lettered(self._forward_dead)
-        runtime = Runtime(
-            sink=self.sink,
-            health=self.health,
-            admin=DeadLetterAdmin(self),
-            credential_headers=self.stages.credential_headers,
-            admin_roles=self.stages.admin_roles,
-        )
-        self._reload_hooks = runtime.reload_hooks
+        self._admin = DeadLetterAdmin(self)
         self._specs = load_specs()
-        built, problems, environment = build_adapters(config, runtime)
+        problems, environment = self._adapter_problems(config, self.stages)
         if problems or environment:
             raise ConfigError(config.file if problems else "environment", problems + environment)
-        self.services: list[Service] = built.services
-        outbounds: dict[str, Outbound] = built.outbounds
-        outbound_cfgs = config.outbound_configs()
         self.pipeline.dead_letter_destination = config.dead_letter_forward
-        for name, outbound in outbounds.items():
-            if self.tracing is not None:
-                outbound = self.tracing.outbound(outbound, outbound_cfgs[name].kind)
-            self.dispatchers[name] = Dispatcher(
-                name, outbound, outbound_cfgs[name], self.outbox, self.health, self.backlog, self._on_dead
-            )
+        # The adapters run as units (mediator/units.py) so that a reload can start, stop and restart them
+        # one by one; their service tasks and the dispatchers' tasks join the daemon's task group.
+        self._units: dict[str, Unit] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._dispatch_tasks: dict[str, asyncio.Task[None]] = {}
+        self._graves: dict[str, asyncio.Task[None]] = {}  # removed outbounds awaiting their grace
+        for spec in plan(config, self.stages.credential_headers, self.stages.admin_roles).values():
+            self._add_unit(build_unit(spec, self._specs, self.pipeline, self.health, self._admin))
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._reload = asyncio.Event()
+        self._force_reload = False
+        self._reloads = 0
         self.notifier = Notifier()
+        self._loaded(config)
+
+    def _loaded(self, config: Config) -> None:
+        """The one place a config becomes the running one (at start and on every applied reload)."""
+        self.config = config
+        self.config_version = config.sha256[:12]  # what the metrics and /admin/status report
+        self.config_loaded_at = time.time()
+
+    @property
+    def services(self) -> list[Service]:
+        return [s for unit in self._units.values() for s in unit.services]
+
+    def _adapter_problems(self, config: Config, stages: Stages) -> tuple[list[str], list[str]]:
+        """Build every adapter of ``config`` against a scratch runtime (nothing runs, nothing registers):
+        the problems only an adapter finds across units (a client id used twice), and the environment's."""
+        scratch = Runtime(
+            sink=_NullSink(),
+            health=Health(),
+            credential_headers=stages.credential_headers,
+            admin_roles=stages.admin_roles,
+        )
+        _, problems, environment = build_adapters(config, scratch)
+        return problems, environment
+
+    def _add_unit(self, unit: Unit) -> None:
+        """Take ``unit`` in and give each of its outbounds its dispatcher (the one the name had, parked
+        with its deliveries, when there is one). Its tasks are started by ``_run_unit``."""
+        self._units[unit.spec.key] = unit
+        for name, outbound in unit.outbounds.items():
+            cfg = unit.spec.section.outbounds[name]
+            dispatcher = self.dispatchers.get(name)
+            if dispatcher is None:
+                self.dispatchers[name] = Dispatcher(
+                    name, outbound, cfg, self.outbox, self.health, self.backlog, self._forward_dead
+                )
+            else:
+                dispatcher.replace(outbound, cfg)
+            grave = self._graves.pop(name, None)
+            if grave is not None:
+                grave.cancel()
+                log.info("outbound.returned", outbound=name)
+
+    def _run_unit(self, unit: Unit, guard: bool) -> None:
+        """Start the unit's services and dispatchers in the daemon's task group. With ``guard`` (a
+        reload), a service that raises is recorded on the unit instead of stopping the daemon."""
+        tg = self._tg
+        assert tg is not None
+        for service in unit.services:
+            coro = self._guarded(unit, service) if guard else service.run()
+            unit.tasks.append(tg.create_task(coro, name=service.name))
+        for name in unit.outbounds:
+            task = self._dispatch_tasks.get(name)
+            if task is None or task.done():
+                self._dispatch_tasks[name] = tg.create_task(self.dispatchers[name].run(), name=f"dispatcher:{name}")
+
+    async def _guarded(self, unit: Unit, service: Service) -> None:
+        try:
+            await service.run()
+        except Exception as exc:  # a bind failure: the reload sees it and rolls back
+            if unit.failure is None:
+                unit.failure = exc
+            log.error("unit.failed", unit=unit.spec.key, service=service.name, error=str(exc) or repr(exc))
+
+    async def _stop_unit(self, unit: Unit) -> None:
+        """Stop the unit's dispatchers (their deliveries stay queued: see ``Dispatcher.run``) and
+        services (a listener drains its requests), then forget its health components."""
+        tasks = list(unit.tasks)
+        for name in unit.outbounds:
+            task = self._dispatch_tasks.pop(name, None)
+            if task is not None:
+                tasks.append(task)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=UNIT_STOP_TIMEOUT_S)
+            if late:
+                log.warning("unit.stop_timed_out", unit=unit.spec.key, tasks=sorted(t.get_name() for t in late))
+        for component in unit.spec.components:
+            self.health.unregister(component)
+
+    async def _apply_units(self, target: dict[str, UnitSpec], swap: Callable[[], None]) -> tuple[list[str], ...]:
+        """Make the running units ``target``: stop what is gone and the old version of what changed, build
+        the new versions and what is new (attaching their dispatchers), call ``swap`` (the routes and
+        stages that go with ``target``), run them, and wait for their listeners to be bound. Units equal in
+        both are not touched. Raises ``_StartFailed`` (the state is then part old, part new: the caller
+        applies the previous specs again). Returns (added, changed, removed) keys."""
+        current = self._units
+        removed = [k for k in current if k not in target]
+        changed = [k for k in current if k in target and current[k].spec != target[k]]
+        added = [k for k in target if k not in current]
+        for key in removed + changed:
+            await self._stop_unit(self._units.pop(key))
+        fresh: list[Unit] = []
+        try:
+            for key in changed + added:
+                unit = build_unit(target[key], self._specs, self.pipeline, self.health, self._admin)
+                self._add_unit(unit)
+                fresh.append(unit)
+        except ConfigError as exc:
+            raise _StartFailed("; ".join(exc.problems)) from exc
+        swap()
+        for unit in fresh:
+            self._run_unit(unit, guard=True)
+        await self._wait_started(fresh)
+        return added, changed, removed
+
+    async def _wait_started(self, units: list[Unit]) -> None:
+        """Return once every service of ``units`` that has a ``started`` event (the listeners) has set it;
+        raise ``_StartFailed`` if one raised (a bind failure) or is not up in time. Broker connections are
+        not waited for: they connect with backoff, and the daemon serves while a broker is down."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + UNIT_START_TIMEOUT_S
+        while True:
+            await asyncio.sleep(0.05)
+            failed = [u for u in units if u.failure is not None]
+            if failed:
+                raise _StartFailed("; ".join(f"{u.spec.key}: {u.failure}" for u in failed))
+            waiting = [
+                s.name
+                for u in units
+                for s in u.services
+                if isinstance(started := getattr(s, "started", None), asyncio.Event) and not started.is_set()
+            ]
+            if not waiting:
+                return
+            if loop.time() >= deadline:
+                raise _StartFailed(f"{', '.join(waiting)} not started within {UNIT_START_TIMEOUT_S:.0f} s")
 
     async def _forward_dead(self, delivery: Pending, reason: str) -> None:
         await self.pipeline.forward_dead(delivery.event, reason, delivery.route, delivery.outbound, delivery.attempts)
@@ -192,19 +351,23 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.request_reload, True)
         try:
             await self._run()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
 
-    def request_reload(self) -> None:
+    def request_reload(self, force: bool = False) -> None:
+        """SIGHUP; SIGUSR1 (``mediator reload --force``) also applies a config that leaves no route, no
+        inbound or no listener."""
+        self._force_reload = self._force_reload or force
         self._reload.set()
         # SIGHUP also re-reads what adapters and stages hold from files: TLS certificates, API keys.
         self._hup()
 
     def _hup(self) -> None:
-        for hook in self._reload_hooks:
+        for hook in [h for unit in self._units.values() for h in unit.hooks]:
             try:
                 hook()
             except Exception as exc:  # a hook must not stop the others or the daemon
@@ -212,66 +375,188 @@ class Daemon:
         self.stages.reload()
 
     async def _reload_loop(self) -> None:
-        """On SIGHUP or a change of the file's mtime: validate the file again and swap the routes in.
-
-        A bad edit is refused with a logged error and the running config keeps serving. The routing table
-        is swapped atomically (events in flight keep the table they started with); changes to listeners,
-        brokers, inbound or outbound sections are reported as needing a restart and are not applied.
-        """
+        """On SIGHUP, SIGUSR1 or a change of the file's mtime or size: load the file once it has stopped
+        changing (``settled_text``) and apply it (``_apply``). A file that cannot be read, does not
+        validate or is still being written is refused with a logged error and the running config keeps
+        serving; a touched file whose content is the same is not applied again."""
         path = Path(self.config.file)
-        mtime = _mtime(path)
+        seen = _stamp(path)
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RELOAD_POLL_S):
                     await self._reload.wait()
-            current = _mtime(path)
-            if not self._reload.is_set() and current == mtime:
+            requested = self._reload.is_set()
+            if not requested and _stamp(path) == seen:
                 continue
             self._reload.clear()
-            mtime = current
-            try:
-                new = await asyncio.to_thread(load, path, self._specs)
-            except ConfigError as exc:
-                log.error("config.reload_refused", file=exc.file, problems=exc.problems)
+            force, self._force_reload = self._force_reload, False
+            if self.pipeline.draining:
                 continue
-            old = self.config.root
-            static = ("listeners", "brokers", "inbound", "outbound", "outbox")
-            changed = [k for k in static if getattr(old, k) != getattr(new.root, k)]
-            if changed:
-                log.warning("config.restart_required", sections=changed, applied="routes only")
-            if [s.digest for s in new.schemas] != [s.digest for s in self.config.schemas]:
-                old = old.model_copy(update={"schemas": None})  # a schema file changed: rebuild the stages
-            security = (
-                *("security", "auth", "authorization", "rate_limits"),
-                *("validation", "schemas", "enrich", "aggregate"),
-            )
-            update: dict[str, object] = {"routes": new.root.routes}
-            if any(getattr(old, k) != getattr(new.root, k) for k in security) and not changed:
-                try:
-                    stages = make_stages(new)
-                except ConfigError as exc:
-                    log.error("config.reload_refused", file=exc.file, problems=exc.problems)
-                    continue
-                old_stages, self.stages = self.stages, stages
-                await self.aggregator.configure(new.root.aggregate)
-                self.pipeline.stages = stages.stages + self.aggregator.stages()
-                self.pipeline.authenticator = stages.authenticate
+            try:
+                text = await settled_text(path)
+                seen = _stamp(path)
+                new = await asyncio.to_thread(loads, text, self._specs, str(path))
+            except ConfigError as exc:
+                seen = _stamp(path)
+                self._refused(exc.file, exc.problems)
+                continue
+            if not requested and new.sha256 == self.config.sha256:
+                continue
+            await self._apply(new, force)
+
+    def _refused(self, file: str, problems: list[str]) -> None:
+        log.error("config.reload_refused", file=file, problems=problems)
+        self._report("refused", problems)
+
+    def _report(self, outcome: str, problems: list[str] | None = None, **details: object) -> None:
+        """Write the outcome of this reload beside the outbox, for ``mediator reload`` to print."""
+        self._reloads += 1
+        status = {
+            "pid": os.getpid(),
+            "seq": self._reloads,
+            "at": time.time(),
+            "outcome": outcome,
+            "problems": problems or [],
+            "version": self.config_version,
+            **details,
+        }
+        path = state_dir(self.config) / RELOAD_STATUS_FILE
+        try:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(status) + "\n")
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("config.reload_status_unwritable", path=str(path), error=str(exc))
+
+    def _guard_problems(self, new: Config) -> list[str]:
+        """What makes a valid config unlikely to be meant (a file cut short): no route, no inbound, or
+        no listener where there were some. Refused unless forced."""
+        problems = []
+        if not new.routes:
+            problems.append("it has no routes: every event would be dead-lettered")
+        if not new.root.inbound:
+            problems.append("it has no inbound: nothing could send an event")
+        if self.config.root.listeners and not new.root.listeners:
+            problems.append("it has no listener: /healthz, /readyz and the admin endpoints would go")
+        return problems
+
+    async def _apply(self, new: Config, force: bool) -> None:
+        """Apply a validated config whole: stages, adapter units (see mediator/units.py), routes. A unit
+        that cannot start rolls everything back to the running config, which keeps serving. The outbox
+        section, log_level and log_format need a restart."""
+        old = self.config
+        guard = self._guard_problems(new)
+        if guard and not force:
+            self._refused(new.file, [*guard, "`mediator reload --force` applies it anyway"])
+            return
+        restart = [k for k in ("log_level", "log_format") if getattr(old.daemon, k) != getattr(new.daemon, k)]
+        restart = (["outbox"] if old.root.outbox != new.root.outbox else []) + [f"daemon.{k}" for k in restart]
+        if restart:
+            log.warning("config.restart_required", sections=restart, applied="everything else")
+        stages_changed = any(getattr(old.root, k) != getattr(new.root, k) for k in SECURITY_SECTIONS) or [
+            s.digest for s in new.schemas
+        ] != [s.digest for s in old.schemas]
+        stages: Stages | None = None
+        if stages_changed:
+            try:
+                stages = make_stages(new)
+            except ConfigError as exc:
+                self._refused(exc.file, exc.problems)
+                return
+        running = stages or self.stages
+        problems, environment = self._adapter_problems(new, running)
+        if problems or environment:
+            if stages is not None:
+                await stages.close()
+            self._refused(new.file if problems else "environment", problems + environment)
+            return
+        target = plan(new, running.credential_headers, running.admin_roles)
+        previous = {k: u.spec for k, u in self._units.items()}
+        pipeline = self.pipeline
+        before = (pipeline.stages, pipeline.authenticator, pipeline.router, pipeline.dead_letter_destination)
+
+        def swap() -> None:
+            if stages is not None:
                 stages.start()
-                await old_stages.close()
-                update.update({k: getattr(new.root, k) for k in security})
-                log.info("config.stages_reloaded", stages=[s.name for s in stages.stages])
-            elif any(getattr(old, k) != getattr(new.root, k) for k in security):
-                log.warning("config.stages_not_reloaded", reason="listener or inbound sections changed too")
-            self.pipeline.router = Router(new.routes)
-            self.pipeline.dead_letter_destination = new.dead_letter_forward
-            self.config = Config(
-                self.config.file,
-                self.config.root.model_copy(update=update),
-                self.config.adapters,
-                new.routes,
-                schemas=new.schemas if "schemas" in update else self.config.schemas,
-            )
-            log.info("config.reloaded", routes=len(new.routes))
+                pipeline.stages = stages.stages + self.aggregator.stages()
+                pipeline.authenticator = stages.authenticate
+            pipeline.router = Router(new.routes)
+            pipeline.dead_letter_destination = new.dead_letter_forward
+
+        def restore() -> None:
+            pipeline.stages, pipeline.authenticator, pipeline.router, pipeline.dead_letter_destination = before
+
+        try:
+            added, changed, removed = await self._apply_units(target, swap)
+        except _StartFailed as exc:
+            log.error("config.reload_failed", reason=str(exc), rolled_back=True)
+            try:
+                await self._apply_units(previous, restore)
+            except _StartFailed as again:
+                log.critical("config.rollback_failed", reason=str(again))
+            if stages is not None:
+                await stages.close()
+            self._settle_removed()
+            self._report("failed", [str(exc)], rolled_back=True)
+            return
+        if stages is not None:
+            old_stages, self.stages = self.stages, stages
+            await self.aggregator.configure(new.root.aggregate)
+            pipeline.stages = stages.stages + self.aggregator.stages()
+            await old_stages.close()
+            log.info("config.stages_reloaded", stages=[s.name for s in stages.stages])
+        self._loaded(dataclasses.replace(new, root=new.root.model_copy(update={"outbox": old.root.outbox})))
+        self._settle_removed()
+        unchanged = len(target) - len(added) - len(changed)
+        details = {"started": added, "restarted": changed, "stopped": removed, "unchanged": unchanged}
+        log.info(
+            "config.reloaded",
+            routes=len(new.routes),
+            version=self.config_version,
+            forced=guard or None,
+            restart_required=restart or None,
+            **details,
+        )
+        self._report("applied", guard, **details)
+
+    def _settle_removed(self) -> None:
+        """Dispatchers whose outbound the config no longer has keep their deliveries (parked, not running):
+        until the outbound returns (``removed_outbound = "keep"``) or for a grace, then dead-lettered."""
+        live = {name for unit in self._units.values() for name in unit.outbounds}
+        daemon_cfg = self.config.daemon
+        for name in [n for n in self.dispatchers if n not in live]:
+            if daemon_cfg.removed_outbound == "keep":
+                grave = self._graves.pop(name, None)
+                if grave is not None:
+                    grave.cancel()
+                log.warning("outbound.parked", outbound=name, until="it returns")
+            elif name not in self._graves and self._tg is not None:
+                grace = daemon_cfg.removed_outbound_grace_s
+                self._graves[name] = self._tg.create_task(self._bury(name, grace), name=f"removed-outbound:{name}")
+                log.warning("outbound.parked", outbound=name, grace_s=grace)
+
+    async def _bury(self, name: str, grace_s: float) -> None:
+        # At least a second: a commit routed by the previous table may still hand this dispatcher a delivery.
+        await asyncio.sleep(max(grace_s, 1.0))
+        self._graves.pop(name, None)
+        dispatcher = self.dispatchers.pop(name, None)
+        if dispatcher is None:
+            return
+        reason = f"outbound {name!r} was removed from the config"
+        rows = dispatcher.take_all()
+        for i, delivery in enumerate(rows):
+            try:
+                await self.outbox.dead_letter(delivery, reason)
+            except StorageError as exc:
+                log.error("outbound.removed_dead_letter_failed", outbound=name, error=str(exc))
+                self.dispatchers[name] = dispatcher
+                for rest in rows[i:]:
+                    dispatcher.submit(rest)
+                self._settle_removed()
+                return
+            self.backlog.settle()
+            await self._forward_dead(delivery, reason)
+        log.warning("outbound.removed_dead_lettered", outbound=name, count=len(rows), reason=reason)
 
     async def _run(self) -> None:
         pending = await self.outbox.open()
@@ -279,23 +564,33 @@ class Daemon:
         self.stages.start()
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 tasks = [tg.create_task(self.aggregator.run(), name="aggregate")]
-                tasks += [tg.create_task(s.run(), name=s.name) for s in self.services]
-                tasks += [tg.create_task(d.run(), name=f"dispatcher:{n}") for n, d in self.dispatchers.items()]
-                tasks.append(tg.create_task(self._reload_loop(), name="config-reload"))
+                for unit in self._units.values():
+                    self._run_unit(unit, guard=False)  # a bind failure at start-up stops the daemon
+                reload_task = tg.create_task(self._reload_loop(), name="config-reload")
                 if self.notifier.enabled:
                     tasks.append(tg.create_task(self._notify_ready(), name="systemd:ready"))
                 if self.notifier.watchdog_s is not None:
                     tasks.append(tg.create_task(self._watchdog(self.notifier.watchdog_s), name="systemd:watchdog"))
                 orphans = 0
+                keep = self.config.daemon.removed_outbound == "keep"
                 for p in pending:
                     dispatcher = self.dispatchers.get(p.outbound)
+                    if dispatcher is None and keep:  # parked until a reload brings the outbound back
+                        dispatcher = self.dispatchers[p.outbound] = Dispatcher(
+                            p.outbound,
+                            _Absent(p.outbound),
+                            OutboundConfigBase(kind="absent"),
+                            *(self.outbox, self.health, self.backlog, self._forward_dead),
+                        )
                     if dispatcher is None:
                         orphans += 1
                         await self.outbox.dead_letter(p, f"outbound {p.outbound!r} is no longer configured")
                         continue
                     self.backlog.add(1)
                     dispatcher.submit(p)
+                self._write_pid()
                 log.info(
                     "daemon.started",
                     services=len(self.services),
@@ -303,17 +598,35 @@ class Daemon:
                     resumed=len(pending) - orphans,
                 )
                 await self._stop.wait()
+                reload_task.cancel()
                 await self._drain()
-                for task in tasks:
+                for task in [*tasks, *self._dispatch_tasks.values(), *self._graves.values()]:
                     task.cancel()
+                for unit in self._units.values():
+                    for task in unit.tasks:
+                        task.cancel()
         finally:
+            self._tg = None
+            self._remove_pid()
             await self.stages.close()
             await self.aggregator.close()
             await self.outbox.close()
-            if self.tracing is not None:  # the last spans, exported within the drain's budget
-                await self.tracing.close(self.config.daemon.drain_timeout_s)
             self.notifier.close()
         log.info("daemon.stopped", undelivered=self.backlog.value)
+
+    def _write_pid(self) -> None:
+        path = state_dir(self.config) / PID_FILE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            log.warning("daemon.pid_file_unwritable", path=str(path), error=str(exc))
+
+    def _remove_pid(self) -> None:
+        path = state_dir(self.config) / PID_FILE
+        with contextlib.suppress(OSError, ValueError):
+            if int(path.read_text().strip()) == os.getpid():
+                path.unlink()
 
     async def _notify_ready(self) -> None:
         """READY=1 once every listener is bound (``Type=notify``: ``systemctl start`` returns then).

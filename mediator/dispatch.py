@@ -69,7 +69,7 @@ class Dispatcher:
         self._backlog = backlog
         # Unbounded by type, bounded in practice: the pipeline refuses new events past max_pending.
         self._queue: asyncio.Queue[Pending] = asyncio.Queue()
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._timers: dict[int, tuple[asyncio.TimerHandle, Pending]] = {}
         self._failures = 0
         self._open_until = 0.0
         self._log = log.bind(outbound=name)
@@ -77,15 +77,33 @@ class Dispatcher:
     def submit(self, delivery: Pending) -> None:
         self._queue.put_nowait(delivery)
 
+    def replace(self, outbound: Outbound, cfg: OutboundConfigBase) -> None:
+        """Send through ``outbound`` from the next ``run`` on (a reload rebuilt it); the queue stays."""
+        self._outbound = outbound
+        self._cfg = cfg
+
+    def take_all(self) -> list[Pending]:
+        """Every delivery this (stopped) dispatcher holds, queued or waiting for a retry; it holds none after."""
+        taken = [delivery for _, delivery in self._timers.values()]
+        for timer, _ in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        while not self._queue.empty():
+            taken.append(self._queue.get_nowait())
+        return taken
+
     async def run(self) -> None:
-        """Run the workers until cancelled. Cancellation leaves unfinished deliveries in the outbox."""
+        """Run the workers until cancelled. Cancellation leaves unfinished deliveries in the outbox, and
+        queued here: a send cut short and a delivery waiting for its retry are queued again, so that a
+        reload that stops a dispatcher (its outbound changed or went) and runs it again loses none."""
         try:
             async with asyncio.TaskGroup() as tg:
                 for i in range(self._outbound.max_in_flight):
                     tg.create_task(self._worker(), name=f"dispatch:{self.name}:{i}")
         finally:
-            for timer in self._timers.values():
+            for timer, delivery in self._timers.values():
                 timer.cancel()
+                self._queue.put_nowait(delivery)
             self._timers.clear()
 
     async def _worker(self) -> None:
@@ -93,15 +111,18 @@ class Dispatcher:
         timeout_s = self._cfg.send_timeout_s + 1.0  # the outbound bounds itself; this is the safety net
         while True:
             delivery = await self._queue.get()
-            # Waiting for the connection (or an open breaker) does not spend the delivery's attempts.
-            if not self._health.is_ready(component):
-                await self._health.wait_ready(component)
-            wait = self._open_until - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
             try:
+                # Waiting for the connection (or an open breaker) does not spend the delivery's attempts.
+                if not self._health.is_ready(component):
+                    await self._health.wait_ready(component)
+                wait = self._open_until - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 with deadline(timeout_s):
                     await self._outbound.send(delivery.event, delivery.address, delivery.format)
+            except asyncio.CancelledError:
+                self._queue.put_nowait(delivery)  # stopped (see run): the delivery waits for the next run
+                raise
             except TerminalDeliveryError as exc:
                 delivery.attempts += 1  # this send was an attempt too: the dead letter counts what was tried
                 await self._dead(delivery, str(exc))
@@ -144,7 +165,7 @@ class Dispatcher:
 
     def _later(self, delivery: Pending, delay: float) -> None:
         loop = asyncio.get_running_loop()
-        self._timers[delivery.id] = loop.call_later(delay, self._requeue, delivery)
+        self._timers[delivery.id] = (loop.call_later(delay, self._requeue, delivery), delivery)
 
     def _requeue(self, delivery: Pending) -> None:
         self._timers.pop(delivery.id, None)

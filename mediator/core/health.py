@@ -26,6 +26,10 @@ class Health:
     def register(self, component: str) -> None:
         self._states.setdefault(component, ComponentState(False, "starting"))
 
+    def unregister(self, component: str) -> None:
+        """Forget a component a reload removed, so readiness no longer waits for it."""
+        self._states.pop(component, None)
+
     def set(self, component: str, ready: bool, detail: str = "") -> None:
         self._states[component] = ComponentState(ready, detail)
         event = self._events.get(component)
