@@ -36,7 +36,7 @@ class TracingConfig(ConfigModel):
     export_timeout_s: float = Field(default=10.0, gt=0, description="one export request at most")
     schedule_delay_s: float = Field(default=2.0, gt=0, description="spans are sent at least this often")
     max_queue_size: int = Field(
-        default=8192, ge=1, description="spans waiting for export; beyond it new ones are dropped (and counted)"
+        default=8192, ge=1, description="spans waiting for export; beyond it new ones are dropped"
     )
     max_export_batch: int = Field(default=512, ge=1, description="spans in one export request at most")
 
