@@ -31,6 +31,7 @@ from mediator.core.seams import (
     OutboundConfigBase,
 )
 from mediator.core.transform import Transform, TransformConfig
+from mediator.observability.metrics_config import MetricsConfig
 from mediator.observability.tracing_config import TracingConfig
 from mediator.stages import problems as stage_problems
 from mediator.stages.aggregate import AggregateConfig
@@ -171,6 +172,7 @@ class RootConfig(ConfigModel):
     enrich: list[EnrichConfig] = []
     aggregate: list[AggregateConfig] = []
     tracing: TracingConfig = TracingConfig()
+    metrics: MetricsConfig = MetricsConfig()
     listeners: dict[str, dict[str, Any]] = {}
     brokers: dict[str, dict[str, Any]] = {}
     inbound: dict[str, dict[str, Any]] = {}
@@ -418,6 +420,9 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
             problems.append(f"dead_letters.forward.outbound: no outbound named {fwd.outbound!r}")
         fmt = fwd.format or str(getattr(outbound_models.get(fwd.outbound), "format", "binary"))
         dead_forward = DestinationSpec(fwd.outbound, Template.compile(fwd.address), fmt)
+    served_by = root.metrics.listener
+    if served_by is not None and conn_kind.get(served_by) != "http":
+        problems.append(f"metrics.listener: no http listener named {served_by!r}")
     adapters = {
         kind: AdapterConfig(
             listeners=by_section.get("listeners", {}),

@@ -26,8 +26,10 @@ from mediator.core.errors import ConfigError, NotReady
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
-from mediator.core.seams import Built, OutboundConfigBase, Runtime, Service
+from mediator.core.seams import Built, MetricsEndpoint, OutboundConfigBase, Runtime, Service
 from mediator.dispatch import Backlog, Dispatcher
+from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
+from mediator.observability.status import status
 from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox, StorageError
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
@@ -172,6 +174,11 @@ class Daemon:
         self.backlog = Backlog()
         self.outbox = make_outbox(config)
         self.dispatchers: dict[str, Dispatcher] = {}
+        # Observed at the seams (pipeline, dispatchers, outbox transactions) and, at scrape time, from
+        # Health and the dispatchers (StateCollector): mediator/observability/metrics.py.
+        self.metrics = Metrics(process=True)
+        if isinstance(self.outbox, SqliteOutbox):
+            self.outbox.on_transaction = self.metrics.transaction
         self.stages = make_stages(config)
         # Aggregation is the last stage; its store lives beside the outbox (in memory with a memory outbox).
         outbox_cfg = config.outbox
@@ -187,9 +194,19 @@ class Daemon:
             dedup=config.outbox.dedup_window_s > 0,
             stages=self.stages.stages + self.aggregator.stages(),
             authenticate=self.stages.authenticate,
+            metrics=self.metrics,
         )
         self.aggregator.sink = self.pipeline
         self._admin = DeadLetterAdmin(self)
+        self.metrics.register(StateCollector(self))
+        metrics_cfg = config.root.metrics  # read at start: a change of [metrics] takes a restart
+        self.metrics_endpoint = (
+            MetricsEndpoint(
+                self.metrics.render, CONTENT_TYPE, metrics_cfg.path, metrics_cfg.listener, metrics_cfg.public
+            )
+            if metrics_cfg.enabled
+            else None
+        )
         self._specs = load_specs()
         problems, environment = self._adapter_problems(config, self.stages)
         if problems or environment:
@@ -202,7 +219,9 @@ class Daemon:
         self._dispatch_tasks: dict[str, asyncio.Task[None]] = {}
         self._graves: dict[str, asyncio.Task[None]] = {}  # removed outbounds awaiting their grace
         for spec in plan(config, self.stages.credential_headers, self.stages.admin_roles).values():
-            self._add_unit(build_unit(spec, self._specs, self.pipeline, self.health, self._admin))
+            self._add_unit(
+                build_unit(spec, self._specs, self.pipeline, self.health, self._admin, self.metrics_endpoint)
+            )
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._reload = asyncio.Event()
@@ -242,7 +261,14 @@ class Daemon:
             dispatcher = self.dispatchers.get(name)
             if dispatcher is None:
                 self.dispatchers[name] = Dispatcher(
-                    name, outbound, cfg, self.outbox, self.health, self.backlog, self._forward_dead
+                    name,
+                    outbound,
+                    cfg,
+                    self.outbox,
+                    self.health,
+                    self.backlog,
+                    self._forward_dead,
+                    metrics=self.metrics,
                 )
             else:
                 dispatcher.replace(outbound, cfg)
@@ -304,7 +330,9 @@ class Daemon:
         fresh: list[Unit] = []
         try:
             for key in changed + added:
-                unit = build_unit(target[key], self._specs, self.pipeline, self.health, self._admin)
+                unit = build_unit(
+                    target[key], self._specs, self.pipeline, self.health, self._admin, self.metrics_endpoint
+                )
                 self._add_unit(unit)
                 fresh.append(unit)
         except ConfigError as exc:
@@ -489,17 +517,15 @@ class Daemon:
         try:
             added, changed, removed = await self._apply_units(target, swap)
         except _StartFailed as exc:
-            rolled_back = True
+            log.error("config.reload_failed", reason=str(exc), rolled_back=True)
             try:
                 await self._apply_units(previous, restore)
             except _StartFailed as again:
-                rolled_back = False
                 log.critical("config.rollback_failed", reason=str(again))
             if stages is not None:
                 await stages.close()
             self._settle_removed()
-            log.error("config.reload_failed", reason=str(exc), rolled_back=rolled_back)
-            self._report("failed", [str(exc)], rolled_back=rolled_back)
+            self._report("failed", [str(exc)], rolled_back=True)
             return
         if stages is not None:
             old_stages, self.stages = self.stages, stages
@@ -585,6 +611,7 @@ class Daemon:
                             _Absent(p.outbound),
                             OutboundConfigBase(kind="absent"),
                             *(self.outbox, self.health, self.backlog, self._forward_dead),
+                            metrics=self.metrics,
                         )
                     if dispatcher is None:
                         orphans += 1
@@ -696,6 +723,9 @@ class DeadLetterAdmin:
             dispatcher.submit(p)
         log.info("dead_letters.replayed", count=len(rows))
         return len(rows)
+
+    async def status(self) -> dict[str, object]:
+        return await status(self._daemon)
 
 
 def describe(dl: DeadLetter) -> dict[str, object]:

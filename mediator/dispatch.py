@@ -18,6 +18,15 @@ from mediator.core.deadline import deadline
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
 from mediator.core.health import Health
 from mediator.core.seams import Outbound, OutboundConfigBase
+from mediator.observability.metrics import (
+    DEAD_EXHAUSTED,
+    DEAD_TERMINAL,
+    FAILED_ERROR,
+    FAILED_RETRYABLE,
+    FAILED_TERMINAL,
+    FAILED_TIMEOUT,
+    Metrics,
+)
 from mediator.outbox.base import Outbox, Pending, StorageError
 
 log = structlog.get_logger(__name__)
@@ -59,8 +68,11 @@ class Dispatcher:
         health: Health,
         backlog: Backlog,
         on_dead: Callable[[Pending, str], Awaitable[None]] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.name = name
+        self._m = (metrics if metrics is not None else Metrics()).outbound(name)
+        self._sending = 0  # deliveries a worker took from the queue and has not settled yet
         self._on_dead = on_dead
         self._outbound = outbound
         self._cfg = cfg
@@ -76,6 +88,19 @@ class Dispatcher:
 
     def submit(self, delivery: Pending) -> None:
         self._queue.put_nowait(delivery)
+
+    @property
+    def backlog(self) -> int:
+        """Deliveries held: queued, being sent, or waiting for their retry."""
+        return self._queue.qsize() + self._sending + len(self._timers)
+
+    @property
+    def breaker_open(self) -> bool:
+        return self._open_until > time.monotonic()
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures
 
     def replace(self, outbound: Outbound, cfg: OutboundConfigBase) -> None:
         """Send through ``outbound`` from the next ``run`` on (a reload rebuilt it); the queue stays."""
@@ -96,6 +121,7 @@ class Dispatcher:
         """Run the workers until cancelled. Cancellation leaves unfinished deliveries in the outbox, and
         queued here: a send cut short and a delivery waiting for its retry are queued again, so that a
         reload that stops a dispatcher (its outbound changed or went) and runs it again loses none."""
+        self._sending = 0  # a worker cancelled in the middle of settling did not count down
         try:
             async with asyncio.TaskGroup() as tg:
                 for i in range(self._outbound.max_in_flight):
@@ -111,6 +137,7 @@ class Dispatcher:
         timeout_s = self._cfg.send_timeout_s + 1.0  # the outbound bounds itself; this is the safety net
         while True:
             delivery = await self._queue.get()
+            self._sending += 1
             try:
                 # Waiting for the connection (or an open breaker) does not spend the delivery's attempts.
                 if not self._health.is_ready(component):
@@ -121,30 +148,39 @@ class Dispatcher:
                 with deadline(timeout_s):
                     await self._outbound.send(delivery.event, delivery.address, delivery.format)
             except asyncio.CancelledError:
+                self._sending -= 1
                 self._queue.put_nowait(delivery)  # stopped (see run): the delivery waits for the next run
                 raise
             except TerminalDeliveryError as exc:
                 delivery.attempts += 1  # this send was an attempt too: the dead letter counts what was tried
-                await self._dead(delivery, str(exc))
+                self._m.failed[FAILED_TERMINAL].inc()
+                await self._dead(delivery, str(exc), DEAD_TERMINAL)
             except RetryableDeliveryError as exc:
                 await self._retry(delivery, str(exc), exc.retry_after_s)
             except TimeoutError:
-                await self._retry(delivery, f"no confirmation within {timeout_s:.1f} s", None)
+                await self._retry(delivery, f"no confirmation within {timeout_s:.1f} s", None, FAILED_TIMEOUT)
             except Exception as exc:  # an adapter bug must not kill the worker or lose the delivery
                 self._log.exception("delivery.crashed", event_id=delivery.event.id, route=delivery.route)
-                await self._retry(delivery, f"{type(exc).__name__}: {exc}", None)
+                await self._retry(delivery, f"{type(exc).__name__}: {exc}", None, FAILED_ERROR)
             else:
                 self._failures = 0
                 self._outbox.done(delivery)
                 self._backlog.settle()
+                received = delivery.event.provenance.received
+                self._m.delivered(received.seconds + received.nanos * 1e-9)
                 self._log.debug("delivery.done", event_id=delivery.event.id, route=delivery.route)
+            self._sending -= 1
 
-    async def _retry(self, delivery: Pending, reason: str, retry_after_s: float | None) -> None:
+    async def _retry(
+        self, delivery: Pending, reason: str, retry_after_s: float | None, kind: str = FAILED_RETRYABLE
+    ) -> None:
         delivery.attempts += 1
+        self._m.failed[kind].inc()
         policy = self._cfg.retry
         if delivery.attempts >= policy.max_attempts:
-            await self._dead(delivery, f"gave up after {delivery.attempts} attempts: {reason}")
+            await self._dead(delivery, f"gave up after {delivery.attempts} attempts: {reason}", DEAD_EXHAUSTED)
             return
+        self._m.retried[kind].inc()
         self._failures += 1
         cap = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (delivery.attempts - 1))
         delay = random.uniform(cap / 2, cap)
@@ -171,7 +207,7 @@ class Dispatcher:
         self._timers.pop(delivery.id, None)
         self._queue.put_nowait(delivery)
 
-    async def _dead(self, delivery: Pending, reason: str) -> None:
+    async def _dead(self, delivery: Pending, reason: str, kind: str = DEAD_TERMINAL) -> None:
         try:
             await self._outbox.dead_letter(delivery, reason)
         except StorageError as exc:
@@ -180,6 +216,7 @@ class Dispatcher:
             self._later(delivery, self._cfg.retry.backoff_max_s)
             return
         self._backlog.settle()
+        self._m.dead[kind].inc()
         self._log.error(
             "delivery.dead_lettered",
             event_id=delivery.event.id,

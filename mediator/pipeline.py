@@ -14,6 +14,16 @@ from mediator.core.ingress import Batch, Origin, Principal, Stage
 from mediator.core.patterns import TemplateError
 from mediator.core.router import Delivery, DestinationSpec, Router
 from mediator.dispatch import Backlog, Dispatcher
+from mediator.observability.metrics import (
+    DEAD_INGRESS,
+    DEAD_STAGE,
+    DEAD_TRANSFORM,
+    DEAD_UNMATCHED,
+    DEAD_UNROUTABLE,
+    DEFERRED_OVERLOADED,
+    DEFERRED_UNAVAILABLE,
+    Metrics,
+)
 from mediator.outbox.base import Accepted, Outbox, Pending, StorageError
 from mediator.stages.authn import Authenticate
 
@@ -35,8 +45,10 @@ class Pipeline:
         dedup: bool = True,
         stages: Sequence[Stage] = (),
         authenticate: Authenticate | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._dedup = dedup
+        self.metrics = metrics if metrics is not None else Metrics()
         # Swapped whole on a config reload, like the router; a call reads each once.
         self.stages: tuple[Stage, ...] = tuple(stages)
         self.authenticator = authenticate if authenticate is not None else Authenticate({})
@@ -57,17 +69,24 @@ class Pipeline:
             return await self.authenticator.authenticate(origin)
         except Rejected as exc:
             _log_refusal(exc, origin, None)
+            if not origin.inbound.startswith("listener:"):  # an admin request (it names the listener) is no event
+                m = self.metrics.inbound(origin.inbound)
+                m.received.inc()  # refused before its events were read: one
+                m.refused[exc.code.value].inc()
             raise
 
     async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> set[str]:
-        if self.draining:
-            raise NotReady("shutting down", retry_after_s=5.0)
-        if self._backlog.value >= self._max_pending:
-            raise Overloaded(f"outbox holds {self._backlog.value} undelivered events", retry_after_s=2.0)
         if origin is None:
             # No Origin: nothing was presented, so the inbound's policy sees an anonymous caller.
             inbound = events[0].provenance.inbound if events else ""
             origin = Origin(inbound=inbound, protocol=events[0].provenance.protocol if events else "")
+        m = self.metrics.inbound(origin.inbound)
+        if self.draining:
+            m.deferred[DEFERRED_UNAVAILABLE].inc(len(events))
+            raise NotReady("shutting down", retry_after_s=5.0)
+        if self._backlog.value >= self._max_pending:
+            m.deferred[DEFERRED_OVERLOADED].inc(len(events))
+            raise Overloaded(f"outbox holds {self._backlog.value} undelivered events", retry_after_s=2.0)
         batch = Batch(origin, list(events))
         try:
             # The gateway's own events (aggregation composites) were made from events that passed already.
@@ -75,13 +94,21 @@ class Pipeline:
                 await stage.run(batch)
         except Rejected as exc:
             _log_refusal(exc, origin, batch)
+            if len(events) == 1:
+                m.received.inc()
+                m.refused[exc.code.value].inc()
+            else:  # the inbound may settle each event on its own next (the Stage contract): counted then
+                m.refused_batches[exc.code.value].inc()
             raise
+        received = len(events)
         events = batch.events
         router = self.router
         items = []
         data = batch.data.get  # a route's `when` and a destination's transform share each event's parse
+        metrics = self.metrics
         for env in events:
             deliveries, failures = router.route(env, data, _log_predicate)
+            metrics.routed_event(deliveries, failures)
             # CloudEvents: source + id identify an event; a repeat within the window is committed once.
             # An id the gateway made up cannot be repeated by anyone: it is not recorded.
             key = f"{env.source}\x00{env.id}" if self._dedup and not env.provenance.id_minted else None
@@ -89,19 +116,32 @@ class Pipeline:
                 items.append(Accepted(env, deliveries, failures, dedup_key=key))
                 for fail in failures:
                     what = "transform.failed" if fail.reason.startswith("transform failed") else "route.unrenderable"
+                    kind = DEAD_TRANSFORM if what == "transform.failed" else DEAD_UNROUTABLE
+                    metrics.dead_at_ingress(kind, fail.outbound)
                     log.warning(what, event_id=env.id, route=fail.route, outbound=fail.outbound, reason=fail.reason)
             else:
                 items.append(Accepted(env, (), (), dead_reason="no route matched", dedup_key=key))
+                m.unmatched.inc()
+                metrics.dead_at_ingress(DEAD_UNMATCHED)
                 log.warning("route.unmatched", event_id=env.id, type=env.type, inbound=env.provenance.inbound)
         for env, reason in batch.dead_letters:
             log.error("envelope.dead_lettered", event_id=env.id, inbound=env.provenance.inbound, reason=reason)
             items.append(Accepted(env, (), (), dead_reason=reason))
+            metrics.dead_at_ingress(DEAD_STAGE)
         # Once the commit is under way it completes and its deliveries are dispatched (by the outbox's
         # on_commit hook) even if the caller is cancelled; the caller then does not acknowledge, the sender
         # retries, and the deduplication window absorbs the repeat.
         duplicates: list[int] = []  # positions in ``items`` the dedup window skipped
         if items:  # a stage may have taken every event (an aggregation stored them itself)
-            await self._commit(items, duplicates)
+            try:
+                await self._commit(items, duplicates)
+            except NotReady:
+                m.deferred[DEFERRED_UNAVAILABLE].inc(received)
+                raise
+        m.received.inc(received)
+        if duplicates:
+            m.duplicates.inc(len(duplicates))
+        m.accepted.inc(received - len(duplicates))
         if self.dead_letter_destination is not None:
             for item in items:
                 if item.dead_reason is not None:
@@ -113,6 +153,7 @@ class Pipeline:
     async def dead_letter(self, event: Envelope, reason: str) -> None:
         log.error("envelope.dead_lettered", event_id=event.id, inbound=event.provenance.inbound, reason=reason)
         await self._commit([Accepted(event, (), (), dead_reason=reason)])
+        self.metrics.dead_at_ingress(DEAD_INGRESS)
         await self.forward_dead(event, reason)
 
     async def forward_dead(
@@ -146,8 +187,10 @@ class Pipeline:
     async def _commit(self, items: list[Accepted], duplicates: list[int] | None = None) -> None:
         self._in_flight += 1
         self._idle.clear()
+        started = time.perf_counter()
         try:
             await self._outbox.commit(items, duplicates)
+            self.metrics.commit_took(time.perf_counter() - started)
         except StorageError as exc:
             raise NotReady(str(exc), retry_after_s=5.0) from exc
         finally:

@@ -28,7 +28,7 @@ from pathlib import Path
 from mediator.config import Config
 from mediator.core.errors import ConfigError
 from mediator.core.health import Health
-from mediator.core.seams import AdapterConfig, AdapterSpec, Admin, Outbound, Runtime, Service, Sink
+from mediator.core.seams import AdapterConfig, AdapterSpec, Admin, MetricsEndpoint, Outbound, Runtime, Service, Sink
 
 SETTLE_INTERVAL_S = 0.5
 """A config file is loaded only once two looks this far apart see the same mtime, size and content."""
@@ -101,7 +101,12 @@ class Unit:
 
 
 def build_unit(
-    spec: UnitSpec, specs: Mapping[str, AdapterSpec], sink: Sink, health: Health, admin: Admin | None
+    spec: UnitSpec,
+    specs: Mapping[str, AdapterSpec],
+    sink: Sink,
+    health: Health,
+    admin: Admin | None,
+    metrics: MetricsEndpoint | None = None,
 ) -> Unit:
     """Build ``spec`` (no I/O: the services connect or bind when run). Raises ConfigError like the
     adapter's ``build`` (which a dry build of the whole config has already run, so it should not)."""
@@ -112,6 +117,7 @@ def build_unit(
         credential_headers=spec.credential_headers,
         reload_hooks=[],
         admin_roles=spec.admin_roles,
+        metrics=metrics,
     )
     built = specs[spec.kind].build(spec.section, rt)
     return Unit(spec, built.services, built.outbounds, rt.reload_hooks)

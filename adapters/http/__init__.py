@@ -76,6 +76,7 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
             sink=rt.sink,
             admin_roles=rt.admin_roles,
             credential_headers=rt.credential_headers,
+            metrics=rt.metrics if rt.metrics is not None and rt.metrics.listener in (None, name) else None,
         )
         rt.health.register(listener.name)
         if lcfg.tls is not None:

@@ -32,7 +32,7 @@ from adapters.http.inbound import (
 )
 from mediator.core.errors import RejectCode, Rejected
 from mediator.core.health import Health
-from mediator.core.seams import Admin, Sink, TlsConfig
+from mediator.core.seams import Admin, MetricsEndpoint, Sink, TlsConfig
 
 # Bounded grace for in-flight requests when the listener stops (the daemon's drain happens before).
 SHUTDOWN_GRACE_S = 5.0
@@ -329,9 +329,11 @@ class HttpListener:
         sink: Sink | None = None,
         admin_roles: Collection[str] = frozenset({"admin"}),
         credential_headers: Collection[str] = DEFAULT_CREDENTIAL_HEADERS,
+        metrics: MetricsEndpoint | None = None,
     ) -> None:
         self.name = f"listener:{name}"
         self.cfg = cfg
+        self.metrics = metrics
         self.inbounds = inbounds
         self.health = health
         self.admin = admin if cfg.admin else None
@@ -363,9 +365,12 @@ class HttpListener:
         app = web.Application(client_max_size=self.cfg.max_body_bytes)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        if self.metrics is not None:
+            app.router.add_get(self.metrics.path, self._metrics)
         if self.admin is not None:
             app.router.add_get("/admin/dead-letters", self._dead_letters)
             app.router.add_post("/admin/dead-letters/replay", self._replay)
+            app.router.add_get("/admin/status", self._status)
         for inbound in self.inbounds:
             # Only POST is routed, so aiohttp answers any other method on the path with 405 and Allow.
             app.router.add_post(inbound.path, self._inbound_handler(inbound), name=f"inbound:{inbound.name}")
@@ -572,6 +577,23 @@ class HttpListener:
             return None
         self._log.info("admin.refused", code=RejectCode.FORBIDDEN.value, principal=principal.id, peer=origin.peer)
         return error_response(403, "forbidden", "admin needs one of the roles " + ", ".join(sorted(self._admin_roles)))
+
+    async def _metrics(self, request: web.BaseRequest) -> web.Response:
+        """The Prometheus exposition; on a listener with ``auth``, for admins only unless ``public``."""
+        metrics = self.metrics
+        assert metrics is not None
+        if self.cfg.auth and not metrics.public:
+            refusal = await self._admin_refusal(request)
+            if refusal is not None:
+                return refusal
+        return web.Response(body=metrics.render(), headers={hdrs.CONTENT_TYPE: metrics.content_type})
+
+    async def _status(self, request: web.BaseRequest) -> web.Response:
+        refusal = await self._admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        assert self.admin is not None
+        return web.json_response(await self.admin.status())
 
     async def _dead_letters(self, request: web.BaseRequest) -> web.Response:
         refusal = await self._admin_refusal(request)

@@ -21,6 +21,7 @@ class Health:
     def __init__(self) -> None:
         self._states: dict[str, ComponentState] = {}
         self._events: dict[str, asyncio.Event] = {}
+        self._connects: dict[str, int] = {}  # times each component became ready (its reconnects, for metrics)
         self.draining = False
 
     def register(self, component: str) -> None:
@@ -31,6 +32,10 @@ class Health:
         self._states.pop(component, None)
 
     def set(self, component: str, ready: bool, detail: str = "") -> None:
+        if ready:
+            previous = self._states.get(component)
+            if previous is None or not previous.ready:
+                self._connects[component] = self._connects.get(component, 0) + 1
         self._states[component] = ComponentState(ready, detail)
         event = self._events.get(component)
         if event is not None:
@@ -49,6 +54,10 @@ class Health:
             return
         event = self._events.setdefault(component, asyncio.Event())
         await event.wait()
+
+    def connects(self, component: str) -> int:
+        """How many times ``component`` became ready (so it reconnected that many times less one)."""
+        return self._connects.get(component, 0)
 
     @property
     def ready(self) -> bool:

@@ -90,6 +90,24 @@ class Admin(Protocol):
         """Queue dead letters (all when ``ids`` is None) for delivery again; returns how many."""
         ...
 
+    async def status(self) -> dict[str, object]:
+        """The daemon's state as JSON-ready dicts: listeners, brokers, inbounds, outbounds (state, counters,
+        backlog, breaker), the outbox (size, oldest pending delivery) and the config's version."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsEndpoint:
+    """How HTTP listeners serve the Prometheus metrics (``[metrics]``): ``render`` gives the exposition
+    (``content_type``) at ``path``, on ``listener`` only or on every HTTP listener when None; ``public``
+    serves them without the admin credential on a listener with ``auth``."""
+
+    render: Callable[[], bytes]
+    content_type: str
+    path: str = "/metrics"
+    listener: str | None = None
+    public: bool = False
+
 
 def _template(value: object) -> Template:
     if isinstance(value, Template):
@@ -219,6 +237,7 @@ class Runtime:
     ``Origin.credentials``. ``reload_hooks``: callables an adapter adds (re-read its TLS certificates, say)
     that the daemon calls on SIGHUP; each must be quick or schedule its own work, and must not raise.
     ``admin_roles``: a principal with one of these may use admin endpoints when authentication is on.
+    ``metrics``: what HTTP listeners serve at ``/metrics`` (None: nothing).
     """
 
     sink: Sink
@@ -227,6 +246,7 @@ class Runtime:
     credential_headers: frozenset[str] = frozenset({"authorization"})
     reload_hooks: list[Callable[[], None]] = field(default_factory=list)
     admin_roles: frozenset[str] = frozenset({"admin"})
+    metrics: MetricsEndpoint | None = None
 
 
 @dataclass(slots=True)

@@ -51,6 +51,19 @@ class Accepted:
     dedup_key: str | None = None  # set: skip the event if this key was committed within the dedup window
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """What the outbox holds: pending deliveries (the oldest one's id, route, outbound, and when its event
+    was received, Unix time) and dead letters."""
+
+    pending: int
+    dead_letters: int
+    oldest_id: int | None = None
+    oldest_route: str = ""
+    oldest_outbound: str = ""
+    oldest_received: float | None = None
+
+
 OnCommit = Callable[[list[Pending]], None]
 
 
@@ -90,6 +103,10 @@ class Outbox(Protocol):
 
     async def replay(self, ids: Sequence[int] | None = None) -> list[Pending]:
         """Turn dead letters (all when ``ids`` is None) back into pending deliveries; returns them."""
+        ...
+
+    async def stats(self) -> OutboxStats:
+        """Counts for an operator (``/admin/status``); never blocks the loop. Raises StorageError."""
         ...
 
     async def close(self) -> None:

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from mediator.core.envelope import Envelope
-from mediator.outbox.base import Accepted, DeadLetter, OnCommit, Pending
+from mediator.outbox.base import Accepted, DeadLetter, OnCommit, OutboxStats, Pending
 
 
 class MemoryOutbox:
@@ -85,6 +85,15 @@ class MemoryOutbox:
             self._pending[p.id] = p
             out.append(p)
         return out
+
+    async def stats(self) -> OutboxStats:
+        dead = len(self._dead)
+        oldest = next(iter(self._pending.values()), None)  # ids rise: the first inserted is the oldest
+        if oldest is None:
+            return OutboxStats(0, dead)
+        ts = oldest.event.provenance.received
+        received = ts.seconds + ts.nanos * 1e-9 if ts.seconds else None
+        return OutboxStats(len(self._pending), dead, oldest.id, oldest.route, oldest.outbound, received)
 
     async def close(self) -> None:
         pass
