@@ -517,15 +517,17 @@ class Daemon:
         try:
             added, changed, removed = await self._apply_units(target, swap)
         except _StartFailed as exc:
-            log.error("config.reload_failed", reason=str(exc), rolled_back=True)
+            rolled_back = True
             try:
                 await self._apply_units(previous, restore)
             except _StartFailed as again:
+                rolled_back = False
                 log.critical("config.rollback_failed", reason=str(again))
             if stages is not None:
                 await stages.close()
             self._settle_removed()
-            self._report("failed", [str(exc)], rolled_back=True)
+            log.error("config.reload_failed", reason=str(exc), rolled_back=rolled_back)
+            self._report("failed", [str(exc)], rolled_back=rolled_back)
             return
         if stages is not None:
             old_stages, self.stages = self.stages, stages

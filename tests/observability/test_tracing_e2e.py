@@ -227,7 +227,7 @@ async def test_http_to_amqp_and_mqtt5_one_trace_parented_on_the_send_spans(
     assert send_amqp.parent_span_id == server.span_id
     assert got.headers["cloudEvents_traceparent"] == caller  # unchanged across the hop
     assert got.headers["tracestate"] == "vendor=x"
-    assert [link.span_id.hex() for link in send_amqp.links] == [client_span]  # linked to the creation context
+    assert not send_amqp.links  # the creation context is an ancestor in this trace: no link needed
     assert attrs(send_amqp)["messaging.destination.name"] == "orders.created"
     assert attrs(send_amqp)["messaging.system"] == "rabbitmq"
 
