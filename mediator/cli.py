@@ -180,6 +180,39 @@ async def _admin_failed(resp: object) -> int:
     return 1
 
 
+async def _status(config: Config, as_json: bool | None) -> int:
+    import aiohttp
+
+    from mediator.observability.status import render
+
+    target = _admin_url(config)
+    if target is None:
+        print("mediator: the config has no HTTP listener serving the admin endpoints", file=sys.stderr)
+        return 1
+    url, headers = target
+    url = url.removesuffix("/dead-letters") + "/status"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+            http.get(url, headers=headers) as resp,
+        ):
+            if resp.status != 200:
+                return await _admin_failed(resp)
+            doc = await resp.json()
+    except aiohttp.ClientConnectionError as exc:
+        print(f"mediator: no running daemon answers at {url}: {exc}", file=sys.stderr)
+        return 1
+    if as_json is None:
+        as_json = not sys.stdout.isatty()
+    print(json.dumps(doc, indent=2) if as_json else render(doc))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    configure("warning", "console")
+    return asyncio.run(_status(config, args.json))
+
+
 def cmd_dead_letters(args: argparse.Namespace, config: Config) -> int:
     configure("warning", "console")
     ids: list[int] | None = args.id or None
@@ -334,6 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape.add_argument("--json", action="store_true", default=None, help="list as JSON (the default into a pipe)")
     shape.add_argument("--table", dest="json", action="store_false", help="list as a table (the default on a terminal)")
     dlq.set_defaults(func=cmd_dead_letters)
+    st = sub.add_parser("status", help="the running daemon's listeners, brokers, inbounds, outbounds, outbox, config")
+    st.add_argument("--config", "-c", default=_default_config(), help=f"path to config.toml (or ${CONFIG_ENV})")
+    shape = st.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", default=None, help="as JSON (the default into a pipe)")
+    shape.add_argument("--table", dest="json", action="store_false", help="as tables (the default on a terminal)")
+    st.set_defaults(func=cmd_status)
     pub = sub.add_parser("publish", help="publish one event through the running daemon's gRPC API")
     pub.add_argument("data", nargs="?", help="the event data: text, @FILE for a file's bytes, - for stdin")
     pub.add_argument("--type", required=True, help="event type, e.g. com.example.order.created")

@@ -16,12 +16,9 @@ from mediator.core.router import Delivery, DestinationSpec, Router
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.observability.metrics import (
     DEAD_INGRESS,
-    DEAD_STAGE,
-    DEAD_TRANSFORM,
-    DEAD_UNMATCHED,
-    DEAD_UNROUTABLE,
     DEFERRED_OVERLOADED,
     DEFERRED_UNAVAILABLE,
+    UNMATCHED_REASON,
     Metrics,
 )
 from mediator.outbox.base import Accepted, Outbox, Pending, StorageError
@@ -105,10 +102,8 @@ class Pipeline:
         router = self.router
         items = []
         data = batch.data.get  # a route's `when` and a destination's transform share each event's parse
-        metrics = self.metrics
         for env in events:
             deliveries, failures = router.route(env, data, _log_predicate)
-            metrics.routed_event(deliveries, failures)
             # CloudEvents: source + id identify an event; a repeat within the window is committed once.
             # An id the gateway made up cannot be repeated by anyone: it is not recorded.
             key = f"{env.source}\x00{env.id}" if self._dedup and not env.provenance.id_minted else None
@@ -116,18 +111,13 @@ class Pipeline:
                 items.append(Accepted(env, deliveries, failures, dedup_key=key))
                 for fail in failures:
                     what = "transform.failed" if fail.reason.startswith("transform failed") else "route.unrenderable"
-                    kind = DEAD_TRANSFORM if what == "transform.failed" else DEAD_UNROUTABLE
-                    metrics.dead_at_ingress(kind, fail.outbound)
                     log.warning(what, event_id=env.id, route=fail.route, outbound=fail.outbound, reason=fail.reason)
             else:
-                items.append(Accepted(env, (), (), dead_reason="no route matched", dedup_key=key))
-                m.unmatched.inc()
-                metrics.dead_at_ingress(DEAD_UNMATCHED)
+                items.append(Accepted(env, (), (), dead_reason=UNMATCHED_REASON, dedup_key=key))
                 log.warning("route.unmatched", event_id=env.id, type=env.type, inbound=env.provenance.inbound)
         for env, reason in batch.dead_letters:
             log.error("envelope.dead_lettered", event_id=env.id, inbound=env.provenance.inbound, reason=reason)
             items.append(Accepted(env, (), (), dead_reason=reason))
-            metrics.dead_at_ingress(DEAD_STAGE)
         # Once the commit is under way it completes and its deliveries are dispatched (by the outbox's
         # on_commit hook) even if the caller is cancelled; the caller then does not acknowledge, the sender
         # retries, and the deduplication window absorbs the repeat.
@@ -142,6 +132,7 @@ class Pipeline:
         if duplicates:
             m.duplicates.inc(len(duplicates))
         m.accepted.inc(received - len(duplicates))
+        self.metrics.committed(items, duplicates, m)
         if self.dead_letter_destination is not None:
             for item in items:
                 if item.dead_reason is not None:

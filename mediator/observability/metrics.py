@@ -48,6 +48,7 @@ from mediator import __version__
 from mediator.config import Config
 from mediator.core.health import Health
 from mediator.core.router import Delivery, Unroutable
+from mediator.outbox.base import Accepted
 
 __all__ = [
     "CONTENT_TYPE",
@@ -77,6 +78,7 @@ DEAD_UNROUTABLE = "unroutable"  # a destination's address could not be rendered 
 DEAD_TRANSFORM = "transform_failed"  # a destination's egress transform or conversion failed
 DEAD_STAGE = "stage"  # a stage took the event out (schema on_invalid = dead_letter, enrichment, aggregation)
 DEAD_INGRESS = "ingress"  # a broker inbound's message refused or undecodable (Sink.dead_letter)
+UNMATCHED_REASON = "no route matched"  # the pipeline's dead_reason for an event no route matched
 REASONS_FAILED = (FAILED_RETRYABLE, FAILED_TIMEOUT, FAILED_TERMINAL, FAILED_ERROR)
 REASONS_DEAD = (
     DEAD_TERMINAL,
@@ -275,7 +277,7 @@ class Metrics:
         self._inbounds: dict[str, InboundMetrics] = {}
         self._outbounds: dict[str, OutboundMetrics] = {}
         self._routes = _Children(self.routed)
-        self._ingress_dead = {r: self.dead_lettered.labels("", r) for r in REASONS_DEAD}
+        self._ingress_dead = {r: self.dead_lettered.labels("", r) for r in (DEAD_UNMATCHED, DEAD_STAGE, DEAD_INGRESS)}
         self._observe_commit = self.commit.observe
 
     # ---------------------------------------------------------------- children, bound once
@@ -292,6 +294,25 @@ class Metrics:
         return m
 
     # ---------------------------------------------------------------- observations
+    def committed(self, items: Sequence[Accepted], duplicates: Sequence[int], inbound: InboundMetrics) -> None:
+        """One ``Sink.accept`` committed ``items``: count routes, unmatched events and the dead letters made
+        at ingress, leaving out the duplicates (routed, then skipped by the commit)."""
+        skip = set(duplicates) if duplicates else ()
+        for i, item in enumerate(items):
+            if i in skip:
+                continue
+            reason = item.dead_reason
+            if reason is None:
+                self.routed_event(item.deliveries, item.failures)
+                for fail in item.failures:
+                    kind = DEAD_TRANSFORM if fail.reason.startswith("transform failed") else DEAD_UNROUTABLE
+                    self.dead_lettered.labels(fail.outbound, kind).inc()  # rare: not cached
+            elif reason == UNMATCHED_REASON:
+                inbound.unmatched.inc()
+                self._ingress_dead[DEAD_UNMATCHED].inc()
+            else:
+                self._ingress_dead[DEAD_STAGE].inc()
+
     def routed_event(self, deliveries: Sequence[Delivery], failures: Sequence[Unroutable]) -> None:
         """One event routed: each route that gave it a delivery or a failure counts once (the router lists
         a route's destinations together)."""
@@ -306,11 +327,8 @@ class Metrics:
                 last = f.route
                 routes[last].inc()
 
-    def dead_at_ingress(self, reason: str, outbound: str = "", n: int = 1) -> None:
-        if outbound:
-            self.dead_lettered.labels(outbound, reason).inc(n)  # a route's failure: rare, not cached
-        else:
-            self._ingress_dead[reason].inc(n)
+    def dead_at_ingress(self, reason: str) -> None:
+        self._ingress_dead[reason].inc()
 
     def commit_took(self, seconds: float) -> None:
         self._observe_commit(seconds)
