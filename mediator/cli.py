@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import structlog
+
 from mediator import __version__
 from mediator.config import Config, load
 from mediator.core.errors import ConfigError
@@ -49,10 +51,22 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     configure(config.daemon.log_level, config.daemon.log_format)
+    from mediator import supervisor
+
+    slot: supervisor.Slot | None = getattr(args, "slot", None)
+    if slot is None and supervisor.worker_count(config) > 1:
+        # `workers = N`: this process only supervises; each worker is `run --worker K` (mediator/supervisor.py).
+        return supervisor.run_supervisor(config, supervisor.worker_count(config))
     from mediator.daemon import Daemon  # imports the adapters' libraries; not needed by `check`
 
     async def main() -> None:
-        await Daemon(config).run()
+        if slot is None:
+            await Daemon(config).run()
+        else:
+            from mediator.worker import WorkerDaemon
+
+            structlog.contextvars.bind_contextvars(worker=slot.index)
+            await WorkerDaemon(config, slot).run()
 
     _install_uvloop()
     _freeze_startup_heap()
@@ -357,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", default=_default_config(), help=f"path to config.toml (or ${CONFIG_ENV})")
+        if name == "run":
+            p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # started by the supervisor
         p.set_defaults(func=func)
     dlq = sub.add_parser("dead-letters", help="list or replay dead letters (running daemon, else the outbox file)")
     dlq.add_argument("action", choices=["list", "replay"])
@@ -409,6 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("publish", "tail") and args.target is not None:
             return int(args.func(args, None))  # told where: no config needed
+        if args.command == "run" and args.worker is not None:
+            from mediator.supervisor import enter_worker
+
+            args.slot = enter_worker(args.worker)  # before the load: the worker sees the config through its view
         code: int = args.func(args, _load(args.config))
     except ConfigError as exc:
         _print_config_error(exc)

@@ -9,10 +9,10 @@ import json
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -66,6 +66,11 @@ class DaemonConfig(ConfigModel):
     )
     removed_outbound_grace_s: float = Field(
         default=60.0, ge=0, description="with removed_outbound = 'dead_letter': how long a removed outbound may return"
+    )
+    workers: Annotated[int, Field(ge=1, le=999)] | Literal["auto"] = Field(
+        default=1,
+        description="worker processes sharing the load, each with its own outbox file (README \"Scaling out\"); "
+        "\"auto\": one per core. A change needs a restart",
     )
 
 
@@ -334,8 +339,16 @@ def loads(text: str, specs: Mapping[str, AdapterSpec], file: str = "<config>") -
     return dataclasses.replace(config, sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
+raw_view: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+"""Set once by a worker of ``workers = N`` (``mediator.supervisor.enter_worker``): every config that process
+parses, reloads included, is seen through it (the worker's own outbox file, shared ports, shared
+subscriptions), so a reload compares like with like."""
+
+
 def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = "<config>") -> Config:
     problems: list[str] = []
+    if raw_view is not None:
+        raw = raw_view(raw)
     try:
         root = RootConfig.model_validate(raw)
     except ValidationError as exc:

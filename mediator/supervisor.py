@@ -1,0 +1,377 @@
+"""``[daemon] workers = N``: one supervisor process and N worker processes that share the load.
+
+The supervisor (``mediator run`` when ``workers`` is more than 1) builds nothing itself: it starts
+``python -m mediator run --config FILE --worker K`` for K = 1..N, each a whole daemon that sees the config
+through ``worker_view``:
+
+- its own outbox file: worker 1 keeps ``[outbox] path`` (so turning workers on resumes the outbox a single
+  daemon left), worker K > 1 uses ``path + ".wK"``. A worker that dies is started again with the same K,
+  so it resumes the same file and nothing accepted is stranded;
+- the HTTP listeners with ``reuse_port`` (SO_REUSEPORT: the kernel spreads connections over the workers);
+  gRPC servers bind with SO_REUSEPORT already (grpc-core's ``grpc.so_reuseport`` defaults to 1 on Linux);
+- each MQTT broker's ``client_id`` with ``-wK`` appended (a client id is one session: two workers with the
+  same one would take each other's connection), and each MQTT inbound's topic filters as shared
+  subscriptions ``$share/<client_id>-<inbound>/<filter>``, so the broker hands each message to one worker.
+  The PUBLISH still carries the real topic, which routes and provenance see;
+- AMQP inbounds unchanged: N consumers on one queue are competing consumers by nature.
+
+Readiness: each worker speaks systemd's notification protocol (``mediator.systemd``) to a socket of the
+supervisor's own, so the supervisor knows when a worker has bound its listeners, and says READY=1 to the
+service manager once every worker has. Signals: SIGTERM/SIGINT are forwarded to every worker (each drains;
+a second signal forces, as for one daemon), SIGHUP and SIGUSR1 (reload) too; the supervisor exits 0 when
+every worker exited 0. A worker that exits on its own is started again after a backoff.
+
+The whole daemon answers on the shared ports: each worker also serves its own admin state on a Unix socket
+in the supervisor's run directory (``PeerServer``), and the worker that takes an admin or metrics request
+asks its siblings there and merges (``FleetAdmin``): dead letters of every outbox (ids made unique across
+workers, ``local_id * 1000 + K``), /admin/status summed with each worker's own under ``workers``, and one
+Prometheus exposition with a ``worker`` label on every sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mediator.config import Config
+from mediator.core.errors import ConfigError
+from mediator.systemd import Notifier
+
+log = structlog.get_logger(__name__)
+
+WORKERS_ENV = "MEDIATOR_WORKERS"
+RUN_DIR_ENV = "MEDIATOR_RUN_DIR"
+RESTART_INITIAL_S = 0.5
+RESTART_MAX_S = 30.0
+STABLE_S = 10.0
+"""A worker that ran this long before it exited is restarted after the initial backoff again."""
+STOP_GRACE_S = 10.0
+"""After the drain budget, how long the supervisor waits for a worker before it kills it."""
+
+
+def worker_count(config: Config) -> int:
+    workers = config.daemon.workers
+    return (os.cpu_count() or 1) if workers == "auto" else workers
+
+
+def problems(config: Config, workers: int) -> list[str]:
+    """What a config cannot do with ``workers`` processes."""
+    out: list[str] = []
+    if workers <= 1:
+        return out
+    for name, body in config.root.listeners.items():
+        if body.get("port") == 0:
+            out.append(f"listeners.{name}.port: 0 would be a different port in each of the {workers} workers")
+    if config.root.aggregate:
+        out.append(
+            f"aggregate: with workers = {workers} the events of one group would be split over workers that "
+            "each aggregate apart; run one worker"
+        )
+    return out
+
+
+def outbox_path(path: str, k: int) -> str:
+    return path if k == 1 else f"{path}.w{k}"
+
+
+def worker_view(raw: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """The config ``raw`` (a parsed TOML document) as worker ``k`` runs it (see the module docstring)."""
+    out = copy.deepcopy(dict(raw))
+    outbox = out.setdefault("outbox", {})
+    if isinstance(outbox, dict):
+        outbox["path"] = outbox_path(str(outbox.get("path", "var/outbox.sqlite")), k)
+    for body in _sections(out, "listeners"):
+        if body.get("kind") == "http":
+            body["reuse_port"] = True
+    client_ids: dict[str, str] = {}
+    for name, body in _named(out, "brokers"):
+        if body.get("kind") == "mqtt":
+            client_ids[name] = str(body.get("client_id", "mediator"))
+            body["client_id"] = f"{client_ids[name]}-w{k}"
+    for name, body in _named(out, "inbound"):
+        if body.get("kind") != "mqtt" or not isinstance(body.get("topics"), list):
+            continue
+        group = f"{client_ids.get(str(body.get('broker')), 'mediator')}-{name}".replace("/", "_")
+        group = group.replace("+", "_").replace("#", "_")
+        body["topics"] = [
+            t if not isinstance(t, str) or t.startswith("$share/") else f"$share/{group}/{t}" for t in body["topics"]
+        ]
+    return out
+
+
+def _named(raw: dict[str, Any], section: str) -> list[tuple[str, dict[str, Any]]]:
+    value = raw.get(section)
+    if not isinstance(value, dict):
+        return []
+    return [(n, b) for n, b in value.items() if isinstance(b, dict)]
+
+
+def _sections(raw: dict[str, Any], section: str) -> list[dict[str, Any]]:
+    return [b for _, b in _named(raw, section)]
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """Who this worker is: its index (1..count) and where its siblings' sockets are."""
+
+    index: int
+    count: int
+    run_dir: Path
+
+    def socket(self, k: int) -> Path:
+        return self.run_dir / f"w{k}.sock"
+
+
+def enter_worker(index: int) -> Slot:
+    """Called by ``mediator run --worker K`` before it loads the config: every load goes through the view."""
+    import mediator.config
+
+    count = int(os.environ.get(WORKERS_ENV, "0"))
+    run_dir = os.environ.get(RUN_DIR_ENV, "")
+    if not run_dir or not 1 <= index <= count:
+        raise SystemExit("mediator run --worker is started by the supervisor (`workers = N` in [daemon])")
+    mediator.config.raw_view = lambda raw: worker_view(raw, index)
+    return Slot(index, count, Path(run_dir))
+
+
+# ---------------------------------------------------------------------------------------- the supervisor
+
+
+class _Worker:
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = False
+        self.started_at = 0.0
+        self.restarts = 0
+        self.code: int | None = None  # its last exit status (negative: killed by that signal)
+
+
+class Supervisor:
+    """Runs ``count`` workers of the config file ``config.file`` until SIGTERM or SIGINT; see the module."""
+
+    def __init__(self, config: Config, count: int) -> None:
+        self.config = config
+        self.count = count
+        self.workers = {k: _Worker(k) for k in range(1, count + 1)}
+        self.notifier = Notifier()
+        self._stopping = False
+        self._stop = asyncio.Event()
+        self._ready_sent = False
+        self._run_dir = Path(tempfile.mkdtemp(prefix="mediator-"))
+        self._sockets: dict[int, socket.socket] = {}
+        self._signals = 0
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        for sig in (signal.SIGHUP, signal.SIGUSR1):
+            loop.add_signal_handler(sig, self._forward, sig)
+        try:
+            for k in self.workers:
+                self._sockets[k] = self._notify_socket(loop, k)
+            self._write_pid()
+            log.info("supervisor.started", workers=self.count, pid=os.getpid(), config=self.config.file)
+            async with asyncio.TaskGroup() as tg:
+                keepers = [tg.create_task(self._keep(w), name=f"worker:{w.k}") for w in self.workers.values()]
+                if self.notifier.watchdog_s is not None:
+                    watchdog = tg.create_task(self._watchdog(self.notifier.watchdog_s), name="systemd:watchdog")
+                else:
+                    watchdog = None
+                await asyncio.wait(keepers)
+                if watchdog is not None:
+                    watchdog.cancel()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+                loop.remove_signal_handler(sig)
+            for sock in self._sockets.values():
+                loop.remove_reader(sock.fileno())
+                sock.close()
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._remove_pid()
+            self.notifier.close()
+        codes = {w.k: w.code for w in self.workers.values()}
+        ok = all(code == 0 for code in codes.values())
+        log.info("supervisor.stopped", exit_codes=codes)
+        return 0 if ok else 1
+
+    def _pid_file(self) -> Path:
+        from mediator.daemon import PID_FILE, state_dir
+
+        return state_dir(self.config) / PID_FILE
+
+    def _write_pid(self) -> None:
+        """The daemon's pid file names the supervisor: ``mediator reload`` signals it, and it forwards."""
+        path = self._pid_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            log.warning("daemon.pid_file_unwritable", path=str(path), error=str(exc))
+
+    def _remove_pid(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            path = self._pid_file()
+            if int(path.read_text().strip()) == os.getpid():
+                path.unlink()
+
+    # ------------------------------------------------------------------ workers
+
+    def _command(self, k: int) -> list[str]:
+        return [sys.executable, "-m", "mediator", "run", "--config", self.config.file, "--worker", str(k)]
+
+    def _env(self, k: int) -> dict[str, str]:
+        env = {k2: v for k2, v in os.environ.items() if k2 not in ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS")}
+        env[WORKERS_ENV] = str(self.count)
+        env[RUN_DIR_ENV] = str(self._run_dir)
+        env["NOTIFY_SOCKET"] = str(self._notify_path(k))
+        return env
+
+    async def _spawn(self, w: _Worker) -> asyncio.subprocess.Process:
+        w.ready = False
+        with contextlib.suppress(FileNotFoundError):
+            (self._run_dir / f"w{w.k}.sock").unlink()  # a killed worker's socket: its successor binds anew
+        proc = await asyncio.create_subprocess_exec(
+            *self._command(w.k),
+            env=self._env(w.k),
+            # Its own session: a terminal's Ctrl-C reaches the supervisor only, which forwards it once (a
+            # worker seeing it twice would skip its drain). The parent-death signal stops an orphan.
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        w.proc = proc
+        w.started_at = time.monotonic()
+        log.info("worker.started", worker=w.k, pid=proc.pid, restarts=w.restarts)
+        return proc
+
+    async def _keep(self, w: _Worker) -> None:
+        """Run worker ``w`` and start it again whenever it exits, until the supervisor stops."""
+        delay = RESTART_INITIAL_S
+        while True:
+            proc = await self._spawn(w)
+            if self._stopping:  # a stop came while it was being started
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+            w.code = await self._wait(proc)
+            w.ready = False
+            if self._stopping:
+                log.info("worker.stopped", worker=w.k, pid=proc.pid, code=w.code)
+                return
+            ran_s = time.monotonic() - w.started_at
+            delay = RESTART_INITIAL_S if ran_s >= STABLE_S else delay
+            log.error("worker.exited", worker=w.k, pid=proc.pid, code=w.code, ran_s=round(ran_s, 2), restart_in_s=delay)
+            self._status()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+            if self._stopping:
+                return
+            delay = min(delay * 2, RESTART_MAX_S)
+            w.restarts += 1
+
+    async def _wait(self, proc: asyncio.subprocess.Process) -> int:
+        """The worker's exit status; once stopping, bounded by the drain budget plus a grace, then SIGKILL."""
+        wait = asyncio.ensure_future(proc.wait())
+        while True:
+            if self._stopping:
+                budget = self.config.daemon.drain_timeout_s + STOP_GRACE_S
+                done, _ = await asyncio.wait({wait}, timeout=budget)
+                if not done:
+                    log.error("worker.kill", pid=proc.pid, after_s=budget)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                return await wait
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({wait, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if wait.done():
+                return wait.result()
+
+    def _on_stop_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("supervisor.draining", signal=signal.Signals(sig).name, workers=self.count)
+            self.notifier.notify("STOPPING=1", f"STATUS=draining {self.count} workers")
+        else:
+            log.warning("supervisor.forced_stop")
+        self._stopping = True
+        self._stop.set()
+        self._forward(signal.SIGTERM)
+
+    def _forward(self, sig: int) -> None:
+        for w in self.workers.values():
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(sig)
+
+    # ------------------------------------------------------------------ readiness
+
+    def _notify_path(self, k: int) -> Path:
+        return self._run_dir / f"notify-w{k}"
+
+    def _notify_socket(self, loop: asyncio.AbstractEventLoop, k: int) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.bind(str(self._notify_path(k)))
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._on_notify, k, sock)
+        return sock
+
+    def _on_notify(self, k: int, sock: socket.socket) -> None:
+        while True:
+            try:
+                data = sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            states = dict(line.split("=", 1) for line in data.decode("utf-8", "replace").splitlines() if "=" in line)
+            w = self.workers[k]
+            if states.get("READY") == "1" and not self._stopping:
+                w.ready = True
+                log.info("worker.ready", worker=k, pid=states.get("MAINPID"))
+                self._status()
+
+    def _status(self) -> None:
+        ready = sum(w.ready for w in self.workers.values())
+        if ready == self.count and not self._ready_sent:
+            self._ready_sent = True
+            self.notifier.notify("READY=1", f"STATUS={ready} of {self.count} workers ready", f"MAINPID={os.getpid()}")
+            log.info("supervisor.ready", workers=self.count)
+        elif self._ready_sent:
+            self.notifier.notify(f"STATUS={ready} of {self.count} workers ready")
+
+    async def _watchdog(self, interval_s: float) -> None:
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval_s)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the supervisor dies (Linux prctl PR_SET_PDEATHSIG), so a
+    supervisor killed with SIGKILL does not leave its workers running; they drain as on a stop."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+def run_supervisor(config: Config, count: int) -> int:
+    found = problems(config, count)
+    if found:
+        raise ConfigError(config.file, found)
+    return asyncio.run(Supervisor(config, count).run())
