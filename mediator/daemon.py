@@ -30,6 +30,7 @@ from mediator.core.seams import Built, MetricsEndpoint, OutboundConfigBase, Runt
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
 from mediator.observability.status import status
+from mediator.observability.tracing import Tracing
 from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox, StorageError
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
@@ -197,6 +198,10 @@ class Daemon:
             metrics=self.metrics,
         )
         self.aggregator.sink = self.pipeline
+        # [tracing]: spans observed at the seams (mediator/observability/tracing.py); off: None, nothing wrapped.
+        self.tracing = Tracing(config.root.tracing) if config.root.tracing.enabled else None
+        self.sink = self.pipeline if self.tracing is None else self.tracing.sink(self.pipeline)
+        self._on_dead = self._forward_dead if self.tracing is None else self.tracing.dead_lettered(self._forward_dead)
         self._admin = DeadLetterAdmin(self)
         self.metrics.register(StateCollector(self))
         metrics_cfg = config.root.metrics  # read at start: a change of [metrics] takes a restart
@@ -219,9 +224,7 @@ class Daemon:
         self._dispatch_tasks: dict[str, asyncio.Task[None]] = {}
         self._graves: dict[str, asyncio.Task[None]] = {}  # removed outbounds awaiting their grace
         for spec in plan(config, self.stages.credential_headers, self.stages.admin_roles).values():
-            self._add_unit(
-                build_unit(spec, self._specs, self.pipeline, self.health, self._admin, self.metrics_endpoint)
-            )
+            self._add_unit(build_unit(spec, self._specs, self.sink, self.health, self._admin, self.metrics_endpoint))
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._reload = asyncio.Event()
@@ -258,17 +261,12 @@ class Daemon:
         self._units[unit.spec.key] = unit
         for name, outbound in unit.outbounds.items():
             cfg = unit.spec.section.outbounds[name]
+            if self.tracing is not None:
+                outbound = self.tracing.outbound(outbound, cfg.kind)
             dispatcher = self.dispatchers.get(name)
             if dispatcher is None:
                 self.dispatchers[name] = Dispatcher(
-                    name,
-                    outbound,
-                    cfg,
-                    self.outbox,
-                    self.health,
-                    self.backlog,
-                    self._forward_dead,
-                    metrics=self.metrics,
+                    name, outbound, cfg, self.outbox, self.health, self.backlog, self._on_dead, metrics=self.metrics
                 )
             else:
                 dispatcher.replace(outbound, cfg)
@@ -330,9 +328,7 @@ class Daemon:
         fresh: list[Unit] = []
         try:
             for key in changed + added:
-                unit = build_unit(
-                    target[key], self._specs, self.pipeline, self.health, self._admin, self.metrics_endpoint
-                )
+                unit = build_unit(target[key], self._specs, self.sink, self.health, self._admin, self.metrics_endpoint)
                 self._add_unit(unit)
                 fresh.append(unit)
         except ConfigError as exc:
@@ -612,7 +608,7 @@ class Daemon:
                             p.outbound,
                             _Absent(p.outbound),
                             OutboundConfigBase(kind="absent"),
-                            *(self.outbox, self.health, self.backlog, self._forward_dead),
+                            *(self.outbox, self.health, self.backlog, self._on_dead),
                             metrics=self.metrics,
                         )
                     if dispatcher is None:
@@ -642,6 +638,8 @@ class Daemon:
             await self.stages.close()
             await self.aggregator.close()
             await self.outbox.close()
+            if self.tracing is not None:  # the last spans, exported within the drain's budget
+                await self.tracing.close(self.config.daemon.drain_timeout_s)
             self.notifier.close()
         log.info("daemon.stopped", undelivered=self.backlog.value)
 
