@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.clients import GENERATOR
 from bench.infra import ROOT, WORK, Daemon, Mosquitto, NodeRed, OwnRabbit, free_port, log
-from bench.paths import PATHS, Env, PathDef, content_files, credentials
+from bench.paths import GENERATOR_CEILING, PATHS, Env, PathDef, content_files, credentials, mqtt_generator_spec
 from bench.report import aggregate
 from bench.runner import Cell, Settings, measure
 
@@ -113,6 +114,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def ensure_generator() -> str:
+    """mosquitto_pub (package mosquitto-clients) is the MQTT paths' load generator; as root we install it
+    when missing, and say so."""
+    if shutil.which(GENERATOR) is None:
+        log(f"{GENERATOR} is not installed: running `apt-get install -y mosquitto-clients` (Debian package)")
+        subprocess.run(["apt-get", "install", "-y", "mosquitto-clients"], check=True, timeout=300, capture_output=True)
+    out = subprocess.run([GENERATOR, "--help"], capture_output=True, text=True, check=False)
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "version" in ln]
+    return lines[0].strip() if lines else GENERATOR
+
+
 def ensure_wrk() -> str:
     """wrk drives the HTTP paths. Debian packages it; as root we install it when missing, and say so."""
     if shutil.which("wrk") is None:
@@ -152,7 +164,14 @@ class Bench:
         self.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
         self.settings = (
             Settings(
-                sat_runs=1, lat_runs=1, sat_s=2.0, sat_count=3000, lat_s=1.0, drain_max_s=20.0, profile=args.profile
+                sat_runs=1,
+                lat_runs=1,
+                sat_s=2.0,
+                sat_count=3000,
+                gen_count=10000,
+                lat_s=1.0,
+                drain_max_s=20.0,
+                profile=args.profile,
             )
             if args.quick
             else Settings(sat_runs=1, lat_runs=1, profile=args.profile)
@@ -267,6 +286,12 @@ class Bench:
             }
             cons = {"kind": "amqp", "url": SHARED_AMQP, "exchange": env.exchange_out, "queue": env.queue_out}
             label = "AMQP direct: aio-pika publish (confirms, persistent) -> consume"
+        elif kind == GENERATOR_CEILING:
+            # The load generator of the MQTT paths and their peers, straight into a paho subscriber: what it
+            # can drive at most, in the same round as the systems it drives.
+            prod = mqtt_generator_spec(env.mqtt_port, env.topic("out/p1"))
+            cons = {"kind": "mqtt", "host": "127.0.0.1", "port": env.mqtt_port, "topic": env.topic("out/+")}
+            label = "MQTT direct: mosquitto_pub -l (C, QoS 1, 100 in flight) -> paho subscribe"
         else:
             prod = {
                 "kind": "mqtt",
@@ -413,11 +438,7 @@ class Bench:
         cells: dict[str, tuple[dict[str, Any], dict[str, Any], str | None]] = {
             "http-mqtt": (mqtt_out, {**http_prod, "url": f"http://127.0.0.1:{red.port}/bench-mqtt"}, "/bench-mqtt"),
             "http-amqp": (amqp_out, {**http_prod, "url": f"http://127.0.0.1:{red.port}/bench-amqp"}, "/bench-amqp"),
-            "mqtt-mqtt": (
-                mqtt_out,
-                {"kind": "mqtt", "host": "127.0.0.1", "port": port, "topic": f"bench/{uid}/in/p1", "window": 1000},
-                None,
-            ),
+            "mqtt-mqtt": (mqtt_out, mqtt_generator_spec(port, f"bench/{uid}/in/p1"), None),
         }
         try:
             for name in names:
@@ -452,13 +473,7 @@ class Bench:
             cell = Cell(
                 label="mqtt-amqp",
                 system="RabbitMQ 3.10 rabbitmq_mqtt plugin (own node; CPU/RSS = whole broker)",
-                producer={
-                    "kind": "mqtt",
-                    "host": "127.0.0.1",
-                    "port": node.mqtt_port,
-                    "topic": f"bench/{uid}/in/p1",
-                    "window": 1000,
-                },
+                producer=mqtt_generator_spec(node.mqtt_port, f"bench/{uid}/in/p1"),  # the same C generator
                 # The plugin publishes to amq.topic with '/' mapped to '.'.
                 consumer={
                     "kind": "amqp",
@@ -481,6 +496,7 @@ class Bench:
         WORK.mkdir(parents=True, exist_ok=True)
         names = a.path_names
         wrk_version = ensure_wrk() if any(PATHS[n].producer == "http" for n in names) else None
+        generator_version = ensure_generator() if any(PATHS[n].producer == "mqtt" for n in names) else None
         self.results["meta"] = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "quick": a.quick,
@@ -489,6 +505,7 @@ class Bench:
             "rounds": self.rounds,
             "machine": {"cpus": _cpus(), "python": platform.python_version(), "kernel": platform.release()},
             "wrk": wrk_version,
+            "mqtt_generator": generator_version,
             "amqp": "shared RabbitMQ 127.0.0.1:5672, unique exchange/queue names per run (deleted after)",
             "mosquitto": f"own instance on 127.0.0.1:{self.mosquitto.port}: set_tcp_nodelay true, "
             "max_queued_messages 1000000, max_inflight_messages 1000, persistence false",

@@ -12,6 +12,7 @@ COLUMNS = (
     ("msgs/s", 8),
     ("/ceil", 6),
     ("/peer", 6),
+    ("/gen", 5),
     ("/plain", 7),
     ("e2e@1k p50/p99/max ms", 22),
     ("e2e@sat p50/p99/max ms", 23),
@@ -61,6 +62,26 @@ def _thr(cell: dict[str, Any] | None) -> float | None:
     return value
 
 
+GENERATOR_CEILING = "mqtt-gen"
+"""The ceiling kind that is the C load generator straight into a subscriber (bench.paths)."""
+
+
+def _generator(res: dict[str, Any], name: str) -> float | None:
+    """One round's rate of the path's load generator into a direct subscriber, if the path has one."""
+    entry = res["paths"].get(name, {})
+    if GENERATOR_CEILING not in entry.get("ceilings", []):
+        return None
+    return _thr(res["ceilings"].get(GENERATOR_CEILING))
+
+
+def _gen_ratios(cell: dict[str, Any], cells: list[dict[str, Any] | None], gens: list[float | None]) -> None:
+    """``ratio_gen``: the median over rounds of the cell's msgs/s / the generator's own rate that round."""
+    ratios = [t / g for c, g in zip(cells, gens, strict=True) if (t := _thr(c)) and g]
+    if ratios:
+        cell["ratio_gen"] = median(ratios)
+        cell["ratio_gen_rounds"] = [round(x, 3) for x in ratios]
+
+
 def _references(res: dict[str, Any], name: str) -> tuple[float | None, float | None]:
     """One round's ceiling (the slower direct path) and best peer for a path."""
     entry = res["paths"].get(name, {})
@@ -92,6 +113,7 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         entries = [r["paths"].get(name, {}) for r in rounds]
         entry: dict[str, Any] = {"title": entries[0]["title"], "ceilings": entries[0]["ceilings"]}
         refs = [_references(r, name) for r in rounds]
+        gens = [_generator(r, name) for r in rounds]
         keys = list(dict.fromkeys(k for e in entries for k in e if k.startswith("mediator")))
         for key in keys:
             cells = [e.get(key) for e in entries]
@@ -106,6 +128,7 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 cell["ratio_ceil_rounds"] = [round(x, 3) for x in ceil_ratios]
                 cell["ratio_peer"] = median(peer_ratios)
                 cell["ratio_peer_rounds"] = [round(x, 3) for x in peer_ratios]
+                _gen_ratios(cell, cells, gens)
                 if "variant" in cell:
                     noauth = [e.get("mediator") for e in entries]
                     thr_ratios = [
@@ -119,7 +142,13 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             entry[key] = cell
         peer_names = list(dict.fromkeys(p for e in entries for p in e.get("peers", {})))
         if peer_names:
-            entry["peers"] = {p: combine([e.get("peers", {}).get(p) for e in entries]) for p in peer_names}
+            entry["peers"] = {}
+            for p in peer_names:
+                peer_cells = [e.get("peers", {}).get(p) for e in entries]
+                peer = combine(peer_cells)
+                if peer is not None and "error" not in peer:
+                    _gen_ratios(peer, peer_cells, gens)
+                entry["peers"][p] = peer
         paths[name] = entry
     return {"ceilings": ceilings, "paths": paths}
 
@@ -157,6 +186,7 @@ def _row(path: str, system: str, cell: dict[str, Any] | None, ceil: float | None
         _f(thr),
         _ratio(thr, ceil, cell.get("ratio_ceil")),
         _ratio(thr, peer, cell.get("ratio_peer")),
+        _ratio(None, None, cell.get("ratio_gen")),
         _ratio(None, None, cell.get("ratio_plain")),
         _lat(cell.get("latency_fixed_load")) + ("*" if thr is not None and thr < 1050 else ""),
         _lat(cell.get("latency_saturation")),
@@ -195,7 +225,8 @@ def table(results: dict[str, Any]) -> str:
             if key.startswith("mediator_") and cell:  # variant rows (auth, content), then the memory outbox
                 rows.append(_row("", _short_system(cell, key), cell, ceil, peer))
         for kind, c in zip(entry.get("ceilings", []), cks, strict=False):
-            rows.append(_row("", f"ceiling: {kind} direct", c, None, None))
+            label = "generator: mosquitto_pub->sub" if kind == GENERATOR_CEILING else f"ceiling: {kind} direct"
+            rows.append(_row("", label, c, None, None))
         for pname, p in peers.items():
             rows.append(_row("", _short_system(p, pname), p, None, None))
     widths = [w for _, w in COLUMNS]
@@ -234,6 +265,16 @@ def table(results: dict[str, Any]) -> str:
         " ack) - distinct received; dup = repeats of a sequence number. Both summed over all runs and rounds.",
         f"AMQP: {meta.get('amqp', '')}. Mosquitto: {meta.get('mosquitto', '')}.",
     ]
+    gen = ceilings.get(GENERATOR_CEILING)
+    if gen and "error" not in gen:
+        notes.append(
+            f"MQTT load ({meta.get('mqtt_generator') or 'mosquitto_pub'}): the saturation runs of the paths from"
+            " MQTT, of their peers and of the generator row pipe payload lines into `mosquitto_pub -l -q 1 -M 100"
+            " --nodelay` (C); /gen = a row's msgs/s / the generator's rate into a paho subscriber in the same round"
+            f" (its own publish rate, acknowledged by the broker: {_f(gen.get('generator_msgs_s'))} msgs/s at"
+            f" {_f(gen.get('generator_cpu_percent'))}% of a core). It cannot stamp each message with its send time:"
+            " e2e@sat there comes from 50 msgs/s paho probes beside it, and e2e@1k from the paho producer."
+        )
     for s in results.get("skipped", []):
         notes.append(f"SKIPPED {s}")
     for p in results.get("problems", []):

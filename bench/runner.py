@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import payload
+from bench.clients import GENERATOR
 from bench.infra import WORK, Child, cpu_seconds, log, peak_rss_mb, rss_mb
 
 FIXED_RATE = 1000
@@ -36,6 +37,9 @@ class Settings:
     first. Bounded by count so that a path fed through a broker (which acknowledges the producer at once and
     buffers for the daemon) does not leave a backlog of minutes to drain."""
     lat_s: float = 2.0
+    gen_count: int = 20000
+    """A saturation run of the C generator (``mosquitto_pub -l``) sends this many: at its tens of thousands
+    of msgs/s, ``sat_count`` would be over in a fraction of a second, start-up included."""
     drain_max_s: float = 40.0
     profile: bool = False
 
@@ -281,6 +285,8 @@ def measure(cell: Cell, settings: Settings, start_system: Callable[[], None] | N
         "cpu_percent": median([r.get("cpu_percent") for r in sat]),
         "cpu_us_per_msg": median([r.get("cpu_us_per_msg") for r in sat]),
         "wrk_cpu_percent": median([r["wrk"]["cpu_percent"] for r in sat if "wrk" in r]),
+        "generator_msgs_s": median([r["generator"]["publish_msgs_s"] for r in sat if "generator" in r]),
+        "generator_cpu_percent": median([r["generator"]["cpu_percent"] for r in sat if "generator" in r]),
         "peak_rss_mb": rss,
         "steady_rss_mb": steady_rss,
         "loss": sum(r["loss"] for r in sat + lat),
@@ -344,6 +350,7 @@ def _saturation(cell: Cell, settings: Settings, producer: Child, consumer: Child
         out.parent.mkdir(parents=True, exist_ok=True)
         prof = _profile(pid, settings.sat_s, out)
     wrk_res = None
+    gen_res = None
     if cell.wrk_url:
         t_start = time.monotonic_ns()
         # A low-rate Python producer beside wrk gives timestamped probes: end-to-end latency at saturation.
@@ -363,6 +370,25 @@ def _saturation(cell: Cell, settings: Settings, producer: Child, consumer: Child
         accepted = wrk_res["accepted"] + probe["accepted"]
         refused = wrk_res["non2xx"] + probe["refused"]
         errors = wrk_res["connect"] + wrk_res["read"] + wrk_res["write"] + wrk_res["timeout"] + probe["errors"]
+    elif cell.producer.get("generator"):
+        # The C generator (clients.generator_run) with timestamped paho probes beside it, as wrk above.
+        producer.send(
+            "go",
+            {
+                "run": run_id,
+                "count": settings.gen_count,
+                "generator": cell.producer["generator"],
+                "probe_rate": PROBE_RATE,
+                "probe_offset": PROBE_OFFSET,
+                "max_s": 120,
+            },
+        )
+        done = producer.expect("done", 200)
+        t_start = done["t_start_ns"]
+        accepted, refused, errors = done["accepted"], done["refused"], done["errors"]
+        gen_res = done["generator"]
+        if gen_res["exit"] != 0:
+            raise RuntimeError(f"{cell.label} [{cell.system}]: {GENERATOR} failed: {gen_res}")
     else:
         producer.send("go", {"run": run_id, "count": settings.sat_count, "duration_s": settings.sat_s})
         done = producer.expect("done", settings.sat_s + 90)
@@ -391,6 +417,8 @@ def _saturation(cell: Cell, settings: Settings, producer: Child, consumer: Child
         "cpu_percent": 100 * cpu / wall if cpu is not None else None,
         "cpu_us_per_msg": 1e6 * cpu / stats["unique"] if cpu is not None and stats["unique"] else None,
     }
+    if gen_res is not None:
+        res["generator"] = gen_res
     if wrk_res is not None:
         res["wrk"] = wrk_res
         res["wrk_lat"] = {
