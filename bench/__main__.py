@@ -36,6 +36,10 @@ AUTH_PATH = "http-amqp"
 CONTENT_PATH = "http-amqp"
 """Beside the plain row, in the same round: a JSON Schema check, a CEL route and a field transform."""
 CONTENT_SYSTEM = "mediator (schema+CEL+transform)"
+WORKERS = 2
+WORKERS_PATHS = ("http-amqp", "mqtt-amqp", "mqtt-mqtt")
+"""Beside the plain row, in the same round: the daemon with ``[daemon] workers = 2`` (one supervisor, two
+worker processes sharing the load); CPU and RSS are those of the whole process tree."""
 """Beside its unauthenticated row, measured in the same round: the daemon requiring a JWT, then an API key."""
 
 
@@ -96,6 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N[,N...]",
         help="cache_size of the JWT authenticator (0: verify every token); several values give one JWT row"
         " each, in that order, in the same round (default: the daemon's default)",
+    )
+    ap.add_argument(
+        "--no-workers", action="store_true", help=f"skip the workers = {WORKERS} rows ({', '.join(WORKERS_PATHS)})"
     )
     ap.add_argument("--profile", action="store_true", help="py-spy the daemon in each path's first saturation run")
     ap.add_argument(
@@ -187,12 +194,15 @@ class Bench:
             return True
         return False
 
-    def env(self, name: str, outbox: str = "sqlite", auth: AuthRow | None = None, content: bool = False) -> Env:
+    def env(
+        self, name: str, outbox: str = "sqlite", auth: AuthRow | None = None, content: bool = False, workers: int = 1
+    ) -> Env:
         uid = (
             f"{self.uid}-{name}"
             + ("-mem" if outbox == "memory" else "")
             + (auth.suffix if auth else "")
             + ("-content" if content else "")
+            + (f"-w{workers}" if workers > 1 else "")
         )
         workdir = WORK / "daemon" / uid
         workdir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +220,7 @@ class Bench:
             auth=auth.kind if auth else None,
             jwt_cache_size=auth.jwt_cache_size if auth else None,
             content=content,
+            workers=workers,
         )
 
     # ------------------------------------------------------------------------------------------ mediator
@@ -221,19 +232,25 @@ class Bench:
         profile: bool = True,
         auth: AuthRow | None = None,
         content: bool = False,
+        workers: int = 1,
     ) -> dict[str, Any]:
         """One mediator cell; with ``auth`` the HTTP listener requires that credential, which every producer
         (wrk and the Python probes) then sends; with ``content`` the daemon checks a JSON Schema, routes by a
         CEL predicate over the data and transforms it (``bench.paths.CONTENT_TOML``)."""
-        env = self.env(path.name, outbox, auth, content)
+        env = self.env(path.name, outbox, auth, content, workers)
         headers = credentials(env)
         content_files(env)
         daemon = Daemon(path.config(env), Path(env.workdir), env.http_port)
         wrk_url = f"http://127.0.0.1:{env.http_port}/bench" if path.producer == "http" else None
         tag = (
-            ("-memory" if outbox == "memory" else "") + (auth.suffix if auth else "") + ("-content" if content else "")
+            ("-memory" if outbox == "memory" else "")
+            + (auth.suffix if auth else "")
+            + ("-content" if content else "")
+            + (f"-workers{workers}" if workers > 1 else "")
         )
         system = auth.system if auth else ("mediator (memory outbox)" if outbox == "memory" else "mediator")
+        if workers > 1:
+            system = f"mediator (workers = {workers})"
         cell = Cell(
             label=path.name,
             system=CONTENT_SYSTEM if content else system,
@@ -266,6 +283,9 @@ class Bench:
             res["variant"] = auth.key
         if content:
             res["variant"] = "content"
+        if workers > 1:
+            res["variant"] = f"workers{workers}"
+            res["workers"] = workers
         res["daemon_exit"] = rc
         res["daemon_log_lines"] = len(problems)
         return res
@@ -553,6 +573,11 @@ class Bench:
             if name == CONTENT_PATH and not a.no_content and not self.over_budget(f"{name} [content]"):
                 entry["mediator_content"] = self._guard(
                     f"{name} [content]", lambda n=name: self.mediator(PATHS[n], profile=first, content=True)
+                )
+            if name in WORKERS_PATHS and not a.no_workers and not self.over_budget(f"{name} [workers]"):
+                entry[f"mediator_workers{WORKERS}"] = self._guard(
+                    f"{name} [workers = {WORKERS}]",
+                    lambda n=name: self.mediator(PATHS[n], profile=False, workers=WORKERS),
                 )
             if name == MEMORY_PATH and not a.no_memory and not self.over_budget(f"{name} [memory]"):
                 entry["mediator_memory"] = self._guard(

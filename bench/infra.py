@@ -59,26 +59,58 @@ def wait_port(port: int, timeout_s: float, what: str, proc: subprocess.Popen[byt
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and every live process below it (``workers = N``: the supervisor and its workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """User + system CPU time of ``pid`` and the processes below it (all their threads). A child that
+    exited (and was reaped) during the measurement takes its time with it: the benchmark never ends one."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
 
 
 def peak_rss_mb(pid: int) -> float:
-    return _status_mb(pid, "VmHWM:")
+    """The sum of the peak RSS of ``pid`` and the processes below it."""
+    return sum(_status_mb(p, "VmHWM:") for p in tree(pid))
 
 
 def rss_mb(pid: int) -> float:
-    return _status_mb(pid, "VmRSS:")
+    """The sum of the RSS of ``pid`` and the processes below it."""
+    return sum(_status_mb(p, "VmRSS:") for p in tree(pid))
 
 
 def _status_mb(pid: int, field: str) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return 0.0
 
 

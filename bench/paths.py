@@ -28,6 +28,7 @@ class Env:
     auth: str | None = None  # one of AUTH_KINDS: the HTTP listener requires that credential
     jwt_cache_size: int | None = None  # [auth.bench-jwt] cache_size; None: the daemon's default
     content: bool = False  # a JSON Schema check, a CEL route and a field transform (see CONTENT_TOML)
+    workers: int = 1  # [daemon] workers: N worker processes sharing the load (mediator/supervisor.py)
 
     @property
     def exchange_out(self) -> str:
@@ -207,6 +208,7 @@ def _config(path: PathDef, env: Env) -> str:
 [daemon]
 log_level = "warning"
 drain_timeout_s = 5.0
+workers = {env.workers}
 
 [outbox]
 kind = "{env.outbox}"

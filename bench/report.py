@@ -252,7 +252,8 @@ def table(results: dict[str, Any]) -> str:
         " path involves, /peer = mediator / the best peer, /plain = a variant row / the plain mediator row"
         ' (JWT / API key: every request carries one RS256 JWT or API key; "no cache" = JWT cache_size 0, the'
         " signature checked per event; content: a JSON Schema check, a CEL route and a field transform per"
-        " event): each the median of the ratios measured within a round.",
+        " event; workers = 2: one supervisor and two worker processes sharing the load, CPU and RSS summed over"
+        " the three): each the median of the ratios measured within a round.",
         "e2e = consumer arrival - producer send time (CLOCK_MONOTONIC), median over runs of each run's p50/p99/max;"
         " @1k = open-loop 1,000 msgs/s (* = the system's saturated rate is below 1,000 msgs/s, so the backlog and"
         " the latency grow with the run's length); @sat = during saturation"
