@@ -31,7 +31,6 @@ from typing import Any
 
 import structlog
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -44,6 +43,7 @@ from mediator.core.errors import ConfigError, NotReady, Rejected
 from mediator.core.ingress import Origin, Principal
 from mediator.core.seams import Outbound, Sink
 from mediator.core.tracecontext import TRACEPARENT, TRACESTATE, reset_outgoing, set_outgoing, valid_traceparent
+from mediator.observability.otlp import LeanOTLPSpanExporter
 from mediator.observability.tracing_config import TracingConfig
 from mediator.outbox.base import Pending
 
@@ -99,7 +99,7 @@ class Tracing:
             resource=Resource.create({"service.name": cfg.service_name, "service.version": version}),
             sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)),
         )
-        exporter = OTLPSpanExporter(endpoint=cfg.endpoint, headers=headers, timeout=cfg.export_timeout_s)
+        exporter = LeanOTLPSpanExporter(endpoint=cfg.endpoint, headers=headers, timeout=cfg.export_timeout_s)
         self._processor = BatchSpanProcessor(
             exporter,
             max_queue_size=cfg.max_queue_size,
