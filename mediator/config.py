@@ -69,8 +69,8 @@ class DaemonConfig(ConfigModel):
     )
     workers: Annotated[int, Field(ge=1, le=999)] | Literal["auto"] = Field(
         default=1,
-        description="worker processes sharing the load, each with its own outbox file (README \"Scaling out\"); "
-        "\"auto\": one per core. A change needs a restart",
+        description='worker processes sharing the load, each with its own outbox file (README "Scaling out"); '
+        '"auto": one per core. A change needs a restart',
     )
 
 
