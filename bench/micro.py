@@ -158,6 +158,9 @@ class _Accepting:
         origin.principal = ANONYMOUS_PRINCIPAL
         return ANONYMOUS_PRINCIPAL
 
+    def refused(self, origin: Origin, exc: Exception) -> None:
+        pass
+
     async def accept(self, events: Sequence[Any], origin: Origin | None = None) -> None:
         await asyncio.sleep(0)
         self.count += len(events)

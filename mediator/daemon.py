@@ -22,7 +22,7 @@ import structlog
 
 from mediator.config import Config, loads
 from mediator.core.envelope import Envelope
-from mediator.core.errors import ConfigError, NotReady
+from mediator.core.errors import ConfigError, NotReady, Rejected
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
@@ -109,6 +109,9 @@ class _NullSink:
 
     async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
         raise NotReady("dry build")
+
+    def refused(self, origin: Origin, exc: Rejected) -> None:
+        pass
 
     async def dead_letter(self, event: Envelope, reason: str) -> None:
         raise NotReady("dry build")

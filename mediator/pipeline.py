@@ -72,6 +72,14 @@ class Pipeline:
                 m.refused[exc.code.value].inc()
             raise
 
+    def refused(self, origin: Origin, exc: Rejected) -> None:
+        """An inbound refused a message before handing it over (too large, a media type it does not take,
+        bytes that do not decode): logged and counted like a stage's refusal."""
+        _log_refusal(exc, origin, None)
+        m = self.metrics.inbound(origin.inbound)
+        m.received.inc()
+        m.refused[exc.code.value].inc()
+
     async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> set[str]:
         if origin is None:
             # No Origin: nothing was presented, so the inbound's policy sees an anonymous caller.

@@ -113,7 +113,11 @@ class GrpcInbound:
         origin = self.origin(context)
         try:
             await self._sink.authenticate(origin)
-            env = to_envelope(request, inbound=self.name, method="Publish", received_ns=time.time_ns())
+            try:
+                env = to_envelope(request, inbound=self.name, method="Publish", received_ns=time.time_ns())
+            except Rejected as exc:  # refused here, not by a stage: the sink logs and counts it all the same
+                self._sink.refused(origin, exc)
+                raise
             duplicates = await self._sink.accept([env], origin)
         except Rejected as exc:
             self._log.debug("envelope.rejected", event_id=request.id, code=exc.code.value, rule=exc.rule)
@@ -151,7 +155,9 @@ class GrpcInbound:
         arrived = asyncio.Event()
         acks: asyncio.Queue[PublishAck | None] = asyncio.Queue()
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._read(context, slots, incoming, arrived), name=f"inbound:{self.name}:stream-reader")
+            tg.create_task(
+                self._read(context, origin, slots, incoming, arrived), name=f"inbound:{self.name}:stream-reader"
+            )
             tg.create_task(self._commit(origin, incoming, arrived, acks), name=f"inbound:{self.name}:stream-commits")
             while (ack := await acks.get()) is not None:
                 await context.write(ack)
@@ -160,6 +166,7 @@ class GrpcInbound:
     async def _read(
         self,
         context: Any,
+        origin: Origin,
         slots: asyncio.Semaphore,
         incoming: deque[PublishAck | tuple[Envelope, int] | None],
         arrived: asyncio.Event,
@@ -173,6 +180,7 @@ class GrpcInbound:
             try:
                 env = to_envelope(request, inbound=self.name, method="PublishStream", received_ns=time.time_ns())
             except Rejected as exc:
+                self._sink.refused(origin, exc)
                 code = code_number(status_for(exc.code))
                 incoming.append(PublishAck(id=request.id, code=code, reason=exc.reason, sequence=sequence))
             else:

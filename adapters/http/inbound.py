@@ -272,10 +272,14 @@ class HttpInbound:
             # Before the body: a caller nobody vouches for is refused without its body being buffered
             # (aiohttp discards what is left of it for at most LINGER_S, so the client reads the 401).
             await self._sink.authenticate(origin)
-            if self._templates is not None:
-                self._check_media(request.headers)  # before the body: a 415 reads none of it
-            body = await read_body(request, self._max_bytes, self._read_timeout_s)
-            events, batch = self.decode(request, body)
+            try:
+                if self._templates is not None:
+                    self._check_media(request.headers)  # before the body: a 415 reads none of it
+                body = await read_body(request, self._max_bytes, self._read_timeout_s)
+                events, batch = self.decode(request, body)
+            except Rejected as exc:  # refused here, not by a stage: the sink logs and counts it all the same
+                self._sink.refused(origin, exc)
+                raise
             if events:
                 await self._sink.accept(events, origin)
         except Rejected as exc:

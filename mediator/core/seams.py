@@ -14,6 +14,7 @@ from typing import Annotated, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, model_validator
 
 from mediator.core.envelope import Envelope
+from mediator.core.errors import Rejected
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.patterns import Template
@@ -41,6 +42,12 @@ class Sink(Protocol):
         UNAVAILABLE, or withhold the ack so the broker redelivers). Cancellation abandons the commit
         wait; the events may or may not be committed, so the adapter must not acknowledge.
         """
+        ...
+
+    def refused(self, origin: Origin, exc: Rejected) -> None:
+        """Report a refusal the inbound made itself, before ``authenticate`` or ``accept`` (a body over the
+        size limit, a media type it does not take, bytes that do not decode), so that it is logged and
+        counted like every other. Never raises."""
         ...
 
     async def dead_letter(self, event: Envelope, reason: str) -> None:

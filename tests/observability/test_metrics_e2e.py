@@ -131,6 +131,8 @@ async def test_metrics_count_a_known_mix_exactly(observed: Observed) -> None:
             await post(f"{observed.base}/orders", json.dumps({"n": n}).encode(), json_ct, 202)
         await post(f"{observed.base}/orders", b'{"total": 1500.0}', json_ct, 202)
         await post(f"{observed.base}/orders", b'{"n": ', json_ct, 400)
+        # Refused by the HTTP inbound itself, before the stages: a media type /orders does not take (415).
+        await post(f"{observed.base}/orders", b"<order/>", {"Content-Type": "application/xml"}, 415)
         # HTTP CloudEvents: one order twice (the repeat is a duplicate), one event no route matches.
         repeated = f"dup-{uuid.uuid4()}"
         await post(f"{observed.base}/events", b"{}", ce_headers(repeated), 202)
@@ -167,7 +169,7 @@ async def test_metrics_count_a_known_mix_exactly(observed: Observed) -> None:
                     break
                 await asyncio.sleep(0.1)
 
-    received = {"orders-http": 5, "cloudevents-http": 3, "secured-http": 2, "grpc": 2, "devices": 2, "commands": 1}
+    received = {"orders-http": 6, "cloudevents-http": 3, "secured-http": 2, "grpc": 2, "devices": 2, "commands": 1}
     accepted = {"orders-http": 4, "cloudevents-http": 2, "secured-http": 1, "grpc": 2, "devices": 2, "commands": 1}
     for inbound, n in received.items():
         assert value(m, "mediator_events_received_total", inbound=inbound) == n, inbound
@@ -175,6 +177,7 @@ async def test_metrics_count_a_known_mix_exactly(observed: Observed) -> None:
     refused = {tuple(sorted(lab)): v for (name, lab), v in m.items() if name == "mediator_events_refused_total" and v}
     assert refused == {
         (("inbound", "orders-http"), ("reason", "invalid")): 1.0,
+        (("inbound", "orders-http"), ("reason", "unsupported_media")): 1.0,
         (("inbound", "secured-http"), ("reason", "unauthenticated")): 1.0,
     }
     assert value(m, "mediator_events_duplicate_total", inbound="cloudevents-http") == 1

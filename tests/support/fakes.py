@@ -19,6 +19,7 @@ class ListSink:
         self.fail_with: MediatorError | None = None
         self.calls = 0
         self.origins: list[Origin] = []  # every Origin handed to authenticate or accept
+        self.refusals: list[tuple[Origin, Rejected]] = []  # what the inbound refused before handing over
         self._changed = asyncio.Event()
 
     async def authenticate(self, origin: Origin) -> Principal:
@@ -28,6 +29,9 @@ class ListSink:
         if origin.principal is None:
             origin.principal = Principal("", ANONYMOUS, "anonymous")
         return origin.principal
+
+    def refused(self, origin: Origin, exc: Rejected) -> None:
+        self.refusals.append((origin, exc))
 
     async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
         if origin is not None:
