@@ -33,6 +33,9 @@ from mediator.core.seams import Runtime
 # Retrying a commit the sink refused with NotReady; the broker keeps the message meanwhile.
 _RETRY_INITIAL_S = 0.05
 _RETRY_MAX_S = 5.0
+# What a burst may wait in, read off the socket before it is parsed (see connection._BufferedSocket):
+# beyond it the kernel's buffers and then the broker's hold the rest.
+READ_AHEAD_BYTES = 64 * 1024 * 1024
 
 
 class SubscriptionRefused(Exception):
@@ -99,9 +102,10 @@ class MqttInbound:
             self._access,
             self.client_id,
             persistent=True,
-            receive_maximum=self._cfg.max_in_flight,
+            receive_maximum=self._cfg.receive_maximum,
             max_inflight=20,  # this client does not publish
             queue_type=_Queue,
+            read_ahead=READ_AHEAD_BYTES,
         )
         # Must be set before CONNECT: from then on paho leaves every PUBACK to us (paho.ack).
         paho_client(client).manual_ack_set(True)
@@ -122,9 +126,9 @@ class MqttInbound:
 
         Handlers of one connection die with it: their messages were not acknowledged, so the broker
         redelivers them on the next connection (a commit that did complete becomes a duplicate, which the
-        event id deduplicates for CloudEvents). Unacknowledged messages number at most ``max_in_flight``
-        (the slots below); aiomqtt's own queue is unbounded (a bounded one silently discards) but the
-        broker sends no more than Receive Maximum unacknowledged QoS 1 messages on MQTT 5.
+        event id deduplicates for CloudEvents). At most ``max_in_flight`` messages are being handled
+        (the slots below); the rest wait in aiomqtt's queue, unbounded (a bounded one silently discards)
+        because the broker sends no more than ``receive_maximum`` unacknowledged QoS 1 messages on MQTT 5.
         """
         ack = paho_client(client).ack
         slots = asyncio.Semaphore(self._cfg.max_in_flight)

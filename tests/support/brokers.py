@@ -26,13 +26,24 @@ class BrokerTls:
     key_file: Path
 
 
+GENEROUS_LIMITS = "set_tcp_nodelay true\nmax_queued_messages 100000\n"
+DEBIAN_LIMITS = "max_queued_messages 1000\nmax_inflight_messages 20\n"
+"""Mosquitto 2.0's defaults, which Debian's /etc/mosquitto/mosquitto.conf leaves as they are (and no
+``set_tcp_nodelay``)."""
+
+
 class MosquittoInstance:
     """A Mosquitto on a free loopback port, with a config that states the settings results depend on.
 
     With ``tls``, a second listener on ``tls_port`` speaks TLS only and requires a client certificate
-    signed by ``tls.ca_file`` (the plain listener on ``port`` stays, for ``start`` to wait on)."""
+    signed by ``tls.ca_file`` (the plain listener on ``port`` stays, for ``start`` to wait on).
 
-    def __init__(self, workdir: Path, port: int | None = None, tls: BrokerTls | None = None) -> None:
+    ``limits``: the config lines that decide whether a burst survives; by default generous ones, with
+    ``DEBIAN_LIMITS`` the broker behaves as Debian installs it."""
+
+    def __init__(
+        self, workdir: Path, port: int | None = None, tls: BrokerTls | None = None, limits: str = GENEROUS_LIMITS
+    ) -> None:
         self.port = port or free_port()
         self.tls_port = free_port() if tls is not None else None
         self.workdir = workdir
@@ -41,8 +52,7 @@ class MosquittoInstance:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
-            "set_tcp_nodelay true\n"
-            "max_queued_messages 100000\n"
+            f"{limits}"
             "persistence true\n"
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
