@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.clients import GENERATOR
+from bench.clients import GENERATOR, SUBSCRIBER
 from bench.infra import ROOT, WORK, Daemon, Mosquitto, NodeRed, OwnRabbit, free_port, log
 from bench.paths import GENERATOR_CEILING, PATHS, Env, PathDef, content_files, credentials, mqtt_generator_spec
 from bench.report import aggregate
@@ -122,9 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def ensure_generator() -> str:
-    """mosquitto_pub (package mosquitto-clients) is the MQTT paths' load generator; as root we install it
-    when missing, and say so."""
-    if shutil.which(GENERATOR) is None:
+    """mosquitto_pub and mosquitto_sub (package mosquitto-clients) are the MQTT load generator and consumer;
+    as root we install them when missing, and say so."""
+    if shutil.which(GENERATOR) is None or shutil.which(SUBSCRIBER) is None:
         log(f"{GENERATOR} is not installed: running `apt-get install -y mosquitto-clients` (Debian package)")
         subprocess.run(["apt-get", "install", "-y", "mosquitto-clients"], check=True, timeout=300, capture_output=True)
     out = subprocess.run([GENERATOR, "--help"], capture_output=True, text=True, check=False)
@@ -175,7 +175,6 @@ class Bench:
                 lat_runs=1,
                 sat_s=2.0,
                 sat_count=3000,
-                gen_count=10000,
                 lat_s=1.0,
                 drain_max_s=20.0,
                 profile=args.profile,
@@ -307,11 +306,11 @@ class Bench:
             cons = {"kind": "amqp", "url": SHARED_AMQP, "exchange": env.exchange_out, "queue": env.queue_out}
             label = "AMQP direct: aio-pika publish (confirms, persistent) -> consume"
         elif kind == GENERATOR_CEILING:
-            # The load generator of the MQTT paths and their peers, straight into a paho subscriber: what it
+            # The load generator of the MQTT paths and their peers, straight into mosquitto_sub: what it
             # can drive at most, in the same round as the systems it drives.
             prod = mqtt_generator_spec(env.mqtt_port, env.topic("out/p1"))
             cons = {"kind": "mqtt", "host": "127.0.0.1", "port": env.mqtt_port, "topic": env.topic("out/+")}
-            label = "MQTT direct: mosquitto_pub -l (C, QoS 1, 100 in flight) -> paho subscribe"
+            label = "MQTT direct: mosquitto_pub -l (C, QoS 1, 100 in flight) -> mosquitto_sub"
         else:
             prod = {
                 "kind": "mqtt",
@@ -321,7 +320,7 @@ class Bench:
                 "window": 1000,
             }
             cons = {"kind": "mqtt", "host": "127.0.0.1", "port": env.mqtt_port, "topic": env.topic("out/+")}
-            label = "MQTT direct: paho QoS 1 publish -> subscribe"
+            label = "MQTT direct: paho QoS 1 publish -> mosquitto_sub"
         cell = Cell(label=f"ceiling-{kind}", system=label, producer=prod, consumer=cons)
         try:
             return measure(cell, self.settings)
@@ -516,7 +515,9 @@ class Bench:
         WORK.mkdir(parents=True, exist_ok=True)
         names = a.path_names
         wrk_version = ensure_wrk() if any(PATHS[n].producer == "http" for n in names) else None
-        generator_version = ensure_generator() if any(PATHS[n].producer == "mqtt" for n in names) else None
+        generator_version = (
+            ensure_generator() if any("mqtt" in (PATHS[n].producer, PATHS[n].consumer) for n in names) else None
+        )
         self.results["meta"] = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "quick": a.quick,

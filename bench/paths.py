@@ -87,7 +87,7 @@ class PathDef:
 
 
 GENERATOR_CEILING = "mqtt-gen"
-"""The ceiling of the paths fed by the C generator: the same generator straight into a paho subscriber."""
+"""The ceiling of the paths fed by the C generator: the same generator straight into mosquitto_sub."""
 
 
 def mqtt_generator_spec(port: int, topic: str) -> dict[str, Any]:

@@ -271,7 +271,7 @@ def table(results: dict[str, Any]) -> str:
         notes.append(
             f"MQTT load ({meta.get('mqtt_generator') or 'mosquitto_pub'}): the saturation runs of the paths from"
             " MQTT, of their peers and of the generator row pipe payload lines into `mosquitto_pub -l -q 1 -M 100"
-            " --nodelay` (C); /gen = a row's msgs/s / the generator's rate into a paho subscriber in the same round"
+            " --nodelay` (C); /gen = a row's msgs/s / the generator's rate into mosquitto_sub in the same round"
             f" (its own publish rate, acknowledged by the broker: {_f(gen.get('generator_msgs_s'))} msgs/s at"
             f" {_f(gen.get('generator_cpu_percent'))}% of a core). It cannot stamp each message with its send time:"
             " e2e@sat there comes from 50 msgs/s paho probes beside it, and e2e@1k from the paho producer."
