@@ -184,6 +184,7 @@ class Bench:
         )
         self.uid = uuid.uuid4().hex[:8]
         self.mosquitto = Mosquitto(WORK / "mosquitto")
+        self.rabbit: OwnRabbit | None = None
         self.results: dict[str, Any] = {"paths": {}, "ceilings": {}, "skipped": [], "problems": []}
 
     def over_budget(self, what: str) -> bool:
@@ -483,30 +484,31 @@ class Bench:
         return out
 
     def rabbit_plugin(self) -> dict[str, Any]:
-        node = OwnRabbit(WORK / "rabbit")
-        log(f"starting our own RabbitMQ node {node.node} with rabbitmq_mqtt (AMQP {node.port}, MQTT {node.mqtt_port})")
-        node.start()
-        try:
-            pid = node.pid()
-            uid = f"{self.uid}-plugin"
-            cell = Cell(
-                label="mqtt-amqp",
-                system="RabbitMQ 3.10 rabbitmq_mqtt plugin (own node; CPU/RSS = whole broker)",
-                producer=mqtt_generator_spec(node.mqtt_port, f"bench/{uid}/in/p1"),  # the same C generator
-                # The plugin publishes to amq.topic with '/' mapped to '.'.
-                consumer={
-                    "kind": "amqp",
-                    "url": node.url,
-                    "exchange": "amq.topic",
-                    "declare_exchange": False,
-                    "routing_key": f"bench.{uid}.in.#",
-                    "queue": f"bench.plugin.{uid}",
-                },
-                pid=lambda: pid,
-            )
-            return measure(cell, self.settings)
-        finally:
-            node.stop()
+        # One node for every round (started at the first, stopped at the end of the run): starting one takes
+        # about 10 s, which three rounds cannot spare within the 10 minutes.
+        node = self.rabbit
+        if node is None or node.pid() is None:
+            node = self.rabbit = OwnRabbit(WORK / "rabbit")
+            log(f"starting our own RabbitMQ node {node.node} with rabbitmq_mqtt (MQTT port {node.mqtt_port})")
+            node.start()
+        pid = node.pid()
+        uid = f"{self.uid}-plugin"
+        cell = Cell(
+            label="mqtt-amqp",
+            system="RabbitMQ 3.10 rabbitmq_mqtt plugin (own node; CPU/RSS = whole broker)",
+            producer=mqtt_generator_spec(node.mqtt_port, f"bench/{uid}/in/p1"),  # the same C generator
+            # The plugin publishes to amq.topic with '/' mapped to '.'.
+            consumer={
+                "kind": "amqp",
+                "url": node.url,
+                "exchange": "amq.topic",
+                "declare_exchange": False,
+                "routing_key": f"bench.{uid}.in.#",
+                "queue": f"bench.plugin.{uid}",
+            },
+            pid=lambda: pid,
+        )
+        return measure(cell, self.settings)
 
     # ------------------------------------------------------------------------------------------ the run
 
@@ -539,6 +541,8 @@ class Bench:
                 rounds.append(self._suite(names, first=r == 0))
         finally:
             self.mosquitto.stop()
+            if self.rabbit is not None:
+                self.rabbit.stop()
         self.results["rounds"] = rounds
         self.results.update(aggregate(rounds))
         self.results["meta"]["elapsed_s"] = round(time.monotonic() - self.started, 1)
