@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -253,8 +254,14 @@ async def test_two_workers_share_all_four_inbounds_and_answer_as_one(
                 body = b'{"total": 5000}'
                 async with http.post(f"http://127.0.0.1:{port}/events", data=body, headers=headers) as resp:
                     assert resp.status == 202
-        letters = (await get(port, "/admin/dead-letters?limit=100"))["dead_letters"]
-        ours = [d for d in letters if d["source"] == "/scale" and d["replayable"]]
+        # A dead letter is written once the broker has returned the unroutable publish: after the 202.
+        deadline = time.monotonic() + 15
+        while True:
+            letters = (await get(port, "/admin/dead-letters?limit=100"))["dead_letters"]
+            ours = [d for d in letters if d["source"] == "/scale" and d["replayable"]]
+            if len(ours) >= 20 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
         assert {d["worker"] for d in ours} == {1, 2}, ours
         assert len({d["id"] for d in letters}) == len(letters)
         assert len(ours) == 20
