@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import report
 from bench.clients import GENERATOR, SUBSCRIBER
-from bench.infra import ROOT, WORK, Daemon, Mosquitto, NodeRed, OwnRabbit, free_port, log
+from bench.infra import ROOT, WORK, Daemon, Mosquitto, NodeRed, OtlpSink, OwnRabbit, free_port, log
 from bench.paths import GENERATOR_CEILING, PATHS, Env, PathDef, content_files, credentials, mqtt_generator_spec
 from bench.report import aggregate
 from bench.runner import Cell, Settings, measure
@@ -36,6 +36,9 @@ AUTH_PATH = "http-amqp"
 CONTENT_PATH = "http-amqp"
 """Beside the plain row, in the same round: a JSON Schema check, a CEL route and a field transform."""
 CONTENT_SYSTEM = "mediator (schema+CEL+transform)"
+TRACING_PATH = "http-amqp"
+"""Beside the plain row (metrics on, as always; tracing off), in the same round: tracing at 100% sampling."""
+TRACING_SYSTEM = "mediator (tracing 100%)"
 WORKERS = 2
 WORKERS_PATHS = ("http-amqp", "mqtt-amqp", "mqtt-mqtt")
 """Beside the plain row, in the same round: the daemon with ``[daemon] workers = 2`` (one supervisor, two
@@ -90,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-peers", action="store_true", help="skip Node-RED and the RabbitMQ MQTT plugin")
     ap.add_argument("--no-memory", action="store_true", help="skip the in-memory outbox figure")
     ap.add_argument("--no-auth", action="store_true", help=f"skip the authenticated {AUTH_PATH} rows (JWT, API key)")
+    ap.add_argument(
+        "--no-tracing", action="store_true", help=f"skip the {TRACING_PATH} row with tracing at 100% sampling"
+    )
     ap.add_argument(
         "--no-content", action="store_true", help=f"skip the {CONTENT_PATH} row with a schema, a CEL route, a transform"
     )
@@ -184,6 +190,7 @@ class Bench:
         )
         self.uid = uuid.uuid4().hex[:8]
         self.mosquitto = Mosquitto(WORK / "mosquitto")
+        self.otlp = OtlpSink()
         self.rabbit: OwnRabbit | None = None
         self.results: dict[str, Any] = {"paths": {}, "ceilings": {}, "skipped": [], "problems": []}
 
@@ -195,7 +202,13 @@ class Bench:
         return False
 
     def env(
-        self, name: str, outbox: str = "sqlite", auth: AuthRow | None = None, content: bool = False, workers: int = 1
+        self,
+        name: str,
+        outbox: str = "sqlite",
+        auth: AuthRow | None = None,
+        content: bool = False,
+        workers: int = 1,
+        tracing: bool = False,
     ) -> Env:
         uid = (
             f"{self.uid}-{name}"
@@ -203,6 +216,7 @@ class Bench:
             + (auth.suffix if auth else "")
             + ("-content" if content else "")
             + (f"-w{workers}" if workers > 1 else "")
+            + ("-tracing" if tracing else "")
         )
         workdir = WORK / "daemon" / uid
         workdir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +235,7 @@ class Bench:
             jwt_cache_size=auth.jwt_cache_size if auth else None,
             content=content,
             workers=workers,
+            tracing_endpoint=self.otlp.endpoint if tracing else None,
         )
 
     # ------------------------------------------------------------------------------------------ mediator
@@ -233,11 +248,13 @@ class Bench:
         auth: AuthRow | None = None,
         content: bool = False,
         workers: int = 1,
+        tracing: bool = False,
     ) -> dict[str, Any]:
         """One mediator cell; with ``auth`` the HTTP listener requires that credential, which every producer
         (wrk and the Python probes) then sends; with ``content`` the daemon checks a JSON Schema, routes by a
         CEL predicate over the data and transforms it (``bench.paths.CONTENT_TOML``)."""
-        env = self.env(path.name, outbox, auth, content, workers)
+        env = self.env(path.name, outbox, auth, content, workers, tracing)
+        spans_before = self.otlp.spans
         headers = credentials(env)
         content_files(env)
         daemon = Daemon(path.config(env), Path(env.workdir), env.http_port)
@@ -247,10 +264,13 @@ class Bench:
             + (auth.suffix if auth else "")
             + ("-content" if content else "")
             + (f"-workers{workers}" if workers > 1 else "")
+            + ("-tracing" if tracing else "")
         )
         system = auth.system if auth else ("mediator (memory outbox)" if outbox == "memory" else "mediator")
         if workers > 1:
             system = f"mediator (workers = {workers})"
+        if tracing:
+            system = TRACING_SYSTEM
         cell = Cell(
             label=path.name,
             system=CONTENT_SYSTEM if content else system,
@@ -286,6 +306,9 @@ class Bench:
         if workers > 1:
             res["variant"] = f"workers{workers}"
             res["workers"] = workers
+        if tracing:
+            res["variant"] = "tracing"
+            res["otlp_spans_received"] = self.otlp.spans - spans_before
         res["daemon_exit"] = rc
         res["daemon_log_lines"] = len(problems)
         return res
@@ -541,6 +564,7 @@ class Bench:
                 rounds.append(self._suite(names, first=r == 0))
         finally:
             self.mosquitto.stop()
+            self.otlp.stop()
             if self.rabbit is not None:
                 self.rabbit.stop()
         self.results["rounds"] = rounds
@@ -575,6 +599,10 @@ class Bench:
                         entry[row.key] = self._guard(
                             what, lambda n=name, r=row: self.mediator(PATHS[n], profile=first, auth=r)
                         )
+            if name == TRACING_PATH and not a.no_tracing and not self.over_budget(f"{name} [tracing]"):
+                entry["mediator_tracing"] = self._guard(
+                    f"{name} [tracing]", lambda n=name: self.mediator(PATHS[n], profile=first, tracing=True)
+                )
             if name == CONTENT_PATH and not a.no_content and not self.over_budget(f"{name} [content]"):
                 entry["mediator_content"] = self._guard(
                     f"{name} [content]", lambda n=name: self.mediator(PATHS[n], profile=first, content=True)

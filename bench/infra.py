@@ -424,3 +424,42 @@ class Child:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
+
+
+class OtlpSink:
+    """An OTLP/HTTP receiver for the tracing row: answers every ``POST /v1/traces`` 200 and counts the
+    spans it got (decoded with opentelemetry-proto), on threads of the benchmark's own process."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        sink = self
+        self.spans = 0
+        self._lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                request = ExportTraceServiceRequest.FromString(body)
+                count = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+                with sink._lock:
+                    sink.spans += count
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}/v1/traces"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="otlp-sink", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

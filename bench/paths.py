@@ -28,6 +28,7 @@ class Env:
     auth: str | None = None  # one of AUTH_KINDS: the HTTP listener requires that credential
     jwt_cache_size: int | None = None  # [auth.bench-jwt] cache_size; None: the daemon's default
     content: bool = False  # a JSON Schema check, a CEL route and a field transform (see CONTENT_TOML)
+    tracing_endpoint: str | None = None  # [tracing] at 100% sampling, exported to this OTLP/HTTP receiver
     workers: int = 1  # [daemon] workers: N worker processes sharing the load (mediator/supervisor.py)
 
     @property
@@ -315,4 +316,6 @@ match = {{ inbound = ["src"] }}
     )
     if env.content:
         parts.append(CONTENT_TOML)
+    if env.tracing_endpoint is not None:
+        parts.append(f'\n[tracing]\nenabled = true\nsample_ratio = 1.0\nendpoint = "{env.tracing_endpoint}"\n')
     return "".join(parts)
