@@ -166,7 +166,7 @@ async def refused(access: BrokerAccess) -> str:
         try:
             await wait_until(
                 lambda: any(log["event"] == "outbound.disconnected" for log in logs),
-                timeout_s=4,
+                timeout_s=8,  # bounded; a loaded CI machine took over 4 s once
                 what="the first connect to fail",
             )
             snapshot = health.snapshot()[outbound.component]
@@ -191,7 +191,10 @@ async def test_mqtt_client_certificate_of_another_ca_is_refused(
     mosquitto_tls: MosquittoInstance, pki: Pki, stranger: Pki
 ) -> None:
     reason = await refused(mqtt_access(mosquitto_tls, tls(pki, stranger)))
-    assert "unknown ca" in reason, reason
+    # TLS 1.3: Mosquitto refuses the certificate in an alert after our side of the handshake is done, and
+    # closes; now and then the close overtakes the alert (seen in 1 of ~10 clean-clone runs), and the read
+    # fails with an EOF instead. Refused either way, with the TLS layer's reason rather than a timeout.
+    assert "unknown ca" in reason or "EOF occurred in violation of protocol" in reason, reason
 
 
 async def test_mqtt_trusting_another_ca_refuses_the_broker(
