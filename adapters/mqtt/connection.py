@@ -342,6 +342,18 @@ class PublishProperties:
         return self._packed
 
 
+def stop_if_cancelled() -> None:
+    """Raise CancelledError when the current task was asked to stop. aiomqtt turns a cancellation that
+    lands inside its connect or its message iterator into an ``MqttError`` ("Disconnected during message
+    iteration"), or lets its connect complete as if nothing happened, which a reconnect loop would take for
+    a broker outage (or a connection) and go on forever: a daemon whose listener failed to bind at start-up
+    kept its MQTT clients running instead of exiting (tests/e2e/test_bind_failure.py). Called once the
+    connect returned and where such a loop catches MqttError."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Backoff:
     """Capped exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling to the cap."""
 

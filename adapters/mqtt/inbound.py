@@ -24,7 +24,7 @@ import structlog
 
 from adapters.mqtt.codec import InboundRules, MqttMessage, to_envelope, undecodable, user_properties
 from adapters.mqtt.config import MqttInboundConfig
-from adapters.mqtt.connection import Backoff, BrokerAccess, make_client, paho_client
+from adapters.mqtt.connection import Backoff, BrokerAccess, make_client, paho_client, stop_if_cancelled
 from mediator.core.envelope import Envelope
 from mediator.core.errors import NotReady, Rejected
 from mediator.core.ingress import Origin
@@ -72,6 +72,7 @@ class MqttInbound:
                 try:
                     client, queue = self._client()
                     async with client:
+                        stop_if_cancelled()  # aiomqtt's connect may have swallowed a cancellation
                         backoff.reset()
                         await self._subscribe(client)
                         self._rt.health.set(self.name, True, f"connected to {broker.host}:{broker.port}")
@@ -81,6 +82,7 @@ class MqttInbound:
                     problem = str(group.exceptions[0])
                 except* SubscriptionRefused as group:
                     problem = str(group.exceptions[0])
+                stop_if_cancelled()
                 delay = backoff.next()
                 self._rt.health.set(self.name, False, problem)
                 self._log.warning("inbound.disconnected", reason=problem, retry_in_s=round(delay, 2))

@@ -18,7 +18,14 @@ import structlog
 
 from adapters.mqtt.codec import from_envelope
 from adapters.mqtt.config import MqttOutboundConfig, publish_topic_problem
-from adapters.mqtt.connection import Backoff, BrokerAccess, PublishProperties, make_client, paho_client
+from adapters.mqtt.connection import (
+    Backoff,
+    BrokerAccess,
+    PublishProperties,
+    make_client,
+    paho_client,
+    stop_if_cancelled,
+)
 from mediator.core.deadline import deadline
 from mediator.core.envelope import Envelope
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
@@ -77,6 +84,7 @@ class MqttOutbound:
                     inner = paho_client(client)
                     inner.on_publish = self._on_publish
                     async with client:
+                        stop_if_cancelled()  # aiomqtt's connect may have swallowed a cancellation
                         backoff.reset()
                         self._paho = inner
                         self._health.set(self.component, True, f"connected to {broker.host}:{broker.port}")
@@ -89,6 +97,7 @@ class MqttOutbound:
                 finally:
                     self._paho = None
                     self._fail_waiting(problem)
+                stop_if_cancelled()
                 delay = backoff.next()
                 self._health.set(self.component, False, problem)
                 self._log.warning("outbound.disconnected", reason=problem, retry_in_s=round(delay, 2))
