@@ -192,13 +192,23 @@ def _cancelled_by_caller() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-async def http_producer(port: int, sent: Sent, stop: asyncio.Event, pace_s: float) -> None:
-    """POST /orders, one at a time; a request not answered 202 is sent again (same sequence number)."""
+async def http_producer(
+    port: int,
+    sent: Sent,
+    stop: asyncio.Event,
+    pace_s: float,
+    *,
+    limit: int = MAX_EVENTS,
+    new_connections: bool = False,
+) -> None:
+    """POST /orders, one at a time; a request not answered 202 is sent again (same sequence number).
+    ``new_connections``: a connection per request (so SO_REUSEPORT spreads them over workers)."""
     url = f"http://127.0.0.1:{port}/orders"
     timeout = aiohttp.ClientTimeout(total=SEND_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(force_close=True) if new_connections else None
     seq = 0
-    async with aiohttp.ClientSession(timeout=timeout) as http:
-        while seq < MAX_EVENTS and not stop.is_set():
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+        while seq < limit and not stop.is_set():
             sent.attempted.add(seq)
             try:
                 async with http.post(

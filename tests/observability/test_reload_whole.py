@@ -12,7 +12,6 @@ import signal
 import socket
 import sys
 import tomllib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +20,19 @@ import aiohttp
 import aiomqtt
 import pytest
 
+from tests.e2e.conftest import daemon
 from tests.support.daemon import ROOT, DaemonProcess, Quickstart, _declared
 from tests.support.net import RABBIT_URL, free_port, unique
 
 pytestmark = pytest.mark.timeout(90)
 
 
+__all__ = ["daemon"]  # the end-to-end fixture, over this module's quickstart
+
+
 @pytest.fixture
 def quickstart(tmp_path: Path, rabbitmq: str, mosquitto: tuple[str, int]) -> Quickstart:
     return Quickstart(tmp_path, overrides={"daemon": {"drain_timeout_s": 3.0}})
-
-
-@pytest.fixture
-async def daemon(quickstart: Quickstart, tmp_path: Path) -> AsyncIterator[DaemonProcess]:
-    proc = DaemonProcess(quickstart.write(), quickstart.http_port, tmp_path / "daemon.log")
-    await proc.start()
-    try:
-        yield proc
-    finally:
-        code = await proc.stop(signal.SIGTERM)
-        assert code == 0, f"daemon exited with {code} on SIGTERM:\n{proc.logs()}"
 
 
 def events(daemon: DaemonProcess, name: str) -> list[dict[str, Any]]:

@@ -41,9 +41,9 @@ from tests.faults.test_crash_faults import (
     drain,
     fast,
     grpc_event,
+    http_producer,
     mosquitto_own,
     mqtt_producer,
-    payload,
     until,
 )
 from tests.support.brokers import MosquittoInstance
@@ -55,30 +55,6 @@ __all__ = ["mosquitto_own"]  # the fixture, imported for the tests below
 MAX_EVENTS = 400  # per producer
 PACE_S = 0.003
 INBOUNDS = ("orders-http", "grpc", "devices", "commands")
-
-
-async def http_spread(port: int, sent: Sent, stop: asyncio.Event, limit: int = MAX_EVENTS) -> None:
-    """POST /orders on a new connection each time; one not answered 202 is sent again."""
-    url = f"http://127.0.0.1:{port}/orders"
-    seq = 0
-    connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_S)) as http:
-        while seq < limit and not stop.is_set():
-            sent.attempted.add(seq)
-            try:
-                async with http.post(
-                    url, data=payload((sent.pid, seq)), headers={"Content-Type": "application/json"}
-                ) as resp:
-                    await resp.read()
-                    ok = resp.status == 202
-            except (aiohttp.ClientError, TimeoutError):
-                ok = False
-            if ok:
-                sent.acked.add(seq)
-                seq += 1
-                await asyncio.sleep(PACE_S)
-            else:
-                await asyncio.sleep(RETRY_S)
 
 
 async def grpc_spread(port: int, uid: str, sent: Sent, stop: asyncio.Event, limit: int = MAX_EVENTS) -> None:
@@ -185,7 +161,9 @@ class Rig:
     def start(self, limit: int = MAX_EVENTS) -> None:
         qs, books, stop = self.qs, self.books, self.producers.stop
         for pid in ("h0", "h1"):
-            self.producers.start(pid, http_spread(qs.http_port, books.sender(pid), stop, limit))
+            self.producers.start(
+                pid, http_producer(qs.http_port, books.sender(pid), stop, PACE_S, limit=limit, new_connections=True)
+            )
         for pid in ("g0", "g1"):
             self.producers.start(pid, grpc_spread(qs.grpc_port, qs.uid, books.sender(pid), stop, limit))
         for pid in ("m0", "m1"):
