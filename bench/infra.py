@@ -441,6 +441,8 @@ class OtlpSink:
         self._lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a collector's OTLP/HTTP receiver
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 request = ExportTraceServiceRequest.FromString(body)

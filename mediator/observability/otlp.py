@@ -2,11 +2,11 @@
 
 The SDK's encoder (``opentelemetry.exporter.otlp.proto.common``) builds a protobuf message object per
 span, attribute and value, then serializes them: 30-49 us per span here, on the exporter thread but
-holding the GIL the event loop needs, which made it the largest cost of tracing at 100% (two spans per
-event). This writes the same bytes directly (protobuf wire format: tags, varints, length prefixes), with
-the encoding of a repeated attribute (the system, the destination, the operation) cached: a few
-microseconds per span. ``tests/observability/test_otlp_encoder.py`` decodes both encoders' output and
-compares the messages; a span with anything this does not handle is encoded by the SDK instead.
+holding the GIL the event loop needs. This writes the same bytes directly from ``SpanRecord``s (protobuf
+wire format: tags, varints, length prefixes), with what repeats cached: the resource and scope of every
+request, each span name with its kind, each (key, value) of an attribute that names a system, an
+operation or a destination. ``tests/observability/test_otlp_encoder.py`` decodes this encoder's output
+and the SDK's for the same spans (``spans.to_readable``) and compares the messages.
 """
 
 from __future__ import annotations
@@ -18,15 +18,27 @@ from typing import Any
 from opentelemetry.exporter.otlp.proto.common._internal import _encode_attributes
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.trace import SpanContext, SpanKind
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanKind
+
+from mediator.observability.spans import SpanRecord, to_readable
 
 _FIXED64 = struct.Struct("<Q")
 _DOUBLE = struct.Struct("<d")
 _KIND = {SpanKind.INTERNAL: 1, SpanKind.SERVER: 2, SpanKind.CLIENT: 3, SpanKind.PRODUCER: 4, SpanKind.CONSUMER: 5}
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200  # SpanFlags
+_FLAGS_LOCAL = b"\x85\x01" + struct.pack("<I", _HAS_IS_REMOTE)  # field 16, fixed32
+_FLAGS_REMOTE = b"\x85\x01" + struct.pack("<I", _HAS_IS_REMOTE | _IS_REMOTE)
+_LINK_LOCAL = b"\x35" + struct.pack("<I", _HAS_IS_REMOTE)  # Link.flags, field 6
+_LINK_REMOTE = b"\x35" + struct.pack("<I", _HAS_IS_REMOTE | _IS_REMOTE)
+_STATUS_UNSET = b"\x7a\x00"  # field 15, an empty Status (the SDK writes one for an unset status)
+_ERROR = 2  # StatusCode.ERROR
 _CACHE_MAX = 4096
+UNCACHED = frozenset({"messaging.message.id", "messaging.batch.message_count", "mediator.delivery.attempts"})
+"""Attribute keys whose values are unique or nearly so: encoded each time, never cached."""
 
 
 def _varint(n: int) -> bytes:
@@ -49,136 +61,123 @@ def _string(tag: bytes, text: str | None) -> bytes:
     return _field(tag, text.encode("utf-8")) if text else b""
 
 
-def _flags(parent: SpanContext | None) -> bytes:
-    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
-    return b"\x85\x01" + struct.pack("<I", flags)  # field 16, fixed32
+def _key_value(key: str, value: Any) -> bytes:
+    """One KeyValue message's bytes (without its own tag)."""
+    if isinstance(value, bool):
+        any_value = b"\x10" + (b"\x01" if value else b"\x00")
+    elif isinstance(value, str):
+        any_value = _field(b"\x0a", value.encode("utf-8"))
+    elif isinstance(value, int):
+        any_value = b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)  # int64: two's complement
+    elif isinstance(value, float):
+        any_value = b"\x21" + _DOUBLE.pack(value)
+    else:  # arrays and the rest: the SDK's own encoding of this one attribute
+        return bytes(_encode_attributes({key: value})[0].SerializeToString())
+    return _string(b"\x0a", key) + _field(b"\x12", any_value)
 
 
 class Encoder:
-    def __init__(self) -> None:
-        self._attrs: dict[tuple[str, Any], bytes] = {}
+    """ExportTraceServiceRequest bytes for batches of ``SpanRecord``s of one resource and scope."""
+
+    def __init__(self, resource: Resource, scope: InstrumentationScope) -> None:
+        self._attrs: dict[tuple[str, type, Any], bytes] = {}
+        self._keys: dict[str, bytes] = {}
+        self._names: dict[tuple[str, SpanKind], bytes] = {}
+        resource_body = self._attributes(b"\x0a", resource.attributes)
+        self._resource = _field(b"\x0a", resource_body)
+        self._resource_tail = _string(b"\x1a", resource.schema_url)
+        scope_body = _string(b"\x0a", scope.name) + _string(b"\x12", scope.version)
+        scope_body += self._attributes(b"\x1a", scope.attributes)
+        self._scope = _field(b"\x0a", scope_body)
+        self._scope_tail = _string(b"\x1a", scope.schema_url)
 
     def _attribute(self, key: str, value: Any) -> bytes:
-        """One KeyValue field (without its own tag), cached by (key, value) for scalar values."""
-        cacheable = isinstance(value, str | bool | int | float)
-        if cacheable:
-            hit = self._attrs.get((key, value))
-            if hit is not None:
-                return hit
-        if isinstance(value, bool):
-            any_value = b"\x10" + (b"\x01" if value else b"\x00")
-        elif isinstance(value, str):
-            any_value = _field(b"\x0a", value.encode("utf-8"))
-        elif isinstance(value, int):
-            any_value = b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)  # int64: two's complement
-        elif isinstance(value, float):
-            any_value = b"\x21" + _DOUBLE.pack(value)
-        else:  # arrays and the rest: the SDK's own encoding of this one attribute
-            return _encode_attributes({key: value})[0].SerializeToString()
-        encoded = _string(b"\x0a", key) + _field(b"\x12", any_value)
-        if cacheable:
+        """One attribute as a tagged KeyValue field of a Span (field 9); cached by (key, type, value)."""
+        if key in UNCACHED:
+            if value.__class__ is str:  # a message id: the key's bytes are cached, the value encoded
+                data = value.encode("utf-8")
+                any_value = b"\x0a" + _varint(len(data)) + data
+                kv = self._key(key) + b"\x12" + _varint(len(any_value)) + any_value
+                return b"\x4a" + _varint(len(kv)) + kv
+            return _field(b"\x4a", _key_value(key, value))
+        try:
+            hit = self._attrs.get((key, value.__class__, value))
+        except TypeError:  # unhashable: an array
+            return _field(b"\x4a", _key_value(key, value))
+        if hit is None:
             if len(self._attrs) >= _CACHE_MAX:
                 self._attrs.clear()
-            self._attrs[key, value] = encoded
-        return encoded
+            hit = self._attrs[key, value.__class__, value] = _field(b"\x4a", _key_value(key, value))
+        return hit
 
-    def _attributes(self, tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
+    def _key(self, key: str) -> bytes:
+        hit = self._keys.get(key)
+        if hit is None:
+            hit = self._keys[key] = _string(b"\x0a", key)
+        return hit
+
+    @staticmethod
+    def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         if not attributes:
             return b""
-        return b"".join(_field(tag, self._attribute(k, v)) for k, v in attributes.items())
+        return b"".join(_field(tag, _key_value(k, v)) for k, v in attributes.items())
 
-    def span(self, span: ReadableSpan) -> bytes:
-        ctx = span.get_span_context()
-        assert ctx is not None
+    def span(self, span: SpanRecord) -> bytes:
         parent = span.parent
-        parts = [
-            _field(b"\x0a", ctx.trace_id.to_bytes(16, "big")),
-            _field(b"\x12", ctx.span_id.to_bytes(8, "big")),
-        ]
-        if ctx.trace_state:
-            parts.append(_string(b"\x1a", ",".join(f"{k}={v}" for k, v in ctx.trace_state.items())))
+        name = self._names.get((span.name, span.kind))
+        if name is None:
+            name = self._names[span.name, span.kind] = _string(b"\x2a", span.name) + b"\x30" + _varint(_KIND[span.kind])
+        parts = [b"\x0a\x10" + bytes.fromhex(span.trace_id), b"\x12\x08" + bytes.fromhex(span.span_id)]
+        if span.state:
+            parts.append(_string(b"\x1a", span.state))
         if parent is not None:
-            parts.append(_field(b"\x22", parent.span_id.to_bytes(8, "big")))
-        parts.append(_string(b"\x2a", span.name))
-        parts.append(b"\x30" + _varint(_KIND[span.kind]))
-        parts.append(b"\x39" + _FIXED64.pack(span.start_time or 0))
-        parts.append(b"\x41" + _FIXED64.pack(span.end_time or 0))
-        parts.append(self._attributes(b"\x4a", span.attributes))
-        if span.dropped_attributes:
-            parts.append(b"\x50" + _varint(span.dropped_attributes))
-        for event in span.events:
-            body = b"\x09" + _FIXED64.pack(event.timestamp) + _string(b"\x12", event.name)
-            body += self._attributes(b"\x1a", event.attributes)
-            if event.dropped_attributes:
-                body += b"\x20" + _varint(event.dropped_attributes)
-            parts.append(_field(b"\x5a", body))
-        if span.dropped_events:
-            parts.append(b"\x60" + _varint(span.dropped_events))
+            parts.append(b"\x22\x08" + bytes.fromhex(parent.span_id))
+        parts.append(name)
+        parts.append(b"\x39" + _FIXED64.pack(span.start_ns))
+        parts.append(b"\x41" + _FIXED64.pack(span.end_ns))
+        attribute = self._attribute
+        parts.extend(attribute(k, v) for k, v in span.attributes.items())
         for link in span.links:
-            lc = link.context
-            body = _field(b"\x0a", lc.trace_id.to_bytes(16, "big")) + _field(b"\x12", lc.span_id.to_bytes(8, "big"))
-            body += self._attributes(b"\x22", link.attributes)
-            if link.dropped_attributes:
-                body += b"\x28" + _varint(link.dropped_attributes)
-            body += b"\x35" + struct.pack("<I", _HAS_IS_REMOTE | (_IS_REMOTE if lc.is_remote else 0))
-            parts.append(_field(b"\x6a", body))
-        if span.dropped_links:
-            parts.append(b"\x70" + _varint(span.dropped_links))
-        status = span.status
-        if status is not None:
-            body = _string(b"\x12", status.description)
-            if status.status_code.value:
-                body += b"\x18" + _varint(status.status_code.value)
-            parts.append(_field(b"\x7a", body))
-        parts.append(_flags(parent))
+            body = b"\x0a\x10" + bytes.fromhex(link.trace_id) + b"\x12\x08" + bytes.fromhex(link.span_id)
+            parts.append(_field(b"\x6a", body + (_LINK_REMOTE if link.remote else _LINK_LOCAL)))
+        if span.error:
+            parts.append(_field(b"\x7a", _string(b"\x12", span.description) + b"\x18" + _varint(_ERROR)))
+        else:
+            parts.append(_STATUS_UNSET)
+        parts.append(_FLAGS_REMOTE if parent is not None and parent.remote else _FLAGS_LOCAL)
         return b"".join(parts)
 
-    def request(self, spans: Sequence[ReadableSpan]) -> bytes:
-        """An ExportTraceServiceRequest: spans grouped by resource, then by instrumentation scope."""
-        groups: dict[int, tuple[Any, dict[Any, list[bytes]]]] = {}
-        for span in spans:
-            resource = span.resource
-            entry = groups.setdefault(id(resource), (resource, {}))
-            entry[1].setdefault(span.instrumentation_scope, []).append(self.span(span))
-        out = []
-        for resource, scopes in groups.values():
-            body = _field(b"\x0a", self._attributes(b"\x0a", resource.attributes))
-            for scope, encoded in scopes.items():
-                scope_body = b""
-                if scope is not None:
-                    scope_body = _string(b"\x0a", scope.name) + _string(b"\x12", scope.version)
-                    scope_body += self._attributes(b"\x1a", scope.attributes)
-                chunk = _field(b"\x0a", scope_body) + b"".join(_field(b"\x12", s) for s in encoded)
-                if scope is not None and scope.schema_url:
-                    chunk += _string(b"\x1a", scope.schema_url)
-                body += _field(b"\x12", chunk)
-            if resource.schema_url:
-                body += _string(b"\x1a", resource.schema_url)
-            out.append(_field(b"\x0a", body))
-        return b"".join(out)
+    def request(self, spans: Sequence[SpanRecord]) -> bytes:
+        """An ExportTraceServiceRequest: one ResourceSpans, one ScopeSpans, the spans."""
+        chunk = self._scope + b"".join(_field(b"\x12", self.span(s)) for s in spans) + self._scope_tail
+        body = self._resource + _field(b"\x12", chunk) + self._resource_tail
+        return _field(b"\x0a", body)
 
 
 class LeanOTLPSpanExporter(OTLPSpanExporter):
-    """The SDK's OTLP/HTTP exporter with ``Encoder`` in place of its message-object encoder. Relies on the
-    exporter's ``_client.export(bytes)`` (opentelemetry-exporter-otlp-proto-http 1.45); where that is not
-    there, or the lean encoder fails, it is the SDK's own export."""
+    """The SDK's OTLP/HTTP exporter (its transport, headers, compression, timeout and retries) with
+    ``Encoder`` in place of its message-object encoder. Relies on the exporter's ``_client.export(bytes)``
+    (opentelemetry-exporter-otlp-proto-http 1.45); where that is not there, records become the SDK's
+    ``ReadableSpan``s and take the SDK's own export."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, resource: Resource, scope: InstrumentationScope, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._encoder = Encoder()
+        self._resource_of = resource
+        self._scope_of = scope
+        self._encoder = Encoder(resource, scope)
         self._lean = callable(getattr(getattr(self, "_client", None), "export", None))
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if not self._lean or self._shutdown:
-            return super().export(spans)
-        try:
-            data = self._encoder.request(spans)
-        except Exception:
-            return super().export(spans)
-        result = self._client.export(data)
-        return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
+    def export_records(self, spans: Sequence[SpanRecord]) -> bool:
+        """Post one batch; True when the collector took it."""
+        if self._shutdown:
+            return False
+        if not self._lean:
+            readable = [to_readable(s, self._resource_of, self._scope_of) for s in spans]
+            return super().export(readable) is SpanExportResult.SUCCESS
+        result = self._client.export(self._encoder.request(spans))
+        return bool(result.success)
 
 
 def sdk_request(spans: Sequence[ReadableSpan]) -> bytes:
     """What the SDK's encoder writes for ``spans`` (for comparison)."""
-    return encode_spans(spans).SerializeToString()
+    return bytes(encode_spans(spans).SerializeToString())

@@ -19,7 +19,9 @@ Spans follow the OpenTelemetry messaging conventions, as few and as cheap as the
   span. A failed attempt has error status with the reason; a dead letter has a span of its own, error
   status, the reason as description.
 
-Export: a ``BatchSpanProcessor`` (its own thread) and OTLP/HTTP; ``close`` flushes within the drain.
+Spans are ``mediator.observability.spans`` records (the SDK's sampling decision, ids and OTLP messages,
+without its span objects: 39 us each here), exported by a thread of their own over OTLP/HTTP with the
+SDK's exporter and a lean encoder (``otlp.py``); ``close`` flushes within the drain.
 """
 
 from __future__ import annotations
@@ -30,20 +32,17 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import structlog
-from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.span import Span, TraceState
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanKind
 
 from mediator.core.envelope import Envelope
 from mediator.core.errors import ConfigError, NotReady, Rejected
 from mediator.core.ingress import Origin, Principal
 from mediator.core.seams import Outbound, Sink
-from mediator.core.tracecontext import TRACEPARENT, TRACESTATE, reset_outgoing, set_outgoing, valid_traceparent
+from mediator.core.tracecontext import TRACEPARENT, TRACESTATE, reset_outgoing, set_outgoing
 from mediator.observability.otlp import LeanOTLPSpanExporter
+from mediator.observability.spans import Parent, Recorder, SpanRecord, parse
 from mediator.observability.tracing_config import TracingConfig
 from mediator.outbox.base import Pending
 
@@ -52,33 +51,11 @@ log = structlog.get_logger(__name__)
 # messaging.system: the well-known value where there is one (rabbitmq), the protocol otherwise.
 _SYSTEMS = {"amqp": "rabbitmq", "mqtt": "mqtt", "http": "http", "grpc": "grpc"}
 _GRPC_SERVICE = "mediator.v1.Mediator"
-_ERROR = StatusCode.ERROR
+
+__all__ = ["TracedOutbound", "TracedSink", "Tracing", "parse"]
 
 
-def parse(traceparent: str, tracestate: str = "") -> SpanContext | None:
-    """The remote span context a traceparent names, or None when it is absent or invalid."""
-    value = valid_traceparent(traceparent)
-    if value is None:
-        return None
-    trace_id = int(value[3:35], 16)
-    span_id = int(value[36:52], 16)
-    if not trace_id or not span_id:
-        return None
-    state = TraceState.from_header([tracestate]) if tracestate else None
-    return SpanContext(trace_id, span_id, True, TraceFlags(int(value[53:55], 16) & 1), state)
-
-
-def format_context(ctx: SpanContext) -> tuple[str, str]:
-    """(traceparent, tracestate) of a span context, as W3C Trace Context writes them."""
-    state = ctx.trace_state
-    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}", state.to_header() if state else ""
-
-
-def _as_parent(ctx: SpanContext | None) -> Any:
-    return trace.set_span_in_context(NonRecordingSpan(ctx)) if ctx is not None else None
-
-
-def _event_context(env: Envelope) -> SpanContext | None:
+def _event_context(env: Envelope) -> Parent | None:
     """The creation context the CloudEvents distributed tracing extension holds, if any."""
     attrs = env.attributes
     if TRACEPARENT not in attrs:
@@ -88,50 +65,50 @@ def _event_context(env: Envelope) -> SpanContext | None:
 
 
 class Tracing:
-    """The tracer provider of one daemon, and the wrappers that observe its seams."""
+    """The span recorder of one daemon, and the wrappers that observe its seams."""
 
     def __init__(self, cfg: TracingConfig, *, version: str = "") -> None:
         headers, problems = cfg.resolved_headers()
         if problems:
             raise ConfigError("environment", problems)
         self.cfg = cfg
-        self._provider = TracerProvider(
-            resource=Resource.create({"service.name": cfg.service_name, "service.version": version}),
-            sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)),
-        )
-        exporter = LeanOTLPSpanExporter(endpoint=cfg.endpoint, headers=headers, timeout=cfg.export_timeout_s)
-        self._processor = BatchSpanProcessor(
-            exporter,
+        resource = Resource.create({"service.name": cfg.service_name, "service.version": version})
+        scope = InstrumentationScope("mediator", version)
+        self.recorder = Recorder(
+            cfg.sample_ratio,
+            resource=resource,
+            scope=scope,
             max_queue_size=cfg.max_queue_size,
-            schedule_delay_millis=cfg.schedule_delay_s * 1000,
-            max_export_batch_size=min(cfg.max_export_batch, cfg.max_queue_size),
-            export_timeout_millis=cfg.export_timeout_s * 1000,
+            max_export_batch=cfg.max_export_batch,
+            schedule_delay_s=cfg.schedule_delay_s,
         )
-        self._provider.add_span_processor(self._processor)
-        self.tracer = self._provider.get_tracer("mediator", version)
+        self._exporter = LeanOTLPSpanExporter(
+            resource, scope, endpoint=cfg.endpoint, headers=headers, timeout=cfg.export_timeout_s
+        )
+        self.recorder.start_export(self._exporter.export_records)
         log.info("tracing.started", endpoint=cfg.endpoint, sample_ratio=cfg.sample_ratio)
 
     def sink(self, inner: Sink) -> Sink:
-        return TracedSink(inner, self.tracer)
+        return TracedSink(inner, self.recorder)
 
     def outbound(self, inner: Outbound, kind: str) -> Outbound:
-        return TracedOutbound(inner, kind, self.tracer)
+        return TracedOutbound(inner, kind, self.recorder)
 
     def dead_lettered(
         self, hook: Callable[[Pending, str], Awaitable[None]]
     ) -> Callable[[Pending, str], Awaitable[None]]:
         """``hook`` (the dispatcher's dead-letter callback) preceded by a dead-letter span: error status, the
         reason as its description, child of the event's receive span."""
-        tracer = self.tracer
+        recorder = self.recorder
 
         async def traced(delivery: Pending, reason: str) -> None:
             event = delivery.event
             prov = event.provenance
-            span = tracer.start_span(
+            span = recorder.start(
                 f"dead_letter {delivery.outbound}",
-                context=_as_parent(parse(prov.traceparent, prov.tracestate)),
-                kind=SpanKind.INTERNAL,
-                attributes={
+                SpanKind.INTERNAL,
+                parse(prov.traceparent, prov.tracestate),
+                {
                     "messaging.message.id": event.id,
                     "messaging.destination.name": delivery.address,
                     "mediator.outbound": delivery.outbound,
@@ -140,7 +117,7 @@ class Tracing:
                     "error.type": "dead_letter",
                 },
             )
-            span.set_status(Status(_ERROR, reason))
+            span.set_error(reason)
             span.end()
             await hook(delivery, reason)
 
@@ -149,17 +126,25 @@ class Tracing:
     async def close(self, timeout_s: float) -> None:
         """Export what is still queued (within ``timeout_s``), then stop the exporter thread."""
         started = time.monotonic()
-        flushed = await asyncio.to_thread(self._processor.force_flush, max(1, int(timeout_s * 1000)))
-        await asyncio.to_thread(self._provider.shutdown)
-        log.info("tracing.stopped", flushed=flushed, took_s=round(time.monotonic() - started, 3))
+        flushed = await asyncio.to_thread(self.recorder.stop, max(0.001, timeout_s))
+        await asyncio.to_thread(self._exporter.shutdown)
+        r = self.recorder
+        log.info(
+            "tracing.stopped",
+            flushed=flushed,
+            exported=r.exported,
+            failed=r.failed,
+            dropped=r.dropped,
+            took_s=round(time.monotonic() - started, 3),
+        )
 
 
 class TracedSink:
     """A ``Sink`` that opens the receive span(s) of each call around the inner sink's ``accept``."""
 
-    def __init__(self, inner: Sink, tracer: trace.Tracer) -> None:
+    def __init__(self, inner: Sink, recorder: Recorder) -> None:
         self._inner = inner
-        self._tracer = tracer
+        self._recorder = recorder
 
     def __getattr__(self, name: str) -> Any:  # anything else the pipeline offers
         return getattr(self._inner, name)
@@ -170,21 +155,26 @@ class TracedSink:
     async def accept(self, events: Sequence[Envelope], origin: Origin) -> Collection[str] | None:
         if not events:
             return await self._inner.accept(events, origin)
-        spans = [self._consumer(env) for env in events] if origin.broker else [self._server(events, origin)]
+        broker = origin.broker
+        spans = [self._consumer(env) for env in events] if broker else [self._server(events, origin)]
         # A refused or deferred batch comes back (event by event, or after a pause): what the carrier said
         # must still be there, not this attempt's span.
         saved = [
             (env, env.provenance.traceparent, env.provenance.tracestate, TRACEPARENT in env.attributes)
             for env in events
         ]
-        for span, env in self._pairs(spans, events, origin.broker):
-            self._stamp(env, span.get_span_context())
+        if broker:
+            for span, env in zip(spans, events, strict=True):
+                _stamp(env, span)
+        else:
+            for env in events:
+                _stamp(env, spans[0])
         try:
             return await self._inner.accept(events, origin)
         except BaseException as exc:
             _restore(saved)
             for span in spans:
-                _failed(span, exc, error=origin.broker or not isinstance(exc, Rejected))
+                _failed(span, exc, error=broker or not isinstance(exc, Rejected))
             raise
         finally:
             for span in spans:
@@ -193,48 +183,29 @@ class TracedSink:
     async def dead_letter(self, event: Envelope, reason: str) -> None:
         span = self._consumer(event)
         span.set_attribute("error.type", "dead_letter")
-        span.set_status(Status(_ERROR, reason))
-        self._stamp(event, span.get_span_context())
+        span.set_error(reason)
+        _stamp(event, span)
         try:
             await self._inner.dead_letter(event, reason)
         finally:
             span.end()
 
-    @staticmethod
-    def _pairs(spans: list[Span], events: Sequence[Envelope], broker: bool) -> list[tuple[Span, Envelope]]:
-        if broker:
-            return list(zip(spans, events, strict=True))
-        return [(spans[0], env) for env in events]
-
-    @staticmethod
-    def _stamp(env: Envelope, ctx: SpanContext) -> None:
-        traceparent, tracestate = format_context(ctx)
-        prov = env.provenance
-        prov.traceparent = traceparent
-        prov.tracestate = tracestate
-        attrs = env.attributes
-        if TRACEPARENT not in attrs:
-            attrs[TRACEPARENT].ce_string = traceparent
-            if tracestate:
-                attrs[TRACESTATE].ce_string = tracestate
-
-    def _consumer(self, env: Envelope) -> Span:
+    def _consumer(self, env: Envelope) -> SpanRecord:
         prov = env.provenance
         parent = parse(prov.traceparent, prov.tracestate) or _event_context(env)
-        system = _SYSTEMS.get(prov.protocol, prov.protocol)
-        return self._tracer.start_span(
+        return self._recorder.start(
             f"process {prov.inbound}",
-            context=_as_parent(parent),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": system,
+            SpanKind.CONSUMER,
+            parent,
+            {
+                "messaging.system": _SYSTEMS.get(prov.protocol, prov.protocol),
                 "messaging.operation.type": "process",
                 "messaging.destination.name": prov.topic,
                 "messaging.message.id": env.id,
             },
         )
 
-    def _server(self, events: Sequence[Envelope], origin: Origin) -> Span:
+    def _server(self, events: Sequence[Envelope], origin: Origin) -> SpanRecord:
         first = events[0]
         parent = parse(origin.traceparent, origin.tracestate) or _event_context(first)
         attributes: dict[str, str | int]
@@ -250,7 +221,21 @@ class TracedSink:
             attributes["messaging.message.id"] = first.id
         else:
             attributes["messaging.batch.message_count"] = len(events)
-        return self._tracer.start_span(name, context=_as_parent(parent), kind=SpanKind.SERVER, attributes=attributes)
+        return self._recorder.start(name, SpanKind.SERVER, parent, attributes)
+
+
+def _stamp(env: Envelope, span: SpanRecord) -> None:
+    """The receive span's context into the event's provenance (what its send spans are children of), and
+    into its CloudEvents traceparent when it has none: it was created here."""
+    traceparent, tracestate = span.traceparent, span.state
+    prov = env.provenance
+    prov.traceparent = traceparent
+    prov.tracestate = tracestate
+    attrs = env.attributes
+    if TRACEPARENT not in attrs:
+        attrs[TRACEPARENT].ce_string = traceparent
+        if tracestate:
+            attrs[TRACESTATE].ce_string = tracestate
 
 
 def _restore(saved: list[tuple[Envelope, str, str, bool]]) -> None:
@@ -262,34 +247,34 @@ def _restore(saved: list[tuple[Envelope, str, str, bool]]) -> None:
             env.attributes.pop(TRACESTATE, None)
 
 
-def _failed(span: Span, exc: BaseException, *, error: bool) -> None:
+def _failed(span: SpanRecord, exc: BaseException, *, error: bool) -> None:
     """Record why ``accept`` did not commit. A refusal answered to an HTTP or gRPC caller is the caller's
     fault (the HTTP conventions leave a server span's status unset for a 4xx); on a broker it becomes a
     dead letter, and a NotReady or a crash is ours: error status."""
     if isinstance(exc, Rejected):
         span.set_attribute("error.type", exc.code.value)
         if error:
-            span.set_status(Status(_ERROR, exc.reason))
+            span.set_error(exc.reason)
     elif isinstance(exc, NotReady):
         span.set_attribute("error.type", "not_ready")
-        span.set_status(Status(_ERROR, exc.reason))
+        span.set_error(exc.reason)
     elif isinstance(exc, asyncio.CancelledError):
         span.set_attribute("error.type", "cancelled")
     else:
         span.set_attribute("error.type", type(exc).__qualname__)
-        span.set_status(Status(_ERROR, repr(exc)))
+        span.set_error(repr(exc))
 
 
 class TracedOutbound:
     """An ``Outbound`` whose every ``send`` is a PRODUCER span; its context is the carrier's."""
 
-    def __init__(self, inner: Outbound, kind: str, tracer: trace.Tracer) -> None:
+    def __init__(self, inner: Outbound, kind: str, recorder: Recorder) -> None:
         self.inner = inner
         self.name = inner.name
         self.max_in_flight = inner.max_in_flight
         self._system = _SYSTEMS.get(kind, kind)
         self._span_name = f"send {inner.name}"
-        self._tracer = tracer
+        self._recorder = recorder
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -299,28 +284,26 @@ class TracedOutbound:
         parent = parse(prov.traceparent, prov.tracestate)
         created = _event_context(event)
         # The link to the creation context only where it says something: a creation context in the send
-        # span's own trace is one of its ancestors already (a link costs about 2 us more per span).
-        links = (
-            [Link(created)] if created is not None and (parent is None or created.trace_id != parent.trace_id) else None
-        )
-        span = self._tracer.start_span(
+        # span's own trace is one of its ancestors already.
+        links = (created,) if created is not None and (parent is None or created.trace_id != parent.trace_id) else ()
+        span = self._recorder.start(
             self._span_name,
-            context=_as_parent(parent),
-            kind=SpanKind.PRODUCER,
-            attributes={
+            SpanKind.PRODUCER,
+            parent,
+            {
                 "messaging.system": self._system,
                 "messaging.operation.type": "send",
                 "messaging.destination.name": address,
                 "messaging.message.id": event.id,
             },
-            links=links,
+            links,
         )
-        token = set_outgoing(format_context(span.get_span_context()))
+        token = set_outgoing((span.traceparent, span.state))
         try:
             await self.inner.send(event, address, format)
         except BaseException as exc:
             span.set_attribute("error.type", type(exc).__name__)
-            span.set_status(Status(_ERROR, str(exc) or type(exc).__name__))
+            span.set_error(str(exc) or type(exc).__name__)
             raise
         finally:
             reset_outgoing(token)
