@@ -180,8 +180,8 @@ class Daemon:
         self.dispatchers: dict[str, Dispatcher] = {}
         # Observed at the seams (pipeline, dispatchers, outbox transactions) and, at scrape time, from
         # Health and the dispatchers (StateCollector): mediator/observability/metrics.py.
-        self.metrics = Metrics(process=True)
-        if isinstance(self.outbox, SqliteOutbox):
+        self.metrics = Metrics(process=True, counting=config.root.metrics.enabled)
+        if isinstance(self.outbox, SqliteOutbox) and self.metrics.counting:
             self.outbox.on_transaction = self.metrics.transaction
         self.stages = make_stages(config)
         # Aggregation is the last stage; its store lives beside the outbox (in memory with a memory outbox).

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -147,35 +147,59 @@ class OutboundMetrics:
             self.latency.observe(max(0.0, time.time() - received_s))
 
 
+class _Off:
+    """A metric family, and its children, that count nothing: ``[metrics] enabled = false``."""
+
+    __slots__ = ()
+
+    def labels(self, *values: str) -> _Off:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+    def collect(self) -> list[Metric]:
+        return []
+
+
+_OFF: Any = _Off()  # stands for a Counter or a Histogram: the same calls, no effect
+
+
 class Metrics:
     """Every metric of one daemon, on a registry of its own (so tests can run several daemons in a process).
 
-    Must be written from the event loop thread (the hot path does not look anything up twice).
+    Must be written from the event loop thread (the hot path does not look anything up twice). With
+    ``counting`` off every family is ``_Off``: the seams' calls stay, and cost a no-op method call each.
     """
 
-    def __init__(self, *, process: bool = False) -> None:
+    def __init__(self, *, process: bool = False, counting: bool = True) -> None:
+        self.counting = counting
         self.registry = r = CollectorRegistry(auto_describe=True)
+        families = r if counting else None  # off: built (the names are checked), never registered
         ns = NAMESPACE
         self.received = Counter(
             "events_received",
             "Events an inbound handed over that reached an outcome: accepted, duplicate or refused.",
             ["inbound"],
             namespace=ns,
-            registry=r,
+            registry=families,
         )
         self.accepted = Counter(
             "events_accepted",
             "Events committed to the outbox (the sender was acknowledged), duplicates excluded.",
             ["inbound"],
             namespace=ns,
-            registry=r,
+            registry=families,
         )
         self.refused = Counter(
             "events_refused",
             "Events refused by an ingress stage or authentication, by RejectCode (a sender's fault, not retried).",
             ["inbound", "reason"],
             namespace=ns,
-            registry=r,
+            registry=families,
         )
         self.refused_batches = Counter(
             "batches_refused",
@@ -183,93 +207,97 @@ class Metrics:
             "event on its own, which the event counters count).",
             ["inbound", "reason"],
             namespace=ns,
-            registry=r,
+            registry=families,
         )
         self.deferred = Counter(
             "events_deferred",
             "Events not taken now (503, UNAVAILABLE or RESOURCE_EXHAUSTED, a withheld ack): the sender retries.",
             ["inbound", "reason"],
             namespace=ns,
-            registry=r,
+            registry=families,
         )
         self.duplicates = Counter(
             "events_duplicate",
             "Events whose source and id were committed within the dedup window: acknowledged, not delivered again.",
             ["inbound"],
             namespace=ns,
-            registry=r,
+            registry=families,
         )
         self.routed = Counter(
             "events_routed",
             "Events a route matched (an event matched by two routes counts once for each).",
             ["route"],
             namespace=ns,
-            registry=r,
+            registry=families,
         )
         self.unmatched = Counter(
             "events_unmatched",
             "Events no route matched (each is dead-lettered with reason unmatched).",
             ["inbound"],
             namespace=ns,
-            registry=r,
+            registry=families,
         )
         self.sent = Counter(
             "deliveries_sent",
             "Deliveries the peer confirmed (PUBACK, publisher confirm, 2xx, stream write).",
             ["outbound"],
             namespace=ns,
-            registry=r,
+            registry=families,
         )
         self.failed = Counter(
             "delivery_attempts_failed",
             "Delivery attempts that failed, by class: retryable, timeout, terminal, error.",
             ["outbound", "reason"],
             namespace=ns,
-            registry=r,
+            registry=families,
         )
         self.retried = Counter(
             "deliveries_retried",
             "Retries scheduled after a failed attempt, by the failure's class.",
             ["outbound", "reason"],
             namespace=ns,
-            registry=r,
+            registry=families,
         )
         self.dead_lettered = Counter(
             "dead_letters",
             "Dead letters stored, by outbound ('' for a whole event dead-lettered at ingress) and reason class.",
             ["outbound", "reason"],
             namespace=ns,
-            registry=r,
+            registry=families,
         )
         self.latency = Histogram(
             "delivery_latency_seconds",
             "From the event's receipt by the inbound to the peer's confirmation of this delivery, retries included.",
             ["outbound"],
             namespace=ns,
-            registry=r,
+            registry=families,
             buckets=LATENCY_BUCKETS,
         )
         self.commit = Histogram(
             "outbox_commit_seconds",
             "A commit as its caller waits for it: queued into a group transaction, written, made durable.",
             namespace=ns,
-            registry=r,
+            registry=families,
             buckets=COMMIT_BUCKETS,
         )
         self.transaction_ops = Histogram(
             "outbox_transaction_operations",
             "Operations grouped into one outbox transaction (commits, dead letters, lazy writes).",
             namespace=ns,
-            registry=r,
+            registry=families,
             buckets=BATCH_BUCKETS,
         )
         self.transaction_s = Histogram(
             "outbox_transaction_seconds",
             "Time to write one outbox transaction on the event loop (BEGIN to COMMIT, without the fsync).",
             namespace=ns,
-            registry=r,
+            registry=families,
             buckets=COMMIT_BUCKETS,
         )
+        if not counting:
+            for name, value in list(vars(self).items()):
+                if isinstance(value, Counter | Histogram):
+                    setattr(self, name, _OFF)
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)

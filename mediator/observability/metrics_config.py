@@ -14,7 +14,11 @@ class MetricsConfig(ConfigModel):
     an admin role) unless ``public``; on one without, they are open like ``/readyz``.
     """
 
-    enabled: bool = Field(default=True, description="serve the metrics (they are counted either way)")
+    enabled: bool = Field(
+        default=True,
+        description="count and serve the metrics; off, nothing is counted (about 1-2% of the CPU an event costs) "
+        "and /admin/status shows no counters",
+    )
     path: str = Field(default="/metrics", description="where the listeners serve them")
     listener: str | None = Field(
         default=None,

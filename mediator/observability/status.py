@@ -135,6 +135,7 @@ async def status(daemon: StatusSource) -> dict[str, object]:
         "now": iso(now),
         "ready": health.ready,
         "draining": health.draining,
+        "counting": daemon.metrics.counting,  # false ([metrics] enabled = false): every counter below reads 0
         "config": {
             "file": config.file,
             "version": daemon.config_version,
@@ -171,7 +172,8 @@ def render(doc: Mapping[str, object]) -> str:
     config = config if isinstance(config, Mapping) else {}
     out = [
         f"mediator {doc.get('mediator')} (pid {doc.get('pid')}): "
-        + ("draining" if doc.get("draining") else "ready" if doc.get("ready") else "NOT READY"),
+        + ("draining" if doc.get("draining") else "ready" if doc.get("ready") else "NOT READY")
+        + ("" if doc.get("counting", True) else " (metrics off: no counters)"),
         f"config {config.get('file')} version {config.get('version')} loaded {config.get('loaded_at')}",
         "",
         table(

@@ -323,3 +323,29 @@ async def test_status_of_an_outbox_with_a_pending_delivery(tmp_path: Path) -> No
             assert stats.oldest_received == 1_700_000_000
         finally:
             await outbox.close()
+
+
+async def test_metrics_off_count_nothing_and_the_events_still_flow(tmp_path: Path) -> None:
+    """``[metrics] enabled = false``: no ``/metrics``, ``/admin/status`` says it counts nothing, and the
+    pipe is what it was (an order posted over HTTP reaches its AMQP consumer)."""
+    qs = Quickstart(tmp_path, extra_toml="\n[metrics]\nenabled = false\n")
+    daemon = DaemonProcess(qs.write(), qs.http_port, tmp_path / "daemon.log")
+    await daemon.start()
+    base = f"http://127.0.0.1:{qs.http_port}"
+    try:
+        conn = await aio_pika.connect(RABBIT_URL)
+        async with conn, aiohttp.ClientSession() as http:
+            channel = await conn.channel()
+            created = await bound_queue(channel, qs.orders_exchange, "orders.created")
+            async with http.post(f"{base}/orders", json={"n": 7}) as resp:
+                assert resp.status == 202
+            assert json.loads((await get_one(created)).body) == {"n": 7}
+            async with http.get(f"{base}/metrics") as resp:
+                assert resp.status == 404
+            async with http.get(f"{base}/admin/status") as resp:
+                assert resp.status == 200
+                doc = await resp.json()
+            assert doc["counting"] is False
+            assert {o["name"]: o["sent"] for o in doc["outbounds"]}["orders-exchange"] == 0
+    finally:
+        await daemon.stop()
