@@ -205,6 +205,7 @@ class Daemon:
         self.tracing = Tracing(config.root.tracing) if config.root.tracing.enabled else None
         self.sink = self.pipeline if self.tracing is None else self.tracing.sink(self.pipeline)
         self._on_dead = self._forward_dead if self.tracing is None else self.tracing.dead_lettered(self._forward_dead)
+        self.spans = self.tracing.recorder if self.tracing is not None else None  # counts, for the metrics
         self._admin = DeadLetterAdmin(self)
         self.metrics.register(StateCollector(self))
         metrics_cfg = config.root.metrics  # read at start: a change of [metrics] takes a restart

@@ -412,8 +412,24 @@ class DispatcherState(Protocol):
     def consecutive_failures(self) -> int: ...
 
 
+class SpanCounts(Protocol):
+    """What the collector reads of the span recorder (``mediator.observability.spans.Recorder``)."""
+
+    @property
+    def exported(self) -> int: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+    @property
+    def failed(self) -> int: ...
+
+
 class Observed(Protocol):
     """What the collector reads of a running daemon (``mediator.daemon.Daemon``), each time it is scraped."""
+
+    @property
+    def spans(self) -> SpanCounts | None: ...
 
     @property
     def health(self) -> Health: ...
@@ -514,6 +530,17 @@ class StateCollector(Collector):
             "When the config in force was loaded (Unix time).",
             value=d.config_loaded_at,
         )
+        spans = d.spans
+        if spans is not None:
+            outcomes = CounterMetricFamily(
+                f"{NAMESPACE}_spans",
+                "Sampled spans by outcome: exported (the collector took them), failed (an export the collector "
+                "refused or that timed out), dropped (the export queue was full).",
+                labels=["outcome"],
+            )
+            for outcome, count in (("exported", spans.exported), ("failed", spans.failed), ("dropped", spans.dropped)):
+                outcomes.add_metric([outcome], float(count))
+            yield outcomes
         build = InfoMetricFamily(f"{NAMESPACE}_build", "The running mediator's version.")
         build.add_metric([], {"version": __version__})
         yield build

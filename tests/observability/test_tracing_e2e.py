@@ -24,6 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from prometheus_client.parser import text_string_to_metric_families
 
 from mediator.v1 import envelope_pb2, service_pb2_grpc
 from tests.e2e.test_quickstart import bound_queue, get_one, user_props
@@ -238,6 +239,23 @@ async def test_http_to_amqp_and_mqtt5_one_trace_parented_on_the_send_spans(
     assert send_mqtt.span_id.hex() == mqtt_parent
     assert send_mqtt.parent_span_id == server.span_id
     assert send_amqp.status.code == Status.STATUS_CODE_UNSET
+
+    # The daemon counts what it exported: every span the receiver got, nothing dropped or failed.
+    async with aiohttp.ClientSession() as http, asyncio.timeout(15):
+        while True:
+            async with http.get(f"http://127.0.0.1:{qs.http_port}/metrics") as resp:
+                outcomes = {
+                    s.labels["outcome"]: s.value
+                    for family in text_string_to_metric_families(await resp.text())
+                    if family.name == "mediator_spans"
+                    for s in family.samples
+                    if s.name == "mediator_spans_total"
+                }
+            if outcomes.get("exported", 0) >= len(receiver.spans):
+                break
+            await asyncio.sleep(0.05)
+    assert outcomes["exported"] >= len(spans) >= 4
+    assert outcomes["dropped"] == outcomes["failed"] == 0
 
 
 async def test_grpc_to_amqp(traced: Traced, amqp: aio_pika.abc.AbstractChannel) -> None:
