@@ -39,6 +39,8 @@ CONTENT_SYSTEM = "mediator (schema+CEL+transform)"
 TRACING_PATH = "http-amqp"
 """Beside the plain row (metrics on, as always; tracing off), in the same round: tracing at 100% sampling."""
 TRACING_SYSTEM = "mediator (tracing 100%)"
+METRICS_OFF_SYSTEM = "mediator (metrics off)"
+"""Beside the plain row on TRACING_PATH: nothing counted ([metrics] enabled = false), what the metrics cost."""
 WORKERS = 2
 WORKERS_PATHS = ("http-amqp", "mqtt-amqp", "mqtt-mqtt")
 """Beside the plain row, in the same round: the daemon with ``[daemon] workers = 2`` (one supervisor, two
@@ -95,6 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-auth", action="store_true", help=f"skip the authenticated {AUTH_PATH} rows (JWT, API key)")
     ap.add_argument(
         "--no-tracing", action="store_true", help=f"skip the {TRACING_PATH} row with tracing at 100% sampling"
+    )
+    ap.add_argument(
+        "--no-metrics-off", action="store_true", help=f"skip the {TRACING_PATH} row with metrics off (nothing counted)"
     )
     ap.add_argument(
         "--no-content", action="store_true", help=f"skip the {CONTENT_PATH} row with a schema, a CEL route, a transform"
@@ -209,6 +214,7 @@ class Bench:
         content: bool = False,
         workers: int = 1,
         tracing: bool = False,
+        metrics: bool = True,
     ) -> Env:
         uid = (
             f"{self.uid}-{name}"
@@ -217,6 +223,7 @@ class Bench:
             + ("-content" if content else "")
             + (f"-w{workers}" if workers > 1 else "")
             + ("-tracing" if tracing else "")
+            + ("" if metrics else "-nometrics")
         )
         workdir = WORK / "daemon" / uid
         workdir.mkdir(parents=True, exist_ok=True)
@@ -236,6 +243,7 @@ class Bench:
             content=content,
             workers=workers,
             tracing_endpoint=self.otlp.endpoint if tracing else None,
+            metrics=metrics,
         )
 
     # ------------------------------------------------------------------------------------------ mediator
@@ -249,11 +257,12 @@ class Bench:
         content: bool = False,
         workers: int = 1,
         tracing: bool = False,
+        metrics: bool = True,
     ) -> dict[str, Any]:
         """One mediator cell; with ``auth`` the HTTP listener requires that credential, which every producer
         (wrk and the Python probes) then sends; with ``content`` the daemon checks a JSON Schema, routes by a
         CEL predicate over the data and transforms it (``bench.paths.CONTENT_TOML``)."""
-        env = self.env(path.name, outbox, auth, content, workers, tracing)
+        env = self.env(path.name, outbox, auth, content, workers, tracing, metrics)
         spans_before = self.otlp.spans
         headers = credentials(env)
         content_files(env)
@@ -265,12 +274,15 @@ class Bench:
             + ("-content" if content else "")
             + (f"-workers{workers}" if workers > 1 else "")
             + ("-tracing" if tracing else "")
+            + ("" if metrics else "-nometrics")
         )
         system = auth.system if auth else ("mediator (memory outbox)" if outbox == "memory" else "mediator")
         if workers > 1:
             system = f"mediator (workers = {workers})"
         if tracing:
             system = TRACING_SYSTEM
+        if not metrics:
+            system = METRICS_OFF_SYSTEM
         cell = Cell(
             label=path.name,
             system=CONTENT_SYSTEM if content else system,
@@ -306,6 +318,8 @@ class Bench:
         if workers > 1:
             res["variant"] = f"workers{workers}"
             res["workers"] = workers
+        if not metrics:
+            res["variant"] = "metrics_off"
         if tracing:
             res["variant"] = "tracing"
             res["otlp_spans_received"] = self.otlp.spans - spans_before
@@ -602,6 +616,10 @@ class Bench:
             if name == TRACING_PATH and not a.no_tracing and not self.over_budget(f"{name} [tracing]"):
                 entry["mediator_tracing"] = self._guard(
                     f"{name} [tracing]", lambda n=name: self.mediator(PATHS[n], profile=first, tracing=True)
+                )
+            if name == TRACING_PATH and not a.no_metrics_off and not self.over_budget(f"{name} [metrics off]"):
+                entry["mediator_metrics_off"] = self._guard(
+                    f"{name} [metrics off]", lambda n=name: self.mediator(PATHS[n], profile=first, metrics=False)
                 )
             if name == CONTENT_PATH and not a.no_content and not self.over_budget(f"{name} [content]"):
                 entry["mediator_content"] = self._guard(

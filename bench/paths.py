@@ -29,6 +29,7 @@ class Env:
     jwt_cache_size: int | None = None  # [auth.bench-jwt] cache_size; None: the daemon's default
     content: bool = False  # a JSON Schema check, a CEL route and a field transform (see CONTENT_TOML)
     tracing_endpoint: str | None = None  # [tracing] at 100% sampling, exported to this OTLP/HTTP receiver
+    metrics: bool = True  # False: [metrics] enabled = false (nothing counted)
     workers: int = 1  # [daemon] workers: N worker processes sharing the load (mediator/supervisor.py)
 
     @property
@@ -318,4 +319,6 @@ match = {{ inbound = ["src"] }}
         parts.append(CONTENT_TOML)
     if env.tracing_endpoint is not None:
         parts.append(f'\n[tracing]\nenabled = true\nsample_ratio = 1.0\nendpoint = "{env.tracing_endpoint}"\n')
+    if not env.metrics:
+        parts.append("\n[metrics]\nenabled = false\n")
     return "".join(parts)
