@@ -91,6 +91,9 @@ class OtlpReceiver:
         return self.of_trace(trace_id)
 
 
+SENDS = ("send orders-exchange", "send mqtt")
+
+
 def named(spans: list[Span], name: str) -> list[Span]:
     return [s for s in spans if s.name == name]
 
@@ -213,7 +216,7 @@ async def test_http_to_amqp_and_mqtt5_one_trace_parented_on_the_send_spans(
             message = await anext(aiter(mqtt.messages))
     got = await get_one(queue)
 
-    spans = await receiver.wait(trace_id, lambda s: bool(named(s, "send orders-exchange") and named(s, "send mqtt")))
+    spans = await receiver.wait(trace_id, lambda s: all(named(s, n) for n in ("POST /orders", *SENDS)))
     server = one(spans, "POST /orders")
     assert server.kind == Span.SPAN_KIND_SERVER
     assert server.parent_span_id.hex() == client_span  # the caller's span is the receive span's parent
@@ -273,7 +276,9 @@ async def test_grpc_to_amqp(traced: Traced, amqp: aio_pika.abc.AbstractChannel) 
     while got.message_id != env.id:
         got = await get_one(queue)
 
-    spans = await receiver.wait(trace_id, lambda s: len(named(s, "send orders-exchange")) > 0)
+    spans = await receiver.wait(
+        trace_id, lambda s: all(named(s, n) for n in ("mediator.v1.Mediator/Publish", "send orders-exchange"))
+    )
     server = one(spans, "mediator.v1.Mediator/Publish")
     assert server.kind == Span.SPAN_KIND_SERVER
     assert server.parent_span_id.hex() == client_span
@@ -313,7 +318,7 @@ async def test_amqp_to_mqtt5_hop_header_parents_the_consumer_span(
         async with asyncio.timeout(15):
             message = await anext(aiter(mqtt.messages))
 
-    spans = await receiver.wait(trace_id, lambda s: len(named(s, "send mqtt")) > 0)
+    spans = await receiver.wait(trace_id, lambda s: all(named(s, n) for n in ("process commands", "send mqtt")))
     consumer = one(spans, "process commands")
     assert consumer.kind == Span.SPAN_KIND_CONSUMER
     assert consumer.parent_span_id.hex() == upstream_send
@@ -328,7 +333,7 @@ async def test_a_retry_is_two_send_spans_and_the_webhook_sees_the_second(traced:
     qs, receiver, webhook = traced.quickstart, traced.receiver, traced.webhook
     trace_id, client_span = new_trace()
     await _post_binary(qs, HOOKED, f"00-{trace_id}-{client_span}-01")
-    spans = await receiver.wait(trace_id, lambda s: len(named(s, "send hook")) >= 2)
+    spans = await receiver.wait(trace_id, lambda s: len(named(s, "send hook")) >= 2 and bool(named(s, "POST /events")))
     server = one(spans, "POST /events")
     first, second = sorted(named(spans, "send hook"), key=lambda s: s.start_time_unix_nano)
     assert first.status.code == Status.STATUS_CODE_ERROR
@@ -347,7 +352,9 @@ async def test_a_dead_letter_span_has_error_status_and_the_reason(traced: Traced
     qs, receiver = traced.quickstart, traced.receiver
     trace_id, client_span = new_trace()
     await _post_binary(qs, DOOMED, f"00-{trace_id}-{client_span}-01")
-    spans = await receiver.wait(trace_id, lambda s: len(named(s, "dead_letter hook")) > 0)
+    spans = await receiver.wait(
+        trace_id, lambda s: all(named(s, n) for n in ("dead_letter hook", "send hook", "POST /events"))
+    )
     dead = one(spans, "dead_letter hook")
     assert dead.status.code == Status.STATUS_CODE_ERROR
     assert "HTTP 400" in dead.status.message
