@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import intake, report
 from bench.clients import GENERATOR, SUBSCRIBER
 from bench.infra import ROOT, WORK, Daemon, Mosquitto, NodeRed, OtlpSink, OwnRabbit, free_port, log
+from bench.intake import INTAKE_PATHS
 from bench.paths import GENERATOR_CEILING, PATHS, Env, PathDef, content_files, credentials, mqtt_generator_spec
 from bench.report import aggregate
-from bench.runner import Cell, Settings, measure
+from bench.runner import Cell, Settings, measure, next_run
 
 SHARED_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 BUDGET_S = 570.0
@@ -97,6 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-auth", action="store_true", help=f"skip the authenticated {AUTH_PATH} rows (JWT, API key)")
     ap.add_argument(
         "--no-tracing", action="store_true", help=f"skip the {TRACING_PATH} row with tracing at 100% sampling"
+    )
+    ap.add_argument(
+        "--no-intake", action="store_true", help="skip the intake rates (each inbound with its outbound stalled)"
     )
     ap.add_argument(
         "--no-metrics-off", action="store_true", help=f"skip the {TRACING_PATH} row with metrics off (nothing counted)"
@@ -215,6 +219,7 @@ class Bench:
         workers: int = 1,
         tracing: bool = False,
         metrics: bool = True,
+        stalled_port: int | None = None,
     ) -> Env:
         uid = (
             f"{self.uid}-{name}"
@@ -244,6 +249,7 @@ class Bench:
             workers=workers,
             tracing_endpoint=self.otlp.endpoint if tracing else None,
             metrics=metrics,
+            stalled_port=stalled_port,
         )
 
     # ------------------------------------------------------------------------------------------ mediator
@@ -547,6 +553,38 @@ class Bench:
         )
         return measure(cell, self.settings)
 
+    # ------------------------------------------------------------------------------------------ intake
+
+    def intake(self, kind: str) -> dict[str, Any]:
+        """One intake run of ``kind``'s inbound with its outbound stalled (``bench.intake``)."""
+        path = PATHS[INTAKE_PATHS[kind]]
+        hang = intake.Hang()
+        env = self.env(f"intake-{kind}", stalled_port=hang.port)
+        daemon = Daemon(path.config(env), Path(env.workdir), env.http_port)
+        count = 3000 if self.args.quick else 20000
+        run_id = next_run()
+        log(f"intake-{kind} [{path.title} inbound, outbound stalled]: starting")
+        try:
+            if kind == "http":
+                daemon.start()
+                res = intake.http_intake(env.http_port, self.settings.sat_s, run_id, {})
+            elif kind == "mqtt":
+                daemon.start()
+                res = intake.mqtt_intake(path.producer_spec(env), env.http_port, count, run_id, daemon.exited)
+            else:
+                daemon.start()  # declares the queue and its binding; stopped, the queue keeps what comes
+                daemon.stop()
+                intake.amqp_prefill(env.amqp_url, env.exchange_in, "p1", count, run_id)
+                res = intake.amqp_intake(env.http_port, count, daemon.start, daemon.exited)
+        finally:
+            rc = daemon.stop()
+            hang.close()
+            amqp_cleanup(SHARED_AMQP, [env.exchange_in, env.exchange_out], [env.queue_in, env.queue_out])
+        res["throughput_msgs_s"] = round(intake.rate(res), 1)
+        res["daemon_exit"] = rc
+        log(f"intake-{kind}: {res['throughput_msgs_s']:,.0f} msgs/s ({res['count']} in {res['seconds']} s)")
+        return res
+
     # ------------------------------------------------------------------------------------------ the run
 
     def run(self) -> int:
@@ -583,6 +621,7 @@ class Bench:
                 self.rabbit.stop()
         self.results["rounds"] = rounds
         self.results.update(aggregate(rounds))
+        self.results["intake"] = report.aggregate_intake(rounds, INTAKE_PATHS)
         self.results["meta"]["elapsed_s"] = round(time.monotonic() - self.started, 1)
         out = Path(a.out)
         out.write_text(json.dumps(self.results, indent=1, default=str) + "\n")
@@ -634,6 +673,10 @@ class Bench:
                 entry["mediator_memory"] = self._guard(
                     f"{name} [memory]", lambda n=name: self.mediator(PATHS[n], "memory", profile=first)
                 )
+        if not a.no_intake:
+            for kind, name in INTAKE_PATHS.items():
+                if name in names and not self.over_budget(f"intake-{kind}"):
+                    res.setdefault("intake", {})[kind] = self._guard(f"intake-{kind}", lambda k=kind: self.intake(k))
         if not a.no_peers:
             red_paths = [n for n in names if n in NODERED_PATHS]
             if red_paths and not self.over_budget("Node-RED"):

@@ -30,6 +30,7 @@ class Env:
     content: bool = False  # a JSON Schema check, a CEL route and a field transform (see CONTENT_TOML)
     tracing_endpoint: str | None = None  # [tracing] at 100% sampling, exported to this OTLP/HTTP receiver
     metrics: bool = True  # False: [metrics] enabled = false (nothing counted)
+    stalled_port: int | None = None  # the outbound is HTTP to this port, which never answers (bench.intake)
     workers: int = 1  # [daemon] workers: N worker processes sharing the load (mediator/supervisor.py)
 
     @property
@@ -290,7 +291,9 @@ listener = "grpc"
         )
     # ------------------------------------------------------------------ outbound + route
     when, transform = CONTENT_ROUTE if env.content else ("", "")
-    if path.consumer == "amqp":
+    if env.stalled_port is not None:
+        out, address = f'kind = "http"\nurl = "http://127.0.0.1:{env.stalled_port}/hang"', ""
+    elif path.consumer == "amqp":
         out, address = (
             f'kind = "amqp"\nbroker = "rabbit"\nexchange = "{env.exchange_out}"\nexchange_type = "topic"',
             "bench.out",

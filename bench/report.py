@@ -153,6 +153,46 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {"ceilings": ceilings, "paths": paths}
 
 
+def aggregate_intake(rounds: list[dict[str, Any]], paths: dict[str, str]) -> dict[str, Any]:
+    """Per inbound kind: the median intake rate over rounds, and the median of its ratio to the end-to-end
+    rate of the path with that inbound (``paths``: kind -> path name) measured in the same round."""
+    out: dict[str, Any] = {}
+    for kind, name in paths.items():
+        cells = [r.get("intake", {}).get(kind) for r in rounds]
+        rates = [c["throughput_msgs_s"] for c in cells if c and "error" not in c and c.get("throughput_msgs_s")]
+        if not rates:
+            continue
+        ratios = []
+        for r, c in zip(rounds, cells, strict=True):
+            e2e = _thr(r["paths"].get(name, {}).get("mediator"))
+            if c and "error" not in c and c.get("throughput_msgs_s") and e2e:
+                ratios.append(c["throughput_msgs_s"] / e2e)
+        out[kind] = {
+            "path": name,
+            "throughput_msgs_s": median(rates),
+            "rounds": [round(x) for x in rates],
+            "ratio_e2e": median(ratios),
+            "ratio_e2e_rounds": [round(x, 2) for x in ratios],
+        }
+    return out
+
+
+def intake_table(results: dict[str, Any]) -> str:
+    summary = results.get("intake") or {}
+    if not summary:
+        return ""
+    lines = [
+        "",
+        "Intake (receive -> commit -> acknowledge, the outbound stalled; bench/intake.py):",
+        f"{'inbound':10}{'msgs/s':>10}{'x e2e':>8}  of the path",
+    ]
+    for kind, cell in summary.items():
+        title = results.get("paths", {}).get(cell["path"], {}).get("title", cell["path"])
+        ratio = "-" if cell["ratio_e2e"] is None else f"{cell['ratio_e2e']:.2f}"
+        lines.append(f"{kind:10}{_f(cell['throughput_msgs_s']):>10}{ratio:>8}  {title}")
+    return "\n".join(lines)
+
+
 def _f(v: float | None, digits: int = 0) -> str:
     if v is None:
         return "-"
@@ -276,6 +316,9 @@ def table(results: dict[str, Any]) -> str:
             f" {_f(gen.get('generator_cpu_percent'))}% of a core). It cannot stamp each message with its send time:"
             " e2e@sat there comes from 50 msgs/s paho probes beside it, and e2e@1k from the paho producer."
         )
+    intake = intake_table(results)
+    if intake:
+        notes.append(intake)
     for s in results.get("skipped", []):
         notes.append(f"SKIPPED {s}")
     for p in results.get("problems", []):
