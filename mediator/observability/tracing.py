@@ -282,10 +282,14 @@ class TracedOutbound:
     async def send(self, event: Envelope, address: str, format: str) -> None:
         prov = event.provenance
         parent = parse(prov.traceparent, prov.tracestate)
-        created = _event_context(event)
         # The link to the creation context only where it says something: a creation context in the send
-        # span's own trace is one of its ancestors already.
-        links = (created,) if created is not None and (parent is None or created.trace_id != parent.trace_id) else ()
+        # span's own trace is one of its ancestors already (compared as text first: the usual case).
+        links: tuple[Parent, ...] = ()
+        attrs = event.attributes
+        if TRACEPARENT in attrs and (parent is None or attrs[TRACEPARENT].ce_string[3:35] != parent.trace_id):
+            created = _event_context(event)
+            if created is not None and (parent is None or created.trace_id != parent.trace_id):
+                links = (created,)
         span = self._recorder.start(
             self._span_name,
             SpanKind.PRODUCER,
