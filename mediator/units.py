@@ -8,12 +8,12 @@ A *unit* is the smallest piece of the adapters' config that owns its connections
   AMQP: each holds its own connection) or with none (an HTTP webhook), together with its broker's section.
 
 A unit's identity is its typed config (the pydantic models, compared by value) plus what the daemon lends
-to its adapter (the credential headers and admin roles the stages ask for). A reload compares the units
-of the running config with the new one's: what is equal is left running untouched (its connections, its
-MQTT session), what differs is stopped and built again, what is new is built and started, what is gone is
-stopped. A broker is not a unit of its own: a changed ``[brokers.X]`` changes every unit that uses it, an
-unused one changes nothing. Building a unit is ``AdapterSpec.build`` on the unit's part of the config, so
-the adapters need nothing of their own for it.
+to its adapter (the credential headers and admin roles the stages ask for, the outbox's ``max_pending``).
+A reload compares the units of the running config with the new one's: what is equal is left running
+untouched (its connections, its MQTT session), what differs is stopped and built again, what is new is
+built and started, what is gone is stopped. A broker is not a unit of its own: a changed ``[brokers.X]``
+changes every unit that uses it, an unused one changes nothing. Building a unit is ``AdapterSpec.build``
+on the unit's part of the config, so the adapters need nothing of their own for it.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class UnitSpec:
     section: AdapterConfig
     credential_headers: frozenset[str]
     admin_roles: frozenset[str]
+    max_pending: int | None = None  # [outbox] max_pending, which bounds a broker inbound's window
 
     @property
     def components(self) -> list[str]:
@@ -63,7 +64,7 @@ def plan(config: Config, credential_headers: frozenset[str], admin_roles: frozen
     units: dict[str, UnitSpec] = {}
 
     def add(key: str, kind: str, section: AdapterConfig) -> None:
-        units[key] = UnitSpec(key, kind, section, credential_headers, admin_roles)
+        units[key] = UnitSpec(key, kind, section, credential_headers, admin_roles, config.outbox.max_pending)
 
     for kind, adapter in config.adapters.items():
         for name, listener in adapter.listeners.items():
@@ -118,6 +119,7 @@ def build_unit(
         reload_hooks=[],
         admin_roles=spec.admin_roles,
         metrics=metrics,
+        max_pending=spec.max_pending,
     )
     built = specs[spec.kind].build(spec.section, rt)
     return Unit(spec, built.services, built.outbounds, rt.reload_hooks)

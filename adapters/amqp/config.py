@@ -126,6 +126,8 @@ class AmqpInboundConfig(InboundConfigBase):
     durable: bool = True
     queue_type: Literal["classic", "quorum"] = "classic"
     bindings: tuple[AmqpBindingConfig, ...] = ()
+    # Deliveries RabbitMQ may send us unacknowledged (basic.qos); never more than [outbox] max_pending
+    # (the daemon asks for the smaller of the two).
     prefetch: int = Field(default=256, ge=1, le=65535)
     type: TemplateField = Template.compile("io.mediator.amqp.message")
     source: TemplateField = Template.compile("amqp://{inbound}")

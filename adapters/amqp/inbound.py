@@ -4,7 +4,8 @@ Deliveries are taken in batches: aio-pika's consumer callback only queues each o
 what queued while the previous commit ran, as one ``sink.accept`` (one outbox operation), then settles
 every message of the batch (the accepted ones with one multiple ``basic.ack``). The per-message cost
 shrinks exactly when the daemon is busy, and a lone message still goes through at once. At most
-``prefetch`` deliveries are unacknowledged, so a batch never holds more. Outcomes:
+``prefetch`` deliveries (and no more than ``[outbox] max_pending``) are unacknowledged, so a batch never
+holds more. Outcomes:
 
 - accepted: ack.
 - ``NotReady``: pause briefly, then nack with requeue (the broker redelivers).
@@ -50,6 +51,7 @@ class AmqpInbound(BrokerLink):
         super().__init__(name, broker, url, rt.health)
         self.cfg = cfg
         self.sink = rt.sink
+        self.prefetch = rt.window(cfg.prefetch)  # no more unacknowledged than the outbox takes
         # aio-pika's robust connection holds its channels weakly: without this reference the consumer's
         # channel is garbage once the connection drops, and a collection during the outage means the
         # consumer never comes back.
@@ -64,7 +66,7 @@ class AmqpInbound(BrokerLink):
         cfg = self.cfg
         channel = await conn.channel(publisher_confirms=False)
         self._channel = channel
-        await channel.set_qos(prefetch_count=cfg.prefetch)
+        await channel.set_qos(prefetch_count=self.prefetch)
         arguments = {"x-queue-type": "quorum"} if cfg.queue_type == "quorum" else None
         queue = await channel.declare_queue(cfg.queue, durable=cfg.durable, arguments=arguments)
         for binding in cfg.bindings:

@@ -109,7 +109,8 @@ class MqttInboundConfig(InboundConfigBase):
     max_in_flight: int = Field(default=256, ge=1, le=65535)
     # MQTT 5: the QoS 1 messages the broker may send us unacknowledged. It is what a burst can wait in
     # (read into memory, then committed at the outbox's pace) rather than in the broker's queue, which
-    # drops past max_queued_messages: as large as the outbox takes ([outbox] max_pending, 20000).
+    # drops past max_queued_messages: as large as the outbox takes. Never more than [outbox] max_pending
+    # (the daemon asks for the smaller of the two).
     receive_maximum: int = Field(default=20000, ge=1, le=65535)
 
     @field_validator("topics")

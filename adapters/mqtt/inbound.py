@@ -56,6 +56,8 @@ class MqttInbound:
             inbound=name, type=cfg.type, source=cfg.source, content_type=cfg.content_type, decode=cfg.decode
         )
         self._qos = min(cfg.qos, 1)  # see MqttInboundConfig: QoS 2 is received as QoS 1
+        # More unacknowledged messages than the outbox takes would only wait in our memory instead.
+        self.receive_maximum = rt.window(cfg.receive_maximum)
         self._log = structlog.get_logger(__name__).bind(inbound=name, protocol="mqtt")
         # The broker authenticated the publishers; what it vouches for is per message (a topic segment).
         self._origin = Origin(inbound=name, protocol="mqtt", broker=True)
@@ -104,7 +106,7 @@ class MqttInbound:
             self._access,
             self.client_id,
             persistent=True,
-            receive_maximum=self._cfg.receive_maximum,
+            receive_maximum=self.receive_maximum,
             max_inflight=20,  # this client does not publish
             queue_type=_Queue,
             read_ahead=READ_AHEAD_BYTES,

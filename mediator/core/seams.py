@@ -245,6 +245,8 @@ class Runtime:
     that the daemon calls on SIGHUP; each must be quick or schedule its own work, and must not raise.
     ``admin_roles``: a principal with one of these may use admin endpoints when authentication is on.
     ``metrics``: what HTTP listeners serve at ``/metrics`` (None: nothing).
+    ``max_pending``: the outbox's back-pressure threshold (``[outbox] max_pending``; None: unbounded), which
+    bounds what a broker inbound asks its broker for (``window``).
     """
 
     sink: Sink
@@ -254,6 +256,14 @@ class Runtime:
     reload_hooks: list[Callable[[], None]] = field(default_factory=list)
     admin_roles: frozenset[str] = frozenset({"admin"})
     metrics: MetricsEndpoint | None = None
+    max_pending: int | None = None
+
+    def window(self, asked: int, protocol_max: int = 65535) -> int:
+        """How many unacknowledged messages a broker inbound should let its broker send (MQTT 5 Receive
+        Maximum, AMQP prefetch): what its config asks for, but no more than the outbox takes
+        (``max_pending``: past it the sink refuses with NotReady, so a larger window only moves the wait
+        from the broker into our memory) nor than the protocol allows."""
+        return min(asked, protocol_max, asked if self.max_pending is None else self.max_pending)
 
 
 @dataclass(slots=True)
