@@ -35,9 +35,11 @@ def _print_config_error(exc: ConfigError) -> None:
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
+    from mediator import supervisor
     from mediator.daemon import dry_build
 
     problems, environment = asyncio.run(dry_build(config))
+    problems += supervisor.problems(config, supervisor.worker_count(config))  # what `run` refuses with workers
     for problem in environment:
         print(f"  warning: {problem} (needed by `mediator run`)", file=sys.stderr)
     if problems:
@@ -273,7 +275,12 @@ def cmd_tail(args: argparse.Namespace, config: Config | None) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     """Signal the running daemon to reload (SIGHUP; SIGUSR1 with ``--force``) and print the outcome it
     writes beside the outbox. Finds the daemon by its pid file there; exits 1 if the reload was refused or
-    rolled back, or no daemon answers."""
+    rolled back, or no daemon answers.
+
+    With ``workers = N`` the pid is the supervisor's, and the outcome the supervisor's gathering of every
+    worker's (``mediator.supervisor.merge_reload``: "pending" until each worker answered, "applied" only when
+    each applied, each worker's own under ``workers``): printed once final; at the timeout, what is there so
+    far, and the workers not heard from are named."""
     import signal
     import time
     import tomllib
@@ -308,16 +315,34 @@ def cmd_reload(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         after = status()
-        if after is not None and after != before and after.get("pid") == pid:
+        if after is not None and after != before and after.get("pid") == pid and after.get("outcome") != "pending":
             print(json.dumps(after, indent=2))
+            _not_heard_from(after, "the daemon's wait")
             return 0 if after.get("outcome") == "applied" else 1
         time.sleep(0.1)
+    after = status()
+    if after is not None and after != before and after.get("pid") == pid:  # workers: some have not answered
+        print(json.dumps(after, indent=2))
+        _not_heard_from(after, f"{args.timeout} s")
+        return 1
     print(
         f"mediator: sent {'SIGUSR1' if args.force else 'SIGHUP'} to {pid}; no outcome within {args.timeout} s "
         "(see the daemon's log)",
         file=sys.stderr,
     )
     return 1
+
+
+def _not_heard_from(outcome: dict[str, object], within: str) -> None:
+    """Name on stderr the workers whose reload outcome the supervisor is still waiting for."""
+    workers = outcome.get("workers")
+    waiting = [
+        f"worker {k} ({w.get('state')})"
+        for k, w in (workers.items() if isinstance(workers, dict) else ())
+        if isinstance(w, dict) and w.get("outcome") == "waiting"
+    ]
+    if waiting:
+        print(f"mediator: no reload outcome within {within} from {'; '.join(waiting)}", file=sys.stderr)
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:

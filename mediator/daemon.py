@@ -448,13 +448,18 @@ class Daemon:
             "version": self.config_version,
             **details,
         }
-        path = state_dir(self.config) / RELOAD_STATUS_FILE
+        path = self._reload_status_path()
         try:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(status) + "\n")
             tmp.replace(path)
         except OSError as exc:
             log.warning("config.reload_status_unwritable", path=str(path), error=str(exc))
+
+    def _reload_status_path(self) -> Path:
+        """Where ``_report`` writes: beside the outbox (a worker of ``workers = N`` writes to the supervisor,
+        which gathers every worker's outcome into this file: ``mediator.supervisor``)."""
+        return state_dir(self.config) / RELOAD_STATUS_FILE
 
     def _guard_problems(self, new: Config) -> list[str]:
         """What makes a valid config unlikely to be meant (a file cut short): no route, no inbound, or

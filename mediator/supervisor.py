@@ -21,6 +21,16 @@ service manager once every worker has. Signals: SIGTERM/SIGINT are forwarded to 
 a second signal forces, as for one daemon), SIGHUP and SIGUSR1 (reload) too; the supervisor exits 0 when
 every worker exited 0. A worker that exits on its own is started again after a backoff.
 
+Reload outcomes: each worker applies the file on its own and writes its outcome into the run directory
+(``reload-wK.json``), and the supervisor, which sent the signal, gathers them into the one file beside the
+outbox that ``mediator reload`` waits for (``mediator.reload.json``, see ``merge_reload``): "pending" until
+every worker answered, then "applied" only when every worker applied. The supervisor does the gathering
+rather than the CLI because only it knows which workers there are, their pids, and which one is restarting;
+the CLI stays the same for one daemon and for N. A worker that is starting when the signal comes is sent it
+once it is ready (sent earlier, SIGHUP's default action would kill it while it still imports; it reads the
+file as it starts anyway), so its outcome is waited for too; one that gives none within ``RELOAD_WAIT_S``
+is named in an "incomplete" outcome, and ``mediator reload`` names it at its own ``--timeout``.
+
 The whole daemon answers on the shared ports: each worker also serves its own admin state on a Unix socket
 in the supervisor's run directory (``PeerServer``), and the worker that takes an admin or metrics request
 asks its siblings there and merges (``FleetAdmin``): dead letters of every outbox (ids made unique across
@@ -34,6 +44,7 @@ import asyncio
 import contextlib
 import copy
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -62,6 +73,11 @@ STABLE_S = 10.0
 """A worker that ran this long before it exited is restarted after the initial backoff again."""
 STOP_GRACE_S = 10.0
 """After the drain budget, how long the supervisor waits for a worker before it kills it."""
+RELOAD_WAIT_S = 60.0
+"""How long the supervisor waits for every worker's outcome of one reload signal before it says
+"incomplete": more than one worker's reload takes (the file settling, then units started and stopped
+within the daemon's ``UNIT_START_TIMEOUT_S`` and ``UNIT_STOP_TIMEOUT_S``) plus a restart."""
+RELOAD_POLL_S = 0.1
 
 
 def worker_count(config: Config) -> int:
@@ -83,6 +99,52 @@ def problems(config: Config, workers: int) -> list[str]:
             "each aggregate apart; run one worker"
         )
     return out
+
+
+def merge_reload(
+    *,
+    pid: int,
+    seq: int,
+    at: float,
+    signal_name: str,
+    outcomes: Mapping[int, Mapping[str, Any]],
+    waiting: Mapping[int, str],
+    final: bool,
+) -> dict[str, Any]:
+    """The whole daemon's outcome of one reload signal, from each worker's (``Daemon._report``) and what
+    the workers that have not answered are doing (``waiting``: worker -> state).
+
+    ``outcome``: "pending" while some worker has not answered and the wait is not over; "incomplete"
+    once it is (``final``); else the workers' outcome when they all agree ("applied" only when every
+    worker applied), "mixed" when not. ``problems`` prefixes each worker's with ``worker K:``; ``workers``
+    holds each worker's own outcome by index (a waiting one: ``{"outcome": "waiting", "state": ...}``)."""
+    kinds = {str(d.get("outcome")) for d in outcomes.values()}
+    agreed = kinds.pop() if len(kinds) == 1 else "mixed"
+    outcome = ("incomplete" if final else "pending") if waiting else agreed
+    problems = [f"worker {k}: {p}" for k, d in sorted(outcomes.items()) for p in d.get("problems") or []]
+    problems += [f"worker {k}: no outcome yet ({state})" for k, state in sorted(waiting.items())]
+    versions = {d.get("version") for d in outcomes.values()}
+    workers: dict[str, Any] = {str(k): dict(d) for k, d in outcomes.items()}
+    workers |= {str(k): {"outcome": "waiting", "state": state} for k, state in waiting.items()}
+    return {
+        "pid": pid,
+        "seq": seq,
+        "at": at,
+        "signal": signal_name,
+        "outcome": outcome,
+        "problems": problems,
+        "version": versions.pop() if len(versions) == 1 and not waiting else None,
+        "workers": dict(sorted(workers.items(), key=lambda item: int(item[0]))),
+        "waiting_for": sorted(waiting),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def outbox_path(path: str, k: int) -> str:
@@ -136,6 +198,14 @@ class Slot:
     def socket(self, k: int) -> Path:
         return self.run_dir / f"w{k}.sock"
 
+    def reload_status(self, k: int) -> Path:
+        """Where worker ``k`` writes the outcome of each of its reloads (``Daemon._report``)."""
+        return reload_status_path(self.run_dir, k)
+
+
+def reload_status_path(run_dir: Path, k: int) -> Path:
+    return run_dir / f"reload-w{k}.json"
+
 
 def enter_worker(index: int) -> Slot:
     """Called by ``mediator run --worker K`` before it loads the config: every load goes through the view."""
@@ -176,19 +246,23 @@ class Supervisor:
         self._run_dir = Path(tempfile.mkdtemp(prefix="mediator-"))
         self._sockets: dict[int, socket.socket] = {}
         self._signals = 0
+        self._tg: asyncio.TaskGroup | None = None
+        self._gathering: asyncio.Task[None] | None = None
+        self._reloads = 0
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         for sig in (signal.SIGHUP, signal.SIGUSR1):
-            loop.add_signal_handler(sig, self._forward, sig)
+            loop.add_signal_handler(sig, self._on_reload_signal, sig)
         try:
             for k in self.workers:
                 self._sockets[k] = self._notify_socket(loop, k)
             self._write_pid()
             log.info("supervisor.started", workers=self.count, pid=os.getpid(), config=self.config.file)
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 keepers = [tg.create_task(self._keep(w), name=f"worker:{w.k}") for w in self.workers.values()]
                 if self.notifier.watchdog_s is not None:
                     watchdog = tg.create_task(self._watchdog(self.notifier.watchdog_s), name="systemd:watchdog")
@@ -197,7 +271,10 @@ class Supervisor:
                 await asyncio.wait(keepers)
                 if watchdog is not None:
                     watchdog.cancel()
+                if self._gathering is not None:
+                    self._gathering.cancel()
         finally:
+            self._tg = None
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             for sock in self._sockets.values():
@@ -313,12 +390,110 @@ class Supervisor:
         self._stopping = True
         self._stop.set()
         self._forward(signal.SIGTERM)
+        if self._gathering is not None:
+            self._gathering.cancel()
 
     def _forward(self, sig: int) -> None:
         for w in self.workers.values():
             if w.proc is not None and w.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.send_signal(sig)
+
+    # ------------------------------------------------------------------ reload
+
+    def _on_reload_signal(self, sig: int) -> None:
+        if self._stopping or self._tg is None:
+            return  # a draining worker does not reload
+        if self._gathering is not None:
+            self._gathering.cancel()  # superseded: the outcome of this newer signal is the one to wait for
+        self._reloads += 1
+        self._gathering = self._tg.create_task(self.reload(sig, self._reloads), name=f"reload:{self._reloads}")
+
+    async def reload(self, sig: int, seq: int) -> None:
+        """Send ``sig`` to every worker (one that is starting: once it is ready) and gather their outcomes
+        into the file ``mediator reload`` reads (``merge_reload``), rewritten as each worker answers, until
+        all have or ``RELOAD_WAIT_S`` has passed. A worker's outcome is the first it writes after the signal
+        under the pid that was sent it; a worker that dies before it answers is sent the signal again once
+        its replacement is ready. Cancelled by a newer reload signal (which writes its own outcome) or by a
+        stop (then "incomplete", naming the workers not heard from)."""
+        name = signal.Signals(sig).name
+        at = time.time()
+        paths = {k: reload_status_path(self._run_dir, k) for k in self.workers}
+        before = {k: _read_json(path) for k, path in paths.items()}
+        signalled: dict[int, int] = {}  # worker -> the pid that was sent the signal
+        outcomes: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + RELOAD_WAIT_S
+        log.info("supervisor.reload_signalled", signal=name, seq=seq, workers=self.count)
+        written: dict[str, Any] | None = None
+        waiting: dict[int, str] = {}
+        try:
+            while True:
+                waiting = {}
+                for w in self.workers.values():
+                    if w.k in outcomes:
+                        continue
+                    proc = w.proc
+                    alive = proc is not None and proc.returncode is None
+                    if proc is not None and alive and w.ready and signalled.get(w.k) != proc.pid:
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.send_signal(sig)
+                        signalled[w.k] = proc.pid
+                    doc = _read_json(paths[w.k])
+                    if doc is not None and doc != before[w.k] and w.k in signalled and doc.get("pid") == signalled[w.k]:
+                        outcomes[w.k] = doc
+                        log.info("supervisor.reload_outcome", worker=w.k, seq=seq, outcome=doc.get("outcome"))
+                        continue
+                    if proc is None or not alive:
+                        waiting[w.k] = "not running: it exited and is being restarted"
+                    elif signalled.get(w.k) == proc.pid:
+                        waiting[w.k] = f"sent {name} to pid {proc.pid}, no outcome yet"
+                    else:
+                        waiting[w.k] = f"restarting: pid {proc.pid} is not ready yet, and is sent {name} once it is"
+                final = not waiting or time.monotonic() >= deadline
+                doc = merge_reload(
+                    pid=os.getpid(),
+                    seq=seq,
+                    at=at,
+                    signal_name=name,
+                    outcomes=outcomes,
+                    waiting=waiting,
+                    final=final,
+                )
+                if doc != written:
+                    self._write_reload_status(doc)
+                    written = doc
+                if final:
+                    (log.info if doc["outcome"] == "applied" else log.error)(
+                        "supervisor.reloaded", seq=seq, outcome=doc["outcome"], waiting_for=doc["waiting_for"]
+                    )
+                    return
+                await asyncio.sleep(RELOAD_POLL_S)
+        except asyncio.CancelledError:
+            if self._stopping:
+                waiting = {k: f"the daemon stopped first ({v})" for k, v in waiting.items()}
+                self._write_reload_status(
+                    merge_reload(
+                        pid=os.getpid(),
+                        seq=seq,
+                        at=at,
+                        signal_name=name,
+                        outcomes=outcomes,
+                        waiting=waiting,
+                        final=True,
+                    )
+                )
+            raise
+
+    def _write_reload_status(self, doc: Mapping[str, Any]) -> None:
+        from mediator.daemon import RELOAD_STATUS_FILE, state_dir
+
+        path = state_dir(self.config) / RELOAD_STATUS_FILE
+        try:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(doc) + "\n")
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("config.reload_status_unwritable", path=str(path), error=str(exc))
 
     # ------------------------------------------------------------------ readiness
 

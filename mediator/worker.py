@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -294,6 +295,10 @@ class WorkerDaemon(Daemon):
 
     def _write_pid(self) -> None:
         pass  # the supervisor writes it: `mediator reload` signals the supervisor, which forwards
+
+    def _reload_status_path(self) -> Path:
+        # The supervisor reads it and writes the whole daemon's outcome beside the outbox (Supervisor.reload).
+        return self.slot.reload_status(self.slot.index)
 
     def _remove_pid(self) -> None:
         pass
