@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import threading
 import tomllib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -273,6 +274,52 @@ def test_buffered_socket_reads_once_and_hands_out_what_paho_asks_for() -> None:
         assert wrapped.recv(1) == b""
     finally:
         wrapped.close()
+
+
+def test_buffered_socket_read_by_its_thread_wakes_serves_and_ends() -> None:
+    """With ``start_reading``, a thread drains the socket and wakes the loop; what it read is served in
+    order; it stops reading at ``limit`` until paho takes some; it ends at the peer's close (served
+    after the data) and on ``close``, which then closes the descriptor."""
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    wrapped = _BufferedSocket(ours, limit=8)
+    woken = threading.Semaphore(0)
+    wrapped.start_reading(woken.release, "mqtt-reader:test")
+    thread = next(t for t in threading.enumerate() if t.name == "mqtt-reader:test")
+    try:
+        peer.sendall(b"0123456789")
+        while wrapped.pending() < 10:  # in one read or more
+            assert woken.acquire(timeout=5)
+        peer.sendall(b"abcdefghij")  # 10 buffered, past the limit: left in the kernel until paho takes some
+        assert not woken.acquire(timeout=0.2)
+        assert wrapped.pending() == 10
+        assert wrapped.recv(4) == b"0123"
+        assert woken.acquire(timeout=5)  # room again: the thread read on
+        got = b""
+        while got != b"456789abcdefghij":
+            with contextlib.suppress(BlockingIOError):
+                got += wrapped.recv(10)
+            woken.acquire(timeout=0.05)
+        peer.sendall(b"last")
+        peer.close()
+        thread.join(5)
+        assert not thread.is_alive()  # the peer closed: the thread is gone, the data is not
+        assert wrapped.recv(10) == b"last"
+        assert wrapped.recv(10) == b""
+    finally:
+        wrapped.close()
+    assert ours.fileno() == -1
+
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    wrapped = _BufferedSocket(ours)
+    wrapped.start_reading(lambda: None, "mqtt-reader:closed")
+    thread = next(t for t in threading.enumerate() if t.name == "mqtt-reader:closed")
+    wrapped.close()  # on the loop, while the thread waits in poll: it must not block
+    thread.join(5)
+    assert not thread.is_alive()
+    assert ours.fileno() == -1
+    peer.close()
 
 
 # ---------------------------------------------------------------- inbound

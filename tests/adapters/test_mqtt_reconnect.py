@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -63,6 +64,11 @@ async def own_mosquitto(tmp: Path) -> AsyncIterator[OwnMosquitto]:
         await broker.stop()
 
 
+def reader_threads(client_id: str) -> list[threading.Thread]:
+    """The live reader threads of an MQTT connection (adapters/mqtt/connection.py ``start_reading``)."""
+    return [t for t in threading.enumerate() if t.name == f"mqtt-reader:{client_id}" and t.is_alive()]
+
+
 async def test_inbound_and_outbound_survive_a_broker_restart(tmp_path: Path) -> None:
     async with own_mosquitto(tmp_path) as mosq:
         broker = access("127.0.0.1", mosq.port)
@@ -91,10 +97,13 @@ async def test_inbound_and_outbound_survive_a_broker_restart(tmp_path: Path) -> 
             async with publisher("127.0.0.1", mosq.port) as pub:
                 await pub.publish(topic, b"third-party", qos=1)
             await sink.wait_for(3)
+            # The connection's reader thread ended with it: one thread for the connection there is now.
+            assert len(reader_threads(service.client_id)) == 1
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+    await wait_until(lambda: not reader_threads(service.client_id), timeout_s=5)  # and none once stopped
     ids = [e.id for e in sink.events[:2]]
     assert ids == ["before", "after"]
     assert sink.events[2].binary_data == b"third-party"
