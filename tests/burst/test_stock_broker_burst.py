@@ -7,11 +7,11 @@ every one of them must reach the ``telemetry`` exchange. Before the inbound read
 (with a Receive Maximum the size of the outbox), 2,024 did; the broker dropped the rest for the daemon's
 session ("Outgoing messages are being dropped for client mediator-devices").
 
-Not collected by ``make test`` yet (the file name does not start with ``test_``): since the read-ahead it
-passes in about 6 runs of 7 on this 2-vCPU machine, and a failing run loses 311-2,400 messages, always
-with Mosquitto's "dropped" line. It becomes ``test_stock_broker_burst.py`` once intake is reliably fast
-enough (issue 13 stays open for it). Run it by hand:
-``.venv/bin/pytest tests/burst/acceptance_stock_broker_burst.py``.
+Mosquitto drops whatever it cannot write to the daemon within 1000 packets, so this holds only while the
+daemon's socket is kept drained. Read on the event loop it passed about 6 runs of 7 on this 2-vCPU machine
+(a failing run lost 311-2,400 messages: loop turns of 100-400 ms under load, against about 200 ms of the
+burst that the kernel's buffers hold); with the inbound's reader thread (adapters/mqtt/connection.py,
+``_BufferedSocket.start_reading``) 10 runs of 10, and 10 of 10 beside a CPU hog.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from aio_pika.abc import AbstractIncomingMessage
 from tests.support.brokers import DEBIAN_LIMITS, MosquittoInstance
 from tests.support.daemon import DaemonProcess, Quickstart
 
-pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(180)]
 
 MESSAGES = 20_000
 IN_FLIGHT = 100
-DELIVERY_TIMEOUT_S = 60.0
+DELIVERY_TIMEOUT_S = 90.0  # beside a CPU hog and others' tests, up to 31 s were measured
 
 
 def numbered_lines(count: int) -> bytes:
