@@ -112,6 +112,9 @@ class MqttInboundConfig(InboundConfigBase):
     # drops past max_queued_messages: as large as the outbox takes. Never more than [outbox] max_pending
     # (the daemon asks for the smaller of the two).
     receive_maximum: int = Field(default=20000, ge=1, le=65535)
+    # Subscribe (QoS 0) to the broker's $SYS/broker/version and $SYS/broker/publish/messages/dropped too, for
+    # the start-up log and /readyz (never events). Off for a broker that disconnects on a refused subscription.
+    sys_topics: bool = True
 
     @field_validator("topics")
     @classmethod

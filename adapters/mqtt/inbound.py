@@ -22,6 +22,8 @@ from typing import Any
 import aiomqtt
 import structlog
 
+from adapters.mqtt.brokerinfo import TOPICS as SYS_TOPICS
+from adapters.mqtt.brokerinfo import BrokerInfo, wanted
 from adapters.mqtt.codec import InboundRules, MqttMessage, to_envelope, undecodable, user_properties
 from adapters.mqtt.config import MqttInboundConfig
 from adapters.mqtt.connection import Backoff, BrokerAccess, make_client, paho_client, stop_if_cancelled
@@ -62,6 +64,10 @@ class MqttInbound:
         # The broker authenticated the publishers; what it vouches for is per message (a topic segment).
         self._origin = Origin(inbound=name, protocol="mqtt", broker=True)
         rt.health.register(self.name)
+        # The broker's version and dropped count, where it publishes them on $SYS (adapters/mqtt/brokerinfo.py).
+        info_log = self._log.bind(broker=access.name)
+        self._info = BrokerInfo(info_log, self._show) if cfg.sys_topics and wanted(cfg.topics) else None
+        self._connected = ""
 
     async def run(self) -> None:
         broker = self._access.config
@@ -77,7 +83,9 @@ class MqttInbound:
                         stop_if_cancelled()  # aiomqtt's connect may have swallowed a cancellation
                         backoff.reset()
                         await self._subscribe(client)
-                        self._rt.health.set(self.name, True, f"connected to {broker.host}:{broker.port}")
+                        self._connected = f"connected to {broker.host}:{broker.port}"
+                        self._rt.health.set(self.name, True, self._connected)
+                        await self._subscribe_info(client)
                         self._log.info("inbound.connected", broker=self._access.name, client_id=self.client_id)
                         await self._consume(client, queue)
                 except* aiomqtt.MqttError as group:
@@ -124,6 +132,20 @@ class MqttInbound:
             value: int = code if isinstance(code, int) else getattr(code, "value", 0x80)
             if value >= 0x80:
                 raise SubscriptionRefused(f"broker refused subscription {topic!r}: {code}")
+
+    async def _subscribe_info(self, client: aiomqtt.Client) -> None:
+        if self._info is None:
+            return
+        self._info.connected()
+        granted = await client.subscribe([(topic, 0) for topic in SYS_TOPICS])
+        if any(getattr(code, "value", code) >= 0x80 for code in granted):
+            self._log.debug("inbound.sys_refused", topics=SYS_TOPICS)  # a broker without them, or an ACL
+
+    def _show(self) -> None:
+        """The connection's detail for /readyz, with what the broker said on $SYS."""
+        if self._info is not None and self._rt.health.is_ready(self.name):
+            extra = self._info.detail()
+            self._rt.health.set(self.name, True, f"{self._connected}; {extra}" if extra else self._connected)
 
     async def _consume(self, client: aiomqtt.Client, queue: asyncio.Queue[aiomqtt.Message]) -> None:
         """Receive until the connection drops (raises ``aiomqtt.MqttError``) or we are cancelled.
@@ -176,6 +198,8 @@ class MqttInbound:
         for message in batch:
             props = message.properties
             payload = message.payload
+            if self._info is not None and self._info.take(message.topic.value, payload):
+                continue  # $SYS, QoS 0: nothing to acknowledge
             wire = MqttMessage(
                 topic=message.topic.value,
                 payload=payload if isinstance(payload, bytes) else str(payload or "").encode(),

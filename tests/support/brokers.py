@@ -39,10 +39,16 @@ class MosquittoInstance:
     signed by ``tls.ca_file`` (the plain listener on ``port`` stays, for ``start`` to wait on).
 
     ``limits``: the config lines that decide whether a burst survives; by default generous ones, with
-    ``DEBIAN_LIMITS`` the broker behaves as Debian installs it."""
+    ``DEBIAN_LIMITS`` the broker behaves as Debian installs it. ``extra``: more config lines (say
+    ``sys_interval 1``, for a test that reads ``$SYS``)."""
 
     def __init__(
-        self, workdir: Path, port: int | None = None, tls: BrokerTls | None = None, limits: str = GENEROUS_LIMITS
+        self,
+        workdir: Path,
+        port: int | None = None,
+        tls: BrokerTls | None = None,
+        limits: str = GENEROUS_LIMITS,
+        extra: str = "",
     ) -> None:
         self.port = port or free_port()
         self.tls_port = free_port() if tls is not None else None
@@ -53,6 +59,7 @@ class MosquittoInstance:
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             f"{limits}"
+            f"{extra}"
             "persistence true\n"
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
