@@ -16,6 +16,8 @@ per message, from getrusage, over the measured part only):
   process of its own, to a queue nobody consumes: its CPU per message.
 - ``core``: pipeline, outbox and dispatcher with an outbound that returns at once; 64 concurrent callers
   of ``Pipeline.accept`` (``--outbox memory`` for the in-memory outbox).
+- ``tracing``: the receive and send spans of one event around a sink and an outbound that return at once,
+  their OTLP encoding per span, and the same two spans as the SDK's span objects.
 
 The numbers quoted in the commit messages of the speed work came from these (then scratch) harnesses.
 """
@@ -376,9 +378,73 @@ async def core(count: int, callers: int, outbox: str) -> str:
     return line
 
 
+async def tracing(count: int) -> str:
+    """What tracing at 100% adds per HTTP -> AMQP event: a receive and a send span around an inner sink and
+    outbound that return at once (``TracedSink``, ``TracedOutbound``), their OTLP encoding (the export
+    thread's work, without the POST), and the same two spans as SDK span objects for comparison."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.trace import SpanKind
+
+    from mediator.core.envelope import Envelope
+    from mediator.observability.otlp import Encoder
+    from mediator.observability.tracing import Tracing
+    from mediator.observability.tracing_config import TracingConfig
+
+    class Inner:
+        name = "dst"
+        max_in_flight = 1
+
+        async def accept(self, events: Any, origin: Any) -> None:
+            return None
+
+        async def send(self, event: Any, address: str, format: str) -> None:
+            return None
+
+    cfg = TracingConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces", schedule_delay_s=3600.0)
+    traced = Tracing(cfg.model_copy(update={"max_queue_size": 2 * count + 1, "max_export_batch": 2 * count + 1}))
+    sink, out = traced.sink(Inner()), traced.outbound(Inner(), "amqp")  # type: ignore[arg-type]
+    origin = Origin(inbound="src", protocol="http")
+    events = []
+    for i in range(count):
+        env = Envelope(id=f"id-{i}", source="/bench", type="com.example.bench", spec_version="1.0")
+        env.provenance.inbound, env.provenance.protocol, env.provenance.topic = "src", "http", "bench"
+        events.append(env)
+    started = clock()
+    for env in events:
+        await sink.accept([env], origin)
+        await out.send(env, "bench.out", "binary")
+    spans_line = report("tracing: receive + send span per event", count, started)
+    recorder = traced.recorder
+    queued = list(recorder._queue)
+    encoder = Encoder(recorder.resource, recorder.scope)
+    started = clock()
+    for i in range(0, len(queued), 512):
+        encoder.request(queued[i : i + 512])
+    encode_line = report("tracing: OTLP encoding, per span", len(queued), started)
+
+    class Null(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Null(), max_queue_size=2 * count + 1, schedule_delay_millis=3600e3))
+    tracer = provider.get_tracer("bench")
+    attrs = {"messaging.system": "rabbitmq", "messaging.destination.name": "bench.out", "messaging.message.id": "x"}
+    started = clock()
+    for _ in range(count):
+        for kind in (SpanKind.SERVER, SpanKind.PRODUCER):
+            tracer.start_span("span", kind=kind, attributes=attrs).end()
+    sdk_line = report("tracing: the same two spans as SDK span objects (start, end, batch queue)", count, started)
+    provider.shutdown()
+    recorder._queue.clear()  # nothing to export: the endpoint is nobody's
+    await traced.close(1.0)
+    return "\n".join((spans_line, encode_line, sdk_line))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0] if __doc__ else "")
-    ap.add_argument("layer", choices=["amqp-out", "mqtt-out", "http-in", "grpc-in", "amqp-client", "core"])
+    ap.add_argument("layer", choices=["amqp-out", "mqtt-out", "http-in", "grpc-in", "amqp-client", "core", "tracing"])
     ap.add_argument("-n", "--count", type=int, default=20_000, help="messages (default 20,000)")
     ap.add_argument("-w", "--window", type=int, default=256, help="publishes in flight (default 256)")
     ap.add_argument("--seconds", type=float, default=6.0, help="http-in: how long wrk runs (default 6)")
@@ -400,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         "grpc-in": lambda: grpc_in(args.count, args.window, args.bare),
         "amqp-client": lambda: amqp_client(args.count, args.window),
         "core": lambda: core(args.count, 64, args.outbox),
+        "tracing": lambda: tracing(args.count),
     }
     try:
         import uvloop
