@@ -673,6 +673,14 @@ class Bench:
                 entry["mediator_memory"] = self._guard(
                     f"{name} [memory]", lambda n=name: self.mediator(PATHS[n], "memory", profile=first)
                 )
+            variants = [k for k in entry if k.startswith("mediator_") and k != "mediator_memory"]
+            if len(variants) > 1 and not self.over_budget(f"{name} [plain, again]"):
+                # The plain row once more after the variants: the machine drifts within a round (later cells
+                # ran slower than the first one, whatever they were), so /plain compares each variant with the
+                # mean of the plain runs before and after it (report.aggregate).
+                entry["plain_after"] = self._guard(
+                    f"{name} [plain, after the variants]", lambda n=name: self.mediator(PATHS[n], profile=False)
+                )
         if not a.no_intake:
             for kind, name in INTAKE_PATHS.items():
                 if name in names and not self.over_budget(f"intake-{kind}"):

@@ -99,6 +99,13 @@ def _us(cell: dict[str, Any] | None) -> float | None:
     return value
 
 
+def _plain_reference(entry: dict[str, Any], figure: Any) -> float | None:
+    """A variant's reference in one round: the plain row's figure, or the mean of the plain runs before and
+    after the variants where the round ran it twice (``plain_after``)."""
+    values = [v for v in (figure(entry.get("mediator")), figure(entry.get("plain_after"))) if v]
+    return sum(values) / len(values) if values else None
+
+
 def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``ceilings`` and ``paths`` of the table from the rounds; each mediator cell also gets
     ``ratio_ceil`` / ``ratio_peer``: the median over rounds of the ratio measured within each round. An
@@ -130,11 +137,10 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 cell["ratio_peer_rounds"] = [round(x, 3) for x in peer_ratios]
                 _gen_ratios(cell, cells, gens)
                 if "variant" in cell:
-                    noauth = [e.get("mediator") for e in entries]
-                    thr_ratios = [
-                        t / n for c, b in zip(cells, noauth, strict=True) if (t := _thr(c)) and (n := _thr(b))
-                    ]
-                    extra_us = [u - n for c, b in zip(cells, noauth, strict=True) if (u := _us(c)) and (n := _us(b))]
+                    plain = [_plain_reference(e, _thr) for e in entries]
+                    plain_us = [_plain_reference(e, _us) for e in entries]
+                    thr_ratios = [t / n for c, n in zip(cells, plain, strict=True) if (t := _thr(c)) and n]
+                    extra_us = [u - n for c, n in zip(cells, plain_us, strict=True) if (u := _us(c)) and n]
                     cell["ratio_plain"] = median(thr_ratios)
                     cell["ratio_plain_rounds"] = [round(x, 3) for x in thr_ratios]
                     cell["us_per_msg_over_plain"] = median(extra_us)
@@ -289,7 +295,9 @@ def table(results: dict[str, Any]) -> str:
         f"1 KiB payloads. {meta.get('rounds', 1)} round(s): the whole suite ran that many times, each cell once per"
         " round; figures are medians over rounds. msgs/s = distinct sequence numbers counted at the consumer /"
         " (last arrival - first send), at saturation. /ceil = mediator / the slower direct broker round trip the"
-        " path involves, /peer = mediator / the best peer, /plain = a variant row / the plain mediator row"
+        " path involves, /peer = mediator / the best peer, /plain = a variant row / the plain mediator row (where"
+        " the round ran the plain row again after the variants, the mean of both runs: later cells of a round"
+        " ran slower on this machine whatever they were)"
         ' (JWT / API key: every request carries one RS256 JWT or API key; "no cache" = JWT cache_size 0, the'
         " signature checked per event; content: a JSON Schema check, a CEL route and a field transform per"
         " event; workers = 2: one supervisor and two worker processes sharing the load, CPU and RSS summed over"
