@@ -326,7 +326,7 @@ class _Returning:
         return None
 
 
-async def core(count: int, callers: int, outbox: str) -> str:
+async def core(count: int, callers: int, outbox: str, metrics: bool = True) -> str:
     from bench.paths import PATHS, Env
     from mediator.config import load
     from mediator.daemon import Daemon
@@ -342,6 +342,7 @@ async def core(count: int, callers: int, outbox: str) -> str:
         hook_port=free_port(),
         workdir=workdir,
         outbox=outbox,
+        metrics=metrics,
     )
     config_file = Path(workdir) / "config.toml"
     config_file.write_text(PATHS["http-amqp"].config(env))
@@ -368,7 +369,7 @@ async def core(count: int, callers: int, outbox: str) -> str:
                 for _ in range(callers):
                     callers_group.create_task(caller())
             await until(lambda: daemon.backlog.value == 0, 60)
-            line = report(f"core ({outbox} outbox)", count, started)
+            line = report(f"core ({outbox} outbox{'' if metrics else ', metrics off'})", count, started)
             for task in dispatchers:
                 task.cancel()
     except* asyncio.CancelledError:
@@ -449,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-w", "--window", type=int, default=256, help="publishes in flight (default 256)")
     ap.add_argument("--seconds", type=float, default=6.0, help="http-in: how long wrk runs (default 6)")
     ap.add_argument("--outbox", choices=["sqlite", "memory"], default="sqlite", help="core: which outbox")
+    ap.add_argument("--no-metrics", action="store_true", help="core: [metrics] enabled = false")
     ap.add_argument(
         "--bare",
         action="store_true",
@@ -465,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         "http-in": lambda: http_in(args.seconds, args.bare),
         "grpc-in": lambda: grpc_in(args.count, args.window, args.bare),
         "amqp-client": lambda: amqp_client(args.count, args.window),
-        "core": lambda: core(args.count, 64, args.outbox),
+        "core": lambda: core(args.count, 64, args.outbox, not args.no_metrics),
         "tracing": lambda: tracing(args.count),
     }
     try:
