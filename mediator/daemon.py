@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -70,6 +70,17 @@ def _stamp(path: Path) -> tuple[int, int]:
     except OSError:
         return (0, 0)
     return st.st_mtime_ns, st.st_size
+
+
+def write_reload_status(path: Path, doc: Mapping[str, object]) -> None:
+    """Write a reload outcome whole (a temporary file renamed over it): ``mediator reload`` never reads half
+    of one. Logged, not raised, when the directory is not writable."""
+    try:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("config.reload_status_unwritable", path=str(path), error=str(exc))
 
 
 def state_dir(config: Config) -> Path:
@@ -448,13 +459,7 @@ class Daemon:
             "version": self.config_version,
             **details,
         }
-        path = self._reload_status_path()
-        try:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(status) + "\n")
-            tmp.replace(path)
-        except OSError as exc:
-            log.warning("config.reload_status_unwritable", path=str(path), error=str(exc))
+        write_reload_status(self._reload_status_path(), status)
 
     def _reload_status_path(self) -> Path:
         """Where ``_report`` writes: beside the outbox (a worker of ``workers = N`` writes to the supervisor,

@@ -485,15 +485,9 @@ class Supervisor:
             raise
 
     def _write_reload_status(self, doc: Mapping[str, Any]) -> None:
-        from mediator.daemon import RELOAD_STATUS_FILE, state_dir
+        from mediator.daemon import RELOAD_STATUS_FILE, state_dir, write_reload_status
 
-        path = state_dir(self.config) / RELOAD_STATUS_FILE
-        try:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(doc) + "\n")
-            tmp.replace(path)
-        except OSError as exc:
-            log.warning("config.reload_status_unwritable", path=str(path), error=str(exc))
+        write_reload_status(state_dir(self.config) / RELOAD_STATUS_FILE, doc)
 
     # ------------------------------------------------------------------ readiness
 
