@@ -426,6 +426,12 @@ class Supervisor:
         log.info("supervisor.reload_signalled", signal=name, seq=seq, workers=self.count)
         written: dict[str, Any] | None = None
         waiting: dict[int, str] = {}
+
+        def merged(final: bool) -> dict[str, Any]:
+            return merge_reload(
+                pid=os.getpid(), seq=seq, at=at, signal_name=name, outcomes=outcomes, waiting=waiting, final=final
+            )
+
         try:
             while True:
                 waiting = {}
@@ -450,15 +456,7 @@ class Supervisor:
                     else:
                         waiting[w.k] = f"restarting: pid {proc.pid} is not ready yet, and is sent {name} once it is"
                 final = not waiting or time.monotonic() >= deadline
-                doc = merge_reload(
-                    pid=os.getpid(),
-                    seq=seq,
-                    at=at,
-                    signal_name=name,
-                    outcomes=outcomes,
-                    waiting=waiting,
-                    final=final,
-                )
+                doc = merged(final)
                 if doc != written:
                     self._write_reload_status(doc)
                     written = doc
@@ -471,17 +469,7 @@ class Supervisor:
         except asyncio.CancelledError:
             if self._stopping:
                 waiting = {k: f"the daemon stopped first ({v})" for k, v in waiting.items()}
-                self._write_reload_status(
-                    merge_reload(
-                        pid=os.getpid(),
-                        seq=seq,
-                        at=at,
-                        signal_name=name,
-                        outcomes=outcomes,
-                        waiting=waiting,
-                        final=True,
-                    )
-                )
+                self._write_reload_status(merged(True))
             raise
 
     def _write_reload_status(self, doc: Mapping[str, Any]) -> None:
