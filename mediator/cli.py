@@ -37,11 +37,14 @@ def _print_config_error(exc: ConfigError) -> None:
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
     from mediator import supervisor
     from mediator.daemon import dry_build
+    from mediator.stages import broad_rules
 
     problems, environment = asyncio.run(dry_build(config))
     problems += supervisor.problems(config, supervisor.worker_count(config))  # what `run` refuses with workers
     for problem in environment:
         print(f"  warning: {problem} (needed by `mediator run`)", file=sys.stderr)
+    for warning in broad_rules(config.adapters, config.root.authorization):  # valid, but likely not meant
+        print(f"  warning: {warning}", file=sys.stderr)
     if problems:
         raise ConfigError(args.config, problems)
     print(
