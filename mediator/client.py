@@ -40,6 +40,10 @@ class Target:
     token: str | None = None
     api_key: str | None = None
     api_key_header: str = "x-api-key"
+    credential: str = ""  # where the token or key came from, for errors
+
+    def __repr__(self) -> str:  # never the secrets
+        return f"Target(address={self.address!r}, tls={self.tls}, credential={self.credential!r})"
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         out: list[tuple[str, str]] = []
@@ -50,15 +54,88 @@ class Target:
         return tuple(out)
 
 
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """What to present to the daemon, and where it came from (named in errors; the value never is)."""
+
+    token: str | None = None
+    api_key: str | None = None
+    origin: str = ""
+
+    def __repr__(self) -> str:  # never the secret, whatever prints it
+        return f"Credential(origin={self.origin!r})"
+
+
+def credential_of(args: Any, fallback_token_env: str | None = None) -> Credential:
+    """The credential the flags name: ``--token-env NAME`` / ``--api-key-env NAME`` (the variable's value),
+    else ``--token`` / ``--api-key`` (the value itself, which ``ps`` shows), else ``$MEDIATOR_TOKEN`` /
+    ``$MEDIATOR_API_KEY``, else the variable ``fallback_token_env`` names (an HTTP listener's
+    ``admin_token_env``) when it is set. One credential: the daemon refuses a request carrying two."""
+    given: list[Credential] = []
+    for flag, env_flag, is_token in (("token", "token_env", True), ("api_key", "api_key_env", False)):
+        env_name = getattr(args, env_flag, None)
+        value = getattr(args, flag, None)
+        dash = flag.replace("_", "-")
+        if env_name is not None and value is not None:
+            raise ClientError(f"give --{dash} or --{dash}-env, not both")
+        if env_name is not None:
+            value = os.environ.get(env_name)
+            if not value:
+                raise ClientError(f"--{dash}-env {env_name}: the variable {env_name} is not set (or empty)")
+            origin = f"--{dash}-env {env_name}"
+        else:
+            origin = f"--{dash}"
+        if value:
+            given.append(Credential(value, None, origin) if is_token else Credential(None, value, origin))
+    if not given:
+        for env_name, is_token in ((TOKEN_ENV, True), (API_KEY_ENV, False)):
+            value = os.environ.get(env_name)
+            if value:
+                origin = f"${env_name}"
+                given.append(Credential(value, None, origin) if is_token else Credential(None, value, origin))
+    if len(given) > 1:
+        raise ClientError(
+            f"{given[0].origin} and {given[1].origin} both give a credential; the daemon refuses a request "
+            "carrying two: give one"
+        )
+    if given:
+        return given[0]
+    if fallback_token_env and os.environ.get(fallback_token_env):
+        return Credential(os.environ[fallback_token_env], None, f"${fallback_token_env} (the admin_token_env)")
+    return Credential()
+
+
+def api_key_header(config: Config | None, listener: str | None) -> str:
+    """The header (gRPC metadata key) of the first API key authenticator ``listener`` names, else x-api-key."""
+    if config is None or listener is None:
+        return "x-api-key"
+    names = config.root.listeners.get(listener, {}).get("auth") or []
+    for name in names if isinstance(names, list) else []:
+        auth = config.root.auth.get(name)
+        if auth is not None and auth.kind == "api_key":
+            return str(getattr(auth, "header", "x-api-key"))
+    return "x-api-key"
+
+
+CREDENTIAL_HINT = (
+    "pass --token-env NAME (a variable holding a bearer token: a JWT, an API key, or the listener's "
+    "admin_token_env token) or --api-key-env NAME"
+)
+
+
 def target_of(args: Any, config: Config | None) -> Target:
     """Where and how to connect: ``--target`` (else the config's first gRPC listener), TLS when the
     listener serves it or ``--tls``/``--ca-file`` say so, credentials from the flags or the environment."""
     address = args.target
     tls = bool(args.tls or args.ca_file)
+    credential = credential_of(args)
+    header = "x-api-key"
     if address is None:
-        listener = next(
-            (b for b in (config.root.listeners.values() if config else ()) if b.get("kind") == "grpc"), None
+        name, listener = next(
+            ((n, b) for n, b in (config.root.listeners.items() if config else ()) if b.get("kind") == "grpc"),
+            (None, None),
         )
+        header = api_key_header(config, name)
         if listener is None:
             raise ClientError("the config has no gRPC listener: name one with --target HOST:PORT")
         host = listener.get("host", "127.0.0.1")
@@ -72,8 +149,10 @@ def target_of(args: Any, config: Config | None) -> Target:
         cert_file=args.cert_file,
         key_file=args.key_file,
         server_name=args.server_name,
-        token=args.token or os.environ.get(TOKEN_ENV) or None,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        token=credential.token,
+        api_key=credential.api_key,
+        api_key_header=header,
+        credential=credential.origin,
     )
 
 
@@ -107,10 +186,17 @@ def _rpc_error(exc: Any, target: Target, what: str) -> ClientError:
     details = exc.details() or ""
     if code.name == "UNAVAILABLE":
         return ClientError(f"{what}: no daemon answers on {target.address} ({details})")
-    hint = ""
-    if code.name == "UNAUTHENTICATED" and not target.metadata():
-        hint = f" (give --token or --api-key, or set {TOKEN_ENV} / {API_KEY_ENV})"
-    return ClientError(f"{what} refused: {code.name}: {details}{hint}")
+    if code.name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        if not target.metadata():
+            return ClientError(
+                f"{what}: the daemon asks for a credential ({code.name}: {details}); {CREDENTIAL_HINT} "
+                f"(or set {TOKEN_ENV} / {API_KEY_ENV}; --api-key works too)"
+            )
+        return ClientError(
+            f"{what}: the daemon refused the credential from {target.credential} ({code.name}: {details}); "
+            f"{CREDENTIAL_HINT} with one it accepts"
+        )
+    return ClientError(f"{what} refused: {code.name}: {details}")
 
 
 def read_data(value: str | None, stdin: IO[bytes]) -> bytes:
