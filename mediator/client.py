@@ -281,6 +281,16 @@ def format_event(event: Any, as_json: bool) -> str:
     return "  ".join((when, event.type, event.id, event.source, shown)).rstrip()
 
 
+# Reconnect backoff of ``tail``: doubling from the first delay up to the cap, each delay drawn with full
+# jitter from [delay/2, delay] so that several tails do not hammer a restarting daemon in step.
+TAIL_BACKOFF_FIRST_S = 0.25
+TAIL_BACKOFF_MAX_S = 5.0
+# Codes after which subscribing again cannot help: the request or the credential is wrong.
+_FINAL_CODES = frozenset(
+    {"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "NOT_FOUND", "UNIMPLEMENTED", "FAILED_PRECONDITION"}
+)
+
+
 async def tail(
     target: Target,
     request: Any,
@@ -290,34 +300,119 @@ async def tail(
     as_json: bool,
     out: IO[str],
     err: IO[str],
+    backoff_first_s: float = TAIL_BACKOFF_FIRST_S,
+    backoff_max_s: float = TAIL_BACKOFF_MAX_S,
 ) -> int:
     """Print the events Subscribe streams until interrupted (or ``count`` events, or ``timeout_s``
-    seconds). Says on ``err`` when the subscription is registered: events routed from then on show."""
+    seconds). Says on ``err`` once the daemon has registered the subscription (its ``mediator-subscribed``
+    initial metadata: every event routed from then on shows), and keeps going when there is no daemon yet
+    or it goes away (a restart): each disconnect and each failed attempt is one line on ``err``, then it
+    subscribes again with backoff. Subscribe has no cursor, so events routed while no subscription was
+    registered are not shown; the line after a reconnect says so. A refusal no retry can change (a bad
+    credential, an unknown outbound) raises ClientError. Cancellation (Ctrl-C) stops it at once."""
+    import random
+
+    filters = {k: v for k, v in (("type", request.type), ("source", request.source)) if v}
+    shown = " ".join(f"{k}={v}" for k, v in filters.items()) or "every event"
+    seen = 0
+    lifetimes = 0  # subscriptions registered so far
+    failures = 0  # attempts failed since the last registered subscription
+    delay = backoff_first_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                try:
+                    async with contextlib.aclosing(_subscribe(target, request)) as stream:
+                        async for event in stream:
+                            if event is None:  # registered
+                                lifetimes += 1
+                                failures, delay = 0, backoff_first_s
+                                print(_subscribed_note(target, shown, lifetimes), file=err, flush=True)
+                                continue
+                            print(format_event(event, as_json), file=out, flush=True)
+                            seen += 1
+                            if count is not None and seen >= count:
+                                return 0
+                    why = "the daemon ended the stream"
+                except _Lost as exc:
+                    why = exc.why
+                failures += 1
+                wait = random.uniform(delay / 2, delay)
+                if failures == 1 and lifetimes:
+                    what = f"disconnected from {target.address} ({why})"
+                elif lifetimes or failures > 1:
+                    what = f"still no daemon on {target.address} ({why}; attempt {failures})"
+                else:
+                    what = f"no daemon answers on {target.address} yet ({why})"
+                print(f"tail: {what}; subscribing again in {wait:.1f} s; Ctrl-C stops", file=err, flush=True)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, backoff_max_s)
+    except TimeoutError:
+        pass
+    return 0
+
+
+def _subscribed_note(target: Target, shown: str, lifetimes: int) -> str:
+    if lifetimes == 1:
+        return f"tail: subscribed on {target.address} ({shown}); Ctrl-C stops"
+    return (
+        f"tail: subscribed again on {target.address} ({shown}); events routed while disconnected are not shown "
+        "(Subscribe cannot resume)"
+    )
+
+
+class _Lost(Exception):
+    """A subscription that ended (or never registered) for a reason a later attempt may not have."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+async def _subscribe(target: Target, request: Any) -> Any:
+    """One Subscribe call on a channel of its own (so that gRPC's own reconnect backoff, up to two minutes,
+    never delays ours): yields None once the daemon registered the subscription, then each event; returns
+    when the daemon ends the stream. Raises _Lost when the call fails in a way a retry may fix, ClientError
+    when it cannot."""
     import grpc
 
     from mediator.v1.service_pb2_grpc import MediatorStub
 
-    seen = 0
     async with _channel(target) as channel:
         call = MediatorStub(channel).Subscribe(request, metadata=target.metadata())
         try:
-            async with asyncio.timeout(timeout_s):
-                await call.initial_metadata()
-                filters = {k: v for k, v in (("type", request.type), ("source", request.source)) if v}
-                shown = " ".join(f"{k}={v}" for k, v in filters.items()) or "every event"
-                print(f"tail: subscribed on {target.address} ({shown}); Ctrl-C stops", file=err, flush=True)
-                async for event in call:
-                    print(format_event(event, as_json), file=out, flush=True)
-                    seen += 1
-                    if count is not None and seen >= count:
-                        break
-        except TimeoutError:
-            pass
+            # grpc.aio gives a failed call empty initial metadata rather than an error: only the daemon's
+            # own key says the subscription is live (before, "subscribed" was printed for a refused connection).
+            metadata = await call.initial_metadata()
+            if (SUBSCRIBED_KEY, "1") not in tuple(metadata or ()):
+                code = await call.code()
+                details = await call.details()
+                if code is not None and code.name in _FINAL_CODES:
+                    raise _rpc_error(_Status(code, details), target, "tail")
+                raise _Lost(f"{code.name if code is not None else 'no answer'}: {details or 'not subscribed'}")
+            yield None
+            async for event in call:
+                yield event
         except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc, target, "tail") from exc
+            if exc.code().name in _FINAL_CODES:
+                raise _rpc_error(exc, target, "tail") from exc
+            raise _Lost(f"{exc.code().name}: {exc.details() or ''}".rstrip(": ")) from exc
         finally:
             call.cancel()
-    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Status:
+    """A finished call's status in the shape ``_rpc_error`` reads (``code()``, ``details()``)."""
+
+    status: Any
+    text: str | None
+
+    def code(self) -> Any:
+        return self.status
+
+    def details(self) -> str | None:
+        return self.text
 
 
 def run(coro: Any) -> int:
