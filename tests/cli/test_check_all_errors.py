@@ -69,8 +69,7 @@ def test_a_removed_array_element_does_not_shift_later_errors_onto_it() -> None:
     # authorization[0] lacks its name (removed to check the rest); authorization[1]'s unknown inbound would
     # then be reported as authorization[0]'s: no index-addressed later error of that array is reported.
     text = SHIPPED + (
-        '\n[[authorization]]\ninbounds = ["orders-http"]\n'
-        '\n[[authorization]]\nname = "b"\ninbounds = ["ghost"]\n'
+        '\n[[authorization]]\ninbounds = ["orders-http"]\n\n[[authorization]]\nname = "b"\ninbounds = ["ghost"]\n'
     )
     text = edit(text, '{ outbound = "mqtt", address = "orders/created" }', '{ outbound = "nowhere", address = "x" }')
     problems = problems_of(text)
