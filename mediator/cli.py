@@ -141,7 +141,7 @@ def _print_letters(letters: list[dict[str, object]], as_json: bool | None) -> No
     if as_json:
         print(json.dumps({"dead_letters": letters}, indent=2))
     elif letters:
-        print(table(describe_rows(letters)))
+        print(table(describe_rows(letters), fold=True))
     else:
         print("no dead letters")
 

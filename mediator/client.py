@@ -453,7 +453,57 @@ def describe_rows(letters: Sequence[dict[str, object]]) -> list[list[str]]:
     return rows
 
 
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+# The narrowest reason column worth folding into; with less room the reason goes under its row.
+MIN_REASON_COLUMNS = 30
+UNDER_ROW_INDENT = 4
+
+
+def table(rows: list[list[str]], *, fold: bool = False, width: int | None = None) -> str:
+    """Columns padded to their widest cell, the last one as it is. With ``fold``, the last column (a dead
+    letter's reason: a protobuf error runs over several lines) is folded to what is left of ``width`` (the
+    terminal's, else 120 columns), each
+    continuation line indented under it. Where fewer than ``MIN_REASON_COLUMNS`` are left, the last cell
+    goes on the lines below its row instead, indented by four. Line breaks and tabs in the other cells are
+    shown as ``\\n``/``\\t``, so that a row stays one line."""
+    import shutil
+
+    if not fold:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        plain = ["  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]) for r in rows]
+        return "\n".join(line.rstrip() for line in plain)
+    if width is None:
+        width = shutil.get_terminal_size((120, 24)).columns
+    cells = [[_one_line(c) for c in r[:-1]] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(rows[0]) - 1)]
+    indent = sum(widths) + 2 * len(widths)
+    under = width - indent < MIN_REASON_COLUMNS
+    lines: list[str] = []
+    for n, (r, head) in enumerate(zip(rows, cells, strict=True)):
+        padded = [c.ljust(w) for c, w in zip(head, widths, strict=True)]
+        if under and n > 0:
+            lines.append("  ".join(padded).rstrip())
+            lines += [" " * UNDER_ROW_INDENT + piece for piece in _fold(r[-1], width - UNDER_ROW_INDENT)]
+            continue
+        folded = _fold(r[-1], width - indent) or [""]
+        lines.append("  ".join([*padded, folded[0]]).rstrip())
+        lines += [" " * indent + piece for piece in folded[1:]]
+    return "\n".join(lines)
+
+
+def _fold(text: str, room: int) -> list[str]:
+    """``text`` in lines of at most ``room`` characters: its own lines kept (their leading indentation
+    too), each wrapped at spaces; a word longer than ``room`` is cut."""
+    import textwrap
+
+    room = max(room, 10)
+    out: list[str] = []
+    for para in text.expandtabs(4).splitlines():
+        lead = para[: len(para) - len(para.lstrip())]
+        if len(lead) >= room // 2:
+            lead = ""
+        out += textwrap.wrap(para.strip(), room, initial_indent=lead, subsequent_indent=lead, break_on_hyphens=False)
+    return out
+
+
+def _one_line(cell: str) -> str:
+    return cell.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
