@@ -461,7 +461,7 @@ UNDER_ROW_INDENT = 4
 def table(rows: list[list[str]], *, fold: bool = False, width: int | None = None) -> str:
     """Columns padded to their widest cell, the last one as it is. With ``fold``, the last column (a dead
     letter's reason: a protobuf error runs over several lines) is folded to what is left of ``width`` (the
-    terminal's, else 120 columns), each
+    terminal's or $COLUMNS; into a pipe only at its own line breaks), each
     continuation line indented under it. Where fewer than ``MIN_REASON_COLUMNS`` are left, the last cell
     goes on the lines below its row instead, indented by four. Line breaks and tabs in the other cells are
     shown as ``\\n``/``\\t``, so that a row stays one line."""
@@ -471,8 +471,9 @@ def table(rows: list[list[str]], *, fold: bool = False, width: int | None = None
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         plain = ["  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]) for r in rows]
         return "\n".join(line.rstrip() for line in plain)
-    if width is None:
-        width = shutil.get_terminal_size((120, 24)).columns
+    if width is None:  # into a pipe (--table) without $COLUMNS: lines are split, never wrapped
+        tty = sys.stdout.isatty() or "COLUMNS" in os.environ
+        width = shutil.get_terminal_size().columns if tty else 1 << 20
     cells = [[_one_line(c) for c in r[:-1]] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(rows[0]) - 1)]
     indent = sum(widths) + 2 * len(widths)
