@@ -381,7 +381,7 @@ def _credential_options(p: argparse.ArgumentParser, admin: bool) -> None:
     g = p.add_argument_group(
         "credentials",
         "One credential, best by environment variable: a --token or --api-key value shows in `ps`. Default: "
-        "$MEDIATOR_TOKEN, else $MEDIATOR_API_KEY"
+        "$MEDIATOR_TOKEN or $MEDIATOR_API_KEY (one of them)"
         + (
             ", else the variable the HTTP listener's admin_token_env names. The admin endpoints take the "
             "admin_token_env token or, on a listener with auth, a principal with a role in [security] admin_roles"
@@ -479,7 +479,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     pub.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the commit (default 10)")
     _client_options(pub)
     pub.set_defaults(func=cmd_publish)
-    tl = sub.add_parser("tail", help="print the events routed to a gRPC outbound as they arrive (Subscribe)")
+    tl = sub.add_parser(
+        "tail",
+        help="print the events routed to a gRPC outbound as they arrive (Subscribe)",
+        description="Print the events routed to the daemon's gRPC outbounds as they arrive (Subscribe). Waits "
+        "for a daemon that is not up yet and subscribes again when it restarts (backoff up to 5 s, a line on "
+        "stderr each time); events routed while no subscription was live are not shown: Subscribe cannot resume.",
+    )
     tl.add_argument("--type", help="exact type or a glob, e.g. 'com.example.*' (default: any)")
     tl.add_argument("--source", help="glob over source (default: any)")
     tl.add_argument("--outbound", help="the gRPC outbound to follow (default: every one)")
