@@ -44,7 +44,7 @@ from mediator.stages.ratelimit import RateLimit
 from mediator.stages.transform import build as build_ingress_transform
 from mediator.stages.wellformed import WellFormed
 
-__all__ = ["Stages", "build", "problems"]
+__all__ = ["Stages", "broad_rules", "build", "problems"]
 
 log = structlog.get_logger(__name__)
 
@@ -156,6 +156,44 @@ def problems(
                 out.append(f"rate_limits[{i}].inbounds: no inbound named {ref!r}")
     names = [r.name for r in rules]
     out += [f"authorization: rule name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    return out
+
+
+def broad_rules(adapters: Mapping[str, AdapterConfig], rules: Sequence[AuthorizationRuleConfig]) -> list[str]:
+    """Warnings (for ``mediator check``) about ``allow`` rules that match every authenticated principal on an
+    inbound that authenticates its callers: no ``principals`` (or only ``*``) and no ``roles``. Empty lists
+    match everything, so ``inbounds = [...]`` with ``anonymous = true``, written to let anonymous callers
+    through, also lets every principal any authenticator vouches for publish there. Where an inbound has no
+    authenticators every caller is anonymous and such a rule is exact: no warning."""
+    listeners = {n: m for a in adapters.values() for n, m in a.listeners.items()}
+    authenticating: dict[str, list[str]] = {}  # inbound -> its authenticators
+    for adapter in adapters.values():
+        for name, icfg in adapter.inbounds.items():
+            found = _listener_of(icfg, listeners)
+            names, _ = _effective(icfg, found[1] if found else None)
+            if names:
+                authenticating[name] = names
+    out: list[str] = []
+    for i, rule in enumerate(rules):
+        if rule.effect != "allow" or rule.roles or any(p != "*" for p in rule.principals):
+            continue
+        scope = [n for n in (rule.inbounds or sorted(authenticating)) if n in authenticating]
+        if not scope:
+            continue
+        who = "every authenticated principal" + (" and anonymous callers" if rule.anonymous else "")
+        what = "any event type" if not rule.types else "types " + ", ".join(repr(t) for t in rule.types)
+        where = ", ".join(f"{n!r} (auth {', '.join(authenticating[n])})" for n in scope)
+        empty = "principals = ['*']" if rule.principals else "principals and roles are empty"
+        out.append(
+            f"authorization[{i}] ({rule.name!r}): allows {who} to publish {what} through inbound(s) {where}: "
+            f"{empty}, and an empty list matches every principal"
+            + (
+                " (anonymous = true adds anonymous callers; it does not limit the rule to them)"
+                if rule.anonymous
+                else ""
+            )
+            + "; narrow it with roles = [...] or principals = [...] naming who may publish there"
+        )
     return out
 
 
