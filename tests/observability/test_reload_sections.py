@@ -132,13 +132,14 @@ class Reloader:
         self.daemon = daemon
 
     async def __call__(self, extra: str = "", **overrides: dict[str, object]) -> dict[str, Any]:
+        base: dict[str, dict[str, object]] = {"daemon": {"drain_timeout_s": 3.0}}
         qs = Quickstart(
             self.qs.tmp,
             uid=self.qs.uid,
             http_port=self.qs.http_port,
             grpc_port=self.qs.grpc_port,
             extra_toml=extra,
-            overrides={"daemon": {"drain_timeout_s": 3.0}} | overrides,
+            overrides=base | overrides,
         )
         text = qs.render()
         self.daemon.config.write_text(text)
