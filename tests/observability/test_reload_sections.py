@@ -15,20 +15,23 @@ import hashlib
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mediator.config import DaemonConfig, RootConfig
 from mediator.daemon import RELOAD_STATUS_FILE
-from mediator.reloadable import DAEMON_KEYS, RESTART, SECTIONS, in_force, restart_required, unclassified
+from mediator.reloadable import DAEMON_KEYS, LIVE, RESTART, SECTIONS, in_force, restart_required, unclassified
 from tests.observability.test_reload_whole import events
 from tests.observability.test_tracing_e2e import OtlpReceiver, attrs
 from tests.support.daemon import ROOT, DaemonProcess, Quickstart
+from tests.support.net import RABBIT_URL
 
 # ---------------------------------------------------------------------------------------------- the table
 
@@ -314,3 +317,131 @@ async def test_restart_only_sections_are_named_until_a_restart_and_keep_serving(
     assert await running.daemon.stop() == 0
     await running.daemon.start()
     assert (await get(port, "/metrics"), await get(port, "/metrics2")) == (404, 200)
+
+
+# ------------------------------------------------------------------- live sections, each against behaviour
+
+
+class Orders:
+    """What reaches the quickstart's orders exchange (every routing key), by the ``mark`` in its body."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+
+    async def consume(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.got.append((str(message.routing_key), message.body))
+        await message.ack()
+
+    async def arrived(self, key: str, mark: str, timeout_s: float = 15.0) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not any(k == key and mark.encode() in body for k, body in self.got):
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise AssertionError(f"no {key} message marked {mark} within {timeout_s} s; got {self.got}") from None
+
+
+@dataclass
+class Probe:
+    port: int
+    http: aiohttp.ClientSession
+    orders: Orders
+
+    async def post(self, path: str, body: dict[str, object], type_: str | None = None) -> int:
+        headers = {}
+        if type_ is not None:  # a binary-mode CloudEvent to /events
+            headers = {"ce-specversion": "1.0", "ce-id": uuid.uuid4().hex, "ce-source": "/t", "ce-type": type_}
+        async with self.http.post(f"http://127.0.0.1:{self.port}{path}", json=body, headers=headers) as resp:
+            return resp.status
+
+
+async def validation(p: Probe, after: bool) -> None:
+    assert await p.post("/orders", {"pad": "x" * 100}) == (413 if after else 202)
+
+
+async def schemas(p: Probe, after: bool) -> None:
+    assert await p.post("/orders", {"no": "qty"}) == (422 if after else 202)
+    assert await p.post("/orders", {"qty": 2}) == 202
+
+
+async def rate_limits(p: Probe, after: bool) -> None:
+    codes = [await p.post("/orders", {"n": i}) for i in range(3)]
+    assert codes == ([202, 429, 429] if after else [202, 202, 202])
+
+
+async def routing(p: Probe, after: bool) -> None:
+    mark = uuid.uuid4().hex
+    assert await p.post("/orders", {"total": 5000.0, "mark": mark}) == 202
+    await p.orders.arrived("orders.created", mark)
+    if after:  # mode "all" again: the second matching route contributes too
+        await p.orders.arrived("orders.priority", mark)
+
+
+async def dead_letters(p: Probe, after: bool) -> None:
+    mark = uuid.uuid4().hex
+    assert await p.post("/events", {"mark": mark}, type_="com.example.unrouted") == 202
+    if after:  # forwarded to the destination the reload added
+        await p.orders.arrived("dead.letters", mark)
+
+
+async def routes(p: Probe, after: bool) -> None:
+    mark = uuid.uuid4().hex
+    assert await p.post("/events", {"mark": mark}, type_="com.example.added") == 202
+    if after:
+        await p.orders.arrived("added.key", mark)
+
+
+SCHEMA = {"type": "object", "required": ["qty"], "properties": {"qty": {"type": "integer"}}}
+
+# section: (its TOML at start, its TOML after the reload, the probe)
+LIVE_CASES: dict[str, tuple[str, str, Callable[[Probe, bool], Awaitable[None]]]] = {
+    "validation": ("", "[validation]\nmax_data_bytes = 64\n", validation),
+    "schemas": (
+        "",
+        '[[schemas]]\nname = "qty"\nkind = "json"\nfile = "qty.json"\ntypes = ["com.example.order.created"]\n',
+        schemas,
+    ),
+    "rate_limits": ("", '[[rate_limits]]\nname = "all"\nper = "global"\nrate = 0.01\nburst = 1\n', rate_limits),
+    "routing": ('[routing]\nmode = "first"\n', "", routing),
+    "dead_letters": (
+        "",
+        '[dead_letters]\nforward = { outbound = "orders-exchange", address = "dead.letters" }\n',
+        dead_letters,
+    ),
+    "routes": (
+        "",
+        '[[routes]]\nname = "added"\nmatch = { type = ["com.example.added"] }\n'
+        'to = [{ outbound = "orders-exchange", address = "added.key" }]\n',
+        routes,
+    ),
+}
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.broker
+@pytest.mark.parametrize("section", sorted(LIVE_CASES))
+async def test_a_live_section_applies_at_once(
+    section: str, tmp_path: Path, rabbitmq: str, mosquitto: tuple[str, int]
+) -> None:
+    """The outcome says applied with nothing waiting, and the next event already meets the new section."""
+    assert SECTIONS[section] == LIVE
+    start, reloaded, probe = LIVE_CASES[section]
+    (tmp_path / "qty.json").write_text(json.dumps(SCHEMA))
+    qs = Quickstart(tmp_path, extra_toml=start, overrides={"daemon": {"drain_timeout_s": 3.0}})
+    proc = DaemonProcess(qs.write(), qs.http_port, tmp_path / "daemon.log")
+    orders = Orders()
+    async with await aio_pika.connect(RABBIT_URL) as amqp, aiohttp.ClientSession() as http:
+        channel = await amqp.channel()
+        exchange = await channel.declare_exchange(qs.orders_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, "#")
+        await queue.consume(orders.consume)
+        await proc.start()
+        try:
+            p = Probe(qs.http_port, http, orders)
+            await probe(p, False)
+            outcome = await Reloader(qs, proc)(reloaded)
+            assert outcome["restart_required"] == []
+            await probe(p, True)
+        finally:
+            assert await proc.stop() == 0, proc.logs()
