@@ -326,19 +326,24 @@ class Orders:
     """What reaches the quickstart's orders exchange (every routing key), by the ``mark`` in its body."""
 
     def __init__(self) -> None:
-        self.got: list[tuple[str, bytes]] = []
+        self.got: list[tuple[str, bytes, dict[str, object]]] = []
 
     async def consume(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        self.got.append((str(message.routing_key), message.body))
+        self.got.append((str(message.routing_key), message.body, dict(message.headers)))
         await message.ack()
 
-    async def arrived(self, key: str, mark: str, timeout_s: float = 15.0) -> None:
+    async def arrived(self, key: str, mark: str, timeout_s: float = 15.0) -> dict[str, object]:
+        """The headers of the ``key`` message whose body holds ``mark``, once it is there."""
         try:
             async with asyncio.timeout(timeout_s):
-                while not any(k == key and mark.encode() in body for k, body in self.got):
+                while True:
+                    for k, body, headers in self.got:
+                        if k == key and mark.encode() in body:
+                            return headers
                     await asyncio.sleep(0.05)
         except TimeoutError:
-            raise AssertionError(f"no {key} message marked {mark} within {timeout_s} s; got {self.got}") from None
+            got = [(k, body) for k, body, _ in self.got]
+            raise AssertionError(f"no {key} message marked {mark} within {timeout_s} s; got {got}") from None
 
 
 @dataclass
@@ -347,10 +352,11 @@ class Probe:
     http: aiohttp.ClientSession
     orders: Orders
 
-    async def post(self, path: str, body: dict[str, object], type_: str | None = None) -> int:
+    async def post(self, path: str, body: dict[str, object], type_: str | None = None, **attributes: str) -> int:
         headers = {}
         if type_ is not None:  # a binary-mode CloudEvent to /events
             headers = {"ce-specversion": "1.0", "ce-id": uuid.uuid4().hex, "ce-source": "/t", "ce-type": type_}
+            headers |= {f"ce-{k}": v for k, v in attributes.items()}
         async with self.http.post(f"http://127.0.0.1:{self.port}{path}", json=body, headers=headers) as resp:
             return resp.status
 
@@ -384,6 +390,22 @@ async def dead_letters(p: Probe, after: bool) -> None:
         await p.orders.arrived("dead.letters", mark)
 
 
+async def security(p: Probe, after: bool) -> None:
+    mark = uuid.uuid4().hex
+    assert await p.post("/events", {"mark": mark}, type_="com.example.order.created", tenant="acme") == 202
+    headers = await p.orders.arrived("orders.created", mark)
+    # reserved_attributes: stripped from what arrives, as authcontext's are
+    assert ("cloudEvents_tenant" in headers) is not after, headers
+
+
+async def aggregate(p: Probe, after: bool) -> None:
+    mark = uuid.uuid4().hex
+    for line in (1, 2):
+        assert await p.post("/events", {"orderId": mark, "line": line}, type_="com.example.line") == 202
+    if after:  # the two lines make one composite, routed by its key
+        await p.orders.arrived(f"agg.{mark}", mark)
+
+
 async def routes(p: Probe, after: bool) -> None:
     mark = uuid.uuid4().hex
     assert await p.post("/events", {"mark": mark}, type_="com.example.added") == 202
@@ -407,6 +429,15 @@ LIVE_CASES: dict[str, tuple[str, str, Callable[[Probe, bool], Awaitable[None]]]]
         "",
         '[dead_letters]\nforward = { outbound = "orders-exchange", address = "dead.letters" }\n',
         dead_letters,
+    ),
+    "security": ("", '[security]\nreserved_attributes = ["tenant"]\n', security),
+    "aggregate": (
+        "",
+        '[[aggregate]]\nname = "lines"\ntypes = ["com.example.line"]\nkey = "{data.orderId}"\ncount = 2\n'
+        'type = "com.example.assembled"\nsource = "/aggregate"\n\n'
+        '[[routes]]\nname = "assembled"\nmatch = { type = ["com.example.assembled"] }\n'
+        'to = [{ outbound = "orders-exchange", address = "agg.{aggregatekey}" }]\n',
+        aggregate,
     ),
     "routes": (
         "",
