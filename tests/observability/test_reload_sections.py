@@ -415,7 +415,10 @@ async def routes(p: Probe, after: bool) -> None:
 
 SCHEMA = {"type": "object", "required": ["qty"], "properties": {"qty": {"type": "integer"}}}
 
-# section: (its TOML at start, its TOML after the reload, the probe)
+# section: (its TOML at start, its TOML after the reload, the probe). The other live sections are shown
+# applied by a reload elsewhere: [tracing] above; listeners, brokers, inbound, outbound in
+# test_reload_whole.py; [[authorization]] and the API keys of [auth.NAME] in tests/security/test_auth_e2e.py;
+# [[enrich]] in tests/content/test_enrich_daemon.py.
 LIVE_CASES: dict[str, tuple[str, str, Callable[[Probe, bool], Awaitable[None]]]] = {
     "validation": ("", "[validation]\nmax_data_bytes = 64\n", validation),
     "schemas": (
