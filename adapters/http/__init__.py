@@ -79,6 +79,8 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
             metrics=rt.metrics if rt.metrics is not None and rt.metrics.listener in (None, name) else None,
         )
         rt.health.register(listener.name)
+        for inbound in by_listener[name]:  # ready once the listener is bound (HttpListener.run)
+            rt.health.register(f"inbound:{inbound.name}")
         if lcfg.tls is not None:
             rt.reload_hooks.append(listener.reload_tls)
         built.services.append(listener)
