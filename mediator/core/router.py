@@ -55,11 +55,14 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Unroutable:
-    """A destination whose address could not be rendered: dead-lettered at commit, with the reason."""
+    """A destination whose address could not be rendered, or whose egress failed: dead-lettered at commit,
+    with the reason (and the rendered address, when there is one, so the dead letter says which
+    destination; never a format: the event stored is the original, so it is not replayed as is)."""
 
     route: str
     outbound: str
     reason: str
+    address: str = ""
 
 
 class _Matcher:
@@ -228,7 +231,7 @@ class Router:
                 try:
                     out = dest.egress.apply(env, getter)
                 except TransformError as exc:
-                    failures.append(Unroutable(route.spec.name, dest.outbound, f"transform failed: {exc}"))
+                    failures.append(Unroutable(route.spec.name, dest.outbound, f"transform failed: {exc}", address))
                     continue
                 deliveries.append(Delivery(route.spec.name, dest.outbound, address, dest.format, out))
             if route.final:
