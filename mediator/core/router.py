@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mediator.core.content import NOT_JSON, parsed
+from mediator.core.deadletter import TRANSFORM_PREFIX, UNROUTABLE_PREFIX
 from mediator.core.egress import Egress
 from mediator.core.envelope import Envelope, attribute, value_to_str
 from mediator.core.errors import Rejected
@@ -219,7 +220,7 @@ class Router:
                 try:
                     address = dest.address.render(env)
                 except TemplateError as exc:
-                    failures.append(Unroutable(route.spec.name, dest.outbound, str(exc)))
+                    failures.append(Unroutable(route.spec.name, dest.outbound, f"{UNROUTABLE_PREFIX}{exc}"))
                     continue
                 key = (dest.outbound, address, dest.format, dest.egress)
                 if key in seen:
@@ -231,7 +232,7 @@ class Router:
                 try:
                     out = dest.egress.apply(env, getter)
                 except TransformError as exc:
-                    failures.append(Unroutable(route.spec.name, dest.outbound, f"transform failed: {exc}", address))
+                    failures.append(Unroutable(route.spec.name, dest.outbound, f"{TRANSFORM_PREFIX}{exc}", address))
                     continue
                 deliveries.append(Delivery(route.spec.name, dest.outbound, address, dest.format, out))
             if route.final:
