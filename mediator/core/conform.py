@@ -319,3 +319,27 @@ def missing_required(message: Any) -> list[str]:
     """The proto2 ``required`` fields a parsed message lacks, as paths (``qty``, ``lines[0].sku``)."""
     errors: list[str] = message.FindInitializationErrors()
     return errors
+
+
+def unknown_binary_fields(message: Any, path: str = "") -> list[str]:
+    """The fields a parsed message's bytes carried that its descriptor lacks (a newer schema's), at any
+    depth, as paths ending in the field number (``#9``, ``lines[0].#5``)."""
+    from google.protobuf import unknown_fields
+
+    unknown = unknown_fields.UnknownFieldSet(message)
+    found = [_at(path, f"#{unknown[i].field_number}") for i in range(len(unknown))]
+    for field, value in message.ListFields():
+        message_type = field.message_type
+        if message_type is None:
+            continue
+        at = _at(path, field.name)
+        if field.is_repeated and message_type.GetOptions().map_entry:
+            if message_type.fields_by_name["value"].message_type is not None:
+                for key, item in value.items():
+                    found += unknown_binary_fields(item, f"{at}[{key!r}]")
+        elif field.is_repeated:
+            for i, item in enumerate(value):
+                found += unknown_binary_fields(item, f"{at}[{i}]")
+        else:
+            found += unknown_binary_fields(value, at)
+    return found

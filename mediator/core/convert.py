@@ -32,7 +32,13 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mediator.core.conform import AvroConformer, Mismatch, ProtobufConformer, missing_required
+from mediator.core.conform import (
+    AvroConformer,
+    Mismatch,
+    ProtobufConformer,
+    missing_required,
+    unknown_binary_fields,
+)
 from mediator.core.content import NOT_JSON
 from mediator.core.envelope import Envelope, data_bytes
 from mediator.core.errors import Rejected
@@ -56,7 +62,8 @@ class ConvertConfig(BaseModel):
     schema_id: int | None = Field(default=None, ge=0, lt=2**32, description="Confluent wire format schema id")
     unknown_fields: Literal["reject", "drop"] = Field(
         default="reject",
-        description="JSON to Protobuf or Avro: a field the target lacks dead-letters (reject) or is left out (drop)",
+        description="a field the target lacks (JSON to Protobuf or Avro; a field number Protobuf bytes carry that "
+        "the message lacks, to JSON) dead-letters the destination (reject) or is left out (drop)",
     )
     ignore_unknown_fields: bool = Field(default=False, description='deprecated: unknown_fields = "drop"')
     content_type: str | None = Field(default=None, description="datacontenttype of the result")
@@ -79,8 +86,11 @@ class ConvertConfig(BaseModel):
             raise ValueError("schema_id frames Avro data (Confluent wire format); it needs avro_schema")
         if self.ignore_unknown_fields and "unknown_fields" in self.model_fields_set and self.unknown_fields != "drop":
             raise ValueError('ignore_unknown_fields = true is unknown_fields = "drop"; give unknown_fields only')
-        if self.to == "json" and ("unknown_fields" in self.model_fields_set or self.ignore_unknown_fields):
-            raise ValueError("unknown_fields applies to JSON converted to Protobuf or Avro, not to = 'json'")
+        unknown_set = "unknown_fields" in self.model_fields_set or self.ignore_unknown_fields
+        if self.to == "json" and self.avro_schema is not None and unknown_set:
+            raise ValueError(
+                "unknown_fields applies to JSON to Protobuf or Avro, and Protobuf to JSON; not Avro to JSON"
+            )
         return self
 
     @property
@@ -245,6 +255,14 @@ class Converter:
                 msg.ParseFromString(raw)
             except Exception as exc:  # DecodeError
                 raise TransformError(f"the data is not a {self.config.message}: {exc}") from None
+            # Fields of a newer schema survive parsing as unknown fields and MessageToDict leaves them out.
+            if not self.config.drops_unknown:
+                unknown = unknown_binary_fields(msg)
+                if unknown:
+                    raise TransformError(
+                        f"cannot convert {self._target} to JSON: field {unknown[0]!r} is not in"
+                        f' {self.config.message} (unknown_fields = "drop" leaves such fields out)'
+                    )
             value: Any = json_format.MessageToDict(msg, preserving_proto_field_name=True)
         else:
             import fastavro

@@ -254,5 +254,33 @@ def test_unknown_fields_config() -> None:
         ConvertConfig(to="avro", avro_schema="a", unknown_fields="keep")
     with pytest.raises(ValidationError, match="give unknown_fields only"):
         ConvertConfig(to="avro", avro_schema="a", unknown_fields="reject", ignore_unknown_fields=True)
-    with pytest.raises(ValidationError, match="not to = 'json'"):
+    assert ConvertConfig(to="json", descriptor_set="x", message="m", unknown_fields="drop").drops_unknown
+
+
+def test_protobuf_bytes_with_fields_the_message_lacks_are_refused_to_json_unless_dropped(tmp_path: Path) -> None:
+    """A newer producer's field (here number 11 at the top, 9 inside a line) parses as an unknown field that
+    MessageToDict would silently leave out."""
+    compile_proto(tmp_path, "p3", PROTO3)
+    keys = {"descriptor_set": "p3.pb", "message": "strict.Order"}
+    strict = Converter(ConvertConfig(to="json", **keys), tmp_path)
+    lenient = Converter(ConvertConfig(to="json", unknown_fields="drop", **keys), tmp_path)
+    to_pb = Converter(ConvertConfig(to="protobuf", **keys), tmp_path)
+    known = to_pb.apply(event({"order_id": "o", "lines": [{"sku": "a"}]}), parsed).binary_data
+    assert orjson.loads(strict.apply(raw(known), parsed).binary_data) == {"order_id": "o", "lines": [{"sku": "a"}]}
+    newer_top = known + bytes([11 << 3, 1])  # field 11, varint 1
+    line = bytes([1 << 3 | 2, 1]) + b"a" + bytes([9 << 3, 7])  # sku "a", then field 9 = 7
+    newer_inner = bytes([1 << 3 | 2, 1]) + b"o" + bytes([4 << 3 | 2, len(line)]) + line
+    with pytest.raises(TransformError, match=r"to JSON: field '#11' is not in strict.Order"):
+        strict.apply(raw(newer_top), parsed)
+    with pytest.raises(TransformError, match=r"field 'lines\[0\].#9' is not in strict.Order"):
+        strict.apply(raw(newer_inner), parsed)
+    assert orjson.loads(lenient.apply(raw(newer_inner), parsed).binary_data) == {
+        "order_id": "o",
+        "lines": [{"sku": "a"}],
+    }
+    with pytest.raises(ValidationError, match="not Avro to JSON"):
         ConvertConfig(to="json", avro_schema="a", unknown_fields="drop")
+
+
+def raw(body: bytes) -> Envelope:
+    return new_event(type="t", source="/s", data=body, content_type="application/protobuf")
