@@ -28,6 +28,7 @@ import "google/protobuf/struct.proto";
 
 enum Status { UNKNOWN = 0; OPEN = 1; }
 message Line { string sku = 1; int32 qty = 2; }
+message Node { int32 v = 1; Node next = 2; }
 message Order {
   string order_id = 1;
   int32 qty = 2;
@@ -284,3 +285,25 @@ def test_protobuf_bytes_with_fields_the_message_lacks_are_refused_to_json_unless
 
 def raw(body: bytes) -> Envelope:
     return new_event(type="t", source="/s", data=body, content_type="application/protobuf")
+
+
+def test_a_type_that_contains_itself_is_checked_at_every_depth(tmp_path: Path) -> None:
+    compile_proto(tmp_path, "p3", PROTO3)
+    node = {
+        "type": "record",
+        "name": "Node",
+        "fields": [{"name": "v", "type": "int"}, {"name": "next", "type": ["null", "Node"], "default": None}],
+    }
+    (tmp_path / "n.avsc").write_text(json.dumps(node))
+    avro = Converter(ConvertConfig(to="avro", avro_schema="n.avsc"), tmp_path)
+    pb = Converter(ConvertConfig(to="protobuf", descriptor_set="p3.pb", message="strict.Node"), tmp_path)
+    good = {"v": 1, "next": {"v": 2, "next": {"v": 3}}}
+    bad = {"v": 1, "next": {"v": 2, "next": {"v": 3, "w": 4}}}
+    datum = fastavro.schemaless_reader(
+        io.BytesIO(avro.apply(event(good), parsed).binary_data), fastavro.parse_schema(node), None
+    )
+    assert datum == {"v": 1, "next": {"v": 2, "next": {"v": 3, "next": None}}}
+    assert pb.apply(event(good), parsed).binary_data
+    for conv in (avro, pb):
+        with pytest.raises(TransformError, match=r"field 'next.next.w' is not in"):
+            conv.apply(event(bad), parsed)
