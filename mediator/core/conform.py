@@ -344,6 +344,9 @@ class ProtobufConformer:
             for key, item in value.items():
                 check = names.get(key)
                 if check is None:
+                    if key.startswith("[") and key.endswith("]"):  # a proto2 extension: json_format decides
+                        out[key] = item
+                        continue
                     if drop:
                         continue
                     raise _unknown(key, full_name)
