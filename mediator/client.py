@@ -430,10 +430,11 @@ def run(coro: Any) -> int:
 
 
 def describe_rows(letters: Sequence[dict[str, object]]) -> list[list[str]]:
-    """Dead letters as table rows (header first): ISO times, the attempts made, the reason last."""
+    """Dead letters as table rows (header first): ISO times, the attempts made, the reason's class, the
+    reason last."""
     from datetime import UTC, datetime
 
-    rows = [["ID", "AT (UTC)", "EVENT ID", "TYPE", "ROUTE", "OUTBOUND", "ATTEMPTS", "REASON"]]
+    rows = [["ID", "AT (UTC)", "EVENT ID", "TYPE", "ROUTE", "OUTBOUND", "ATTEMPTS", "CLASS", "REASON"]]
     for dl in letters:
         at = dl.get("at")
         if isinstance(at, int | float):
@@ -447,6 +448,7 @@ def describe_rows(letters: Sequence[dict[str, object]]) -> list[list[str]]:
                 str(dl.get("route") or "-"),
                 str(dl.get("outbound") or "-"),
                 str(dl.get("attempts", 0)),
+                str(dl.get("class") or "-"),
                 str(dl.get("reason", "")),
             ]
         )

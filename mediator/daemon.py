@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 
 from mediator.config import Config, loads
+from mediator.core.deadletter import REMOVED_PREFIX, classify
 from mediator.core.envelope import Envelope
 from mediator.core.errors import ConfigError, NotReady, Rejected
 from mediator.core.health import Health
@@ -680,7 +681,7 @@ class Daemon:
         dispatcher = self.dispatchers.pop(name, None)
         if dispatcher is None:
             return
-        reason = f"outbound {name!r} was removed from the config"
+        reason = f"{REMOVED_PREFIX}outbound {name!r} was removed from the config"
         rows = dispatcher.take_all()
         for i, delivery in enumerate(rows):
             try:
@@ -693,6 +694,7 @@ class Daemon:
                 self._settle_removed()
                 return
             self.backlog.settle()
+            self.metrics.dead_letter(name, reason)
             await self._forward_dead(delivery, reason)
         log.warning("outbound.removed_dead_lettered", outbound=name, count=len(rows), reason=reason)
 
@@ -725,7 +727,9 @@ class Daemon:
                         )
                     if dispatcher is None:
                         orphans += 1
-                        await self.outbox.dead_letter(p, f"outbound {p.outbound!r} is no longer configured")
+                        reason = f"{REMOVED_PREFIX}outbound {p.outbound!r} is no longer configured"
+                        await self.outbox.dead_letter(p, reason)
+                        self.metrics.dead_letter(p.outbound, reason)
                         continue
                     self.backlog.add(1)
                     dispatcher.submit(p)
@@ -832,7 +836,9 @@ class DeadLetterAdmin:
         for p in rows:
             dispatcher = daemon.dispatchers.get(p.outbound)
             if dispatcher is None:
-                await daemon.outbox.dead_letter(p, f"outbound {p.outbound!r} is no longer configured")
+                reason = f"{REMOVED_PREFIX}outbound {p.outbound!r} is no longer configured"
+                await daemon.outbox.dead_letter(p, reason)
+                daemon.metrics.dead_letter(p.outbound, reason)
                 continue
             daemon.backlog.add(1)
             dispatcher.submit(p)
@@ -854,6 +860,7 @@ def describe(dl: DeadLetter) -> dict[str, object]:
         "outbound": dl.outbound,
         "address": dl.address,
         "reason": dl.reason,
+        "class": classify(dl.reason, dl.outbound),  # the reason label of mediator_dead_letters_total
         "attempts": dl.attempts,
         "at": datetime.fromtimestamp(dl.at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "replayable": bool(dl.format),

@@ -45,6 +45,8 @@ _JSON = "application/json"
 DEFAULT_CHALLENGE = 'Bearer realm="mediator"'
 DEFAULT_CREDENTIAL_HEADERS = frozenset({"authorization"})
 _PROBLEM = "application/problem+json"
+REPLAYED = "Idempotent-Replayed"
+"""On a 202 for an event committed before (a repeat within the dedup window, not delivered again)."""
 # Content refusals are RFC 9457 problem details (with the {"error", "reason"} of every refusal as well).
 _PROBLEM_TITLES = {
     RejectCode.INVALID: "Malformed event",
@@ -280,8 +282,7 @@ class HttpInbound:
             except Rejected as exc:  # refused here, not by a stage: the sink logs and counts it all the same
                 self._sink.refused(origin, exc)
                 raise
-            if events:
-                await self._sink.accept(events, origin)
+            duplicates = (await self._sink.accept(events, origin) if events else None) or ()
         except Rejected as exc:
             self._log.debug("envelope.rejected", code=exc.code.value, reason=exc.reason, rule=exc.rule)
             response = rejection_response(exc)
@@ -302,12 +303,25 @@ class HttpInbound:
             response = error_response(400, "aborted", "connection closed before the body arrived")
             response.force_close()
             return response
+        # A repeat (same source and id, or the same Idempotency-Key, within the dedup window) was committed
+        # before and is not delivered again: it gets the first answer's 202, marked as a replay (the
+        # idempotency-key draft has a repeat answered as the first was; the header is Stripe's name for it).
         if not batch:
-            self._log.debug("envelope.accepted", event_id=events[0].id, size=len(body))
-            return web.Response(status=202, body=_id_body(events[0].id), content_type=_JSON)
-        self._log.debug("batch.accepted", count=len(events), size=len(body))
-        ids = json.dumps({"ids": [e.id for e in events]}, ensure_ascii=False).encode("utf-8")
-        return web.Response(status=202, body=ids, content_type=_JSON)
+            event_id = events[0].id
+            duplicate = event_id in duplicates
+            self._log.debug("envelope.accepted", event_id=event_id, size=len(body), duplicate=duplicate or None)
+            response = web.Response(status=202, body=_id_body(event_id, duplicate), content_type=_JSON)
+            if duplicate:
+                response.headers[REPLAYED] = "true"
+            return response
+        self._log.debug("batch.accepted", count=len(events), size=len(body), duplicates=len(duplicates) or None)
+        ids = [e.id for e in events]
+        flags = [i in duplicates for i in ids]
+        reply = json.dumps({"ids": ids, "duplicate": flags}, ensure_ascii=False).encode("utf-8")
+        response = web.Response(status=202, body=reply, content_type=_JSON)
+        if flags and all(flags):
+            response.headers[REPLAYED] = "true"  # the whole batch was a repeat
+        return response
 
     def decode(self, request: web.BaseRequest, body: bytes) -> tuple[list[Envelope], bool]:
         """The request as stamped envelopes (provenance set, sender's provenance discarded), and whether it
@@ -384,8 +398,9 @@ def _is_cloudevent(headers: Mapping[str, str]) -> bool:
     return "ce-specversion" in headers or codec.media_type(headers.get("Content-Type")) in _CLOUDEVENTS_MEDIA
 
 
-def _id_body(event_id: str) -> bytes:
-    return b'{"id":' + json.dumps(event_id, ensure_ascii=False).encode("utf-8") + b"}"
+def _id_body(event_id: str, duplicate: bool) -> bytes:
+    tail = b',"duplicate":true}' if duplicate else b',"duplicate":false}'
+    return b'{"id":' + json.dumps(event_id, ensure_ascii=False).encode("utf-8") + tail
 
 
 def _traceparent(request: web.BaseRequest) -> str | None:

@@ -10,6 +10,7 @@ import structlog
 
 from adapters.http import codec
 from adapters.http.config import HttpOutboundConfig
+from mediator.core.deadletter import UNROUTABLE_PREFIX
 from mediator.core.deadline import deadline
 from mediator.core.envelope import Envelope, value_to_str
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
@@ -78,7 +79,8 @@ class HttpOutbound:
             url = address
         elif self.cfg.url is None:
             raise TerminalDeliveryError(
-                f"address {address!r} is not an absolute http(s) URL and outbound {self.name!r} has no url"
+                f"{UNROUTABLE_PREFIX}address {address!r} is not an absolute http(s) URL"
+                f" and outbound {self.name!r} has no url"
             )
         elif not address:
             url = self.cfg.url
@@ -125,7 +127,7 @@ class HttpOutbound:
         except TimeoutError as exc:
             raise RetryableDeliveryError(f"POST {url}: no response within {self._timeout_s} s") from exc
         except aiohttp.InvalidURL as exc:
-            raise TerminalDeliveryError(f"invalid URL {url!r}") from exc
+            raise TerminalDeliveryError(f"{UNROUTABLE_PREFIX}invalid URL {url!r}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise RetryableDeliveryError(f"POST {url}: {type(exc).__name__}: {exc}") from exc
         except ValueError as exc:
