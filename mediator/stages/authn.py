@@ -449,6 +449,10 @@ class Authenticate:
         self._reserved = tuple(dict.fromkeys((*AUTH_ATTRIBUTES, *reserved)))
         # Webhook signature headers are no bearer-style credential: set apart before counting those.
         self._signature_headers = frozenset(h for p in self._policies.values() for a in p.webhooks for h in a.headers)
+        # Standard Webhooks authenticators by name: their verified webhook-id names the event (below).
+        self._message_ids = {
+            a.name: "webhook-id" for p in self._policies.values() for a in p.webhooks if a.scheme == "standard-webhooks"
+        }
 
     def policy(self, inbound: str) -> Policy:
         return self._policies.get(inbound, OPEN)
@@ -552,6 +556,8 @@ class Authenticate:
             if principal is AWAITING_BODY:  # an adapter that carries no body cannot have it verified
                 raise _unauthenticated("a signed webhook needs the request body", "webhook")
             batch.principals = [principal] * len(events)
+            if len(events) == 1 and events[0].provenance.id_minted and principal.mechanism in self._message_ids:
+                self._adopt_message_id(events[0], origin, self._message_ids[principal.mechanism])
         reserved = self._reserved
         for env, principal in zip(events, batch.principals, strict=True):
             attrs = env.attributes
@@ -566,6 +572,16 @@ class Authenticate:
                 env.provenance.principal = principal.id
             elif policy.enabled:
                 attrs["authtype"].ce_string = ANONYMOUS
+
+    @staticmethod
+    def _adopt_message_id(env: Envelope, origin: Origin, header: str) -> None:
+        """A plain event (its id minted) takes the verified webhook-id as its id, as it would an
+        Idempotency-Key: Standard Webhooks keeps the id across a sender's retries (each with a new
+        timestamp, so no replay), and the outbox's dedup window then commits the message once."""
+        msg_id = next((value.strip() for name, value in origin.credentials if name == header), "")
+        if msg_id:
+            env.id = msg_id
+            env.provenance.id_minted = False
 
     def _vouched(self, env: Envelope, policy: Policy) -> Principal:
         for auth in policy.authenticators:

@@ -199,7 +199,9 @@ class WebhookAuthConfig(_AuthBase):
     ``webhook-timestamp`` and ``webhook-signature`` (``v1,<base64 HMAC-SHA256 of id.timestamp.body>``,
     several space-separated); a timestamp further than ``tolerance_s`` from now is refused, and so is a
     message (id and timestamp) already accepted within the tolerance (a replay); secrets are
-    ``whsec_<base64>``. ``scheme = "github"``: ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the
+    ``whsec_<base64>``; on a plain inbound the event takes the verified ``webhook-id`` as its id (as it
+    would an ``Idempotency-Key``), so a sender's retry (same id, new timestamp) is committed once within
+    the outbox's dedup window. ``scheme = "github"``: ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the
     body>`` (GitHub sends no timestamp, so replays cannot be told apart). ``scheme = "hmac"``: the HMAC of
     the body in ``header`` (``algorithm``, ``encoding``, after an optional ``prefix``).
 

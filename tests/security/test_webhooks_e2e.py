@@ -324,7 +324,9 @@ async def test_inbound_refuses_bad_stale_and_replayed_signatures_and_commits_not
         now = int(time.time())
         good_body = b'{"ok": 1}'
         good = standard_headers(secret, "msg_" + uuid.uuid4().hex, now, good_body)
-        assert (await post(good_body, good))[0] == 202
+        status, text = await post(good_body, good)
+        assert status == 202
+        assert json.loads(text) == {"id": good["webhook-id"]}, "the verified webhook-id names the event"
         forged_body = b'{"refused": "forged"}'
         cases = {
             "signed with another secret": (forged_body, standard_headers(whsec(), "msg_a", now, forged_body)),
@@ -355,18 +357,22 @@ async def test_inbound_refuses_bad_stale_and_replayed_signatures_and_commits_not
         for what, (body, headers) in cases.items():
             status, text = await post(body, headers)
             assert status == 401, f"{what}: {status} {text}"
-        # A sender's retry of the same message carries a new timestamp (and signature): not a replay.
+        # A sender's retry of the same message carries a new timestamp (and signature): not a replay,
+        # answered 202, and a duplicate of the event already committed (delivered once).
         retry = standard_headers(secret, good["webhook-id"], now + 1, good_body)
-        assert (await post(good_body, retry))[0] == 202
+        status, text = await post(good_body, retry)
+        assert status == 202
+        assert json.loads(text) == {"id": good["webhook-id"]}
 
         # The refusals were never committed: the consumer sees the two accepted, published as the
         # configured principal, and nothing else, up to a sentinel accepted after all of them.
         sentinel = b'{"sentinel": "' + uuid.uuid4().hex.encode() + b'"}'
         assert (await post(sentinel, standard_headers(secret, "msg_s", int(time.time()), sentinel)))[0] == 202
         got = await drain_until(queue, sentinel)
-        assert [m.body for m in got].count(good_body) == 2, [m.body for m in got]
+        assert [m.body for m in got].count(good_body) == 1, [m.body for m in got]
         assert not [m.body for m in got if b"refused" in m.body], "a refused webhook was delivered"
-        assert len(got) == 3
+        assert len(got) == 2
+        assert {m.message_id for m in got} == {good["webhook-id"], "msg_s"}
         assert {m.routing_key for m in got} == {"hooks.hooks-sender"}
         assert {(m.headers or {}).get("cloudEvents_authid") or (m.headers or {}).get("ce-authid") for m in got} == {
             "hooks-sender"
@@ -379,7 +385,11 @@ async def test_inbound_refuses_bad_stale_and_replayed_signatures_and_commits_not
         refused = value(after, "mediator_events_refused_total", inbound="signed", reason="unauthenticated") - value(
             before, "mediator_events_refused_total", inbound="signed", reason="unauthenticated"
         )
-        assert accepted == 3, accepted
+        duplicates = value(after, "mediator_events_duplicate_total", inbound="signed") - value(
+            before, "mediator_events_duplicate_total", inbound="signed"
+        )
+        assert accepted == 2, accepted
+        assert duplicates == 1, duplicates
         assert refused == len(cases), refused
 
 
