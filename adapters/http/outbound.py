@@ -149,9 +149,9 @@ class HttpOutbound:
 
     async def send(self, event: Envelope, address: str, format: str) -> None:
         url = self.url_for(address)
-        started = time.monotonic()
+        budget_s = self._timeout_s
         if self.cfg.handshake:
-            await self._consented(url, started)
+            budget_s -= await self._consented(url)  # one send_timeout_s for the handshake, pacing and POST
         try:
             headers, body = codec.from_envelope(event, format or self.cfg.format)
         except ValueError as exc:
@@ -180,9 +180,8 @@ class HttpOutbound:
         if self.cfg.handshake:
             headers[REQUEST_ORIGIN] = self._handshake_origin
         session = self._get_session()
-        remaining = self._timeout_s - (time.monotonic() - started)
         try:
-            with deadline(max(remaining, 0.001)):
+            with deadline(max(budget_s, 0.001)):
                 async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
                     status = resp.status
                     if 200 <= status < 300:
@@ -207,10 +206,11 @@ class HttpOutbound:
             raise TerminalDeliveryError(f"POST {url}: unsendable request: {exc}") from exc
         raise classify(status, reason_phrase, detail, retry_after, location)
 
-    async def _consented(self, url: str, started: float) -> None:
-        """Return when ``url`` consented and a delivery slot within its allowed rate is free; raise
-        TerminalDeliveryError when it refused, RetryableDeliveryError when it could not be asked or the
-        next slot is further away than this send's time budget."""
+    async def _consented(self, url: str) -> float:
+        """Return (the seconds it took) when ``url`` consented and a delivery slot within its allowed rate
+        is free; raise TerminalDeliveryError when it refused, RetryableDeliveryError when it could not be
+        asked or the next slot is further away than half this send's time budget."""
+        started = time.monotonic()
         consent = self._consents.get(url)
         if consent is None or (not consent.allowed and time.monotonic() >= consent.until):
             asking = self._asking.get(url)
@@ -235,6 +235,7 @@ class HttpOutbound:
             consent.next_at = slot + consent.interval_s
             if slot > now:
                 await asyncio.sleep(slot - now)
+        return time.monotonic() - started
 
     def _asked(self, url: str, task: asyncio.Task[Consent]) -> None:
         del self._asking[url]
