@@ -156,7 +156,7 @@ handshake = {{ allowed_origins = ["{SENDER}"], allowed_rate = 120 }}
 kind = "http"
 url = "{target}"
 sign = {{ kind = "standard-webhooks", secrets_env = ["T_HOOK_NEW", "T_HOOK_OLD"] }}
-retry = {{ backoff_initial_s = 1.2, backoff_max_s = 2.0 }}
+retry = {{ backoff_initial_s = 2.2, backoff_max_s = 3.0 }}  # first retry after 1.1-2.2 s: a later second
 
 [outbound.consented]
 kind = "http"
@@ -301,7 +301,7 @@ async def test_outbound_signs_each_delivery_verified_with_either_rotated_secret(
     assert set(seen) == set(ids), seen
     assert all(len(v) == 1 for k, v in seen.items() if k != retried), seen
     first, second = seen[retried]
-    assert second > first, f"the retry's timestamp is its own attempt's: {seen[retried]}"  # backoff >= 1.2 s
+    assert second > first, f"the retry's timestamp is its own attempt's: {seen[retried]}"  # backoff >= 1.1 s
     # A body tampered with after signing is caught by the receiver.
     headers, body = posts[0]
     with pytest.raises(WebhookVerificationError):
@@ -333,11 +333,11 @@ async def test_inbound_refuses_bad_stale_and_replayed_signatures_and_commits_not
             "signature of another body": (forged_body, standard_headers(secret, "msg_b", now, b'{"other": 1}')),
             "timestamp outside the tolerance": (
                 b'{"refused": "stale"}',
-                standard_headers(secret, "msg_c", now - 301, b'{"refused": "stale"}'),
+                standard_headers(secret, "msg_c", now - 400, b'{"refused": "stale"}'),
             ),
             "timestamp in the future": (
                 b'{"refused": "future"}',
-                standard_headers(secret, "msg_d", now + 301, b'{"refused": "future"}'),
+                standard_headers(secret, "msg_d", now + 400, b'{"refused": "future"}'),
             ),
             "replay of an accepted message": (good_body.replace(b"ok", b"ok"), good),
             "no signature headers": (b'{"refused": "unsigned"}', {}),
