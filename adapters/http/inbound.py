@@ -56,6 +56,10 @@ _PROBLEM_TITLES = {
 # Read as CloudEvents on a plain inbound too: never forwarded as opaque data.
 _CLOUDEVENTS_MEDIA = frozenset({formats.JSON_CONTENT_TYPE, formats.BATCH_CONTENT_TYPE, formats.PROTOBUF_CONTENT_TYPE})
 _CLOUDEVENTS_ACCEPT_POST = ", ".join(sorted(_CLOUDEVENTS_MEDIA))
+# CloudEvents http-webhook.md section 4, the abuse-protection handshake.
+REQUEST_ORIGIN = "WebHook-Request-Origin"
+ALLOWED_ORIGIN = "WebHook-Allowed-Origin"
+ALLOWED_RATE = "WebHook-Allowed-Rate"
 
 
 class _ReadTimeout(Exception):
@@ -262,6 +266,7 @@ class HttpInbound:
         self._accept_post = ", ".join(cfg.accept) if self._templates is not None else _CLOUDEVENTS_ACCEPT_POST
         self._default_content_type = cfg.default_content_type
         self._any_media = "*/*" in cfg.accept
+        self.handshake = cfg.handshake
         self._log = structlog.get_logger(__name__).bind(inbound=name, protocol="http")
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -278,6 +283,7 @@ class HttpInbound:
                 if self._templates is not None:
                     self._check_media(request.headers)  # before the body: a 415 reads none of it
                 body = await read_body(request, self._max_bytes, self._read_timeout_s)
+                origin.body = body  # the exact bytes received: what a webhook signature covers
                 events, batch = self.decode(request, body)
             except Rejected as exc:  # refused here, not by a stage: the sink logs and counts it all the same
                 self._sink.refused(origin, exc)
@@ -322,6 +328,24 @@ class HttpInbound:
         if flags and all(flags):
             response.headers[REPLAYED] = "true"  # the whole batch was a repeat
         return response
+
+    async def answer_handshake(self, request: web.BaseRequest) -> web.StreamResponse:
+        """``OPTIONS`` on the path: the CloudEvents webhook abuse-protection handshake (http-webhook.md
+        4.2). An allowed ``WebHook-Request-Origin`` gets 200 with ``WebHook-Allowed-Origin`` (echoed) and
+        ``WebHook-Allowed-Rate``; another 403 without them (a refusal); an OPTIONS without the header
+        204 with ``Allow``. Unauthenticated: it commits nothing and grants nothing but consent to receive."""
+        cfg = self.handshake
+        assert cfg is not None
+        asked = request.headers.get(REQUEST_ORIGIN, "").strip()
+        if not asked:
+            return web.Response(status=204, headers={"Allow": "OPTIONS, POST"})
+        if "*" not in cfg.allowed_origins and asked.lower() not in cfg.allowed_origins:
+            self._log.info("handshake.refused", origin=asked[:100])
+            return error_response(403, "forbidden", "this origin may not deliver webhooks here")
+        rate = str(cfg.allowed_rate) if cfg.allowed_rate is not None else "*"
+        self._log.info("handshake.accepted", origin=asked[:100], rate=rate)
+        headers = {"Allow": "OPTIONS, POST", ALLOWED_ORIGIN: asked, ALLOWED_RATE: rate}
+        return web.Response(status=200, headers=headers)
 
     def decode(self, request: web.BaseRequest, body: bytes) -> tuple[list[Envelope], bool]:
         """The request as stamped envelopes (provenance set, sender's provenance discarded), and whether it

@@ -374,6 +374,8 @@ class HttpListener:
         for inbound in self.inbounds:
             # Only POST is routed, so aiohttp answers any other method on the path with 405 and Allow.
             app.router.add_post(inbound.path, self._inbound_handler(inbound), name=f"inbound:{inbound.name}")
+            if inbound.handshake is not None:  # CloudEvents webhook abuse protection (a CORS preflight goes first)
+                app.router.add_route(hdrs.METH_OPTIONS, inbound.path, inbound.answer_handshake)
         return app
 
     def fast_routes(self) -> dict[tuple[str, str], Handler]:

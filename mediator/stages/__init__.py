@@ -35,6 +35,7 @@ from mediator.stages.config import (
     MtlsAuthConfig,
     RateLimitConfig,
     SecurityConfig,
+    WebhookAuthConfig,
 )
 from mediator.stages.content_config import ValidationConfig
 from mediator.stages.content_schema import CompiledSchema, SchemaStage
@@ -42,6 +43,7 @@ from mediator.stages.enrich import Enrich, EnrichConfig
 from mediator.stages.enrich import build as build_enrichers
 from mediator.stages.ratelimit import RateLimit
 from mediator.stages.transform import build as build_ingress_transform
+from mediator.stages.webhooks import WebhookAuthenticator
 from mediator.stages.wellformed import WellFormed
 
 __all__ = ["Stages", "broad_rules", "build", "problems"]
@@ -118,6 +120,12 @@ def problems(
                 out.append(f"listeners.{name}.auth[{i}]: [auth.{ref}] is for broker inbounds")
             elif isinstance(acfg, MtlsAuthConfig) and (lcfg.tls is None or lcfg.tls.client_cert == "none"):
                 out.append(f"listeners.{name}.auth[{i}]: mtls needs tls.client_cert = 'optional' or 'required'")
+            elif isinstance(acfg, WebhookAuthConfig):
+                # A listener's list also guards its admin endpoints, which sign nothing.
+                out.append(
+                    f"listeners.{name}.auth[{i}]: [auth.{ref}] (kind = 'webhook') verifies request bodies: "
+                    "name it in the auth of each HTTP inbound it guards"
+                )
     for adapter in adapters.values():
         for name, icfg in adapter.inbounds.items():
             found = _listener_of(icfg, listeners)
@@ -140,6 +148,8 @@ def problems(
                     listener is None or listener.tls is None or listener.tls.client_cert == "none"
                 ):
                     out.append(f"{where}[{i}]: mtls needs the listener's tls.client_cert = 'optional' or 'required'")
+                elif isinstance(acfg, WebhookAuthConfig) and getattr(icfg, "kind", None) != "http":
+                    out.append(f"{where}[{i}]: [auth.{ref}] (kind = 'webhook') verifies signed HTTP requests only")
             if listener is not None and not listener.loopback and not names and not anonymous:
                 assert found is not None
                 out.append(
@@ -222,6 +232,10 @@ def build(
             made[name] = jwt_auth
         elif isinstance(acfg, MtlsAuthConfig):
             made[name] = MtlsAuthenticator(name, acfg)
+        elif isinstance(acfg, WebhookAuthConfig):
+            hook = WebhookAuthenticator(name, acfg)
+            hook.load_sync()
+            made[name] = hook
         else:
             made[name] = BrokerAuthenticator(name, acfg)
     listeners = {n: m for a in adapters.values() for n, m in a.listeners.items()}
@@ -236,6 +250,7 @@ def build(
             if names:
                 policies[name] = Policy(tuple(made[r] for r in names), allow_anonymous=anonymous)
     headers = {"authorization"} | {a.header for a in made.values() if isinstance(a, ApiKeyAuthenticator)}
+    headers |= {h for a in made.values() if isinstance(a, WebhookAuthenticator) for h in a.headers}
     authenticate = Authenticate(policies, security.reserved_attributes)
     stages: list[Stage] = [authenticate]
     authorize = Authorize(rules)
