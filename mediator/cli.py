@@ -17,10 +17,16 @@ import structlog
 from mediator import __version__
 from mediator.config import Config, load
 from mediator.core.errors import ConfigError
+from mediator.lock import AlreadyRunning, DaemonLock
 from mediator.logs import configure
 from mediator.registry import load_specs
+from mediator.supervisor import EXIT_STARTUP, Slot
 
 EXIT_CONFIG = 2
+EXIT_RUNNING = 3
+"""Another daemon holds the outbox's lock (mediator/lock.py)."""
+# EXIT_STARTUP (4): a service could not start (a port that cannot be bound): one line on stderr, the details
+# in the log; a supervisor whose worker exits so before the daemon was ready stops with it too.
 CONFIG_ENV = "MEDIATOR_CONFIG"
 
 
@@ -56,14 +62,48 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     from mediator import supervisor
 
     slot: supervisor.Slot | None = getattr(args, "slot", None)
-    if slot is None and supervisor.worker_count(config) > 1:
-        # `workers = N`: this process only supervises; each worker is `run --worker K` (mediator/supervisor.py).
-        return supervisor.run_supervisor(config, supervisor.worker_count(config))
-    from mediator.daemon import Daemon  # imports the adapters' libraries; not needed by `check`
+    lock: DaemonLock | None = None
+    if slot is None:  # a worker runs under its supervisor's lock, which it inherited (mediator/lock.py)
+        try:
+            lock = _lock(config)
+        except AlreadyRunning as exc:
+            print(f"mediator: {exc}", file=sys.stderr)
+            return EXIT_RUNNING
+        except OSError as exc:
+            print(f"mediator: cannot lock the outbox's directory: {exc}", file=sys.stderr)
+            return EXIT_RUNNING
+    try:
+        if slot is None and supervisor.worker_count(config) > 1:
+            # `workers = N`: this process only supervises; each worker is `run --worker K` (mediator/supervisor.py).
+            return supervisor.run_supervisor(config, supervisor.worker_count(config), lock)
+        return _run_daemon(config, slot, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock(config: Config) -> DaemonLock | None:
+    """The daemon lock on the pid file beside the outbox (``mediator.lock``); None for an in-memory outbox
+    whose directory cannot be written (it keeps nothing there but the pid file, as before the lock)."""
+    from mediator.daemon import PID_FILE, state_dir
+
+    try:
+        return DaemonLock.acquire(state_dir(config) / PID_FILE)
+    except OSError as exc:
+        if config.outbox.kind != "memory":
+            raise
+        structlog.get_logger(__name__).warning("daemon.pid_file_unwritable", error=str(exc))
+        return None
+
+
+def _run_daemon(config: Config, slot: Slot | None, lock: DaemonLock | None) -> int:
+    from mediator.daemon import Daemon, StartupFailed  # imports the adapters' libraries; not needed by `check`
 
     async def main() -> None:
         if slot is None:
-            await Daemon(config).run()
+            daemon = Daemon(config)
+            daemon.lock = lock
+            await daemon.run()
         else:
             from mediator.worker import WorkerDaemon
 
@@ -72,7 +112,11 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
     _install_uvloop()
     _freeze_startup_heap()
-    asyncio.run(main())  # may raise ConfigError while building adapters (a secret's variable is not set)
+    try:
+        asyncio.run(main())  # may raise ConfigError while building adapters (a secret's variable is not set)
+    except StartupFailed as exc:
+        print(f"mediator: {exc}", file=sys.stderr)  # the log has the details (listener.bind_failed)
+        return EXIT_STARTUP
     return 0
 
 

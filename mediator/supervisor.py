@@ -61,6 +61,7 @@ import structlog
 
 from mediator.config import Config
 from mediator.core.errors import ConfigError
+from mediator.lock import DaemonLock
 from mediator.systemd import Notifier
 
 log = structlog.get_logger(__name__)
@@ -78,6 +79,8 @@ RELOAD_WAIT_S = 60.0
 "incomplete": more than one worker's reload takes (the file settling, then units started and stopped
 within the daemon's ``UNIT_START_TIMEOUT_S`` and ``UNIT_STOP_TIMEOUT_S``) plus a restart."""
 RELOAD_POLL_S = 0.1
+EXIT_STARTUP = 4
+"""A daemon's (a worker's) exit status when a service could not start (``mediator.daemon.StartupFailed``)."""
 
 
 def worker_count(config: Config) -> int:
@@ -235,8 +238,9 @@ class _Worker:
 class Supervisor:
     """Runs ``count`` workers of the config file ``config.file`` until SIGTERM or SIGINT; see the module."""
 
-    def __init__(self, config: Config, count: int) -> None:
+    def __init__(self, config: Config, count: int, lock: DaemonLock | None = None) -> None:
         self.config = config
+        self.lock = lock
         self.count = count
         self.workers = {k: _Worker(k) for k in range(1, count + 1)}
         self.notifier = Notifier()
@@ -249,6 +253,7 @@ class Supervisor:
         self._tg: asyncio.TaskGroup | None = None
         self._gathering: asyncio.Task[None] | None = None
         self._reloads = 0
+        self.failed = 0  # EXIT_STARTUP when a worker could not start at all
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -286,27 +291,21 @@ class Supervisor:
         codes = {w.k: w.code for w in self.workers.values()}
         ok = all(code == 0 for code in codes.values())
         log.info("supervisor.stopped", exit_codes=codes)
-        return 0 if ok else 1
-
-    def _pid_file(self) -> Path:
-        from mediator.daemon import PID_FILE, state_dir
-
-        return state_dir(self.config) / PID_FILE
+        return self.failed or (0 if ok else 1)
 
     def _write_pid(self) -> None:
-        """The daemon's pid file names the supervisor: ``mediator reload`` signals it, and it forwards."""
-        path = self._pid_file()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"{os.getpid()}\n")
-        except OSError as exc:
-            log.warning("daemon.pid_file_unwritable", path=str(path), error=str(exc))
+        """The daemon's pid file names the supervisor: ``mediator reload`` signals it, and it forwards. It
+        is the file ``mediator run`` locked (``mediator.lock``), which the workers inherit."""
+        if self.lock is not None:
+            try:
+                self.lock.write_pid()
+            except OSError as exc:
+                log.warning("daemon.pid_file_unwritable", path=str(self.lock.path), error=str(exc))
 
     def _remove_pid(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            path = self._pid_file()
-            if int(path.read_text().strip()) == os.getpid():
-                path.unlink()
+        if self.lock is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.lock.fd, 0)
 
     # ------------------------------------------------------------------ workers
 
@@ -331,6 +330,8 @@ class Supervisor:
             # worker seeing it twice would skip its drain). The parent-death signal stops an orphan.
             start_new_session=True,
             preexec_fn=_die_with_parent,
+            # The daemon lock, inherited on purpose: held while any worker still has its outbox open.
+            pass_fds=(self.lock.fd,) if self.lock is not None else (),
         )
         w.proc = proc
         w.started_at = time.monotonic()
@@ -349,6 +350,15 @@ class Supervisor:
             w.ready = False
             if self._stopping:
                 log.info("worker.stopped", worker=w.k, pid=proc.pid, code=w.code)
+                return
+            if w.code == EXIT_STARTUP and not self._ready_sent:
+                # It could not start (a port taken: it printed why) before the daemon was ever ready:
+                # starting it again would fail the same way, so the whole daemon stops, as one daemon does.
+                log.error("worker.start_failed", worker=w.k, pid=proc.pid, code=w.code)
+                self.failed = EXIT_STARTUP
+                self._stopping = True
+                self._stop.set()
+                self._forward(signal.SIGTERM)
                 return
             ran_s = time.monotonic() - w.started_at
             delay = RESTART_INITIAL_S if ran_s >= STABLE_S else delay
@@ -527,8 +537,8 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
-def run_supervisor(config: Config, count: int) -> int:
+def run_supervisor(config: Config, count: int, lock: DaemonLock | None = None) -> int:
     found = problems(config, count)
     if found:
         raise ConfigError(config.file, found)
-    return asyncio.run(Supervisor(config, count).run())
+    return asyncio.run(Supervisor(config, count, lock).run())
