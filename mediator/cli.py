@@ -72,6 +72,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         except OSError as exc:
             print(f"mediator: cannot lock the outbox's directory: {exc}", file=sys.stderr)
             return EXIT_RUNNING
+    if lock is not None:  # the counts seen, for the next start with another one (supervisor.drain_view)
+        supervisor.record_workers(lock.path.parent, supervisor.worker_count(config))
     try:
         if slot is None and supervisor.worker_count(config) > 1:
             # `workers = N`: this process only supervises; each worker is `run --worker K` (mediator/supervisor.py).
@@ -498,6 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mediator.supervisor import enter_worker
 
             args.slot = enter_worker(args.worker)  # before the load: the worker sees the config through its view
+        elif args.command == "run":
+            from mediator.supervisor import enter_daemon
+
+            enter_daemon()  # its MQTT inbounds drain the sessions another `workers` count left
         code: int = args.func(args, _load(args.config))
     except ConfigError as exc:
         _print_config_error(exc)
