@@ -115,7 +115,7 @@ class StartupFailed(MediatorError):
     says the rest (``listener.bind_failed``)."""
 
 
-def _startup_failure(group: BaseExceptionGroup[BaseException]) -> StartupFailed | None:
+def startup_failure(group: BaseExceptionGroup[BaseException]) -> StartupFailed | None:
     """The first ``StartupFailed`` of ``group`` when that is all it holds, else None (a bug keeps its
     traceback)."""
     found, rest = group.split(StartupFailed)
@@ -442,7 +442,7 @@ class Daemon:
         try:
             await self._run()
         except BaseExceptionGroup as group:  # the task group's: a service that could not start
-            failure = _startup_failure(group)
+            failure = startup_failure(group)
             if failure is None:
                 raise
             raise failure from None

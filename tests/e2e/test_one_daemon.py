@@ -6,7 +6,11 @@ newcomer with one line, and nobody's pid file goes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -16,6 +20,7 @@ import aiohttp
 import pytest
 
 from tests.e2e.test_quickstart import bound_queue, get_one
+from tests.scale.test_workers import all_answering, worker_pids
 from tests.support.daemon import ROOT, DaemonProcess, Quickstart
 from tests.support.net import RABBIT_URL
 
@@ -153,3 +158,79 @@ async def test_a_port_taken_by_another_daemon_stops_the_newcomer_with_one_line(
     assert (other_dir / "mediator.pid").read_text() == ""  # its own, emptied
     assert (quickstart.tmp / "mediator.pid").read_text().strip() == str(pid)
     await assert_serves(quickstart, pid)
+
+
+async def test_workers_left_by_a_killed_supervisor_keep_a_new_daemon_off_their_outboxes(
+    tmp_path: Path, rabbitmq: str, mosquitto: tuple[str, int]
+) -> None:
+    """The workers inherited the supervisor's lock: while one still runs (held here with SIGSTOP, as a
+    slow drain would), a new ``run`` is refused, naming the dead supervisor; once it is gone, it starts."""
+    qs = Quickstart(tmp_path, overrides={"daemon": {"workers": 2}})
+    proc = DaemonProcess(qs.write(), qs.http_port, tmp_path / "daemon.log")
+    await proc.start(timeout_s=60)
+    workers: list[int] = []
+    try:
+        async with asyncio.timeout(60):
+            while not await all_answering(qs.http_port):
+                await asyncio.sleep(0.2)
+        workers = list((await worker_pids(qs.http_port)).values())
+        supervisor = proc.pid
+        assert supervisor is not None
+        os.kill(workers[0], signal.SIGSTOP)
+        await proc.kill()  # SIGKILL: the workers are sent SIGTERM (PR_SET_PDEATHSIG); one cannot act on it
+        code, _, err, _ = await mediator("run", "--config", str(proc.config))  # (the other worker drains beside it)
+        assert code == EXIT_RUNNING, err[-4000:]
+        line = one_line(err, "mediator:")
+        assert f"the workers of daemon pid {supervisor} (which has exited)" in line, line
+        os.kill(workers[0], signal.SIGCONT)  # it drains and exits, and with it the last hold on the lock
+        async with asyncio.timeout(30):
+            while any(_alive(pid) for pid in workers):
+                await asyncio.sleep(0.1)
+        again = DaemonProcess(proc.config, qs.http_port, tmp_path / "again.log")
+        await again.start(timeout_s=60)
+        assert await pid_in(tmp_path / "mediator.pid") == again.pid
+        async with asyncio.timeout(60):  # (a worker stopped while it still imports exits with -15)
+            while not await all_answering(qs.http_port):
+                await asyncio.sleep(0.2)
+        assert await again.stop() == 0, again.logs()
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_worker_that_cannot_bind_stops_the_supervisor_with_its_line(
+    tmp_path: Path, rabbitmq: str, mosquitto: tuple[str, int]
+) -> None:
+    """``workers = 2`` and the HTTP port taken (without SO_REUSEPORT): the supervisor exits non-zero with
+    the workers' reason instead of restarting them forever; no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        qs = Quickstart(tmp_path, http_port=taken.getsockname()[1], overrides={"daemon": {"workers": 2}})
+        code, _, err, _ = await mediator("run", "--config", str(qs.write()), timeout_s=60)
+    assert code == EXIT_STARTUP, err[-4000:]
+    assert "Traceback" not in err, err[-4000:]
+    reasons = {line for line in err.splitlines() if line.startswith("mediator:")}
+    assert len(reasons) == 1, err[-4000:]  # each worker that got so far says the same
+    assert reasons.pop().startswith("mediator: listener:http cannot start:"), err[-4000:]
+    assert "worker.start_failed" in err
+    assert (tmp_path / "mediator.pid").read_text() == ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+
+
+def test_what_the_cli_names_before_its_imports_matches_the_daemon() -> None:
+    """``mediator run`` locks before importing the daemon: its pid file and exit status are its own copies."""
+    from mediator import cli, daemon, supervisor
+
+    assert cli._pid_file("x/outbox.sqlite") == Path("x") / daemon.PID_FILE
+    assert cli.EXIT_STARTUP == supervisor.EXIT_STARTUP == EXIT_STARTUP
+    assert cli.EXIT_RUNNING == EXIT_RUNNING
