@@ -115,15 +115,17 @@ class MqttInbound:
             await self._serve(None)
             return
         subscribed = asyncio.Event()
+        connected = [asyncio.Event() for _ in self._cfg.drain_sessions]
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._serve(subscribed), name=self.name)
-            # Only once this inbound's own subscription stands: from then on the broker has someone to
-            # hand each new message to, and the drained sessions may stop taking them.
-            await subscribed.wait()
-            for session in self._cfg.drain_sessions:
-                tg.create_task(self._drain_session(session), name=f"{self.name}:drain:{session.client_id}")
+            tg.create_task(self._serve(subscribed, connected), name=self.name)
+            for session, ready in zip(self._cfg.drain_sessions, connected, strict=True):
+                coro = self._drain_session(session, ready, subscribed)
+                tg.create_task(coro, name=f"{self.name}:drain:{session.client_id}")
 
-    async def _serve(self, subscribed: asyncio.Event | None) -> None:
+    async def _serve(self, subscribed: asyncio.Event | None, drains: list[asyncio.Event] | None = None) -> None:
+        """Connect, subscribe and consume, reconnecting with backoff. With sessions to drain, the first
+        subscription waits (up to the connect timeout) for their connections, which unsubscribe the moment
+        it stands (``subscribed``): see ``_drain_session``."""
         broker = self._access.config
         backoff = Backoff(broker.reconnect_initial_s, broker.reconnect_max_s)
         if self._cfg.qos == 2:
@@ -136,6 +138,10 @@ class MqttInbound:
                     async with client:
                         stop_if_cancelled()  # aiomqtt's connect may have swallowed a cancellation
                         backoff.reset()
+                        if drains and subscribed is not None and not subscribed.is_set():
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(broker.connect_timeout_s):
+                                    await asyncio.gather(*(e.wait() for e in drains))
                         await self._subscribe(client)
                         if subscribed is not None:
                             subscribed.set()
@@ -156,7 +162,9 @@ class MqttInbound:
         finally:
             self._rt.health.set(self.name, False, "stopped")
 
-    async def _drain_session(self, session: MqttDrainSessionConfig) -> None:
+    async def _drain_session(
+        self, session: MqttDrainSessionConfig, connected: asyncio.Event, subscribed: asyncio.Event
+    ) -> None:
         """Empty the persistent session ``session`` into this inbound, then delete it (``drain_sessions``).
 
         Why: the broker keeps queueing for a session nobody connects as any more. Mosquitto hands a shared
@@ -179,8 +187,15 @@ class MqttInbound:
                 _watch_session_present(client, present)
                 async with client:
                     stop_if_cancelled()
-                    await client.unsubscribe(list(session.topics))
-                    taken = await self._consume(client, queue, idle_s=DRAIN_QUIET_S) if any(present) else 0
+                    connected.set()
+                    taken = 0
+                    if any(present):
+                        # Connected before this inbound subscribes, unsubscribed the moment its subscription
+                        # stands: the broker always has someone to hand a new message to, and what it hands
+                        # both in between is one round trip's worth (see DRAIN_QUIET_S's neighbours).
+                        await subscribed.wait()
+                        await client.unsubscribe(list(session.topics))
+                        taken = await self._consume(client, queue, idle_s=DRAIN_QUIET_S)
                 clean = make_client(
                     self._access, session.client_id, persistent=False, receive_maximum=1, max_inflight=1
                 )
