@@ -249,8 +249,20 @@ async def _dead_letters(
         return 1
     from mediator.outbox import SqliteOutbox
 
+    try:  # the outbox file is the daemon's while it runs: never two processes on it (mediator/lock.py)
+        lock = DaemonLock.acquire(_pid_file(config.outbox.path))
+    except AlreadyRunning as exc:
+        print(f"mediator: no admin endpoint answers, and {exc}; ask it through its admin endpoint", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mediator: cannot lock the outbox's directory: {exc}", file=sys.stderr)
+        return 1
     outbox = SqliteOutbox(config.outbox.path)
-    await outbox.open()
+    try:
+        await outbox.open()
+    except BaseException:
+        lock.release()
+        raise
     try:
         if action == "list":
             _print_letters([describe(dl) for dl in await outbox.dead_letters(limit)], as_json)
@@ -262,6 +274,7 @@ async def _dead_letters(
             print(json.dumps({"replayed": len(rows), "note": "delivered when the daemon next starts"}))
     finally:
         await outbox.close()
+        lock.release()
     return 0
 
 

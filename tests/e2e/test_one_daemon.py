@@ -22,7 +22,7 @@ import pytest
 from tests.e2e.test_quickstart import bound_queue, get_one
 from tests.scale.test_workers import all_answering, worker_pids
 from tests.support.daemon import ROOT, DaemonProcess, Quickstart
-from tests.support.net import RABBIT_URL
+from tests.support.net import RABBIT_URL, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -234,3 +234,19 @@ def test_what_the_cli_names_before_its_imports_matches_the_daemon() -> None:
     assert cli._pid_file("x/outbox.sqlite") == Path("x") / daemon.PID_FILE
     assert cli.EXIT_STARTUP == supervisor.EXIT_STARTUP == EXIT_STARTUP
     assert cli.EXIT_RUNNING == EXIT_RUNNING
+
+
+async def test_dead_letters_does_not_open_a_running_daemons_outbox(
+    daemon: DaemonProcess, quickstart: Quickstart, tmp_path: Path
+) -> None:
+    """``mediator dead-letters`` works on the outbox file only when no daemon answers; one whose admin
+    endpoint does not answer (here: a config naming another port) but which runs there keeps it."""
+    pid = await pid_in(quickstart.tmp / "mediator.pid")
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text(quickstart.render().replace(f"port = {quickstart.http_port}", f"port = {free_port()}"))
+    code, out, err, _ = await mediator("dead-letters", "list", "--config", str(elsewhere))
+    assert code == 1, out + err
+    line = one_line(err, "mediator:")
+    assert f"pid {pid}" in line, line
+    assert "no admin endpoint answers" in line, line
+    await assert_serves(quickstart, pid)
