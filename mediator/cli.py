@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
             return EXIT_RUNNING
         except OSError as exc:
             print(f"mediator: cannot lock the outbox's directory: {exc}", file=sys.stderr)
-            return EXIT_RUNNING
+            return 1
     if lock is not None:  # the counts seen, for the next start with another one (supervisor.drain_view)
         supervisor.record_workers(lock.path.parent, supervisor.worker_count(config))
     try:
