@@ -15,6 +15,12 @@ through ``worker_view``:
   The PUBLISH still carries the real topic, which routes and provenance see;
 - AMQP inbounds unchanged: N consumers on one queue are competing consumers by nature.
 
+Changing ``workers`` between runs: the broker keeps each count's MQTT sessions, so the daemon records the
+counts it ran with (``mediator.workers.json`` beside the outbox) and, at a start with another, drains the
+other counts' sessions into its outbox and deletes them once its own have subscribed (``drain_view``; one
+daemon, or worker 1, does it). The supervisor holds the daemon lock (``mediator.lock``), which the workers
+inherit.
+
 Readiness: each worker speaks systemd's notification protocol (``mediator.systemd``) to a socket of the
 supervisor's own, so the supervisor knows when a worker has bound its listeners, and says READY=1 to the
 service manager once every worker has. Signals: SIGTERM/SIGINT are forwarded to every worker (each drains;
