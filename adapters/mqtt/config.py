@@ -83,6 +83,14 @@ class MqttBrokerConfig(ConfigModel):
         return value
 
 
+def _filters(value: list[str]) -> list[str]:
+    for topic in value:
+        problem = topic_filter_problem(topic)
+        if problem is not None:
+            raise ValueError(f"topic filter {topic!r}: {problem}")
+    return value
+
+
 class MqttDrainSessionConfig(ConfigModel):
     """A persistent session this inbound used under another client id (another ``workers`` count, a
     renamed ``client_id``): emptied into this inbound and deleted at start (see ``drain_sessions``)."""
@@ -95,11 +103,7 @@ class MqttDrainSessionConfig(ConfigModel):
     @field_validator("topics")
     @classmethod
     def _topics(cls, value: list[str]) -> list[str]:
-        for topic in value:
-            problem = topic_filter_problem(topic)
-            if problem is not None:
-                raise ValueError(f"topic filter {topic!r}: {problem}")
-        return value
+        return _filters(value)
 
 
 class MqttInboundConfig(InboundConfigBase):
@@ -144,10 +148,7 @@ class MqttInboundConfig(InboundConfigBase):
     @field_validator("topics")
     @classmethod
     def _topics(cls, value: list[str]) -> list[str]:
-        for topic in value:
-            problem = topic_filter_problem(topic)
-            if problem is not None:
-                raise ValueError(f"topic filter {topic!r}: {problem}")
+        _filters(value)
         if len(set(value)) != len(value):
             raise ValueError("topics lists the same filter twice")
         return value
