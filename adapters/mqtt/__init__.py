@@ -72,7 +72,12 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
         assert isinstance(outbound_cfg, MqttOutboundConfig)
         broker = access(f"outbound.{name}", outbound_cfg.broker)
         if broker is not None:
-            outbound = MqttOutbound(name, outbound_cfg, broker, rt.health)
+            if outbound_cfg.requests and not broker.v5:
+                problems.append(
+                    f"outbound.{name}.requests: MQTT 3.1.1 (brokers.{broker.name}.protocol) has no Response Topic "
+                    "or Correlation Data; request-reply needs protocol = '5'"
+                )
+            outbound = MqttOutbound(name, outbound_cfg, broker, rt.health, rt.replies)
             claim(f"outbound.{name}", broker, outbound.client_id)
             built.services.append(outbound.service)
             built.outbounds[name] = outbound

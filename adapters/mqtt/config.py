@@ -146,6 +146,27 @@ class MqttOutboundConfig(OutboundConfigBase):
     retain: bool = False
     format: Literal["binary", "structured", "protobuf"] = "binary"
     max_in_flight: int = Field(default=256, ge=1, le=65535)
+    requests: bool = Field(
+        default=False,
+        description="request-reply (MQTT 5 only): subscribe to the reply topic <reply_topic_prefix>/<client id> "
+        "and carry requests with Response Topic, Correlation Data and Message Expiry Interval",
+    )
+    reply_topic_prefix: str = Field(
+        default="mediator/replies", min_length=1, description="requests: where replies are addressed"
+    )
+
+    @field_validator("reply_topic_prefix")
+    @classmethod
+    def _reply_prefix(cls, value: str) -> str:
+        problem = publish_topic_problem(value)
+        if problem is not None or value.endswith("/"):
+            raise ValueError(f"{value!r} is not a topic prefix: {problem or 'it ends with /'}")
+        return value
 
     def connection(self) -> str | None:
         return self.broker
+
+    def request_refusal(self) -> str | None:
+        if not self.requests:
+            return "it has requests = false (set requests = true: it then subscribes to its reply topic)"
+        return None
