@@ -81,7 +81,8 @@ class Correlator:
         finally:
             if self._waiting.get(correlation_id) is fut:
                 del self._waiting[correlation_id]
-            if not fut.done():
+            # A timeout cancels the future its task awaited: cancelled or never done, it was not answered.
+            if fut.cancelled() or not fut.done():
                 fut.cancel()
                 self._remember(correlation_id, _EXPIRED)
 

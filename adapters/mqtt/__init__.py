@@ -65,6 +65,11 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
         assert isinstance(inbound_cfg, MqttInboundConfig)
         broker = access(f"inbound.{name}", inbound_cfg.broker)
         if broker is not None:
+            if inbound_cfg.request and not broker.v5:
+                problems.append(
+                    f"inbound.{name}.request: MQTT 3.1.1 (brokers.{broker.name}.protocol) has no Response Topic "
+                    "or Correlation Data; request mode needs protocol = '5'"
+                )
             inbound = MqttInbound(name, inbound_cfg, broker, rt)
             claim(f"inbound.{name}", broker, inbound.client_id)
             built.services.append(inbound)

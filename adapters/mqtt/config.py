@@ -115,6 +115,19 @@ class MqttInboundConfig(InboundConfigBase):
     # Subscribe (QoS 0) to the broker's $SYS/broker/version and $SYS/broker/publish/messages/dropped too, for
     # the start-up log and /readyz (never events). Off for a broker that disconnects on a refused subscription.
     sys_topics: bool = True
+    request: bool = Field(
+        default=False,
+        description="request-reply (MQTT 5): each message with a Response Topic is a request, answered on "
+        "that topic (with its Correlation Data, if any) with the consumer's reply (mosquitto_rr works as the requester); "
+        "acknowledged once taken: a request is acted on at most once",
+    )
+    request_timeout_s: float = Field(
+        default=5.0, gt=0, le=300, description="request mode: how long a request waits for its reply"
+    )
+
+    @property
+    def request_mode(self) -> bool:
+        return self.request
 
     @field_validator("topics")
     @classmethod

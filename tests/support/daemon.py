@@ -74,6 +74,7 @@ class Quickstart:
         self.topic_prefix = f"{u}/"
         self.rpc_queue = f"rpc.echo-{u}"
         self.rpc_topic = f"{u}/rpc/price"
+        self.rpc_request_topic = f"{u}/rpc/echo"
         _declared.append(
             (
                 [self.orders_exchange, self.telemetry_exchange, self.commands_exchange],
@@ -103,6 +104,7 @@ class Quickstart:
             ('queues = ["rpc.echo"]', f'queues = ["{self.rpc_queue}"]'),
             ('address = "rpc.echo"', f'address = "{self.rpc_queue}"'),
             ('address = "rpc/price"', f'address = "{self.rpc_topic}"'),
+            ('topics = ["rpc/echo"]', f'topics = ["{self.rpc_request_topic}"]'),
         ]
         for old, new in replacements:
             if old not in text:
