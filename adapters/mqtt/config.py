@@ -118,8 +118,8 @@ class MqttInboundConfig(InboundConfigBase):
     request: bool = Field(
         default=False,
         description="request-reply (MQTT 5): each message with a Response Topic is a request, answered on "
-        "that topic (with its Correlation Data, if any) with the consumer's reply (mosquitto_rr works as the requester); "
-        "acknowledged once taken: a request is acted on at most once",
+        "that topic (with its Correlation Data, if any) with the consumer's reply (mosquitto_rr works as the "
+        "requester); acknowledged once taken: a request is acted on at most once",
     )
     request_timeout_s: float = Field(
         default=5.0, gt=0, le=300, description="request mode: how long a request waits for its reply"
