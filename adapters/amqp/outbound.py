@@ -170,6 +170,11 @@ class AmqpOutbound:
             message_type=out.type,
         )
         if correlation_id is not None:
+            # Transient whatever ``persistent`` says: a request is worth something only while its caller
+            # waits, and a persistent message to a durable queue is confirmed only once RabbitMQ has
+            # written it to disk, which a request waits for (measured: 300 round trips/s with both the
+            # daemon and the responder at 21-23% of a core, i.e. waiting on the confirms).
+            properties.delivery_mode = int(aio_pika.DeliveryMode.NOT_PERSISTENT)
             properties.reply_to = DIRECT_REPLY_TO
             properties.correlation_id = correlation_id
             # Whole milliseconds, rounded down: the request never outlives its caller's wait.
