@@ -35,6 +35,7 @@ from adapters.mqtt.connection import (
     paho_client,
     stop_if_cancelled,
 )
+from mediator.core.deadletter import UNROUTABLE_PREFIX
 from mediator.core.deadline import deadline
 from mediator.core.envelope import Envelope
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
@@ -180,7 +181,7 @@ class MqttOutbound:
         """``send``, and with ``request`` (correlation id, expiry in seconds) ``send_request``."""
         problem = publish_topic_problem(address)
         if problem is not None:
-            raise TerminalDeliveryError(f"invalid MQTT topic {address!r}: {problem}")
+            raise TerminalDeliveryError(f"{UNROUTABLE_PREFIX}invalid MQTT topic {address!r}: {problem}")
         inner = self._paho
         if inner is None:
             raise RetryableDeliveryError(f"not connected to broker {self._access.name!r}")
