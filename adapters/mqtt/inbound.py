@@ -11,10 +11,9 @@ Under load, messages queue up in aiomqtt while a commit runs; they are then take
 with one commit (one task, one outbox operation) instead of one each: the per-message overhead shrinks
 exactly when the daemon is busy, and a lone message still goes through at once.
 
-Request mode (``request = true``, MQTT 5): a message carrying a Response Topic and Correlation Data is a
-request (``Runtime.requests``); the reply is published to that topic with the same Correlation Data (when
-it had some: it is optional, and mosquitto_rr sends none), its
-Content Type, and for anything but a reply the user properties ``mediator-error: true`` and
+Request mode (``request = true``, MQTT 5): a message carrying a Response Topic is a request
+(``Runtime.requests``); the reply is published to that topic with the same Correlation Data (when it had
+some: it is optional, and mosquitto_rr sends none), its Content Type, and for anything but a reply the user properties ``mediator-error: true`` and
 ``mediator-status`` (the HTTP status the same outcome gets: 502 the consumer's error, 504 no reply in
 time, 502/503 undeliverable, 4xx refused by a stage), the payload then the reason as text. A request is
 acknowledged once it is taken, before its reply: redelivered after a reconnect it would be acted on twice,
@@ -24,8 +23,9 @@ after its requester stopped waiting. A message without a Response Topic is dead-
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiomqtt
@@ -91,7 +91,7 @@ class MqttInbound:
         self._info = BrokerInfo(info_log, self._show) if cfg.sys_topics and wanted(cfg.topics) else None
         self._connected = ""
         self._requests_in_flight = asyncio.Semaphore(cfg.max_in_flight)
-        self._spawn: Callable[[Awaitable[None]], object] | None = None  # the connection's task group
+        self._spawn: Callable[[Coroutine[Any, Any, None]], object] | None = None  # the connection's task group
         self._client_now: aiomqtt.Client | None = None  # the connected client (request mode publishes replies)
 
     async def run(self) -> None:
@@ -186,19 +186,22 @@ class MqttInbound:
         order: deque[tuple[asyncio.Task[None], list[aiomqtt.Message]]] = deque()
         ready = asyncio.Event()
         self._client_now = client
-        async with asyncio.TaskGroup() as tg:
-            self._spawn = lambda coro: tg.create_task(coro, name=f"{self.name}:request")  # type: ignore[arg-type]
-            tg.create_task(self._ack_in_order(ack, slots, order, ready), name=f"{self.name}:ack")
-            # Waiting goes through aiomqtt's iterator (it notices a lost connection); what is queued
-            # behind the first message is taken at once into the same batch.
-            async for message in client.messages:
-                await slots.acquire()
-                batch = [message]
-                while not queue.empty() and not slots.locked():
-                    await slots.acquire()  # does not suspend: a slot is free
-                    batch.append(queue.get_nowait())
-                order.append((tg.create_task(self._handle(batch)), batch))
-                ready.set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._spawn = functools.partial(tg.create_task, name=f"{self.name}:request")
+                tg.create_task(self._ack_in_order(ack, slots, order, ready), name=f"{self.name}:ack")
+                # Waiting goes through aiomqtt's iterator (it notices a lost connection); what is queued
+                # behind the first message is taken at once into the same batch.
+                async for message in client.messages:
+                    await slots.acquire()
+                    batch = [message]
+                    while not queue.empty() and not slots.locked():
+                        await slots.acquire()  # does not suspend: a slot is free
+                        batch.append(queue.get_nowait())
+                    order.append((tg.create_task(self._handle(batch)), batch))
+                    ready.set()
+        finally:
+            self._client_now = self._spawn = None
 
     @staticmethod
     async def _ack_in_order(
