@@ -12,12 +12,13 @@ with one commit (one task, one outbox operation) instead of one each: the per-me
 exactly when the daemon is busy, and a lone message still goes through at once.
 
 Request mode (``request = true``, MQTT 5): a message carrying a Response Topic is a request
-(``Runtime.requests``); the reply is published to that topic with the same Correlation Data (when it had
-some: it is optional, and mosquitto_rr sends none), its Content Type, and for anything but a reply the
-user properties ``mediator-error: true`` and ``mediator-status`` (the HTTP status the same outcome gets: 502 the consumer's error, 504 no reply in
-time, 502/503 undeliverable, 4xx refused by a stage), the payload then the reason as text. A request is
-acknowledged once it is taken, before its reply: redelivered after a reconnect it would be acted on twice,
-after its requester stopped waiting. A message without a Response Topic is dead-lettered.
+(``Runtime.requests``); the reply is published to that topic with the same Correlation Data (when it had some:
+it is optional, and mosquitto_rr sends none), its Content Type, and for anything but a reply the user
+properties ``mediator-error: true`` and ``mediator-status`` (the HTTP status the same outcome gets: 502 the
+consumer's error, 504 no reply in time, 502/503 undeliverable, 4xx refused by a stage), the payload then the
+reason as text. A request is acknowledged once it is taken, before its reply: redelivered after a reconnect it
+would be acted on twice, after its requester stopped waiting. A message without a Response Topic is
+dead-lettered.
 """
 
 from __future__ import annotations
