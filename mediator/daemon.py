@@ -28,7 +28,8 @@ from mediator.core.errors import ConfigError, MediatorError, NotReady, Rejected
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
-from mediator.core.seams import Built, MetricsEndpoint, OutboundConfigBase, Runtime, Service, Sink
+from mediator.core.seams import Built, MetricsEndpoint, OutboundConfigBase, RequestOutbound, Runtime, Service, Sink
+from mediator.correlator import CorrelatorCollector
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.lock import DaemonLock
 from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
@@ -283,6 +284,8 @@ class Daemon:
         self._set_tracing(Tracing(config.root.tracing) if config.root.tracing.enabled else None)
         self._admin = DeadLetterAdmin(self)
         self.metrics.register(StateCollector(self))
+        if self.metrics.counting:
+            self.metrics.register(CorrelatorCollector(self.pipeline.correlator))
         metrics_cfg = config.root.metrics  # read at start: a change of [metrics] takes a restart
         self.metrics_endpoint = (
             MetricsEndpoint(
@@ -301,7 +304,7 @@ class Daemon:
         self._dispatch_tasks: dict[str, asyncio.Task[None]] = {}
         self._graves: dict[str, asyncio.Task[None]] = {}  # removed outbounds awaiting their grace
         for spec in plan(config, self.stages.credential_headers, self.stages.admin_roles).values():
-            self._add_unit(build_unit(spec, self._specs, self.sink, self.health, self._admin, self.metrics_endpoint))
+            self._add_unit(self._build_unit(spec))
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._reload = asyncio.Event()
@@ -369,12 +372,29 @@ class Daemon:
         _, problems, environment = build_adapters(config, scratch)
         return problems, environment
 
+    def _build_unit(self, spec: UnitSpec) -> Unit:
+        correlator = self.pipeline.correlator
+        return build_unit(
+            spec,
+            self._specs,
+            self.sink,
+            self.health,
+            self._admin,
+            self.metrics_endpoint,
+            replies=correlator,
+            requests=self.pipeline,
+        )
+
     def _add_unit(self, unit: Unit) -> None:
         """Take ``unit`` in and give each of its outbounds its dispatcher (the one the name had, parked
         with its deliveries, when there is one). Its tasks are started by ``_run_unit``."""
         self._units[unit.spec.key] = unit
         for name, outbound in unit.outbounds.items():
             cfg = unit.spec.section.outbounds[name]
+            if isinstance(outbound, RequestOutbound):  # before tracing wraps it: requests are not traced
+                self.pipeline.requesters[name] = outbound
+            else:
+                self.pipeline.requesters.pop(name, None)
             if self.tracing is not None:
                 outbound = self.tracing.outbound(outbound, cfg.kind)
             dispatcher = self.dispatchers.get(name)
@@ -450,7 +470,7 @@ class Daemon:
         fresh: list[Unit] = []
         try:
             for key in changed + added:
-                unit = build_unit(target[key], self._specs, self.sink, self.health, self._admin, self.metrics_endpoint)
+                unit = self._build_unit(target[key])
                 self._add_unit(unit)
                 fresh.append(unit)
         except ConfigError as exc:

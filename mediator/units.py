@@ -28,7 +28,18 @@ from pathlib import Path
 from mediator.config import Config
 from mediator.core.errors import ConfigError
 from mediator.core.health import Health
-from mediator.core.seams import AdapterConfig, AdapterSpec, Admin, MetricsEndpoint, Outbound, Runtime, Service, Sink
+from mediator.core.seams import (
+    AdapterConfig,
+    AdapterSpec,
+    Admin,
+    MetricsEndpoint,
+    Outbound,
+    Replies,
+    Requests,
+    Runtime,
+    Service,
+    Sink,
+)
 
 SETTLE_INTERVAL_S = 0.5
 """A config file is loaded only once two looks this far apart see the same mtime, size and content."""
@@ -108,6 +119,9 @@ def build_unit(
     health: Health,
     admin: Admin | None,
     metrics: MetricsEndpoint | None = None,
+    *,
+    replies: Replies | None = None,
+    requests: Requests | None = None,
 ) -> Unit:
     """Build ``spec`` (no I/O: the services connect or bind when run). Raises ConfigError like the
     adapter's ``build`` (which a dry build of the whole config has already run, so it should not)."""
@@ -120,6 +134,8 @@ def build_unit(
         admin_roles=spec.admin_roles,
         metrics=metrics,
         max_pending=spec.max_pending,
+        replies=replies,
+        requests=requests,
     )
     built = specs[spec.kind].build(spec.section, rt)
     return Unit(spec, built.services, built.outbounds, rt.reload_hooks)

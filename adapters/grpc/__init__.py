@@ -50,6 +50,9 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
                 stream_max_in_flight=listener.cfg.stream_max_in_flight,
                 credential_headers=rt.credential_headers,
                 certificates=listener.cfg.tls is not None and listener.cfg.tls.client_cert != "none",
+                requests=rt.requests,
+                request_timeout_s=icfg.request_timeout_s,
+                max_request_timeout_s=icfg.max_request_timeout_s,
             )
             rt.health.register(f"inbound:{name}")
 

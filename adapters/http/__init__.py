@@ -56,7 +56,7 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
         if target is None:
             problems.append(f"inbound.{name}.listener: no http listener named {icfg.listener!r}")
             continue
-        by_listener[icfg.listener].append(HttpInbound(name, icfg, target, rt.sink, rt.credential_headers))
+        by_listener[icfg.listener].append(HttpInbound(name, icfg, target, rt.sink, rt.credential_headers, rt.requests))
     for inbounds in by_listener.values():
         problems.extend(paths_conflict(inbounds))
     if problems:

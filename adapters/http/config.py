@@ -163,6 +163,15 @@ class HttpInboundConfig(InboundConfigBase):
     default_content_type: str | None = Field(
         default=None, description="plain mode: the datacontenttype of a request without a Content-Type"
     )
+    request: bool = Field(
+        default=False,
+        description="request-reply: each POST (one event, no batch) is published with a reply address and "
+        "answered with the consumer's reply (200), its error reply (502) or 504 after request_timeout_s; its "
+        "route must name this inbound and have exactly one AMQP or MQTT 5 destination",
+    )
+    request_timeout_s: float = Field(
+        default=5.0, gt=0, le=300, description="request mode: how long a caller waits for the reply (504 after)"
+    )
     handshake: HandshakeConfig | None = Field(
         default=None, description="cloudevents mode: answer the CloudEvents webhook abuse-protection handshake"
     )
@@ -214,6 +223,10 @@ class HttpInboundConfig(InboundConfigBase):
 
     def connection(self) -> str | None:
         return self.listener
+
+    @property
+    def request_mode(self) -> bool:
+        return self.request
 
 
 class StandardWebhooksSigningConfig(ConfigModel):

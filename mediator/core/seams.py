@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, model_validator
 
@@ -54,6 +54,58 @@ class Sink(Protocol):
         """Commit a message the inbound could not decode (``event`` wraps its raw bytes) as a dead
         letter with ``reason``; returns when it is safe, after which the adapter acknowledges it so it
         never loops. Raises ``NotReady`` like ``accept``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A consumer's answer to a request: its body and content type, and whether the consumer marked it an
+    error (AMQP header / MQTT 5 user property ``mediator-error: true``)."""
+
+    body: bytes
+    content_type: str | None = None
+    error: bool = False
+
+
+class Replies(Protocol):
+    """Where outbounds hand the replies they receive (the daemon's correlator, ``mediator.correlator``)."""
+
+    def resolve(self, correlation_id: str, reply: Reply) -> bool:
+        """Answer the request waiting for ``correlation_id``. Returns False when none waits (late,
+        duplicate or unknown: counted and logged, the reply dropped). Never raises; matched by the
+        correlation id only."""
+        ...
+
+
+class Requests(Protocol):
+    """Request-reply for inbounds in request mode (the pipeline)."""
+
+    async def request(self, event: Envelope, origin: Origin, timeout_s: float) -> Reply:
+        """Run the ingress stages on ``event``, route it to exactly one request-capable destination, publish
+        it there with a reply address, a correlation id and an expiry of ``timeout_s``, and return the
+        consumer's reply. Not committed to the outbox. Raises ``Rejected`` (a stage refused), ``NotReady``
+        (draining), ``RequestUndeliverable`` or ``RequestTimeout``; nothing is left waiting after it
+        returns or raises (cancellation included)."""
+        ...
+
+
+@runtime_checkable
+class RequestOutbound(Protocol):
+    """The optional capability of an outbound that can carry requests (AMQP, MQTT 5)."""
+
+    name: str
+
+    def request_refusal(self) -> str | None:
+        """Why this outbound cannot carry requests (MQTT 3.1.1, requests not enabled), or None."""
+        ...
+
+    async def send_request(
+        self, event: Envelope, address: str, format: str, correlation_id: str, timeout_s: float
+    ) -> None:
+        """Publish ``event`` to ``address`` with this outbound's reply address and ``correlation_id``, set to
+        expire (AMQP ``expiration``, MQTT Message Expiry Interval) after ``timeout_s``; return once the
+        broker confirmed it. The reply, when it comes, goes to ``Runtime.replies``. Raises
+        ``RetryableDeliveryError`` / ``TerminalDeliveryError`` like ``Outbound.send``."""
         ...
 
 
@@ -215,6 +267,11 @@ class InboundConfigBase(ConfigModel):
     def connection(self) -> str | None:
         return None
 
+    @property
+    def request_mode(self) -> bool:
+        """Whether its calls are requests answered with a consumer's reply (request-reply)."""
+        return False
+
 
 class OutboundConfigBase(ConfigModel):
     kind: str
@@ -224,6 +281,10 @@ class OutboundConfigBase(ConfigModel):
 
     def connection(self) -> str | None:
         return None
+
+    def request_refusal(self) -> str | None:
+        """Why a route from a request-mode inbound cannot end here (None: it can carry requests)."""
+        return f"a {self.kind} outbound cannot carry requests (AMQP outbounds and MQTT 5 ones with requests = true can)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +306,7 @@ class Runtime:
     that the daemon calls on SIGHUP; each must be quick or schedule its own work, and must not raise.
     ``admin_roles``: a principal with one of these may use admin endpoints when authentication is on.
     ``metrics``: what HTTP listeners serve at ``/metrics`` (None: nothing).
+    ``replies`` / ``requests``: the correlator and the pipeline's request path (request-reply).
     ``max_pending``: the outbox's back-pressure threshold (``[outbox] max_pending``; None: unbounded), which
     bounds what a broker inbound asks its broker for (``window``).
     """
@@ -257,6 +319,8 @@ class Runtime:
     admin_roles: frozenset[str] = frozenset({"admin"})
     metrics: MetricsEndpoint | None = None
     max_pending: int | None = None
+    replies: Replies | None = None  # the correlator outbounds hand replies to (None: no request-reply)
+    requests: Requests | None = None  # what request-mode inbounds call (None: request mode refused)
 
     def window(self, asked: int, protocol_max: int = 65535) -> int:
         """How many unacknowledged messages a broker inbound should let its broker send (MQTT 5 Receive

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mediator.v1 import envelope_pb2 as mediator_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mediator/v1/service.proto\x12\x0bmediator.v1\x1a\x1amediator/v1/envelope.proto\"-\n\x0cPublishReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"[\n\nPublishAck\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"S\n\x10SubscribeRequest\x12\x10\n\x08outbound\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t2\xd1\x01\n\x08Mediator\x12;\n\x07Publish\x12\x15.mediator.v1.Envelope\x1a\x19.mediator.v1.PublishReply\x12\x43\n\rPublishStream\x12\x15.mediator.v1.Envelope\x1a\x17.mediator.v1.PublishAck(\x01\x30\x01\x12\x43\n\tSubscribe\x12\x1d.mediator.v1.SubscribeRequest\x1a\x15.mediator.v1.Envelope0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mediator/v1/service.proto\x12\x0bmediator.v1\x1a\x1amediator/v1/envelope.proto\"-\n\x0cPublishReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"[\n\nPublishAck\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"S\n\x10SubscribeRequest\x12\x10\n\x08outbound\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t2\x8a\x02\n\x08Mediator\x12;\n\x07Publish\x12\x15.mediator.v1.Envelope\x1a\x19.mediator.v1.PublishReply\x12\x43\n\rPublishStream\x12\x15.mediator.v1.Envelope\x1a\x17.mediator.v1.PublishAck(\x01\x30\x01\x12\x43\n\tSubscribe\x12\x1d.mediator.v1.SubscribeRequest\x1a\x15.mediator.v1.Envelope0\x01\x12\x37\n\x07Request\x12\x15.mediator.v1.Envelope\x1a\x15.mediator.v1.Envelopeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,5 +39,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBSCRIBEREQUEST']._serialized_start=210
   _globals['_SUBSCRIBEREQUEST']._serialized_end=293
   _globals['_MEDIATOR']._serialized_start=296
-  _globals['_MEDIATOR']._serialized_end=505
+  _globals['_MEDIATOR']._serialized_end=562
 # @@protoc_insertion_point(module_scope)

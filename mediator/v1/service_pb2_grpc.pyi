@@ -47,6 +47,15 @@ class MediatorStub:
     metadata ("mediator-subscribed": "1") once the subscription is registered: every event routed after
     that reaches this stream (await the call's initial metadata before relying on it).
     """
+    Request: _grpc.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _envelope_pb2.Envelope]
+    """Request-reply: the envelope is published (with the same ingress stages as Publish, never committed)
+    to the one request-capable destination its route names, and the consumer's reply is returned as an
+    envelope: id and source of the request, type "io.mediator.reply", data = the reply's body,
+    datacontenttype = its content type. DEADLINE_EXCEEDED without a reply within the call's deadline
+    (capped by the inbound's max_request_timeout_s; request_timeout_s without one); UNKNOWN with the
+    consumer's text for its error reply; FAILED_PRECONDITION when no destination takes requests;
+    UNAVAILABLE when its broker is not reachable now.
+    """
 
 @_typing.type_check_only
 class MediatorAsyncStub(MediatorStub):
@@ -65,6 +74,15 @@ class MediatorAsyncStub(MediatorStub):
     """Live stream of the events routed to a gRPC outbound that match the filter. The server sends initial
     metadata ("mediator-subscribed": "1") once the subscription is registered: every event routed after
     that reaches this stream (await the call's initial metadata before relying on it).
+    """
+    Request: _aio.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _envelope_pb2.Envelope]  # type: ignore[assignment]
+    """Request-reply: the envelope is published (with the same ingress stages as Publish, never committed)
+    to the one request-capable destination its route names, and the consumer's reply is returned as an
+    envelope: id and source of the request, type "io.mediator.reply", data = the reply's body,
+    datacontenttype = its content type. DEADLINE_EXCEEDED without a reply within the call's deadline
+    (capped by the inbound's max_request_timeout_s; request_timeout_s without one); UNKNOWN with the
+    consumer's text for its error reply; FAILED_PRECONDITION when no destination takes requests;
+    UNAVAILABLE when its broker is not reachable now.
     """
 
 class MediatorServicer(metaclass=_abc_1.ABCMeta):
@@ -99,6 +117,21 @@ class MediatorServicer(metaclass=_abc_1.ABCMeta):
         """Live stream of the events routed to a gRPC outbound that match the filter. The server sends initial
         metadata ("mediator-subscribed": "1") once the subscription is registered: every event routed after
         that reaches this stream (await the call's initial metadata before relying on it).
+        """
+
+    @_abc_1.abstractmethod
+    def Request(
+        self,
+        request: _envelope_pb2.Envelope,
+        context: _ServicerContext,
+    ) -> _typing.Union[_envelope_pb2.Envelope, _abc.Awaitable[_envelope_pb2.Envelope]]:
+        """Request-reply: the envelope is published (with the same ingress stages as Publish, never committed)
+        to the one request-capable destination its route names, and the consumer's reply is returned as an
+        envelope: id and source of the request, type "io.mediator.reply", data = the reply's body,
+        datacontenttype = its content type. DEADLINE_EXCEEDED without a reply within the call's deadline
+        (capped by the inbound's max_request_timeout_s; request_timeout_s without one); UNKNOWN with the
+        consumer's text for its error reply; FAILED_PRECONDITION when no destination takes requests;
+        UNAVAILABLE when its broker is not reachable now.
         """
 
 def add_MediatorServicer_to_server(servicer: MediatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -269,10 +269,16 @@ async def test_admin_status_and_the_status_command(observed: Observed) -> None:
         "secured": ("http", True),
     }
     brokers = {b["name"]: {c["component"]: c["ready"] for c in b["connections"]} for b in doc["brokers"]}
-    assert brokers["mosquitto"] == {"inbound:devices": True, "outbound:mqtt": True}
+    assert brokers["mosquitto"] == {
+        "inbound:devices": True,
+        "inbound:rpc-mqtt": True,
+        "outbound:mqtt": True,
+        "outbound:mqtt-rpc": True,
+    }
     assert brokers["rabbit"] == {
         "inbound:commands": True,
         "outbound:orders-exchange": True,
+        "outbound:rpc": True,
         "outbound:telemetry-exchange": True,
     }
     orders = next(i for i in doc["inbounds"] if i["name"] == "orders-http")
