@@ -27,7 +27,7 @@ from mediator.core.errors import ConfigError, NotReady, Rejected
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
-from mediator.core.seams import Built, MetricsEndpoint, OutboundConfigBase, Runtime, Service
+from mediator.core.seams import Built, MetricsEndpoint, Mounts, OutboundConfigBase, Reports, Runtime, Service
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
 from mediator.observability.status import status
@@ -248,6 +248,10 @@ class Daemon:
             else None
         )
         self._specs = load_specs()
+        # Shared by every unit: paths adapters serve on HTTP listeners (a push outbound's /subscribe) and
+        # the counts adapters keep of their own (its subscribers), for /metrics and /admin/status.
+        self.mounts = Mounts()
+        self.reports = Reports()
         problems, environment = self._adapter_problems(config, self.stages)
         if problems or environment:
             raise ConfigError(config.file if problems else "environment", problems + environment)
@@ -259,7 +263,18 @@ class Daemon:
         self._dispatch_tasks: dict[str, asyncio.Task[None]] = {}
         self._graves: dict[str, asyncio.Task[None]] = {}  # removed outbounds awaiting their grace
         for spec in plan(config, self.stages.credential_headers, self.stages.admin_roles).values():
-            self._add_unit(build_unit(spec, self._specs, self.sink, self.health, self._admin, self.metrics_endpoint))
+            self._add_unit(
+                build_unit(
+                    spec,
+                    self._specs,
+                    self.sink,
+                    self.health,
+                    self._admin,
+                    self.metrics_endpoint,
+                    self.mounts,
+                    self.reports,
+                )
+            )
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._reload = asyncio.Event()
@@ -363,7 +378,16 @@ class Daemon:
         fresh: list[Unit] = []
         try:
             for key in changed + added:
-                unit = build_unit(target[key], self._specs, self.sink, self.health, self._admin, self.metrics_endpoint)
+                unit = build_unit(
+                    target[key],
+                    self._specs,
+                    self.sink,
+                    self.health,
+                    self._admin,
+                    self.metrics_endpoint,
+                    self.mounts,
+                    self.reports,
+                )
                 self._add_unit(unit)
                 fresh.append(unit)
         except ConfigError as exc:

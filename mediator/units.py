@@ -28,7 +28,18 @@ from pathlib import Path
 from mediator.config import Config
 from mediator.core.errors import ConfigError
 from mediator.core.health import Health
-from mediator.core.seams import AdapterConfig, AdapterSpec, Admin, MetricsEndpoint, Outbound, Runtime, Service, Sink
+from mediator.core.seams import (
+    AdapterConfig,
+    AdapterSpec,
+    Admin,
+    MetricsEndpoint,
+    Mounts,
+    Outbound,
+    Reports,
+    Runtime,
+    Service,
+    Sink,
+)
 
 SETTLE_INTERVAL_S = 0.5
 """A config file is loaded only once two looks this far apart see the same mtime, size and content."""
@@ -47,6 +58,7 @@ class UnitSpec:
     credential_headers: frozenset[str]
     admin_roles: frozenset[str]
     max_pending: int | None = None  # [outbox] max_pending, which bounds a broker inbound's window
+    outbox_path: str | None = None  # the SQLite outbox file (None: in memory), beside which adapters keep state
 
     @property
     def components(self) -> list[str]:
@@ -64,7 +76,10 @@ def plan(config: Config, credential_headers: frozenset[str], admin_roles: frozen
     units: dict[str, UnitSpec] = {}
 
     def add(key: str, kind: str, section: AdapterConfig) -> None:
-        units[key] = UnitSpec(key, kind, section, credential_headers, admin_roles, config.outbox.max_pending)
+        outbox_path = config.outbox.path if config.outbox.kind == "sqlite" else None
+        units[key] = UnitSpec(
+            key, kind, section, credential_headers, admin_roles, config.outbox.max_pending, outbox_path
+        )
 
     for kind, adapter in config.adapters.items():
         for name, listener in adapter.listeners.items():
@@ -108,6 +123,8 @@ def build_unit(
     health: Health,
     admin: Admin | None,
     metrics: MetricsEndpoint | None = None,
+    mounts: Mounts | None = None,
+    reports: Reports | None = None,
 ) -> Unit:
     """Build ``spec`` (no I/O: the services connect or bind when run). Raises ConfigError like the
     adapter's ``build`` (which a dry build of the whole config has already run, so it should not)."""
@@ -120,6 +137,9 @@ def build_unit(
         admin_roles=spec.admin_roles,
         metrics=metrics,
         max_pending=spec.max_pending,
+        mounts=mounts if mounts is not None else Mounts(),
+        reports=reports if reports is not None else Reports(),
+        outbox_path=spec.outbox_path,
     )
     built = specs[spec.kind].build(spec.section, rt)
     return Unit(spec, built.services, built.outbounds, rt.reload_hooks)

@@ -77,6 +77,7 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
             admin_roles=rt.admin_roles,
             credential_headers=rt.credential_headers,
             metrics=rt.metrics if rt.metrics is not None and rt.metrics.listener in (None, name) else None,
+            mounts=rt.mounts,
         )
         rt.health.register(listener.name)
         if lcfg.tls is not None:

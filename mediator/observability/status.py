@@ -109,6 +109,9 @@ async def status(daemon: StatusSource) -> dict[str, object]:
                 "consecutive_failures": dispatcher.consecutive_failures if dispatcher is not None else 0,
             }
         )
+        reporter = daemon.reports.by_component.get(f"outbound:{name}")
+        if reporter is not None:
+            outbounds[-1]["subscriptions"] = reporter.status()  # a push outbound's subscribers and ring
     routes = [{"name": r.name, "routed": total("events_routed", r.name)} for r in root.routes]
 
     outbox: dict[str, object] = {"kind": root.outbox.kind}
