@@ -15,6 +15,10 @@ Cursors are assigned in ``append`` order and never reused (the newest assigned i
 when every event has expired). A failed transaction leaves a hole in the numbering (those deliveries are
 retried with new cursors): cursors are increasing, not contiguous. ``floor`` is the newest cursor that
 retention has removed: a subscriber resuming after a cursor below it has missed events.
+
+An event the ring already holds (same source and id) is confirmed without a second copy: the outbox
+redelivers what it had not marked done when the daemon died, and a subscriber resuming after a ``kill -9``
+should see each event once, not the redelivered ones again at the end.
 """
 
 from __future__ import annotations
@@ -277,6 +281,8 @@ class Ring:
         self.entries: deque[Entry] = deque()
         self.last = 0  # the newest cursor assigned
         self.floor = 0  # the newest cursor retention removed
+        self._keys: dict[tuple[str, str], Entry] = {}  # (source, id) of the retained and pending entries
+        self._inflight: dict[int, asyncio.Future[None]] = {}  # cursor -> its commit, while being written
         self._store = _Store(path, name) if path is not None else None
         self._pending: list[tuple[Entry, asyncio.Future[None]]] = []
         self._flush_scheduled = False
@@ -295,7 +301,9 @@ class Ring:
             for cursor, address, at, blob in rows:
                 env = Envelope()
                 env.ParseFromString(blob)
-                self.entries.append(Entry(cursor, address, at, env))
+                entry = Entry(cursor, address, at, env)
+                self.entries.append(entry)
+                self._keys[env.source, env.id] = entry
         self.opened = True
         log.info("push.ring_opened", outbound=self.name, events=len(self.entries), last=self.last, floor=self.floor)
 
@@ -311,13 +319,22 @@ class Ring:
         another cursor, which at-least-once allows)."""
         if not self.opened:
             raise RetryableDeliveryError(f"push outbound {self.name!r} is not running")
+        key = (event.source, event.id)
+        held = self._keys.get(key)
+        if held is not None and held.address == address:
+            first = self._inflight.get(held.cursor)
+            if first is not None:
+                await asyncio.shield(first)  # the first copy is still being written: confirmed with it
+            return held  # a redelivery (see the module docstring)
         self.last += 1
         entry = Entry(self.last, address, time.time(), event)
+        self._keys[key] = entry
         if self._store is None:
             self._visible(entry)
             return entry
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((entry, future))
+        self._inflight[entry.cursor] = future
         if not self._flush_scheduled:
             # Appends of one loop turn go to the writer together (one executemany, one fsync).
             self._flush_scheduled = True
@@ -338,8 +355,11 @@ class Ring:
     def _written(self, batch: list[tuple[Entry, asyncio.Future[None]]], done: asyncio.Future[Any]) -> None:
         error = done.exception()
         for entry, future in batch:
+            self._inflight.pop(entry.cursor, None)
             if error is None:
                 self._visible(entry)
+            else:
+                self._forget(entry)
             if not future.done():
                 if error is None:
                     future.set_result(None)
@@ -349,8 +369,18 @@ class Ring:
     def _visible(self, entry: Entry) -> None:
         self.entries.append(entry)
         if len(self.entries) > self.max_events:
-            self.floor = self.entries.popleft().cursor
+            self._evict()
         self.on_append(entry)
+
+    def _evict(self) -> None:
+        gone = self.entries.popleft()
+        self.floor = gone.cursor
+        self._forget(gone)
+
+    def _forget(self, entry: Entry) -> None:
+        key = (entry.event.source, entry.event.id)
+        if self._keys.get(key) is entry:
+            del self._keys[key]
 
     def _expire(self) -> bool:
         """Drop entries older than ``max_age_s``; True when any was dropped."""
@@ -358,7 +388,7 @@ class Ring:
         entries = self.entries
         dropped = False
         while entries and entries[0].at < horizon:
-            self.floor = entries.popleft().cursor
+            self._evict()
             dropped = True
         return dropped
 
