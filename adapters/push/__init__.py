@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 EXPIRE_INTERVAL_S = 1.0
-"""How often the ring's age limit is applied while no event arrives."""
+"""How often the ring's age limit is applied while no event arrives (and, at most, between heartbeat ticks)."""
 
 SUBSCRIBER_GRACE_S = 2.0
 """On stop: how long the subscribers' handlers get to say goodbye before the ring closes."""
@@ -98,9 +98,15 @@ class PushService:
             self._reports.add(self.name, self._hub)
             self._health.set(self.name, True, f"serving {cfg.prefix}/ on listener {cfg.listener}")
             self._log.info("push.started", listener=cfg.listener, prefix=cfg.prefix, retained=len(self._ring.entries))
+            tick = min(EXPIRE_INTERVAL_S, cfg.heartbeat_s / 2)
+            last_expiry = asyncio.get_running_loop().time()
             while True:
-                await asyncio.sleep(EXPIRE_INTERVAL_S)
-                await self._ring.expire()
+                await asyncio.sleep(tick)
+                self._hub.heartbeat(cfg.heartbeat_s)
+                now = asyncio.get_running_loop().time()
+                if now - last_expiry >= EXPIRE_INTERVAL_S:
+                    last_expiry = now
+                    await self._ring.expire()
         finally:
             self._health.set(self.name, False, "stopped")
             self._mounts.remove(cfg.listener, self._mount)

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 
 import structlog
 from aiohttp import WSMsgType, hdrs, web
@@ -293,20 +294,15 @@ class PushMount:
                 if chunk:
                     await write(b"".join(chunk))
                     pushed["sse"] += len(chunk)
+                    sub.written = time.monotonic()
+                continue
+            if sub.beat:
+                sub.beat = False
+                await write(b": heartbeat\n\n")
+                sub.written = time.monotonic()
                 continue
             wake.clear()
-            beat = await self._wait(sub)
-            if beat:
-                await write(b": heartbeat\n\n")
-
-    async def _wait(self, sub: Subscriber) -> bool:
-        """Wait for live entries or the heartbeat; True when it is the heartbeat's turn (nothing arrived)."""
-        try:
-            async with asyncio.timeout(self.cfg.heartbeat_s):
-                await sub.wake.wait()
-        except TimeoutError:
-            return True
-        return False
+            await wake.wait()  # live entries, the heartbeat ticker (Hub.heartbeat) or a kick
 
     # ---------------------------------------------------------------- WebSocket
 
@@ -410,17 +406,21 @@ class PushMount:
         pushed = self.hub.pushed
         for entry in backlog:
             if entry.cursor > sub.cursor:
-                await (ws.send_bytes(entry.proto()) if binary else ws.send_str(entry.text()))
+                # The frame is in the transport before the send waits for it to drain: it counts as sent
+                # then (a disconnect during the wait must not make the resume cursor skip it or repeat it).
+                sending = ws.send_bytes(entry.proto()) if binary else ws.send_str(entry.text())
                 sub.cursor = entry.cursor
                 pushed["websocket"] += 1
+                await sending
         buffer = sub.buffer
         wake = sub.wake
         while True:
             while buffer:
                 entry = buffer.popleft()
                 if entry.cursor > sub.cursor:
-                    await (ws.send_bytes(entry.proto()) if binary else ws.send_str(entry.text()))
+                    sending = ws.send_bytes(entry.proto()) if binary else ws.send_str(entry.text())
                     sub.cursor = entry.cursor
                     pushed["websocket"] += 1
+                    await sending
             wake.clear()
             await wake.wait()

@@ -120,32 +120,46 @@ class StalledSubscriber:
     """An SSE subscriber on a raw socket with a tiny receive buffer that sends its request and then never
     reads: what a frozen browser tab or a wedged proxy looks like to the daemon."""
 
-    def __init__(self, port: int, path: str) -> None:
+    def __init__(self, port: int, path: str, websocket: bool = False) -> None:
         self.port = port
         self.path = path
+        self.websocket = websocket
         self.sock: socket.socket | None = None
 
     def open(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: sets the window
         sock.connect(("127.0.0.1", self.port))
-        sock.sendall(f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode())
+        if self.websocket:  # RFC 6455 4.1, by hand: the client then never reads a frame
+            head = (
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: cloudevents.json\r\n"
+            )
+        else:
+            head = "Accept: text/event-stream\r\n"
+        sock.sendall(f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode())
         self.sock = sock
 
-    def drain(self) -> bytes:
-        """Everything the daemon sent, read only now (after the test): ends with its farewell comment."""
+    def drain(self) -> tuple[bytes, bool]:
+        """Everything the daemon sent, read only now (after the test), and whether the daemon ended the
+        connection (False: still open after 5 s of silence)."""
         assert self.sock is not None
         self.sock.settimeout(5.0)
         chunks = []
+        ended = False
         while True:
             try:
                 chunk = self.sock.recv(65536)
-            except (TimeoutError, ConnectionResetError):
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                ended = True
                 break
             if not chunk:
+                ended = True
                 break
             chunks.append(chunk)
-        return b"".join(chunks)
+        return b"".join(chunks), ended
 
     def close(self) -> None:
         if self.sock is not None:

@@ -57,6 +57,7 @@ kind = "push"
 listener = "http"
 prefix = "/tiny"
 max_events = 10
+heartbeat_s = 0.5
 
 [listeners.secure]
 kind = "http"
@@ -333,12 +334,55 @@ async def test_a_subscriber_that_never_reads_is_cut_off_while_the_rest_keep_flow
                 < 1
             ):
                 await asyncio.sleep(0.05)
-        seen = stalled.drain()
+        seen, ended = stalled.drain()
+        assert ended
         assert b"disconnected: slow_consumer" in seen, seen[-300:]
     finally:
         stalled.close()
         reader.response.close()
     assert await metric(push.http, push.base, "mediator_push_subscribers", outbound="slowpush", address="slow") <= 1
+
+
+async def test_a_websocket_subscriber_that_never_reads_is_closed_with_1008(push: Push) -> None:
+    before = await metric(
+        push.http, push.base, "mediator_push_disconnects_total", outbound="slowpush", reason="slow_consumer"
+    )
+    reader = await push.http.ws_connect(f"{push.ws_base}/slow/slow", protocols=["cloudevents.json"])
+    stalled = StalledSubscriber(push.qs.http_port, "/slow/slow", websocket=True)
+    stalled.open()
+    try:
+        async with asyncio.timeout(10):
+            while (
+                await metric(push.http, push.base, "mediator_push_subscribers", outbound="slowpush", address="slow") < 2
+            ):
+                await asyncio.sleep(0.05)
+        count = 400
+        reading = asyncio.create_task(ws_take(reader, count, timeout_s=60))
+        ids = [await push.post_event("com.example.slow", {"n": i, "pad": "y" * 2000}) for i in range(count)]
+        assert [json.loads(m.data)["id"] for m in await reading] == ids
+        async with asyncio.timeout(10):
+            while (
+                await metric(
+                    push.http, push.base, "mediator_push_disconnects_total", outbound="slowpush", reason="slow_consumer"
+                )
+                < before + 1
+            ):
+                await asyncio.sleep(0.05)
+        seen, ended = stalled.drain()
+        assert seen.startswith(b"HTTP/1.1 101"), seen[:200]
+        assert ended  # the daemon closed it
+        # The close frame (opcode 8, code 1008) is its last frame when the socket could still take it.
+        if b"\x88" in seen[-64:]:
+            assert b"\x03\xf0slow consumer" in seen[-64:], seen[-64:]
+    finally:
+        stalled.close()
+        await reader.close()
+
+
+async def test_sse_heartbeat_comments_keep_an_idle_stream(push: Push) -> None:
+    idle = await open_sse(push.http, f"{push.base}/tiny/nothing-here")
+    await idle.until_comment("heartbeat", timeout_s=5)
+    idle.response.close()
 
 
 # ---------------------------------------------------------------- the WebSocket inbound
