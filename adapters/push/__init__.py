@@ -18,7 +18,7 @@ from adapters.push.inbound import WebSocketInbound
 from adapters.push.ring import Ring, ring_path
 from adapters.push.stream import PushMount
 from mediator.core.envelope import Envelope
-from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
+from mediator.core.errors import ConfigError, RetryableDeliveryError, TerminalDeliveryError
 from mediator.core.formats import FORMATS
 from mediator.core.health import Health
 from mediator.core.seams import AdapterConfig, AdapterSpec, Built, Mounts, Reports, Runtime
@@ -122,9 +122,17 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
     """A ``PushService`` and a ``PushOutbound`` per push outbound. Its listener (an http listener, checked
     by the config) serves the subscriptions once the service runs."""
     built = Built()
+    served: dict[tuple[str, str], str] = {}
+    problems: list[str] = []
     for name, ocfg in cfg.outbounds.items():
         if not isinstance(ocfg, PushOutboundConfig):
             raise TypeError(f"outbound.{name}: expected PushOutboundConfig, got {type(ocfg).__name__}")
+        other = served.setdefault((ocfg.listener, ocfg.prefix), name)
+        if other != name:
+            problems.append(
+                f"outbound.{name}.prefix: push outbound {other!r} already serves {ocfg.prefix}/"
+                f" on listener {ocfg.listener!r}"
+            )
         path = ring_path(rt.outbox_path, name) if rt.outbox_path is not None else None
         ring = Ring(name, path, ocfg.max_events, ocfg.max_age_s)
         hub = Hub(name, ring, ocfg.max_subscribers, ocfg.max_subscribers_per_principal)
@@ -133,16 +141,25 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
         rt.health.register(f"outbound:{name}")
         built.outbounds[name] = PushOutbound(name, ocfg, ring)
         built.services.append(PushService(name, ocfg, ring, hub, mount, rt))
+    if problems:
+        raise ConfigError("config", problems)
     return built
 
 
 def build_inbounds(cfg: AdapterConfig, rt: Runtime) -> Built:
     built = Built()
+    served: dict[tuple[str, str], str] = {}
+    problems: list[str] = []
     for name, icfg in cfg.inbounds.items():
         if not isinstance(icfg, WebSocketInboundConfig):
             raise TypeError(f"inbound.{name}: expected WebSocketInboundConfig, got {type(icfg).__name__}")
+        other = served.setdefault((icfg.listener, icfg.path), name)
+        if other != name:
+            problems.append(f"inbound.{name}.path: {other!r} already serves {icfg.path} on listener {icfg.listener!r}")
         rt.health.register(f"inbound:{name}")
         built.services.append(WebSocketInbound(name, icfg, rt))
+    if problems:
+        raise ConfigError("config", problems)
     return built
 
 

@@ -239,6 +239,28 @@ def render(doc: Mapping[str, object]) -> str:
             ]
         ),
         "",
+    ]
+    push_rows = [["PUSH OUTBOUND", "SUBSCRIBERS", "RING", "CURSORS", "PUSHED", "DISCONNECTS", "RESUMES", "GAPS"]]
+    for x in rows("outbounds"):
+        sub = x.get("subscriptions")
+        if isinstance(sub, Mapping):
+            ring = sub.get("ring")
+            ring = ring if isinstance(ring, Mapping) else {}
+            push_rows.append(
+                [
+                    str(x.get("name")),
+                    str(sub.get("subscribers")),
+                    str(ring.get("events")),
+                    f"{ring.get('oldest')}..{ring.get('newest')}",
+                    _counts(sub.get("pushed")),
+                    _counts(sub.get("disconnects")),
+                    str(sub.get("resumes")),
+                    str(sub.get("gaps")),
+                ]
+            )
+    if len(push_rows) > 1:
+        out += [table(push_rows), ""]
+    out += [
         table([["ROUTE", "ROUTED"]] + [[str(x.get("name")), str(x.get("routed"))] for x in rows("routes")]),
         "",
     ]

@@ -19,6 +19,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from mediator.observability.status import render
 from mediator.v1 import envelope_pb2, service_pb2_grpc
 from tests.e2e.test_quickstart import bound_queue
 from tests.push.clients import StalledSubscriber, drain_queue, metric, open_sse
@@ -545,6 +546,10 @@ async def test_status_and_metrics_report_the_push_outbound(push: Push) -> None:
         await metric(push.http, push.base, "mediator_push_events_pushed_total", outbound="browsers", transport="sse")
         > 0
     )
+    text = render(status)  # what `mediator status` prints on a terminal
+    assert "PUSH OUTBOUND" in text
+    row = next(line for line in text.splitlines() if line.startswith("browsers ") and ".." in line)
+    assert row.split()[1] == str(subs["subscribers"]), text
     sse.response.close()
 
 
