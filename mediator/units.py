@@ -5,7 +5,9 @@ A *unit* is the smallest piece of the adapters' config that owns its connections
 - ``listener:NAME``: a listener with every inbound and outbound served on it (an HTTP listener and its
   paths; a gRPC listener with its inbound and the Subscribe outbounds its hub feeds);
 - ``inbound:NAME`` / ``outbound:NAME``: an inbound or outbound with a broker connection of its own (MQTT,
-  AMQP: each holds its own connection) or with none (an HTTP webhook), together with its broker's section.
+  AMQP: each holds its own connection) or with none (an HTTP webhook), together with its broker's section;
+  also one of another kind that serves paths on a listener (a push outbound, a WebSocket inbound on an HTTP
+  listener: it adds itself to the listener's ``Mounts`` while it runs, so either can restart alone).
 
 A unit's identity is its typed config (the pydantic models, compared by value) plus what the daemon lends
 to its adapter (the credential headers and admin roles the stages ask for, the outbox's ``max_pending``).

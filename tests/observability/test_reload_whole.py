@@ -333,6 +333,7 @@ def test_unit_plan_keys(tmp_path: Path) -> None:
         "inbound:devices",
         "listener:grpc",
         "listener:http",
+        "outbound:browsers",  # a push outbound is a unit of its own: it mounts itself on listener:http
         "outbound:mqtt",
         "outbound:orders-exchange",
         "outbound:telemetry-exchange",
