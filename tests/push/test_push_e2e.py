@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import signal
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ heartbeat_s = 0.5
 
 [listeners.secure]
 kind = "http"
+host = "0.0.0.0"
 port = {secure_port}
 auth = ["keys"]
 admin = false
@@ -498,6 +500,25 @@ async def test_subscriptions_on_a_listener_with_auth_are_authenticated_and_autho
     via_query.response.close()
     logs = push.daemon.logs()
     assert KEY_DASH not in logs  # the token in the query string is never logged
+
+
+def own_address() -> str:
+    """This machine's address on its outgoing interface (not loopback): what another host would connect to."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: a UDP connect only picks the route
+        address: str = probe.getsockname()[0]
+    assert not address.startswith("127."), "this test needs an interface besides loopback"
+    return address
+
+
+async def test_a_query_token_is_refused_over_plain_http_off_loopback(push: Push) -> None:
+    url = f"http://{own_address()}:{push.secure.rsplit(':', 1)[1]}/subscribe/orders.eu"
+    async with push.http.get(url, params={"access_token": KEY_DASH}) as resp:
+        assert resp.status == 400
+        assert "needs TLS" in (await resp.json())["reason"]
+    stream = await open_sse(push.http, url, headers={"X-API-Key": KEY_DASH})  # the header is fine
+    stream.response.close()
+    assert KEY_DASH not in push.daemon.logs()
 
 
 async def test_origins_are_checked_and_allowed_ones_get_cors_headers(push: Push) -> None:
