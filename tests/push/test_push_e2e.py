@@ -382,6 +382,23 @@ async def test_a_websocket_subscriber_that_never_reads_is_closed_with_1008(push:
         await reader.close()
 
 
+async def test_a_websocket_subscriber_that_does_not_answer_pings_is_closed(push: Push) -> None:
+    silent = StalledSubscriber(push.qs.http_port, "/tiny/quiet", websocket=True)  # never answers a ping
+    silent.open()
+    try:
+        async with asyncio.timeout(10):
+            while await metric(push.http, push.base, "mediator_push_subscribers", outbound="tiny", address="quiet") < 1:
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(10):  # heartbeat_s = 0.5: a ping, no pong within half of it, closed
+            while await metric(push.http, push.base, "mediator_push_subscribers", outbound="tiny", address="quiet") > 0:
+                await asyncio.sleep(0.05)
+        seen, ended = silent.drain()
+        assert ended
+        assert b"\x89\x00" in seen, seen[-100:]  # the daemon's ping frame (opcode 9, empty)
+    finally:
+        silent.close()
+
+
 async def test_sse_heartbeat_comments_keep_an_idle_stream(push: Push) -> None:
     idle = await open_sse(push.http, f"{push.base}/tiny/nothing-here")
     await idle.until_comment("heartbeat", timeout_s=5)
