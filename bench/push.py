@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     for old in WORK.glob("outbox*"):
         old.unlink()
+    load_before: float = os.getloadavg()[0]
     port = free_port()
     daemon = Daemon(CONFIG.format(work=WORK, port=port), WORK, port)
     daemon.start()
@@ -283,8 +284,14 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
     finally:
         daemon.stop()
-    doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cores": os.cpu_count(), "cells": results}
+    doc = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cores": os.cpu_count(),
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after: other work too
+        "cells": results,
+    }
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"load average (1 min) {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(
         f"{'subs':>5} {'events/s in':>11} {'fan-out/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'lost':>6}"
         f" {'cpu %':>6} {'RSS/idle sub':>13}"
