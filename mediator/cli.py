@@ -5,26 +5,38 @@ the config file when ``--config`` does not (a systemd unit's ``Environment=``)."
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
 import os
 import sys
 from collections.abc import Sequence
-
-import structlog
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mediator import __version__
-from mediator.config import Config, load
 from mediator.core.errors import ConfigError
-from mediator.logs import configure
-from mediator.registry import load_specs
+from mediator.lock import AlreadyRunning, DaemonLock
+
+# Imported where used: `mediator run` takes the daemon lock before anything heavy is imported (asyncio,
+# structlog, the config models and their stages: ~1 s of CPU), so that a second `run` is refused at once
+# even on a busy machine (measured: 5.9 s at a load average of 7.5 on 2 cores when it came after them).
+if TYPE_CHECKING:
+    from mediator.config import Config
+    from mediator.supervisor import Slot
 
 EXIT_CONFIG = 2
+EXIT_RUNNING = 3
+"""Another daemon holds the outbox's lock (mediator/lock.py)."""
+EXIT_STARTUP = 4
+"""A service could not start (a port that cannot be bound): one line on stderr, the details in the log; a
+supervisor whose worker exits so before the daemon was ready stops with it (``mediator.supervisor``)."""
 CONFIG_ENV = "MEDIATOR_CONFIG"
 
 
 def _load(path: str) -> Config:
+    from mediator.config import load
+    from mediator.registry import load_specs
+
     return load(path, load_specs())
 
 
@@ -35,13 +47,18 @@ def _print_config_error(exc: ConfigError) -> None:
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
+    import asyncio
+
     from mediator import supervisor
     from mediator.daemon import dry_build
+    from mediator.stages import broad_rules
 
     problems, environment = asyncio.run(dry_build(config))
     problems += supervisor.problems(config, supervisor.worker_count(config))  # what `run` refuses with workers
     for problem in environment:
         print(f"  warning: {problem} (needed by `mediator run`)", file=sys.stderr)
+    for warning in broad_rules(config.adapters, config.root.authorization):  # valid, but likely not meant
+        print(f"  warning: {warning}", file=sys.stderr)
     if problems:
         raise ConfigError(args.config, problems)
     print(
@@ -52,18 +69,80 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    configure(config.daemon.log_level, config.daemon.log_format)
     from mediator import supervisor
+    from mediator.logs import configure
 
+    configure(config.daemon.log_level, config.daemon.log_format)
     slot: supervisor.Slot | None = getattr(args, "slot", None)
-    if slot is None and supervisor.worker_count(config) > 1:
-        # `workers = N`: this process only supervises; each worker is `run --worker K` (mediator/supervisor.py).
-        return supervisor.run_supervisor(config, supervisor.worker_count(config))
-    from mediator.daemon import Daemon  # imports the adapters' libraries; not needed by `check`
+    lock: DaemonLock | None = getattr(args, "lock", None)  # taken by main() before the imports, as a rule
+    if slot is None and lock is None:  # a worker runs under its supervisor's lock, inherited (mediator/lock.py)
+        try:
+            lock = _lock(config)
+        except AlreadyRunning as exc:
+            print(f"mediator: {exc}", file=sys.stderr)
+            return EXIT_RUNNING
+        except OSError as exc:
+            print(f"mediator: cannot lock the outbox's directory: {exc}", file=sys.stderr)
+            return 1
+    if lock is not None:  # the counts seen, for the next start with another one (supervisor.drain_view)
+        supervisor.record_workers(lock.path.parent, supervisor.worker_count(config))
+    try:
+        if slot is None and supervisor.worker_count(config) > 1:
+            # `workers = N`: this process only supervises; each worker is `run --worker K` (mediator/supervisor.py).
+            return supervisor.run_supervisor(config, supervisor.worker_count(config), lock)
+        return _run_daemon(config, slot, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock(config: Config) -> DaemonLock | None:
+    """The daemon lock on the pid file beside the outbox (``mediator.lock``); None for an in-memory outbox
+    whose directory cannot be written (it keeps nothing there but the pid file, as before the lock)."""
+    import structlog
+
+    try:
+        return DaemonLock.acquire(_pid_file(config.outbox.path))
+    except OSError as exc:
+        if config.outbox.kind != "memory":
+            raise
+        structlog.get_logger(__name__).warning("daemon.pid_file_unwritable", error=str(exc))
+        return None
+
+
+def _pid_file(outbox_path: str) -> Path:
+    """The pid file, and daemon lock, beside the outbox (``mediator.daemon.PID_FILE``)."""
+    return Path(outbox_path).parent / "mediator.pid"
+
+
+def _early_lock(config_path: str) -> DaemonLock | None:
+    """``mediator run``'s lock, taken from the file as it is before anything is imported or validated:
+    raises ``AlreadyRunning``; None when the file cannot be read or the lock file cannot be made (then
+    ``cmd_run`` tries again once the config is loaded, and says what is wrong)."""
+    import tomllib
+
+    try:
+        raw = tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
+        outbox = raw.get("outbox", {})
+        path = str(outbox.get("path", "var/outbox.sqlite")) if isinstance(outbox, dict) else "var/outbox.sqlite"
+        return DaemonLock.acquire(_pid_file(path))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+
+
+def _run_daemon(config: Config, slot: Slot | None, lock: DaemonLock | None) -> int:
+    import asyncio
+
+    import structlog
+
+    # imports the adapters' libraries; not needed by `check`
+    from mediator.daemon import Daemon, StartupFailed, startup_failure
 
     async def main() -> None:
         if slot is None:
-            await Daemon(config).run()
+            daemon = Daemon(config)
+            daemon.lock = lock
+            await daemon.run()
         else:
             from mediator.worker import WorkerDaemon
 
@@ -72,7 +151,14 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
     _install_uvloop()
     _freeze_startup_heap()
-    asyncio.run(main())  # may raise ConfigError while building adapters (a secret's variable is not set)
+    try:
+        asyncio.run(main())  # may raise ConfigError while building adapters (a secret's variable is not set)
+    except (StartupFailed, BaseExceptionGroup) as exc:  # a worker's comes in its own task group
+        failure = startup_failure(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if failure is None:
+            raise
+        print(f"mediator: {failure}", file=sys.stderr)  # the log has the details (listener.bind_failed)
+        return EXIT_STARTUP
     return 0
 
 
@@ -108,16 +194,24 @@ def _install_uvloop() -> None:
     uvloop.install()
 
 
-def _admin_url(config: Config) -> tuple[str, dict[str, str]] | None:
-    """The running daemon's admin endpoint: the first HTTP listener that serves it."""
-    for body in config.root.listeners.values():
+def _admin_url(config: Config, args: argparse.Namespace) -> tuple[str, dict[str, str], str] | None:
+    """The running daemon's admin endpoint (the first HTTP listener that serves it), the headers carrying
+    the credential the flags name (``mediator.client.credential_of``; the listener's ``admin_token_env``
+    variable when none is named and it is set), and where that credential came from (for errors)."""
+    from mediator.client import api_key_header, credential_of
+
+    for name, body in config.root.listeners.items():
         if body.get("kind") == "http" and body.get("admin", True):
             host = body.get("host", "127.0.0.1")
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+            host = f"[{host}]" if ":" in host else host
+            credential = credential_of(args, body.get("admin_token_env"))
             headers = {}
-            token_env = body.get("admin_token_env")
-            if token_env and os.environ.get(token_env):
-                headers["Authorization"] = f"Bearer {os.environ[token_env]}"
-            return f"http://{host}:{body.get('port', 8080)}/admin/dead-letters", headers
+            if credential.token:
+                headers["Authorization"] = f"Bearer {credential.token}"
+            if credential.api_key:
+                headers[api_key_header(config, name)] = credential.api_key
+            return f"http://{host}:{body.get('port', 8080)}/admin/dead-letters", headers, credential.origin
     return None
 
 
@@ -130,33 +224,35 @@ def _print_letters(letters: list[dict[str, object]], as_json: bool | None) -> No
     if as_json:
         print(json.dumps({"dead_letters": letters}, indent=2))
     elif letters:
-        print(table(describe_rows(letters)))
+        print(table(describe_rows(letters), fold=True))
     else:
         print("no dead letters")
 
 
-async def _dead_letters(
-    config: Config, action: str, ids: list[int] | None, limit: int, as_json: bool | None = None
-) -> int:
+async def _dead_letters(config: Config, args: argparse.Namespace) -> int:
     import aiohttp
 
     from mediator.daemon import describe
 
-    target = _admin_url(config)
+    action: str = args.action
+    ids: list[int] | None = args.id or None
+    limit: int = args.limit
+    as_json: bool | None = args.json
+    target = _admin_url(config, args)
     if target is not None:
-        url, headers = target
+        url, headers, origin = target
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
                 if action == "list":
                     async with http.get(url, params={"limit": str(limit)}, headers=headers) as resp:
                         if resp.status != 200:
-                            return await _admin_failed(resp)
+                            return await _admin_failed(resp, origin)
                         _print_letters((await resp.json())["dead_letters"], as_json)
                 else:
                     body = {"ids": ids} if ids is not None else {}
                     async with http.post(f"{url}/replay", json=body, headers=headers) as resp:
                         if resp.status != 200:
-                            return await _admin_failed(resp)
+                            return await _admin_failed(resp, origin)
                         print(json.dumps(await resp.json()))
                 return 0
         except aiohttp.ClientConnectionError:
@@ -166,8 +262,20 @@ async def _dead_letters(
         return 1
     from mediator.outbox import SqliteOutbox
 
+    try:  # the outbox file is the daemon's while it runs: never two processes on it (mediator/lock.py)
+        lock = DaemonLock.acquire(_pid_file(config.outbox.path))
+    except AlreadyRunning as exc:
+        print(f"mediator: no admin endpoint answers, and {exc}; ask it through its admin endpoint", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mediator: cannot lock the outbox's directory: {exc}", file=sys.stderr)
+        return 1
     outbox = SqliteOutbox(config.outbox.path)
-    await outbox.open()
+    try:
+        await outbox.open()
+    except BaseException:
+        lock.release()
+        raise
     try:
         if action == "list":
             _print_letters([describe(dl) for dl in await outbox.dead_letters(limit)], as_json)
@@ -179,12 +287,16 @@ async def _dead_letters(
             print(json.dumps({"replayed": len(rows), "note": "delivered when the daemon next starts"}))
     finally:
         await outbox.close()
+        lock.release()
     return 0
 
 
-async def _admin_failed(resp: object) -> int:
-    """The daemon's refusal (404 for an unknown id, 401/403) on one line, exit status 1."""
+async def _admin_failed(resp: object, origin: str) -> int:
+    """The daemon's refusal (404 for an unknown id, 401/403) on one line, exit status 1. A 401 or 403
+    says which credential was refused (where it came from, never its value) and how to pass one."""
     import aiohttp
+
+    from mediator.client import CREDENTIAL_HINT
 
     assert isinstance(resp, aiohttp.ClientResponse)
     try:
@@ -192,20 +304,31 @@ async def _admin_failed(resp: object) -> int:
         reason = body.get("reason") if isinstance(body, dict) else None
     except ValueError:
         reason = None
-    print(f"mediator: the daemon answered {resp.status}: {reason or resp.reason}", file=sys.stderr)
+    answer = f"{resp.status} {reason or resp.reason}"
+    if resp.status in (401, 403) and not origin:
+        print(f"mediator: the daemon asks for a credential ({answer}); {CREDENTIAL_HINT}", file=sys.stderr)
+    elif resp.status in (401, 403):
+        print(
+            f"mediator: the daemon refused the credential from {origin} ({answer}); {CREDENTIAL_HINT} "
+            "with one it accepts (a principal needs a role in [security] admin_roles)",
+            file=sys.stderr,
+        )
+    else:
+        print(f"mediator: the daemon answered {answer}", file=sys.stderr)
     return 1
 
 
-async def _status(config: Config, as_json: bool | None) -> int:
+async def _status(config: Config, args: argparse.Namespace) -> int:
     import aiohttp
 
     from mediator.observability.status import render
 
-    target = _admin_url(config)
+    as_json: bool | None = args.json
+    target = _admin_url(config, args)
     if target is None:
         print("mediator: the config has no HTTP listener serving the admin endpoints", file=sys.stderr)
         return 1
-    url, headers = target
+    url, headers, origin = target
     url = url.removesuffix("/dead-letters") + "/status"
     try:
         async with (
@@ -213,7 +336,7 @@ async def _status(config: Config, as_json: bool | None) -> int:
             http.get(url, headers=headers) as resp,
         ):
             if resp.status != 200:
-                return await _admin_failed(resp)
+                return await _admin_failed(resp, origin)
             doc = await resp.json()
     except aiohttp.ClientConnectionError as exc:
         print(f"mediator: no running daemon answers at {url}: {exc}", file=sys.stderr)
@@ -225,14 +348,19 @@ async def _status(config: Config, as_json: bool | None) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from mediator import client
+    from mediator.logs import configure
+
     configure("warning", "console")
-    return asyncio.run(_status(config, args.json))
+    return client.run(_status(config, args))
 
 
 def cmd_dead_letters(args: argparse.Namespace, config: Config) -> int:
+    from mediator import client
+    from mediator.logs import configure
+
     configure("warning", "console")
-    ids: list[int] | None = args.id or None
-    return asyncio.run(_dead_letters(config, args.action, ids, args.limit, args.json))
+    return client.run(_dead_letters(config, args))
 
 
 def cmd_publish(args: argparse.Namespace, config: Config | None) -> int:
@@ -284,7 +412,6 @@ def cmd_reload(args: argparse.Namespace) -> int:
     import signal
     import time
     import tomllib
-    from pathlib import Path
 
     from mediator.daemon import PID_FILE, RELOAD_STATUS_FILE
 
@@ -345,12 +472,35 @@ def _not_heard_from(outcome: dict[str, object], within: str) -> None:
         print(f"mediator: no reload outcome within {within} from {'; '.join(waiting)}", file=sys.stderr)
 
 
+def _credential_options(p: argparse.ArgumentParser, admin: bool) -> None:
+    """How to pass the listener's authentication: a bearer token or an API key, best by the NAME of an
+    environment variable holding it (a value on the command line shows in ``ps``)."""
+    g = p.add_argument_group(
+        "credentials",
+        "One credential, best by environment variable: a --token or --api-key value shows in `ps`. Default: "
+        "$MEDIATOR_TOKEN or $MEDIATOR_API_KEY (one of them)"
+        + (
+            ", else the variable the HTTP listener's admin_token_env names. The admin endpoints take the "
+            "admin_token_env token or, on a listener with auth, a principal with a role in [security] admin_roles"
+            if admin
+            else ""
+        ),
+    )
+    g.add_argument("--token-env", metavar="NAME", help="environment variable holding the bearer token (preferred)")
+    g.add_argument("--token", help="the bearer token itself, sent as `Authorization: Bearer ...` (visible in `ps`)")
+    g.add_argument("--api-key-env", metavar="NAME", help="environment variable holding the API key (preferred)")
+    g.add_argument(
+        "--api-key",
+        help="the API key itself, sent in the header of the listener's api_key authenticator "
+        "(default x-api-key; visible in `ps`)",
+    )
+
+
 def _client_options(p: argparse.ArgumentParser) -> None:
     """Where the daemon's gRPC API is and how to pass its listener's checks."""
     p.add_argument("--config", "-c", default=_default_config(), help="config.toml naming the gRPC listener")
     p.add_argument("--target", help="HOST:PORT of the gRPC listener (default: the config's first gRPC listener)")
-    p.add_argument("--token", help="bearer token (sent as `authorization: Bearer ...`; default $MEDIATOR_TOKEN)")
-    p.add_argument("--api-key", help="API key (sent as `x-api-key`; default $MEDIATOR_API_KEY)")
+    _credential_options(p, admin=False)
     p.add_argument("--tls", action="store_true", help="use TLS (implied by --ca-file or the listener's tls)")
     p.add_argument("--ca-file", help="PEM CA bundle the listener's certificate chains to")
     p.add_argument("--cert-file", help="client certificate (PEM) for an mTLS listener")
@@ -407,12 +557,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = dlq.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", default=None, help="list as JSON (the default into a pipe)")
     shape.add_argument("--table", dest="json", action="store_false", help="list as a table (the default on a terminal)")
+    _credential_options(dlq, admin=True)
     dlq.set_defaults(func=cmd_dead_letters)
     st = sub.add_parser("status", help="the running daemon's listeners, brokers, inbounds, outbounds, outbox, config")
     st.add_argument("--config", "-c", default=_default_config(), help=f"path to config.toml (or ${CONFIG_ENV})")
     shape = st.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", default=None, help="as JSON (the default into a pipe)")
     shape.add_argument("--table", dest="json", action="store_false", help="as tables (the default on a terminal)")
+    _credential_options(st, admin=True)
     st.set_defaults(func=cmd_status)
     pub = sub.add_parser("publish", help="publish one event through the running daemon's gRPC API")
     pub.add_argument("data", nargs="?", help="the event data: text, @FILE for a file's bytes, - for stdin")
@@ -424,7 +576,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     pub.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the commit (default 10)")
     _client_options(pub)
     pub.set_defaults(func=cmd_publish)
-    tl = sub.add_parser("tail", help="print the events routed to a gRPC outbound as they arrive (Subscribe)")
+    tl = sub.add_parser(
+        "tail",
+        help="print the events routed to a gRPC outbound as they arrive (Subscribe)",
+        description="Print the events routed to the daemon's gRPC outbounds as they arrive (Subscribe). Waits "
+        "for a daemon that is not up yet and subscribes again when it restarts (backoff up to 5 s, a line on "
+        "stderr each time); events routed while no subscription was live are not shown: Subscribe cannot resume.",
+    )
     tl.add_argument("--type", help="exact type or a glob, e.g. 'com.example.*' (default: any)")
     tl.add_argument("--source", help="glob over source (default: any)")
     tl.add_argument("--outbound", help="the gRPC outbound to follow (default: every one)")
@@ -450,14 +608,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("publish", "tail") and args.target is not None:
             return int(args.func(args, None))  # told where: no config needed
+        if args.command == "run" and args.worker is None:
+            args.lock = _early_lock(args.config)  # before the heavy imports: a second run is refused at once
         if args.command == "run" and args.worker is not None:
             from mediator.supervisor import enter_worker
 
             args.slot = enter_worker(args.worker)  # before the load: the worker sees the config through its view
+        elif args.command == "run":
+            from mediator.supervisor import enter_daemon
+
+            enter_daemon()  # its MQTT inbounds drain the sessions another `workers` count left
         code: int = args.func(args, _load(args.config))
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_CONFIG
+    except AlreadyRunning as exc:
+        print(f"mediator: {exc}", file=sys.stderr)
+        return EXIT_RUNNING
     return code
 
 

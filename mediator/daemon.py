@@ -22,19 +22,22 @@ from typing import Any
 import structlog
 
 from mediator.config import Config, loads
+from mediator.core.deadletter import REMOVED_PREFIX, classify
 from mediator.core.envelope import Envelope
-from mediator.core.errors import ConfigError, NotReady, Rejected
+from mediator.core.errors import ConfigError, MediatorError, NotReady, Rejected
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
-from mediator.core.seams import Built, MetricsEndpoint, Mounts, OutboundConfigBase, Reports, Runtime, Service
+from mediator.core.seams import Built, MetricsEndpoint, Mounts, OutboundConfigBase, Reports, Runtime, Service, Sink
 from mediator.dispatch import Backlog, Dispatcher
+from mediator.lock import DaemonLock
 from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
 from mediator.observability.status import status
-from mediator.observability.tracing import Tracing
+from mediator.observability.tracing import SpanTotals, Tracing
 from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox, StorageError
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
+from mediator.reloadable import in_force, restart_required
 from mediator.stages import Stages
 from mediator.stages import build as build_stages
 from mediator.stages.aggregate import Aggregator
@@ -108,6 +111,24 @@ def state_dir(config: Config) -> Path:
     return Path(config.outbox.path).parent
 
 
+class StartupFailed(MediatorError):
+    """A service failed at start-up for a reason of the machine's (a port taken, a certificate file that
+    cannot be read: an ``OSError``): ``mediator run`` prints this one line and exits non-zero; the log
+    says the rest (``listener.bind_failed``)."""
+
+
+def startup_failure(group: BaseExceptionGroup[BaseException]) -> StartupFailed | None:
+    """The first ``StartupFailed`` of ``group`` when that is all it holds, else None (a bug keeps its
+    traceback)."""
+    found, rest = group.split(StartupFailed)
+    if found is None or rest is not None:
+        return None
+    leaf: BaseException = found
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, StartupFailed) else None
+
+
 class _StartFailed(Exception):
     """A unit a reload started did not come up (a port that cannot be bound)."""
 
@@ -132,6 +153,25 @@ def make_outbox(config: Config) -> Outbox:
     return SqliteOutbox(
         cfg.path, synchronous=cfg.synchronous, max_batch=cfg.max_batch, dedup_window_s=cfg.dedup_window_s
     )
+
+
+class SinkSwitch:
+    """The ``Sink`` every adapter is given: the pipeline, or the tracing wrapper around it, switched by a
+    reload that turns ``[tracing]`` on, off or changes it (``set``). The methods are the target's own
+    bound methods, stored on the instance, so a call costs what a call to the target does."""
+
+    def __init__(self, target: Sink) -> None:
+        self.set(target)
+
+    def set(self, target: Sink) -> None:
+        self.target = target
+        self.authenticate = target.authenticate
+        self.accept = target.accept
+        self.refused = target.refused
+        self.dead_letter = target.dead_letter
+
+    def __getattr__(self, name: str) -> Any:  # anything else the pipeline offers
+        return getattr(self.target, name)
 
 
 class _NullSink:
@@ -233,10 +273,14 @@ class Daemon:
         )
         self.aggregator.sink = self.pipeline
         # [tracing]: spans observed at the seams (mediator/observability/tracing.py); off: None, nothing wrapped.
-        self.tracing = Tracing(config.root.tracing) if config.root.tracing.enabled else None
-        self.sink = self.pipeline if self.tracing is None else self.tracing.sink(self.pipeline)
-        self._on_dead = self._forward_dead if self.tracing is None else self.tracing.dead_lettered(self._forward_dead)
-        self.spans = self.tracing.recorder if self.tracing is not None else None  # counts, for the metrics
+        # A reload replaces it (``_set_tracing``): the sink is switched and every outbound rewrapped.
+        self._span_totals = SpanTotals()
+        self._units: dict[str, Unit] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self.tracing: Tracing | None = None
+        self.sink = SinkSwitch(self.pipeline)
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._set_tracing(Tracing(config.root.tracing) if config.root.tracing.enabled else None)
         self._admin = DeadLetterAdmin(self)
         self.metrics.register(StateCollector(self))
         metrics_cfg = config.root.metrics  # read at start: a change of [metrics] takes a restart
@@ -258,8 +302,6 @@ class Daemon:
         self.pipeline.dead_letter_destination = config.dead_letter_forward
         # The adapters run as units (mediator/units.py) so that a reload can start, stop and restart them
         # one by one; their service tasks and the dispatchers' tasks join the daemon's task group.
-        self._units: dict[str, Unit] = {}
-        self._tg: asyncio.TaskGroup | None = None
         self._dispatch_tasks: dict[str, asyncio.Task[None]] = {}
         self._graves: dict[str, asyncio.Task[None]] = {}  # removed outbounds awaiting their grace
         for spec in plan(config, self.stages.credential_headers, self.stages.admin_roles).values():
@@ -281,7 +323,44 @@ class Daemon:
         self._force_reload = False
         self._reloads = 0
         self.notifier = Notifier()
+        self.lock: DaemonLock | None = None  # held by `mediator run`, which sets it (mediator/lock.py)
+        self._started_root = config.root  # what the restart-only keys stay at (mediator/reloadable.py)
         self._loaded(config)
+
+    @property
+    def spans(self) -> SpanTotals | None:
+        """The span counts of every recorder this process ran, for the metrics; None while tracing never ran."""
+        return self._span_totals if self._span_totals.recorders else None
+
+    def _set_tracing(self, tracing: Tracing | None) -> None:
+        """Make ``tracing`` (None: off) the one in force: the sink the adapters hold is switched to its
+        wrapper (or the bare pipeline), and every dispatcher's outbound rewrapped; the next event and the next
+        send attempt see it. The previous one is the caller's to close."""
+        self.tracing = tracing
+        self.sink.set(self.pipeline if tracing is None else tracing.sink(self.pipeline))
+        if tracing is not None and tracing.recorder not in self._span_totals.recorders:
+            self._span_totals.recorders.append(tracing.recorder)
+        for unit in self._units.values():
+            for name, outbound in unit.outbounds.items():
+                cfg = unit.spec.section.outbounds[name]
+                dispatcher = self.dispatchers.get(name)
+                if dispatcher is not None:
+                    dispatcher.replace(outbound if tracing is None else tracing.outbound(outbound, cfg.kind), cfg)
+
+    def _retire(self, tracing: Tracing | None) -> None:
+        """Close a tracing a reload replaced (its queued spans exported within the drain's budget) in the
+        background: a collector that is down must not hold the reload's outcome."""
+        if tracing is None or self._tg is None:
+            return
+        task = self._tg.create_task(tracing.close(self.config.daemon.drain_timeout_s), name="tracing:retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _on_dead(self, delivery: Pending, reason: str) -> None:
+        """A dispatcher's dead letter: its span when tracing is on, then the forward."""
+        if self.tracing is not None:
+            self.tracing.dead_letter_span(delivery, reason)
+        await self._forward_dead(delivery, reason)
 
     def _loaded(self, config: Config) -> None:
         """The one place a config becomes the running one (at start and on every applied reload)."""
@@ -331,12 +410,20 @@ class Daemon:
         tg = self._tg
         assert tg is not None
         for service in unit.services:
-            coro = self._guarded(unit, service) if guard else service.run()
+            coro = self._guarded(unit, service) if guard else self._fatal(service)
             unit.tasks.append(tg.create_task(coro, name=service.name))
         for name in unit.outbounds:
             task = self._dispatch_tasks.get(name)
             if task is None or task.done():
                 self._dispatch_tasks[name] = tg.create_task(self.dispatchers[name].run(), name=f"dispatcher:{name}")
+
+    @staticmethod
+    async def _fatal(service: Service) -> None:
+        """A service of the start-up: an ``OSError`` stops the daemon as ``StartupFailed``, one line."""
+        try:
+            await service.run()
+        except OSError as exc:
+            raise StartupFailed(f"{service.name} cannot start: {exc}") from exc
 
     async def _guarded(self, unit: Unit, service: Service) -> None:
         try:
@@ -437,6 +524,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, self.request_reload, True)
         try:
             await self._run()
+        except BaseExceptionGroup as group:  # the task group's: a service that could not start
+            failure = startup_failure(group)
+            if failure is None:
+                raise
+            raise failure from None
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
@@ -523,16 +615,16 @@ class Daemon:
         return problems
 
     async def _apply(self, new: Config, force: bool) -> None:
-        """Apply a validated config whole: stages, adapter units (see mediator/units.py), routes. A unit
-        that cannot start rolls everything back to the running config, which keeps serving. The outbox
-        section, log_level and log_format need a restart."""
+        """Apply a validated config whole: stages, adapter units (see mediator/units.py), routes, tracing.
+        A unit that cannot start rolls everything back to the running config, which keeps serving. What
+        waits for a restart (mediator/reloadable.py: [outbox], [metrics], log_level, ...) is named in the
+        outcome's ``restart_required`` on every reload until the process restarts."""
         old = self.config
         guard = self._guard_problems(new)
         if guard and not force:
             self._refused(new.file, [*guard, "`mediator reload --force` applies it anyway"])
             return
-        restart = [k for k in ("log_level", "log_format") if getattr(old.daemon, k) != getattr(new.daemon, k)]
-        restart = (["outbox"] if old.root.outbox != new.root.outbox else []) + [f"daemon.{k}" for k in restart]
+        restart = restart_required(self._started_root, new.root)
         if restart:
             log.warning("config.restart_required", sections=restart, applied="everything else")
         stages_changed = any(getattr(old.root, k) != getattr(new.root, k) for k in SECURITY_SECTIONS) or [
@@ -552,6 +644,17 @@ class Daemon:
                 await stages.close()
             self._refused(new.file if problems else "environment", problems + environment)
             return
+        old_tracing = self.tracing
+        tracing_changed = old.root.tracing != new.root.tracing
+        new_tracing: Tracing | None = None
+        if tracing_changed and new.root.tracing.enabled:
+            try:
+                new_tracing = Tracing(new.root.tracing)
+            except ConfigError as exc:  # a collector header's variable not set
+                if stages is not None:
+                    await stages.close()
+                self._refused(exc.file, exc.problems)
+                return
         target = plan(new, running.credential_headers, running.admin_roles)
         previous = {k: u.spec for k, u in self._units.items()}
         pipeline = self.pipeline
@@ -564,9 +667,13 @@ class Daemon:
                 pipeline.authenticator = stages.authenticate
             pipeline.router = Router(new.routes)
             pipeline.dead_letter_destination = new.dead_letter_forward
+            if tracing_changed:
+                self._set_tracing(new_tracing)
 
         def restore() -> None:
             pipeline.stages, pipeline.authenticator, pipeline.router, pipeline.dead_letter_destination = before
+            if tracing_changed:
+                self._set_tracing(old_tracing)
 
         try:
             added, changed, removed = await self._apply_units(target, swap)
@@ -579,6 +686,8 @@ class Daemon:
                 log.critical("config.rollback_failed", reason=str(again))
             if stages is not None:
                 await stages.close()
+            # The tracing not in force now is closed (the new one, unless the rollback itself failed early).
+            self._retire(new_tracing if self.tracing is not new_tracing else old_tracing)
             self._settle_removed()
             log.error("config.reload_failed", reason=str(exc), rolled_back=rolled_back)
             self._report("failed", [str(exc)], rolled_back=rolled_back)
@@ -589,7 +698,10 @@ class Daemon:
             pipeline.stages = stages.stages + self.aggregator.stages()
             await old_stages.close()
             log.info("config.stages_reloaded", stages=[s.name for s in stages.stages])
-        self._loaded(dataclasses.replace(new, root=new.root.model_copy(update={"outbox": old.root.outbox})))
+        if tracing_changed:
+            self._retire(old_tracing)
+            log.info("tracing.reloaded", enabled=new_tracing is not None)
+        self._loaded(dataclasses.replace(new, root=in_force(self._started_root, new.root)))
         self._settle_removed()
         unchanged = len(target) - len(added) - len(changed)
         details = {"started": added, "restarted": changed, "stopped": removed, "unchanged": unchanged}
@@ -601,7 +713,7 @@ class Daemon:
             restart_required=restart or None,
             **details,
         )
-        self._report("applied", guard, **details)
+        self._report("applied", guard, **details, restart_required=restart)
 
     def _settle_removed(self) -> None:
         """Dispatchers whose outbound the config no longer has keep their deliveries (parked, not running):
@@ -626,7 +738,7 @@ class Daemon:
         dispatcher = self.dispatchers.pop(name, None)
         if dispatcher is None:
             return
-        reason = f"outbound {name!r} was removed from the config"
+        reason = f"{REMOVED_PREFIX}outbound {name!r} was removed from the config"
         rows = dispatcher.take_all()
         for i, delivery in enumerate(rows):
             try:
@@ -639,6 +751,7 @@ class Daemon:
                 self._settle_removed()
                 return
             self.backlog.settle()
+            self.metrics.dead_letter(name, reason)
             await self._forward_dead(delivery, reason)
         log.warning("outbound.removed_dead_lettered", outbound=name, count=len(rows), reason=reason)
 
@@ -671,7 +784,9 @@ class Daemon:
                         )
                     if dispatcher is None:
                         orphans += 1
-                        await self.outbox.dead_letter(p, f"outbound {p.outbound!r} is no longer configured")
+                        reason = f"{REMOVED_PREFIX}outbound {p.outbound!r} is no longer configured"
+                        await self.outbox.dead_letter(p, reason)
+                        self.metrics.dead_letter(p.outbound, reason)
                         continue
                     self.backlog.add(1)
                     dispatcher.submit(p)
@@ -705,18 +820,19 @@ class Daemon:
         log.info("daemon.stopped", undelivered=self.backlog.value)
 
     def _write_pid(self) -> None:
-        path = state_dir(self.config) / PID_FILE
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"{os.getpid()}\n")
-        except OSError as exc:
-            log.warning("daemon.pid_file_unwritable", path=str(path), error=str(exc))
+        """Name this process in the pid file it holds the lock on (``mediator.lock``; ``mediator run``
+        took it before building anything), now that SIGHUP reloads instead of killing."""
+        if self.lock is not None:
+            try:
+                self.lock.write_pid()
+            except OSError as exc:
+                log.warning("daemon.pid_file_unwritable", path=str(self.lock.path), error=str(exc))
 
     def _remove_pid(self) -> None:
-        path = state_dir(self.config) / PID_FILE
-        with contextlib.suppress(OSError, ValueError):
-            if int(path.read_text().strip()) == os.getpid():
-                path.unlink()
+        """Empty the pid file: the daemon has stopped (the lock is let go by whoever took it)."""
+        if self.lock is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.lock.fd, 0)
 
     async def _notify_ready(self) -> None:
         """READY=1 once every listener is bound (``Type=notify``: ``systemctl start`` returns then).
@@ -778,7 +894,9 @@ class DeadLetterAdmin:
         for p in rows:
             dispatcher = daemon.dispatchers.get(p.outbound)
             if dispatcher is None:
-                await daemon.outbox.dead_letter(p, f"outbound {p.outbound!r} is no longer configured")
+                reason = f"{REMOVED_PREFIX}outbound {p.outbound!r} is no longer configured"
+                await daemon.outbox.dead_letter(p, reason)
+                daemon.metrics.dead_letter(p.outbound, reason)
                 continue
             daemon.backlog.add(1)
             dispatcher.submit(p)
@@ -800,6 +918,7 @@ def describe(dl: DeadLetter) -> dict[str, object]:
         "outbound": dl.outbound,
         "address": dl.address,
         "reason": dl.reason,
+        "class": classify(dl.reason, dl.outbound),  # the reason label of mediator_dead_letters_total
         "attempts": dl.attempts,
         "at": datetime.fromtimestamp(dl.at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "replayable": bool(dl.format),

@@ -23,20 +23,10 @@ import pytest
 
 from mediator.stages.authn import new_api_key
 from mediator.v1 import envelope_pb2, service_pb2_grpc
+from tests.cli.support import cli
 from tests.support.daemon import ROOT, DaemonProcess, Quickstart
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 30.0) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mediator", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    async with asyncio.timeout(timeout_s):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def event(event_id: str) -> envelope_pb2.Envelope:
@@ -156,6 +146,7 @@ async def test_dead_letters_show_attempts_and_times_and_an_unknown_replay_is_ref
                 await asyncio.sleep(0.1)
         [letter] = mine
         assert letter["attempts"] == 1  # the one send that was tried
+        assert letter["class"] == "unroutable"  # NO_ROUTE, as mediator_dead_letters_total counts it
         assert str(letter["at"]).endswith("Z")
         assert "T" in str(letter["at"])
 
@@ -172,6 +163,7 @@ async def test_dead_letters_show_attempts_and_times_and_an_unknown_replay_is_ref
     assert "unroutable" in row.lower()
     assert row.split()[1].endswith("Z")  # the time, ISO 8601
     assert row.split()[6] == "1"  # ATTEMPTS
+    assert row.split()[7] == "unroutable"  # CLASS
     code, out, err = await cli("dead-letters", "list", "--config", str(daemon.config), "--json")
     assert code == 0, err
     assert any(dl["event_id"] == event_id for dl in json.loads(out)["dead_letters"])
