@@ -390,12 +390,13 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
                 ref = model.connection()
                 if ref is None:
                     continue
-                key = "listener" if specs[kind].listener_model is not None else "broker"
+                want = model.connection_kind or kind  # a push outbound attaches to an http listener
+                key = "listener" if want in specs and specs[want].listener_model is not None else "broker"
                 if ref not in conn_kind:
                     problems.append(f"{section}.{name}.{key}: no {key} named {ref!r}")
-                elif conn_kind[ref] != kind:
+                elif conn_kind[ref] != want:
                     other = str(conn_kind[ref])
-                    problems.append(f"{section}.{name}.{key}: {ref!r} is {_article(other)} {other} {key}, not {kind}")
+                    problems.append(f"{section}.{name}.{key}: {ref!r} is {_article(other)} {other} {key}, not {want}")
 
     outbound_models = {n: m for by_section in typed.values() for n, m in by_section.get("outbound", {}).items()}
     inbound_models = {n: m for by_section in typed.values() for n, m in by_section.get("inbound", {}).items()}

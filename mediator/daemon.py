@@ -28,7 +28,17 @@ from mediator.core.errors import ConfigError, MediatorError, NotReady, Rejected
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
-from mediator.core.seams import Built, MetricsEndpoint, OutboundConfigBase, RequestOutbound, Runtime, Service, Sink
+from mediator.core.seams import (
+    Built,
+    MetricsEndpoint,
+    Mounts,
+    OutboundConfigBase,
+    Reports,
+    RequestOutbound,
+    Runtime,
+    Service,
+    Sink,
+)
 from mediator.correlator import CorrelatorCollector
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.lock import DaemonLock
@@ -295,6 +305,10 @@ class Daemon:
             else None
         )
         self._specs = load_specs()
+        # Shared by every unit: paths adapters serve on HTTP listeners (a push outbound's /subscribe) and
+        # the counts adapters keep of their own (its subscribers), for /metrics and /admin/status.
+        self.mounts = Mounts()
+        self.reports = Reports()
         problems, environment = self._adapter_problems(config, self.stages)
         if problems or environment:
             raise ConfigError(config.file if problems else "environment", problems + environment)
@@ -381,6 +395,8 @@ class Daemon:
             self.health,
             self._admin,
             self.metrics_endpoint,
+            mounts=self.mounts,
+            reports=self.reports,
             replies=correlator,
             requests=self.pipeline,
         )

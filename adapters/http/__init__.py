@@ -80,6 +80,7 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
             admin_roles=rt.admin_roles,
             credential_headers=rt.credential_headers,
             metrics=rt.metrics if rt.metrics is not None and rt.metrics.listener in (None, name) else None,
+            mounts=rt.mounts,
         )
         rt.health.register(listener.name)
         for inbound in by_listener[name]:  # ready once the listener is bound (HttpListener.run)

@@ -100,6 +100,11 @@ class HttpListenerConfig(ListenerConfigBase):
     )
     reuse_port: bool = False
     backlog: int = Field(default=1024, ge=1)
+    query_token: str | None = Field(
+        default=None,
+        description="a query parameter (e.g. 'access_token') that may carry the bearer token of a subscription "
+        "(browsers' EventSource cannot set headers); never logged, refused over plain HTTP off loopback",
+    )
     # /admin/dead-letters (list, replay). Off a loopback address it requires a bearer token, given by the
     # NAME of the environment variable that holds it, or authentication (``auth``) and an admin role.
     admin: bool = True
