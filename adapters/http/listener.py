@@ -410,7 +410,8 @@ class HttpListener:
             app.router.add_get("/admin/status", self._status)
         for inbound in self.inbounds:
             # Only POST is routed, so aiohttp answers any other method on the path with 405 and Allow.
-            app.router.add_post(inbound.path, self._inbound_handler(inbound), name=f"inbound:{inbound.name}")
+            # No route name: aiohttp refuses one with a Python keyword (an inbound named "in" or "class").
+            app.router.add_post(inbound.path, self._inbound_handler(inbound))
             if inbound.handshake is not None:  # CloudEvents webhook abuse protection (a CORS preflight goes first)
                 app.router.add_route(hdrs.METH_OPTIONS, inbound.path, inbound.answer_handshake)
         return app
