@@ -59,7 +59,7 @@ def test_a_broken_authenticator_is_reported_once_not_again_as_missing() -> None:
     problems = problems_of(text)
     assert [p for p in problems if p.startswith("auth.keys")] == [
         "auth.keys: inline secrets are refused (secret): name a file (keys_file, jwks_file) or an environment "
-        "variable (keys_env, secret_env) instead"
+        "variable (keys_env, secret_env, secrets_env) instead"
     ], problems
     assert not [p for p in problems if "no authenticator" in p], problems
     assert "routes[\"orders\"].to[1].outbound: no outbound named 'nowhere'" in problems, problems

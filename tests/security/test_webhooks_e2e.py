@@ -326,7 +326,9 @@ async def test_inbound_refuses_bad_stale_and_replayed_signatures_and_commits_not
         good = standard_headers(secret, "msg_" + uuid.uuid4().hex, now, good_body)
         status, text = await post(good_body, good)
         assert status == 202
-        assert json.loads(text) == {"id": good["webhook-id"]}, "the verified webhook-id names the event"
+        assert json.loads(text) == {"id": good["webhook-id"], "duplicate": False}, (
+            "the verified webhook-id names the event"
+        )
         forged_body = b'{"refused": "forged"}'
         cases = {
             "signed with another secret": (forged_body, standard_headers(whsec(), "msg_a", now, forged_body)),
@@ -362,7 +364,7 @@ async def test_inbound_refuses_bad_stale_and_replayed_signatures_and_commits_not
         retry = standard_headers(secret, good["webhook-id"], now + 1, good_body)
         status, text = await post(good_body, retry)
         assert status == 202
-        assert json.loads(text) == {"id": good["webhook-id"]}
+        assert json.loads(text) == {"id": good["webhook-id"], "duplicate": True}
 
         # The refusals were never committed: the consumer sees the two accepted, published as the
         # configured principal, and nothing else, up to a sentinel accepted after all of them.
