@@ -51,7 +51,7 @@ check: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/mediator run --config config.toml
 
-# The benchmark (about 13 minutes on 2 cores; prints one table, writes bench/results.json).
+# The benchmark (about 15 minutes on 2 cores, the push fan-out included; prints one table, writes bench/results.json).
 # BENCH_ARGS: e.g. --quick, --rounds 5, --paths http-amqp,mqtt-amqp, --no-peers, --profile (python -m bench --help).
 bench: $(STAMP) services
 	$(PY) -m bench $(BENCH_ARGS)

@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +46,16 @@ def test_readme_sections_come_in_reading_order() -> None:
     top = re.findall(r"^## (.+)$", prose, flags=re.M)
     assert [t for t in top if t in SECTIONS] == SECTIONS, top
     assert top[0] == "Two commands", "keep the two set-up commands at the top"
-    for doc in ("docs/benchmarks.md", "docs/internals.md", "docs/operations.md", "docs/config-reference.md"):
+    docs = ("benchmarks", "internals", "operations", "security", "content", "config-reference")
+    for doc in (f"docs/{name}.md" for name in docs):
         assert f"]({doc}" in README, f"the README links {doc} from a short section"
     assert "msgs/s" not in prose, "benchmark tables belong in docs/benchmarks.md"
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/operations.md", "docs/internals.md", "docs/benchmarks.md"])
+@pytest.mark.parametrize(
+    "doc",
+    ["README.md", *(f"docs/{name}.md" for name in ("operations", "internals", "benchmarks", "security", "content"))],
+)
 def test_every_relative_link_resolves(doc: str) -> None:
     source = ROOT / doc
     text = source.read_text()
@@ -258,3 +263,20 @@ async def test_readme_quickstart_commands_run_as_written(walkthrough: Walkthroug
             seen = "\n".join(f"--- {r.job.command}\n{r.output()[-2000:]}" for r in walkthrough.running)
             pytest.fail(f"the README says these appear, they did not: {missing}\n{seen}")
         await asyncio.sleep(0.2)
+
+
+def test_every_outbound_an_example_names_is_defined() -> None:
+    """A route example's `outbound = "X"` names one the shipped config has or the README defines."""
+    defined = set(tomllib.loads((ROOT / "config.toml").read_text()).get("outbound", {}))
+    used: set[str] = set()
+    for block in re.findall(r"```toml\n(.*?)```", README, flags=re.S):
+        used |= set(re.findall(r'outbound\s*=\s*"([^"]+)"', block))
+        defined |= set(re.findall(r"^\[outbound\.([\w-]+)\]", block, flags=re.M))
+    assert used, "the README's route examples name outbounds"
+    assert used <= defined, f"the README uses outbounds it never defines: {sorted(used - defined)}"
+
+
+def test_the_makefile_and_the_readme_agree_on_how_long_make_bench_takes() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    said = [set(re.findall(r"bench\W[^\n]*?about (\d+) minutes", text)) for text in (makefile, README)]
+    assert all(len(s) == 1 for s in said) and said[0] == said[1], f"make bench's duration: Makefile, README: {said}"
