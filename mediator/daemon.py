@@ -27,7 +27,7 @@ from mediator.core.errors import ConfigError, NotReady, Rejected
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
-from mediator.core.seams import Built, MetricsEndpoint, OutboundConfigBase, Runtime, Service
+from mediator.core.seams import Built, MetricsEndpoint, OutboundConfigBase, Runtime, Service, StatusReader
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
 from mediator.observability.status import status
@@ -39,6 +39,7 @@ from mediator.stages import Stages
 from mediator.stages import build as build_stages
 from mediator.stages.aggregate import Aggregator
 from mediator.stages.aggstore import store_path
+from mediator.status import LocalStatus, StatusBook, StatusOutbox
 from mediator.systemd import Notifier
 from mediator.units import Unit, UnitSpec, build_unit, plan, settled_text
 
@@ -207,13 +208,22 @@ class Daemon:
         self.config = config
         self.health = Health()
         self.backlog = Backlog()
-        self.outbox = make_outbox(config)
+        # Delivery status (mediator/status.py): the book is told every transition of the outbox it wraps.
+        self.status = StatusBook(
+            config.outbox.status_window_s, config.outbox.status_max_events, config.outbox.status_max_waiters
+        )
+        self.status_reader: StatusReader = LocalStatus(self.status)
+        inner = make_outbox(config)
+        self.outbox: Outbox = StatusOutbox(inner, self.status)
         self.dispatchers: dict[str, Dispatcher] = {}
         # Observed at the seams (pipeline, dispatchers, outbox transactions) and, at scrape time, from
         # Health and the dispatchers (StateCollector): mediator/observability/metrics.py.
         self.metrics = Metrics(process=True, counting=config.root.metrics.enabled)
-        if isinstance(self.outbox, SqliteOutbox) and self.metrics.counting:
-            self.outbox.on_transaction = self.metrics.transaction
+        if isinstance(inner, SqliteOutbox):
+            inner.status_window_s = config.outbox.status_window_s
+            inner.status_max_events = config.outbox.status_max_events
+            if self.metrics.counting:
+                inner.on_transaction = self.metrics.transaction
         self.stages = make_stages(config)
         # Aggregation is the last stage; its store lives beside the outbox (in memory with a memory outbox).
         outbox_cfg = config.outbox
@@ -259,7 +269,7 @@ class Daemon:
         self._dispatch_tasks: dict[str, asyncio.Task[None]] = {}
         self._graves: dict[str, asyncio.Task[None]] = {}  # removed outbounds awaiting their grace
         for spec in plan(config, self.stages.credential_headers, self.stages.admin_roles).values():
-            self._add_unit(build_unit(spec, self._specs, self.sink, self.health, self._admin, self.metrics_endpoint))
+            self._add_unit(self._build_unit(spec))
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._reload = asyncio.Event()
@@ -289,6 +299,11 @@ class Daemon:
         )
         _, problems, environment = build_adapters(config, scratch)
         return problems, environment
+
+    def _build_unit(self, spec: UnitSpec) -> Unit:
+        return build_unit(
+            spec, self._specs, self.sink, self.health, self._admin, self.metrics_endpoint, self.status_reader
+        )
 
     def _add_unit(self, unit: Unit) -> None:
         """Take ``unit`` in and give each of its outbounds its dispatcher (the one the name had, parked
@@ -363,7 +378,7 @@ class Daemon:
         fresh: list[Unit] = []
         try:
             for key in changed + added:
-                unit = build_unit(target[key], self._specs, self.sink, self.health, self._admin, self.metrics_endpoint)
+                unit = self._build_unit(target[key])
                 self._add_unit(unit)
                 fresh.append(unit)
         except ConfigError as exc:

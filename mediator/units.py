@@ -28,7 +28,17 @@ from pathlib import Path
 from mediator.config import Config
 from mediator.core.errors import ConfigError
 from mediator.core.health import Health
-from mediator.core.seams import AdapterConfig, AdapterSpec, Admin, MetricsEndpoint, Outbound, Runtime, Service, Sink
+from mediator.core.seams import (
+    AdapterConfig,
+    AdapterSpec,
+    Admin,
+    MetricsEndpoint,
+    Outbound,
+    Runtime,
+    Service,
+    Sink,
+    StatusReader,
+)
 
 SETTLE_INTERVAL_S = 0.5
 """A config file is loaded only once two looks this far apart see the same mtime, size and content."""
@@ -108,6 +118,7 @@ def build_unit(
     health: Health,
     admin: Admin | None,
     metrics: MetricsEndpoint | None = None,
+    status: StatusReader | None = None,
 ) -> Unit:
     """Build ``spec`` (no I/O: the services connect or bind when run). Raises ConfigError like the
     adapter's ``build`` (which a dry build of the whole config has already run, so it should not)."""
@@ -120,6 +131,7 @@ def build_unit(
         admin_roles=spec.admin_roles,
         metrics=metrics,
         max_pending=spec.max_pending,
+        status=status,
     )
     built = specs[spec.kind].build(spec.section, rt)
     return Unit(spec, built.services, built.outbounds, rt.reload_hooks)

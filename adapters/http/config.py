@@ -99,6 +99,9 @@ class HttpListenerConfig(ListenerConfigBase):
     )
     reuse_port: bool = False
     backlog: int = Field(default=1024, ge=1)
+    max_wait_s: float = Field(
+        default=30.0, ge=0, description="the longest a publish with 'Prefer: wait=N' waits for delivery (N is capped)"
+    )
     # /admin/dead-letters (list, replay). Off a loopback address it requires a bearer token, given by the
     # NAME of the environment variable that holds it, or authentication (``auth``) and an admin role.
     admin: bool = True

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 from aiohttp import web
@@ -26,7 +27,7 @@ from mediator.core.envelope import SPEC_VERSION, Envelope, new_id, now_timestamp
 from mediator.core.errors import NotReady, RateLimitState, RejectCode, Rejected
 from mediator.core.ingress import Origin, PeerCertificate
 from mediator.core.patterns import Template, TemplateError
-from mediator.core.seams import Sink
+from mediator.core.seams import Sink, StatusReader
 from mediator.core.tracecontext import TRACEPARENT, TRACESTATE
 
 STATUS_BY_CODE: dict[RejectCode, int] = {
@@ -54,6 +55,24 @@ _PROBLEM_TITLES = {
 # Read as CloudEvents on a plain inbound too: never forwarded as opaque data.
 _CLOUDEVENTS_MEDIA = frozenset({formats.JSON_CONTENT_TYPE, formats.BATCH_CONTENT_TYPE, formats.PROTOBUF_CONTENT_TYPE})
 _CLOUDEVENTS_ACCEPT_POST = ", ".join(sorted(_CLOUDEVENTS_MEDIA))
+STATUS_PATH = "/events/{id}/status"
+"""Where a listener serves an event's delivery status; every 202 for one event names it in ``Location``."""
+# RFC 7240 ``wait``: delta-seconds (a decimal fraction is taken too), among other preferences.
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d+(?:\.\d+)?)\"?", re.IGNORECASE)
+
+
+def status_url(event_id: str) -> str:
+    """The status URL of ``event_id`` (relative: on the listener that answered)."""
+    return STATUS_PATH.replace("{id}", quote(event_id, safe=""))
+
+
+def prefer_wait(headers: Mapping[str, str]) -> float | None:
+    """The ``wait`` preference of a ``Prefer`` header (RFC 7240), in seconds; None without one."""
+    prefer = headers.get("Prefer")
+    if not prefer:
+        return None
+    match = _PREFER_WAIT.search(prefer)
+    return float(match.group(1)) if match else None
 
 
 class _ReadTimeout(Exception):
@@ -243,9 +262,12 @@ class HttpInbound:
         listener: HttpListenerConfig,
         sink: Sink,
         credential_headers: Collection[str] = DEFAULT_CREDENTIAL_HEADERS,
+        status: StatusReader | None = None,
     ) -> None:
         self.name = name
         self.path = cfg.path
+        self._status = status  # this daemon's own: the event it waits for was committed here
+        self._max_wait_s = listener.max_wait_s
         self._sink = sink
         # (type, source) for plain mode; the config validator guarantees both there.
         self._templates: tuple[Template, Template] | None = (
@@ -303,11 +325,37 @@ class HttpInbound:
             response.force_close()
             return response
         if not batch:
-            self._log.debug("envelope.accepted", event_id=events[0].id, size=len(body))
-            return web.Response(status=202, body=_id_body(events[0].id), content_type=_JSON)
+            event_id = events[0].id
+            self._log.debug("envelope.accepted", event_id=event_id, size=len(body))
+            if self._status is None:
+                return web.Response(status=202, body=_id_body(event_id), content_type=_JSON)
+            headers = {"Location": status_url(event_id)}
+            wait = prefer_wait(request.headers)
+            if wait is not None:
+                return await self._wait(event_id, min(wait, self._max_wait_s), headers)
+            return web.Response(status=202, body=_id_body(event_id), content_type=_JSON, headers=headers)
         self._log.debug("batch.accepted", count=len(events), size=len(body))
         ids = json.dumps({"ids": [e.id for e in events]}, ensure_ascii=False).encode("utf-8")
         return web.Response(status=202, body=ids, content_type=_JSON)
+
+    async def _wait(self, event_id: str, wait_s: float, headers: dict[str, str]) -> web.Response:
+        """``Prefer: wait``: 200 with the status document once every destination confirmed or one was
+        dead-lettered, else (after ``wait_s``) 202 as without the header. ``Preference-Applied`` says the
+        wait (capped by the listener's ``max_wait_s``) was honoured; it is left out when it was not (too
+        many requests waiting already: answered at once)."""
+        status = self._status
+        assert status is not None
+        outcome = await status.wait(event_id, wait_s)
+        applied = f"wait={_seconds(wait_s)}"
+        if outcome == "final":
+            found = await status.lookup(event_id)
+            if found.document is not None:
+                headers["Preference-Applied"] = applied
+                body = json.dumps(found.document, ensure_ascii=False).encode("utf-8")
+                return web.Response(status=200, body=body, content_type=_JSON, headers=headers)
+        elif outcome == "timeout":
+            headers["Preference-Applied"] = applied
+        return web.Response(status=202, body=_id_body(event_id), content_type=_JSON, headers=headers)
 
     def decode(self, request: web.BaseRequest, body: bytes) -> tuple[list[Envelope], bool]:
         """The request as stamped envelopes (provenance set, sender's provenance discarded), and whether it
@@ -382,6 +430,10 @@ class HttpInbound:
 def _is_cloudevent(headers: Mapping[str, str]) -> bool:
     """Binary mode (``ce-specversion``) or a CloudEvents structured, batch or Protobuf body."""
     return "ce-specversion" in headers or codec.media_type(headers.get("Content-Type")) in _CLOUDEVENTS_MEDIA
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:g}"
 
 
 def _id_body(event_id: str) -> bytes:
