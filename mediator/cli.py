@@ -224,8 +224,59 @@ async def _status(config: Config, as_json: bool | None) -> int:
     return 0
 
 
+async def _event_status(config: Config, event_id: str, api_key: str | None, as_json: bool | None) -> int:
+    """``mediator status EVENT-ID``: GET /events/{id}/status on the admin listener, with the admin token
+    (or ``--api-key`` / $MEDIATOR_API_KEY as a bearer credential: the publisher's own, or an admin's)."""
+    from urllib.parse import quote
+
+    import aiohttp
+
+    from mediator.client import API_KEY_ENV, table
+
+    target = _admin_url(config)
+    if target is None:
+        print("mediator: the config has no HTTP listener serving the admin endpoints", file=sys.stderr)
+        return 1
+    url, headers = target
+    url = url.removesuffix("/admin/dead-letters") + f"/events/{quote(event_id, safe='')}/status"
+    key = api_key or os.environ.get(API_KEY_ENV)
+    if key and "Authorization" not in headers:
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+            http.get(url, headers=headers) as resp,
+        ):
+            if resp.status != 200:
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:
+                    body = {}
+                detail = body.get("detail") or body.get("reason") if isinstance(body, dict) else None
+                print(f"mediator: the daemon answered {resp.status}: {detail or resp.reason}", file=sys.stderr)
+                return 1
+            doc = await resp.json()
+    except aiohttp.ClientConnectionError as exc:
+        print(f"mediator: no running daemon answers at {url}: {exc}", file=sys.stderr)
+        return 1
+    if as_json is None:
+        as_json = not sys.stdout.isatty()
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"event {doc['id']}: {doc['state']}" + (f" ({doc['reason']})" if doc.get("reason") else ""))
+    rows = [["ROUTE", "OUTBOUND", "ADDRESS", "STATE", "ATTEMPTS", "AT", "REASON"]]
+    for d in doc.get("destinations", []):
+        at = d.get("delivered_at") or d.get("dead_at") or ""
+        rows.append([d["route"], d["outbound"], d["address"], d["state"], str(d["attempts"]), at, d.get("reason", "")])
+    print(table(rows))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     configure("warning", "console")
+    if args.event_id is not None:
+        return asyncio.run(_event_status(config, args.event_id, args.api_key, args.json))
     return asyncio.run(_status(config, args.json))
 
 
@@ -408,7 +459,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape.add_argument("--json", action="store_true", default=None, help="list as JSON (the default into a pipe)")
     shape.add_argument("--table", dest="json", action="store_false", help="list as a table (the default on a terminal)")
     dlq.set_defaults(func=cmd_dead_letters)
-    st = sub.add_parser("status", help="the running daemon's listeners, brokers, inbounds, outbounds, outbox, config")
+    st = sub.add_parser(
+        "status",
+        help="the running daemon's listeners, brokers, inbounds, outbounds, outbox, config; "
+        "with EVENT-ID, what became of that event (its delivery status)",
+    )
+    st.add_argument("event_id", nargs="?", metavar="EVENT-ID", help="an event id a publish answered")
+    st.add_argument(
+        "--api-key", help="with EVENT-ID on a listener with auth: the publisher's key (default $MEDIATOR_API_KEY)"
+    )
     st.add_argument("--config", "-c", default=_default_config(), help=f"path to config.toml (or ${CONFIG_ENV})")
     shape = st.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", default=None, help="as JSON (the default into a pipe)")

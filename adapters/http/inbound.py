@@ -27,6 +27,7 @@ from mediator.core.envelope import SPEC_VERSION, Envelope, new_id, now_timestamp
 from mediator.core.errors import NotReady, RateLimitState, RejectCode, Rejected
 from mediator.core.ingress import Origin, PeerCertificate
 from mediator.core.patterns import Template, TemplateError
+from mediator.core.prefer import applied, prefer_wait
 from mediator.core.seams import Sink, StatusReader
 from mediator.core.tracecontext import TRACEPARENT, TRACESTATE
 
@@ -57,22 +58,11 @@ _CLOUDEVENTS_MEDIA = frozenset({formats.JSON_CONTENT_TYPE, formats.BATCH_CONTENT
 _CLOUDEVENTS_ACCEPT_POST = ", ".join(sorted(_CLOUDEVENTS_MEDIA))
 STATUS_PATH = "/events/{id}/status"
 """Where a listener serves an event's delivery status; every 202 for one event names it in ``Location``."""
-# RFC 7240 ``wait``: delta-seconds (a decimal fraction is taken too), among other preferences.
-_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d+(?:\.\d+)?)\"?", re.IGNORECASE)
 
 
 def status_url(event_id: str) -> str:
     """The status URL of ``event_id`` (relative: on the listener that answered)."""
     return STATUS_PATH.replace("{id}", quote(event_id, safe=""))
-
-
-def prefer_wait(headers: Mapping[str, str]) -> float | None:
-    """The ``wait`` preference of a ``Prefer`` header (RFC 7240), in seconds; None without one."""
-    prefer = headers.get("Prefer")
-    if not prefer:
-        return None
-    match = _PREFER_WAIT.search(prefer)
-    return float(match.group(1)) if match else None
 
 
 class _ReadTimeout(Exception):
@@ -330,7 +320,7 @@ class HttpInbound:
             if self._status is None:
                 return web.Response(status=202, body=_id_body(event_id), content_type=_JSON)
             headers = {"Location": status_url(event_id)}
-            wait = prefer_wait(request.headers)
+            wait = prefer_wait(request.headers.get("Prefer"))
             if wait is not None:
                 return await self._wait(event_id, min(wait, self._max_wait_s), headers)
             return web.Response(status=202, body=_id_body(event_id), content_type=_JSON, headers=headers)
@@ -346,15 +336,15 @@ class HttpInbound:
         status = self._status
         assert status is not None
         outcome = await status.wait(event_id, wait_s)
-        applied = f"wait={_seconds(wait_s)}"
+        preference = applied(wait_s)
         if outcome == "final":
             found = await status.lookup(event_id)
             if found.document is not None:
-                headers["Preference-Applied"] = applied
+                headers["Preference-Applied"] = preference
                 body = json.dumps(found.document, ensure_ascii=False).encode("utf-8")
                 return web.Response(status=200, body=body, content_type=_JSON, headers=headers)
         elif outcome == "timeout":
-            headers["Preference-Applied"] = applied
+            headers["Preference-Applied"] = preference
         return web.Response(status=202, body=_id_body(event_id), content_type=_JSON, headers=headers)
 
     def decode(self, request: web.BaseRequest, body: bytes) -> tuple[list[Envelope], bool]:
@@ -430,10 +420,6 @@ class HttpInbound:
 def _is_cloudevent(headers: Mapping[str, str]) -> bool:
     """Binary mode (``ce-specversion``) or a CloudEvents structured, batch or Protobuf body."""
     return "ce-specversion" in headers or codec.media_type(headers.get("Content-Type")) in _CLOUDEVENTS_MEDIA
-
-
-def _seconds(value: float) -> str:
-    return str(int(value)) if value == int(value) else f"{value:g}"
 
 
 def _id_body(event_id: str) -> bytes:
