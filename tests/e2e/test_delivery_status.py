@@ -174,7 +174,7 @@ async def test_status_pending_then_delivered_to_three_real_consumers(running: Ru
             asyncio.timeout(20),
         ):
             async for message in c.messages:
-                assert json.loads(bytes(message.payload)) == {"order": 7}  # type: ignore[arg-type]
+                assert json.loads(bytes(message.payload)) == {"order": 7}
                 break
     finally:
         await channel_grpc.close()
@@ -458,3 +458,50 @@ async def test_cli_status_of_an_event(running: Running) -> None:
         assert "no event 'never-seen'" in err.decode()
     finally:
         await conn.close()
+
+
+async def test_workers_answer_the_status_of_each_others_events(tmp_path: Path, rabbitmq: str) -> None:
+    """``workers = 2``: each worker has its own outbox; a status read reaching the other worker (the kernel
+    picks one per connection) is answered from the sibling that holds the event."""
+    run = await start(tmp_path, overrides={"daemon": {"workers": 2}})
+    conn = await aio_pika.connect(RABBIT_URL)
+    try:
+        await bound_queue(await conn.channel(), run.qs)
+        ids = []
+        for i in range(20):
+            # A connection per request: the kernel spreads them over both workers.
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+                http.post(f"{run.base}/orders", json={"order": i}, headers={"Prefer": "wait=10"}) as resp,
+            ):
+                assert resp.status == 200, await resp.text()
+                ids.append((await resp.json())["id"])
+        # Both workers hold some (a sibling's part of /metrics is up to a second old: polled).
+        deadline = time.monotonic() + 10
+        while True:
+            async with aiohttp.ClientSession() as http, http.get(f"{run.base}/metrics") as resp:
+                text = await resp.text()
+            per_worker = [
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("mediator_events_accepted_total{") and 'inbound="orders-http"' in line
+            ]
+            if sum(per_worker) == 20:
+                break
+            assert time.monotonic() < deadline, per_worker
+            await asyncio.sleep(0.2)
+        assert len(per_worker) == 2, per_worker
+        assert all(n > 0 for n in per_worker), per_worker
+        for event_id in ids:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+                code, doc = await get_status(http, f"{run.base}/events/{event_id}/status")
+            assert code == 200, (event_id, doc)
+            assert doc["id"] == event_id
+            assert doc["state"] == "delivered"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            code, doc = await get_status(http, f"{run.base}/events/never-seen/status")
+        assert code == 404
+        assert doc["type"] == "urn:mediator:problem:not_found"
+    finally:
+        await conn.close()
+        await finish(run)
