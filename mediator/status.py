@@ -147,6 +147,10 @@ def _received(event: Envelope) -> float | None:
     return ts.seconds + ts.nanos * 1e-9 if ts.seconds else None
 
 
+class _Gone(Exception):
+    """The waiting caller disconnected."""
+
+
 class StatusBook:
     """Every event's status while it is pending and ``window_s`` after it settled (see the module docstring).
     All methods run on the event loop."""
@@ -306,9 +310,10 @@ class StatusBook:
             return StatusLookup("expired" if event_id in self._tombstones else "unknown")
         return StatusLookup("known", rec.document(), rec.inbound, rec.principal)
 
-    async def wait(self, event_id: str, timeout_s: float) -> WaitOutcome:
+    async def wait(self, event_id: str, timeout_s: float, gone: asyncio.Future[None] | None = None) -> WaitOutcome:
         """Wait until the event is final (every destination settled, or one dead-lettered), at most
-        ``timeout_s`` (see ``StatusReader.wait``); "busy" when ``max_waiters`` wait already."""
+        ``timeout_s``, or until ``gone`` resolves (see ``StatusReader.wait``); "busy" when ``max_waiters``
+        wait already."""
         rec = self._records.get(event_id)
         if rec is None:
             return "unknown"
@@ -318,17 +323,30 @@ class StatusBook:
             return "timeout"
         if self.waiting >= self.max_waiters:
             return "busy"
+        if gone is not None and gone.done():
+            return "gone"
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(event_id, [])
         waiters.append(fut)
         self.waiting += 1
+
+        def left(_: asyncio.Future[None]) -> None:
+            if not fut.done():
+                fut.set_exception(_Gone())
+
+        if gone is not None:
+            gone.add_done_callback(left)
         try:
             async with asyncio.timeout(timeout_s):
                 await fut
             return "final"
         except TimeoutError:
             return "timeout"
+        except _Gone:
+            return "gone"
         finally:
+            if gone is not None:
+                gone.remove_done_callback(left)
             self.waiting -= 1
             if not fut.done():
                 fut.cancel()
@@ -365,8 +383,8 @@ class LocalStatus:
     async def lookup(self, event_id: str) -> StatusLookup:
         return self.book.lookup(event_id)
 
-    async def wait(self, event_id: str, timeout_s: float) -> WaitOutcome:
-        return await self.book.wait(event_id, timeout_s)
+    async def wait(self, event_id: str, timeout_s: float, gone: asyncio.Future[None] | None = None) -> WaitOutcome:
+        return await self.book.wait(event_id, timeout_s, gone)
 
 
 class StatusOutbox:

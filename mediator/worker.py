@@ -247,8 +247,8 @@ class FleetStatus:
             return StatusLookup("expired")
         return own
 
-    async def wait(self, event_id: str, timeout_s: float) -> WaitOutcome:
-        return await self.local.wait(event_id, timeout_s)  # the publish was committed by this worker
+    async def wait(self, event_id: str, timeout_s: float, gone: asyncio.Future[None] | None = None) -> WaitOutcome:
+        return await self.local.wait(event_id, timeout_s, gone)  # the publish was committed by this worker
 
 
 class PeerServer:

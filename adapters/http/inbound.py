@@ -322,20 +322,24 @@ class HttpInbound:
             headers = {"Location": status_url(event_id)}
             wait = prefer_wait(request.headers.get("Prefer"))
             if wait is not None:
-                return await self._wait(event_id, min(wait, self._max_wait_s), headers)
+                return await self._wait(request, event_id, min(wait, self._max_wait_s), headers)
             return web.Response(status=202, body=_id_body(event_id), content_type=_JSON, headers=headers)
         self._log.debug("batch.accepted", count=len(events), size=len(body))
         ids = json.dumps({"ids": [e.id for e in events]}, ensure_ascii=False).encode("utf-8")
         return web.Response(status=202, body=ids, content_type=_JSON)
 
-    async def _wait(self, event_id: str, wait_s: float, headers: dict[str, str]) -> web.Response:
+    async def _wait(
+        self, request: web.BaseRequest, event_id: str, wait_s: float, headers: dict[str, str]
+    ) -> web.Response:
         """``Prefer: wait``: 200 with the status document once every destination confirmed or one was
         dead-lettered, else (after ``wait_s``) 202 as without the header. ``Preference-Applied`` says the
         wait (capped by the listener's ``max_wait_s``) was honoured; it is left out when it was not (too
-        many requests waiting already: answered at once)."""
+        many requests waiting already: answered at once). A client that disconnects stops the wait (the
+        listener's connections tell: ``disconnected``)."""
         status = self._status
         assert status is not None
-        outcome = await status.wait(event_id, wait_s)
+        disconnected = getattr(request.protocol, "disconnected", None)
+        outcome = await status.wait(event_id, wait_s, disconnected() if disconnected is not None else None)
         preference = applied(wait_s)
         if outcome == "final":
             found = await status.lookup(event_id)

@@ -126,7 +126,7 @@ class _EdgeHandler(web_protocol.RequestHandler):
     and holds nothing.
     """
 
-    __slots__ = ("_edge", "_head_deadline", "_head_timer", "_last_payload", "_refused")
+    __slots__ = ("_edge", "_gone", "_head_deadline", "_head_timer", "_last_payload", "_refused")
 
     def __init__(self, manager: _EdgeServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
         max_headers = manager.max_headers
@@ -148,6 +148,16 @@ class _EdgeHandler(web_protocol.RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._last_payload: StreamReader | None = None
         self._refused = False
+        self._gone: asyncio.Future[None] | None = None  # made on demand (disconnected)
+
+    def disconnected(self) -> asyncio.Future[None]:
+        """Resolved once the client's connection is lost: a request waiting for delivery (``Prefer: wait``)
+        stops waiting then (aiohttp does not cancel handlers on a disconnect)."""
+        if self._gone is None:
+            self._gone = self._loop.create_future()
+            if self.transport is None:
+                self._gone.set_result(None)
+        return self._gone
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         edge = self._edge
@@ -169,6 +179,8 @@ class _EdgeHandler(web_protocol.RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
         super().connection_lost(exc)
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self._head_deadline or self._force_close or self._close:

@@ -7,6 +7,7 @@ imports them, and adapters never import each other.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Protocol
@@ -115,7 +116,7 @@ class StatusLookup:
     principal: str = ""
 
 
-WaitOutcome = Literal["final", "timeout", "unknown", "busy"]
+WaitOutcome = Literal["final", "timeout", "unknown", "busy", "gone"]
 
 
 class StatusReader(Protocol):
@@ -127,10 +128,10 @@ class StatusReader(Protocol):
 
     async def lookup(self, event_id: str) -> StatusLookup: ...
 
-    async def wait(self, event_id: str, timeout_s: float) -> WaitOutcome:
+    async def wait(self, event_id: str, timeout_s: float, gone: asyncio.Future[None] | None = None) -> WaitOutcome:
         """Wait until the event is final (every destination settled, or one dead-lettered), at most
-        ``timeout_s``: "final", "timeout", "unknown" (no such event here) or "busy" (too many wait
-        already: not waited at all)."""
+        ``timeout_s``: "final", "timeout", "unknown" (no such event here), "busy" (too many wait
+        already: not waited at all) or "gone" (``gone`` resolved first: the caller disconnected)."""
         ...
 
 

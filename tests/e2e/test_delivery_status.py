@@ -505,3 +505,49 @@ async def test_workers_answer_the_status_of_each_others_events(tmp_path: Path, r
     finally:
         await conn.close()
         await finish(run)
+
+
+async def test_a_client_that_disconnects_leaves_no_waiter(running: Running) -> None:
+    """A waiting HTTP client that closes its connection, and a gRPC call that gives up (its deadline),
+    leave nothing waiting: the gauge drops back to 0 long before their wait=60 would end."""
+    conn = await aio_pika.connect(RABBIT_URL)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.qs.grpc_port}")
+    try:
+        await bound_queue(await conn.channel(), running.qs)
+        await mqtt_down(running)
+        n = 100
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=n + 10))
+
+        async def one(i: int) -> None:
+            async with http.post(f"{running.base}/orders", json={"order": i}, headers={"Prefer": "wait=60"}) as resp:
+                await resp.read()
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        async with aiohttp.ClientSession() as probe:
+            deadline = time.monotonic() + 30
+            while (waiting := await metric(probe, running.base, "mediator_status_waiting_requests")) < n:
+                assert time.monotonic() < deadline, f"only {waiting} of {n} waiting"
+                await asyncio.sleep(0.1)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await http.close()  # the connections close: the daemon's waiters end
+            started = time.monotonic()
+            while (waiting := await metric(probe, running.base, "mediator_status_waiting_requests")) > 0:
+                assert time.monotonic() - started < 10, f"{waiting} waiters left after the clients went"
+                await asyncio.sleep(0.1)
+
+            stub = service_pb2_grpc.MediatorStub(channel)
+            event = Envelope(id=f"gone-{running.qs.uid}", source="/test", type="com.example.order.created")
+            event.spec_version = "1.0"
+            event.text_data = "{}"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Publish(event, metadata=(("prefer", "wait=60"),), timeout=2)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            started = time.monotonic()
+            while (waiting := await metric(probe, running.base, "mediator_status_waiting_requests")) > 0:
+                assert time.monotonic() - started < 10, f"{waiting} gRPC waiters left after the deadline"
+                await asyncio.sleep(0.1)
+    finally:
+        await channel.close()
+        await conn.close()
