@@ -193,25 +193,33 @@ class StatusBook:
 
     def pending(self, rows: Sequence[Pending]) -> None:
         """Deliveries committed (or replayed, or resumed at start): each a destination, pending."""
+        records = self._records
+        by_delivery = self._by_delivery
         for p in rows:
-            rec = self._record(p.event)
+            event = p.event
+            rec = records.get(event.id)
             dest = None
-            for d in rec.destinations:  # a replayed dead letter takes its destination back
-                if d.state == DEAD and d.delivery and d.outbound == p.outbound and d.address == p.address:
-                    dest = d
-                    dest.delivery, dest.state, dest.attempts = p.id, PENDING, p.attempts
-                    dest.at = dest.reason = None
-                    break
+            if rec is None:
+                rec = self._record(event)
+            else:
+                for d in rec.destinations:  # a replayed dead letter takes its destination back
+                    if d.state == DEAD and d.delivery and d.outbound == p.outbound and d.address == p.address:
+                        dest = d
+                        dest.delivery, dest.state, dest.attempts = p.id, PENDING, p.attempts
+                        dest.at = dest.reason = None
+                        break
+                self._reopen(rec)
             if dest is None:
-                dest = Destination(p.id, p.route, p.outbound, p.address, attempts=p.attempts)
+                dest = Destination(p.id, p.route, p.outbound, p.address, PENDING, p.attempts)
                 rec.destinations.append(dest)
             rec.open += 1
-            self._reopen(rec)
-            self._by_delivery[p.id] = (rec, dest)
+            by_delivery[p.id] = (rec, dest)
 
     def refused(self, items: Sequence[Accepted], duplicates: Sequence[int]) -> None:
         """What a commit dead-lettered at ingress: destinations whose address did not render, events no
         route matched. Duplicates are not new events: their first commit's record stands."""
+        if all(item.dead_reason is None and not item.failures for item in items):
+            return  # the usual commit: nothing dead at ingress
         skip = set(duplicates)
         now = time.time()
         for i, item in enumerate(items):
@@ -247,10 +255,13 @@ class StatusBook:
 
     def _changed(self, rec: Record, now: float) -> None:
         if not rec.open:
-            self._settled.pop(rec.event_id, None)
-            self._settled[rec.event_id] = rec.settled_at = now
-            self._prune(now)
-        if rec.final:
+            settled = self._settled
+            if rec.settled_at is not None:
+                settled.pop(rec.event_id, None)
+            settled[rec.event_id] = rec.settled_at = now
+            if len(settled) > self.max_events or next(iter(settled.values())) < now - self.window_s:
+                self._prune(now)
+        if rec.event_id in self._waiters and rec.final:
             self._wake(rec.event_id)
 
     # ------------------------------------------------------------------ rebuilt at start
