@@ -91,8 +91,9 @@ class OutboxConfig(ConfigModel):
     status_window_s: float = Field(
         default=3600.0, ge=0, description="how long an event's delivery status is kept once every destination settled"
     )
+    # About 0.65 KiB per settled single-destination event, 0.95 KiB with three destinations (measured).
     status_max_events: int = Field(
-        default=100_000, ge=1, description="settled events whose status is kept at most (the oldest expire first)"
+        default=50_000, ge=1, description="settled events whose status is kept at most (the oldest expire first)"
     )
     status_max_waiters: int = Field(
         default=10_000, ge=1, description="requests waiting for delivery (Prefer: wait) at once; more answer at once"

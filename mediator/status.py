@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from sys import intern
 
 from mediator.core.envelope import Envelope
 from mediator.core.seams import StatusLookup, WaitOutcome
@@ -43,7 +44,7 @@ DEAD = "dead"
 PARTIALLY_DEAD = "partially-dead"
 
 DEFAULT_WINDOW_S = 3600.0
-DEFAULT_MAX_EVENTS = 100_000
+DEFAULT_MAX_EVENTS = 50_000  # see [outbox] status_max_events
 DEFAULT_MAX_WAITERS = 10_000
 PRUNE_BATCH = 256
 """Settled records expired per transition at most: expiry is spread over the traffic, never a long stall."""
@@ -179,8 +180,10 @@ class StatusBook:
     def _record(self, event: Envelope) -> Record:
         rec = self._records.get(event.id)
         if rec is None:
+            prov = event.provenance
+            # Source, inbound and principal are few distinct strings: interned, each held once for all records.
             rec = Record(
-                event.id, event.source, event.provenance.inbound, event.provenance.principal, _received(event), []
+                event.id, intern(event.source), intern(prov.inbound), intern(prov.principal), _received(event), []
             )
             self._records[event.id] = rec
             self._tombstones.pop(event.id, None)
@@ -210,7 +213,8 @@ class StatusBook:
                         break
                 self._reopen(rec)
             if dest is None:
-                dest = Destination(p.id, p.route, p.outbound, p.address, PENDING, p.attempts)
+                # Interned: the rendered address is usually one of a few strings, held once for all records.
+                dest = Destination(p.id, p.route, p.outbound, intern(p.address), PENDING, p.attempts)
                 rec.destinations.append(dest)
             rec.open += 1
             by_delivery[p.id] = (rec, dest)
