@@ -269,14 +269,14 @@ class StatusBook:
             self._wake(rec.event_id)
 
     # ------------------------------------------------------------------ rebuilt at start
-    def restore_delivered(self, rows: Sequence[tuple[str, str, str, str, str, str, int, float]]) -> None:
-        """Completed deliveries the outbox kept: (event id, source, inbound, principal, route, outbound,
-        attempts, at); address is not kept for them (see the outbox's ``delivered`` table)."""
-        for event_id, source, inbound, principal, route, outbound, attempts, at in rows:
+    def restore_delivered(self, rows: Sequence[tuple[str, str, str, str, str, str, str, int, float]]) -> None:
+        """Completed deliveries the outbox kept (its ``delivered`` table): (event id, source, inbound,
+        principal, route, outbound, address, attempts, at)."""
+        for event_id, source, inbound, principal, route, outbound, address, attempts, at in rows:
             rec = self._records.get(event_id)
             if rec is None:
                 rec = self._records[event_id] = Record(event_id, source, inbound, principal, None, [])
-            rec.destinations.append(Destination(-1, route, outbound, "", DELIVERED, attempts, at))
+            rec.destinations.append(Destination(-1, route, outbound, intern(address), DELIVERED, attempts, at))
             self._changed(rec, at)
 
     def restore_dead(self, letters: Sequence[DeadLetter]) -> None:

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS delivered (
     principal TEXT NOT NULL,
     route TEXT NOT NULL,
     outbound TEXT NOT NULL,
+    address TEXT NOT NULL,
     attempts INTEGER NOT NULL,
     at REAL NOT NULL
 );
@@ -101,6 +102,8 @@ DROP TABLE events;
 statements per single-destination delivery instead of two."""
 
 _Work = Callable[[sqlite3.Connection], Any]
+DeliveredRow = tuple[str, str, str, str, str, str, str, int, float]
+"""A ``delivered`` row: event id, source, inbound, principal, route, outbound, address, attempts, when."""
 
 LAZY_FLUSH_S = 0.2
 """The longest a lazy write (a delivery done, an attempt counted) waits for a commit to ride along with."""
@@ -240,7 +243,7 @@ class SqliteOutbox:
         # status_max_events rows; 0: none kept.
         self.status_window_s = 0.0
         self.status_max_events = 0
-        self._delivered: list[tuple[str, str, str, str, str, str, int, float]] = []  # beside _done_ids
+        self._delivered: list[DeliveredRow] = []  # beside _done_ids
         self._last_delivered_prune = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -315,8 +318,8 @@ class SqliteOutbox:
             e = delivery.event
             prov = e.provenance
             self._delivered.append(
-                (e.id, e.source, prov.inbound, prov.principal, delivery.route, delivery.outbound, delivery.attempts,
-                 time.time())
+                (e.id, e.source, prov.inbound, prov.principal, delivery.route, delivery.outbound, delivery.address,
+                 delivery.attempts, time.time())
             )  # fmt: skip
         self._arm_lazy_timer()
 
@@ -334,9 +337,7 @@ class SqliteOutbox:
             (DELIVERED_PRUNE_BATCH, time.time() - self.status_window_s, self.status_max_events),
         )
 
-    async def recent(
-        self, window_s: float, limit: int
-    ) -> tuple[list[tuple[str, str, str, str, str, str, int, float]], list[DeadLetter]]:
+    async def recent(self, window_s: float, limit: int) -> tuple[list[DeliveredRow], list[DeadLetter]]:
         """The completed deliveries and the dead letters of the last ``window_s`` (at most ``limit`` of each,
         the newest), oldest first: what the delivery status is rebuilt from at start. On a thread, with a
         connection of its own."""
@@ -430,7 +431,7 @@ class SqliteOutbox:
                 conn.executemany("DELETE FROM deliveries WHERE id=?", self._done_ids)
             kept = len(self._delivered)
             if kept:
-                conn.executemany("INSERT INTO delivered VALUES (?,?,?,?,?,?,?,?)", self._delivered)
+                conn.executemany("INSERT INTO delivered VALUES (?,?,?,?,?,?,?,?,?)", self._delivered)
                 self._prune_delivered(conn)
             for op in batch:
                 results.append((op, op.work(conn)))
@@ -624,13 +625,11 @@ def _stats(path: Path) -> OutboxStats:
     return OutboxStats(pending, dead, did, route, outbound, _received(Envelope.FromString(blob)))
 
 
-def _recent(
-    path: Path, horizon: float, limit: int
-) -> tuple[list[tuple[str, str, str, str, str, str, int, float]], list[DeadLetter]]:
+def _recent(path: Path, horizon: float, limit: int) -> tuple[list[DeliveredRow], list[DeadLetter]]:
     conn = sqlite3.connect(path, isolation_level=None, timeout=1.0)
     try:
         delivered = conn.execute(
-            "SELECT event_id, source, inbound, principal, route, outbound, attempts, at FROM delivered"
+            "SELECT event_id, source, inbound, principal, route, outbound, address, attempts, at FROM delivered"
             " WHERE rowid > (SELECT IFNULL(MAX(rowid), 0) FROM delivered) - ? AND at >= ? ORDER BY rowid",
             (limit, horizon),
         ).fetchall()

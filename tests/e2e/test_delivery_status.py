@@ -551,3 +551,38 @@ async def test_a_client_that_disconnects_leaves_no_waiter(running: Running) -> N
     finally:
         await channel.close()
         await conn.close()
+
+
+async def test_the_status_outlives_a_restart(tmp_path: Path, rabbitmq: str) -> None:
+    """The SQLite outbox keeps a row per completed delivery (and its dead letters): a restart within the
+    window still answers delivered, with each destination's address, and partially-dead."""
+    run = await start(tmp_path)
+    conn = await aio_pika.connect(RABBIT_URL)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{run.base}/orders", json={"order": 16}, headers={"Prefer": "wait=10"}) as resp:
+                assert resp.status == 200
+                dead_url = run.base + resp.headers["Location"]  # nothing bound yet: AMQP unroutable
+            await status_until(http, dead_url, lambda d: d["settled"])
+            await bound_queue(await conn.channel(), run.qs)
+            async with http.post(f"{run.base}/orders", json={"order": 17}, headers={"Prefer": "wait=10"}) as resp:
+                assert resp.status == 200
+                url = run.base + resp.headers["Location"]
+                before = await resp.json()
+        assert before["state"] == "delivered"
+        assert await run.daemon.stop(signal.SIGTERM) == 0
+        await run.daemon.start()
+        async with aiohttp.ClientSession() as http:
+            code, after = await get_status(http, url)
+            assert code == 200, after
+            assert after["state"] == "delivered"
+            assert {(d["outbound"], d["address"], d["state"]) for d in after["destinations"]} == {
+                (d["outbound"], d["address"], "delivered") for d in before["destinations"]
+            }
+            code, dead = await get_status(http, dead_url)
+            assert code == 200, dead
+            assert dead["state"] == "partially-dead"
+            assert "unroutable" in by_outbound(dead)["orders-exchange"]["reason"].lower()
+    finally:
+        await conn.close()
+        await finish(run)
