@@ -325,7 +325,11 @@ class HttpInbound:
                 return await self._wait(request, event_id, min(wait, self._max_wait_s), headers)
             return web.Response(status=202, body=_id_body(event_id), content_type=_JSON, headers=headers)
         self._log.debug("batch.accepted", count=len(events), size=len(body))
-        ids = json.dumps({"ids": [e.id for e in events]}, ensure_ascii=False).encode("utf-8")
+        answer: dict[str, object] = {"ids": [e.id for e in events]}
+        if self._status is not None:
+            # One status URL per event (a Location names one resource); Prefer: wait is for single events.
+            answer["status"] = [status_url(e.id) for e in events]
+        ids = json.dumps(answer, ensure_ascii=False).encode("utf-8")
         return web.Response(status=202, body=ids, content_type=_JSON)
 
     async def _wait(

@@ -586,3 +586,42 @@ async def test_the_status_outlives_a_restart(tmp_path: Path, rabbitmq: str) -> N
     finally:
         await conn.close()
         await finish(run)
+
+
+async def test_a_batch_names_each_events_status(running: Running) -> None:
+    """A CloudEvents batch is answered 202 with one status URL per event (no Location: it names one
+    resource); each resolves. Prefer: wait is for single events: a batch is answered at once."""
+    conn = await aio_pika.connect(RABBIT_URL)
+    try:
+        await bound_queue(await conn.channel(), running.qs)
+        uid = running.qs.uid
+        batch = [
+            {
+                "specversion": "1.0",
+                "id": f"b{i}-{uid}",
+                "source": "/batch",
+                "type": "com.example.order.created",
+                "datacontenttype": "application/json",
+                "data": {"order": i},
+            }
+            for i in range(3)
+        ]
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{running.base}/events",
+                data=json.dumps(batch),
+                headers={"Content-Type": "application/cloudevents-batch+json", "Prefer": "wait=10"},
+            ) as resp,
+        ):
+            assert resp.status == 202
+            assert "Location" not in resp.headers
+            assert "Preference-Applied" not in resp.headers
+            body = await resp.json()
+            assert body["ids"] == [e["id"] for e in batch]
+            assert body["status"] == [f"/events/{e['id']}/status" for e in batch]
+            for url in body["status"]:
+                doc = await status_until(http, running.base + url, lambda d: d["state"] == "delivered")
+                assert doc["source"] == "/batch"
+    finally:
+        await conn.close()
