@@ -37,11 +37,14 @@ def _print_config_error(exc: ConfigError) -> None:
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
     from mediator import supervisor
     from mediator.daemon import dry_build
+    from mediator.stages import broad_rules
 
     problems, environment = asyncio.run(dry_build(config))
     problems += supervisor.problems(config, supervisor.worker_count(config))  # what `run` refuses with workers
     for problem in environment:
         print(f"  warning: {problem} (needed by `mediator run`)", file=sys.stderr)
+    for warning in broad_rules(config.adapters, config.root.authorization):  # valid, but likely not meant
+        print(f"  warning: {warning}", file=sys.stderr)
     if problems:
         raise ConfigError(args.config, problems)
     print(
@@ -108,16 +111,24 @@ def _install_uvloop() -> None:
     uvloop.install()
 
 
-def _admin_url(config: Config) -> tuple[str, dict[str, str]] | None:
-    """The running daemon's admin endpoint: the first HTTP listener that serves it."""
-    for body in config.root.listeners.values():
+def _admin_url(config: Config, args: argparse.Namespace) -> tuple[str, dict[str, str], str] | None:
+    """The running daemon's admin endpoint (the first HTTP listener that serves it), the headers carrying
+    the credential the flags name (``mediator.client.credential_of``; the listener's ``admin_token_env``
+    variable when none is named and it is set), and where that credential came from (for errors)."""
+    from mediator.client import api_key_header, credential_of
+
+    for name, body in config.root.listeners.items():
         if body.get("kind") == "http" and body.get("admin", True):
             host = body.get("host", "127.0.0.1")
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+            host = f"[{host}]" if ":" in host else host
+            credential = credential_of(args, body.get("admin_token_env"))
             headers = {}
-            token_env = body.get("admin_token_env")
-            if token_env and os.environ.get(token_env):
-                headers["Authorization"] = f"Bearer {os.environ[token_env]}"
-            return f"http://{host}:{body.get('port', 8080)}/admin/dead-letters", headers
+            if credential.token:
+                headers["Authorization"] = f"Bearer {credential.token}"
+            if credential.api_key:
+                headers[api_key_header(config, name)] = credential.api_key
+            return f"http://{host}:{body.get('port', 8080)}/admin/dead-letters", headers, credential.origin
     return None
 
 
@@ -130,33 +141,35 @@ def _print_letters(letters: list[dict[str, object]], as_json: bool | None) -> No
     if as_json:
         print(json.dumps({"dead_letters": letters}, indent=2))
     elif letters:
-        print(table(describe_rows(letters)))
+        print(table(describe_rows(letters), fold=True))
     else:
         print("no dead letters")
 
 
-async def _dead_letters(
-    config: Config, action: str, ids: list[int] | None, limit: int, as_json: bool | None = None
-) -> int:
+async def _dead_letters(config: Config, args: argparse.Namespace) -> int:
     import aiohttp
 
     from mediator.daemon import describe
 
-    target = _admin_url(config)
+    action: str = args.action
+    ids: list[int] | None = args.id or None
+    limit: int = args.limit
+    as_json: bool | None = args.json
+    target = _admin_url(config, args)
     if target is not None:
-        url, headers = target
+        url, headers, origin = target
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
                 if action == "list":
                     async with http.get(url, params={"limit": str(limit)}, headers=headers) as resp:
                         if resp.status != 200:
-                            return await _admin_failed(resp)
+                            return await _admin_failed(resp, origin)
                         _print_letters((await resp.json())["dead_letters"], as_json)
                 else:
                     body = {"ids": ids} if ids is not None else {}
                     async with http.post(f"{url}/replay", json=body, headers=headers) as resp:
                         if resp.status != 200:
-                            return await _admin_failed(resp)
+                            return await _admin_failed(resp, origin)
                         print(json.dumps(await resp.json()))
                 return 0
         except aiohttp.ClientConnectionError:
@@ -182,9 +195,12 @@ async def _dead_letters(
     return 0
 
 
-async def _admin_failed(resp: object) -> int:
-    """The daemon's refusal (404 for an unknown id, 401/403) on one line, exit status 1."""
+async def _admin_failed(resp: object, origin: str) -> int:
+    """The daemon's refusal (404 for an unknown id, 401/403) on one line, exit status 1. A 401 or 403
+    says which credential was refused (where it came from, never its value) and how to pass one."""
     import aiohttp
+
+    from mediator.client import CREDENTIAL_HINT
 
     assert isinstance(resp, aiohttp.ClientResponse)
     try:
@@ -192,20 +208,31 @@ async def _admin_failed(resp: object) -> int:
         reason = body.get("reason") if isinstance(body, dict) else None
     except ValueError:
         reason = None
-    print(f"mediator: the daemon answered {resp.status}: {reason or resp.reason}", file=sys.stderr)
+    answer = f"{resp.status} {reason or resp.reason}"
+    if resp.status in (401, 403) and not origin:
+        print(f"mediator: the daemon asks for a credential ({answer}); {CREDENTIAL_HINT}", file=sys.stderr)
+    elif resp.status in (401, 403):
+        print(
+            f"mediator: the daemon refused the credential from {origin} ({answer}); {CREDENTIAL_HINT} "
+            "with one it accepts (a principal needs a role in [security] admin_roles)",
+            file=sys.stderr,
+        )
+    else:
+        print(f"mediator: the daemon answered {answer}", file=sys.stderr)
     return 1
 
 
-async def _status(config: Config, as_json: bool | None) -> int:
+async def _status(config: Config, args: argparse.Namespace) -> int:
     import aiohttp
 
     from mediator.observability.status import render
 
-    target = _admin_url(config)
+    as_json: bool | None = args.json
+    target = _admin_url(config, args)
     if target is None:
         print("mediator: the config has no HTTP listener serving the admin endpoints", file=sys.stderr)
         return 1
-    url, headers = target
+    url, headers, origin = target
     url = url.removesuffix("/dead-letters") + "/status"
     try:
         async with (
@@ -213,7 +240,7 @@ async def _status(config: Config, as_json: bool | None) -> int:
             http.get(url, headers=headers) as resp,
         ):
             if resp.status != 200:
-                return await _admin_failed(resp)
+                return await _admin_failed(resp, origin)
             doc = await resp.json()
     except aiohttp.ClientConnectionError as exc:
         print(f"mediator: no running daemon answers at {url}: {exc}", file=sys.stderr)
@@ -224,37 +251,35 @@ async def _status(config: Config, as_json: bool | None) -> int:
     return 0
 
 
-async def _event_status(config: Config, event_id: str, api_key: str | None, as_json: bool | None) -> int:
-    """``mediator status EVENT-ID``: GET /events/{id}/status on the admin listener, with the admin token
-    (or ``--api-key`` / $MEDIATOR_API_KEY as a bearer credential: the publisher's own, or an admin's)."""
+async def _event_status(config: Config, args: argparse.Namespace) -> int:
+    """``mediator status EVENT-ID``: GET /events/{id}/status on the admin listener, with the credential
+    the flags name (the admin token, or the publisher's or an admin's key or token)."""
     from urllib.parse import quote
 
     import aiohttp
 
-    from mediator.client import API_KEY_ENV, table
+    from mediator.client import table
 
-    target = _admin_url(config)
+    event_id: str = args.event_id
+    as_json: bool | None = args.json
+    target = _admin_url(config, args)
     if target is None:
         print("mediator: the config has no HTTP listener serving the admin endpoints", file=sys.stderr)
         return 1
-    url, headers = target
+    url, headers, origin = target
     url = url.removesuffix("/admin/dead-letters") + f"/events/{quote(event_id, safe='')}/status"
-    key = api_key or os.environ.get(API_KEY_ENV)
-    if key and "Authorization" not in headers:
-        headers["Authorization"] = f"Bearer {key}"
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
             http.get(url, headers=headers) as resp,
         ):
-            if resp.status != 200:
-                try:
-                    body = await resp.json(content_type=None)
-                except ValueError:
-                    body = {}
-                detail = body.get("detail") or body.get("reason") if isinstance(body, dict) else None
-                print(f"mediator: the daemon answered {resp.status}: {detail or resp.reason}", file=sys.stderr)
+            if resp.status == 404:
+                body = await resp.json(content_type=None)
+                detail = body.get("detail") if isinstance(body, dict) else None
+                print(f"mediator: {detail or 'no such event'}", file=sys.stderr)
                 return 1
+            if resp.status != 200:
+                return await _admin_failed(resp, origin)
             doc = await resp.json()
     except aiohttp.ClientConnectionError as exc:
         print(f"mediator: no running daemon answers at {url}: {exc}", file=sys.stderr)
@@ -269,21 +294,24 @@ async def _event_status(config: Config, event_id: str, api_key: str | None, as_j
     for d in doc.get("destinations", []):
         at = d.get("delivered_at") or d.get("dead_at") or ""
         rows.append([d["route"], d["outbound"], d["address"], d["state"], str(d["attempts"]), at, d.get("reason", "")])
-    print(table(rows))
+    print(table(rows, fold=True))
     return 0
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from mediator import client
+
     configure("warning", "console")
     if args.event_id is not None:
-        return asyncio.run(_event_status(config, args.event_id, args.api_key, args.json))
-    return asyncio.run(_status(config, args.json))
+        return client.run(_event_status(config, args))
+    return client.run(_status(config, args))
 
 
 def cmd_dead_letters(args: argparse.Namespace, config: Config) -> int:
+    from mediator import client
+
     configure("warning", "console")
-    ids: list[int] | None = args.id or None
-    return asyncio.run(_dead_letters(config, args.action, ids, args.limit, args.json))
+    return client.run(_dead_letters(config, args))
 
 
 def cmd_publish(args: argparse.Namespace, config: Config | None) -> int:
@@ -396,12 +424,35 @@ def _not_heard_from(outcome: dict[str, object], within: str) -> None:
         print(f"mediator: no reload outcome within {within} from {'; '.join(waiting)}", file=sys.stderr)
 
 
+def _credential_options(p: argparse.ArgumentParser, admin: bool) -> None:
+    """How to pass the listener's authentication: a bearer token or an API key, best by the NAME of an
+    environment variable holding it (a value on the command line shows in ``ps``)."""
+    g = p.add_argument_group(
+        "credentials",
+        "One credential, best by environment variable: a --token or --api-key value shows in `ps`. Default: "
+        "$MEDIATOR_TOKEN or $MEDIATOR_API_KEY (one of them)"
+        + (
+            ", else the variable the HTTP listener's admin_token_env names. The admin endpoints take the "
+            "admin_token_env token or, on a listener with auth, a principal with a role in [security] admin_roles"
+            if admin
+            else ""
+        ),
+    )
+    g.add_argument("--token-env", metavar="NAME", help="environment variable holding the bearer token (preferred)")
+    g.add_argument("--token", help="the bearer token itself, sent as `Authorization: Bearer ...` (visible in `ps`)")
+    g.add_argument("--api-key-env", metavar="NAME", help="environment variable holding the API key (preferred)")
+    g.add_argument(
+        "--api-key",
+        help="the API key itself, sent in the header of the listener's api_key authenticator "
+        "(default x-api-key; visible in `ps`)",
+    )
+
+
 def _client_options(p: argparse.ArgumentParser) -> None:
     """Where the daemon's gRPC API is and how to pass its listener's checks."""
     p.add_argument("--config", "-c", default=_default_config(), help="config.toml naming the gRPC listener")
     p.add_argument("--target", help="HOST:PORT of the gRPC listener (default: the config's first gRPC listener)")
-    p.add_argument("--token", help="bearer token (sent as `authorization: Bearer ...`; default $MEDIATOR_TOKEN)")
-    p.add_argument("--api-key", help="API key (sent as `x-api-key`; default $MEDIATOR_API_KEY)")
+    _credential_options(p, admin=False)
     p.add_argument("--tls", action="store_true", help="use TLS (implied by --ca-file or the listener's tls)")
     p.add_argument("--ca-file", help="PEM CA bundle the listener's certificate chains to")
     p.add_argument("--cert-file", help="client certificate (PEM) for an mTLS listener")
@@ -458,20 +509,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = dlq.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", default=None, help="list as JSON (the default into a pipe)")
     shape.add_argument("--table", dest="json", action="store_false", help="list as a table (the default on a terminal)")
+    _credential_options(dlq, admin=True)
     dlq.set_defaults(func=cmd_dead_letters)
     st = sub.add_parser(
         "status",
         help="the running daemon's listeners, brokers, inbounds, outbounds, outbox, config; "
         "with EVENT-ID, what became of that event (its delivery status)",
     )
-    st.add_argument("event_id", nargs="?", metavar="EVENT-ID", help="an event id a publish answered")
     st.add_argument(
-        "--api-key", help="with EVENT-ID on a listener with auth: the publisher's key (default $MEDIATOR_API_KEY)"
+        "event_id", nargs="?", metavar="EVENT-ID", help="an event id a publish answered: that event's delivery status"
     )
     st.add_argument("--config", "-c", default=_default_config(), help=f"path to config.toml (or ${CONFIG_ENV})")
     shape = st.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", default=None, help="as JSON (the default into a pipe)")
     shape.add_argument("--table", dest="json", action="store_false", help="as tables (the default on a terminal)")
+    _credential_options(st, admin=True)
     st.set_defaults(func=cmd_status)
     pub = sub.add_parser("publish", help="publish one event through the running daemon's gRPC API")
     pub.add_argument("data", nargs="?", help="the event data: text, @FILE for a file's bytes, - for stdin")
@@ -483,7 +535,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     pub.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the commit (default 10)")
     _client_options(pub)
     pub.set_defaults(func=cmd_publish)
-    tl = sub.add_parser("tail", help="print the events routed to a gRPC outbound as they arrive (Subscribe)")
+    tl = sub.add_parser(
+        "tail",
+        help="print the events routed to a gRPC outbound as they arrive (Subscribe)",
+        description="Print the events routed to the daemon's gRPC outbounds as they arrive (Subscribe). Waits "
+        "for a daemon that is not up yet and subscribes again when it restarts (backoff up to 5 s, a line on "
+        "stderr each time); events routed while no subscription was live are not shown: Subscribe cannot resume.",
+    )
     tl.add_argument("--type", help="exact type or a glob, e.g. 'com.example.*' (default: any)")
     tl.add_argument("--source", help="glob over source (default: any)")
     tl.add_argument("--outbound", help="the gRPC outbound to follow (default: every one)")

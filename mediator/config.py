@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -357,13 +358,12 @@ subscriptions), so a reload compares like with like."""
 
 
 def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = "<config>") -> Config:
-    problems: list[str] = []
     if raw_view is not None:
         raw = raw_view(raw)
-    try:
-        root = RootConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(file, _problems(exc, model=RootConfig, raw=raw)) from exc
+    root, problems, hidden = _validate_root(raw)
+    if root is None:
+        raise ConfigError(file, problems)
+    first = len(problems)
 
     sections: dict[str, dict[str, dict[str, Any]]] = {
         "listeners": {},
@@ -466,6 +466,8 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
     except ConfigError as exc:
         problems += exc.problems
     problems += enrich_problems(root.enrich, inbound_names) + aggregate_problems(root.aggregate, inbound_names)
+    if hidden:
+        problems[first:] = [p for p in problems[first:] if not _follows_from(p, hidden)]
     if problems:
         raise ConfigError(file, problems)
     return Config(
@@ -476,6 +478,79 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
         dead_letter_forward=dead_forward,
         schemas=tuple(schemas),
     )
+
+
+# Rounds of pruning before the later checks give up on a root that still does not validate.
+_PRUNE_ROUNDS = 5
+
+
+def _validate_root(raw: Mapping[str, Any]) -> tuple[RootConfig | None, list[str], list[str]]:
+    """The root sections, and the problems of the first validation with their key paths.
+
+    When the root does not validate, the keys in error are removed from a copy of ``raw`` (a key whose own
+    value is wrong, else the table or array element holding it) and the copy is validated again, so that the
+    later checks (references, adapters, authenticators, schemas) still run on everything that parsed: a CEL
+    syntax error in one route does not hide a missing outbound in another. Returns the root (None when even
+    the pruned copy fails), the problems to report, and what later checks must not report again
+    (``_follows_from``)."""
+    try:
+        return RootConfig.model_validate(raw), [], []
+    except ValidationError as exc:
+        problems = _problems(exc, model=RootConfig, raw=raw)
+        error = exc
+    work: Any = copy.deepcopy(dict(raw))
+    hidden: list[str] = []
+    for _ in range(_PRUNE_ROUNDS):
+        chains = [c for err in error.errors() if (c := _locate(work, tuple(err["loc"])))]
+        if not chains:
+            return None, problems, hidden
+        # Array elements last and from the highest index down, so that each removal leaves the others' indices.
+        chains.sort(key=lambda c: (isinstance(c[-1][0], list), -c[-1][1] if isinstance(c[-1][1], int) else 0))
+        for chain in chains:
+            container, key, value = chain[-1]
+            path = tuple(k for _, k, _ in chain)
+            if isinstance(container, list):
+                if key < len(container) and container[key] is value:
+                    del container[key]
+                    hidden.append(f"{_loc(path[:-1], raw)}[#")  # its later siblings moved up one index
+            elif key in container:
+                del container[key]
+                if path[0] == "auth" and len(path) == 2:
+                    hidden.append(f"[auth.{key}]")  # "no authenticator [auth.X]" would repeat its error
+        try:
+            return RootConfig.model_validate(work), problems, hidden
+        except ValidationError as exc:
+            error = exc
+    return None, problems, hidden
+
+
+def _locate(node: Any, loc: tuple[int | str, ...]) -> list[tuple[Any, Any, Any]]:
+    """What a pydantic error location points at in the document, as (container, key, value) from the top
+    down, ending at the key itself when the document has it, else (a required key missing, an error of a
+    whole entry) at the entry that should hold it. Parts that are not keys of the document (a discriminated
+    union's tag) are skipped."""
+    chain: list[tuple[Any, Any, Any]] = []
+    for i, part in enumerate(loc):
+        in_dict = isinstance(node, dict) and part in node
+        if in_dict or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
+            value = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and i < len(loc) - 1:
+            continue
+        else:
+            break
+        chain.append((node, part, value))
+        node = value
+    return chain
+
+
+def _follows_from(problem: str, hidden: list[str]) -> bool:
+    """Whether a later check's problem only follows from what ``_validate_root`` removed."""
+    for h in hidden:
+        if h.startswith("[auth.") and h in problem:
+            return True
+        if h.endswith("[#") and problem.startswith(h[:-1]) and problem[len(h) - 1 : len(h)].isdigit():
+            return True  # an element addressed by index, which may now be another's
+    return False
 
 
 def _model_for(spec: AdapterSpec, section: str) -> type[ConfigModel] | None:

@@ -22,19 +22,21 @@ from typing import Any
 import structlog
 
 from mediator.config import Config, loads
+from mediator.core.deadletter import REMOVED_PREFIX, classify
 from mediator.core.envelope import Envelope
 from mediator.core.errors import ConfigError, NotReady, Rejected
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
-from mediator.core.seams import Built, MetricsEndpoint, OutboundConfigBase, Runtime, Service, StatusReader
+from mediator.core.seams import Built, MetricsEndpoint, OutboundConfigBase, Runtime, Service, Sink, StatusReader
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
 from mediator.observability.status import status
-from mediator.observability.tracing import Tracing
+from mediator.observability.tracing import SpanTotals, Tracing
 from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox, StorageError
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
+from mediator.reloadable import in_force, restart_required
 from mediator.stages import Stages
 from mediator.stages import build as build_stages
 from mediator.stages.aggregate import Aggregator
@@ -133,6 +135,25 @@ def make_outbox(config: Config) -> Outbox:
     return SqliteOutbox(
         cfg.path, synchronous=cfg.synchronous, max_batch=cfg.max_batch, dedup_window_s=cfg.dedup_window_s
     )
+
+
+class SinkSwitch:
+    """The ``Sink`` every adapter is given: the pipeline, or the tracing wrapper around it, switched by a
+    reload that turns ``[tracing]`` on, off or changes it (``set``). The methods are the target's own
+    bound methods, stored on the instance, so a call costs what a call to the target does."""
+
+    def __init__(self, target: Sink) -> None:
+        self.set(target)
+
+    def set(self, target: Sink) -> None:
+        self.target = target
+        self.authenticate = target.authenticate
+        self.accept = target.accept
+        self.refused = target.refused
+        self.dead_letter = target.dead_letter
+
+    def __getattr__(self, name: str) -> Any:  # anything else the pipeline offers
+        return getattr(self.target, name)
 
 
 class _NullSink:
@@ -243,10 +264,14 @@ class Daemon:
         )
         self.aggregator.sink = self.pipeline
         # [tracing]: spans observed at the seams (mediator/observability/tracing.py); off: None, nothing wrapped.
-        self.tracing = Tracing(config.root.tracing) if config.root.tracing.enabled else None
-        self.sink = self.pipeline if self.tracing is None else self.tracing.sink(self.pipeline)
-        self._on_dead = self._forward_dead if self.tracing is None else self.tracing.dead_lettered(self._forward_dead)
-        self.spans = self.tracing.recorder if self.tracing is not None else None  # counts, for the metrics
+        # A reload replaces it (``_set_tracing``): the sink is switched and every outbound rewrapped.
+        self._span_totals = SpanTotals()
+        self._units: dict[str, Unit] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self.tracing: Tracing | None = None
+        self.sink = SinkSwitch(self.pipeline)
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._set_tracing(Tracing(config.root.tracing) if config.root.tracing.enabled else None)
         self._admin = DeadLetterAdmin(self)
         self.metrics.register(StateCollector(self))
         metrics_cfg = config.root.metrics  # read at start: a change of [metrics] takes a restart
@@ -264,8 +289,6 @@ class Daemon:
         self.pipeline.dead_letter_destination = config.dead_letter_forward
         # The adapters run as units (mediator/units.py) so that a reload can start, stop and restart them
         # one by one; their service tasks and the dispatchers' tasks join the daemon's task group.
-        self._units: dict[str, Unit] = {}
-        self._tg: asyncio.TaskGroup | None = None
         self._dispatch_tasks: dict[str, asyncio.Task[None]] = {}
         self._graves: dict[str, asyncio.Task[None]] = {}  # removed outbounds awaiting their grace
         for spec in plan(config, self.stages.credential_headers, self.stages.admin_roles).values():
@@ -276,7 +299,43 @@ class Daemon:
         self._force_reload = False
         self._reloads = 0
         self.notifier = Notifier()
+        self._started_root = config.root  # what the restart-only keys stay at (mediator/reloadable.py)
         self._loaded(config)
+
+    @property
+    def spans(self) -> SpanTotals | None:
+        """The span counts of every recorder this process ran, for the metrics; None while tracing never ran."""
+        return self._span_totals if self._span_totals.recorders else None
+
+    def _set_tracing(self, tracing: Tracing | None) -> None:
+        """Make ``tracing`` (None: off) the one in force: the sink the adapters hold is switched to its
+        wrapper (or the bare pipeline), and every dispatcher's outbound rewrapped; the next event and the next
+        send attempt see it. The previous one is the caller's to close."""
+        self.tracing = tracing
+        self.sink.set(self.pipeline if tracing is None else tracing.sink(self.pipeline))
+        if tracing is not None and tracing.recorder not in self._span_totals.recorders:
+            self._span_totals.recorders.append(tracing.recorder)
+        for unit in self._units.values():
+            for name, outbound in unit.outbounds.items():
+                cfg = unit.spec.section.outbounds[name]
+                dispatcher = self.dispatchers.get(name)
+                if dispatcher is not None:
+                    dispatcher.replace(outbound if tracing is None else tracing.outbound(outbound, cfg.kind), cfg)
+
+    def _retire(self, tracing: Tracing | None) -> None:
+        """Close a tracing a reload replaced (its queued spans exported within the drain's budget) in the
+        background: a collector that is down must not hold the reload's outcome."""
+        if tracing is None or self._tg is None:
+            return
+        task = self._tg.create_task(tracing.close(self.config.daemon.drain_timeout_s), name="tracing:retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _on_dead(self, delivery: Pending, reason: str) -> None:
+        """A dispatcher's dead letter: its span when tracing is on, then the forward."""
+        if self.tracing is not None:
+            self.tracing.dead_letter_span(delivery, reason)
+        await self._forward_dead(delivery, reason)
 
     def _loaded(self, config: Config) -> None:
         """The one place a config becomes the running one (at start and on every applied reload)."""
@@ -514,16 +573,16 @@ class Daemon:
         return problems
 
     async def _apply(self, new: Config, force: bool) -> None:
-        """Apply a validated config whole: stages, adapter units (see mediator/units.py), routes. A unit
-        that cannot start rolls everything back to the running config, which keeps serving. The outbox
-        section, log_level and log_format need a restart."""
+        """Apply a validated config whole: stages, adapter units (see mediator/units.py), routes, tracing.
+        A unit that cannot start rolls everything back to the running config, which keeps serving. What
+        waits for a restart (mediator/reloadable.py: [outbox], [metrics], log_level, ...) is named in the
+        outcome's ``restart_required`` on every reload until the process restarts."""
         old = self.config
         guard = self._guard_problems(new)
         if guard and not force:
             self._refused(new.file, [*guard, "`mediator reload --force` applies it anyway"])
             return
-        restart = [k for k in ("log_level", "log_format") if getattr(old.daemon, k) != getattr(new.daemon, k)]
-        restart = (["outbox"] if old.root.outbox != new.root.outbox else []) + [f"daemon.{k}" for k in restart]
+        restart = restart_required(self._started_root, new.root)
         if restart:
             log.warning("config.restart_required", sections=restart, applied="everything else")
         stages_changed = any(getattr(old.root, k) != getattr(new.root, k) for k in SECURITY_SECTIONS) or [
@@ -543,6 +602,17 @@ class Daemon:
                 await stages.close()
             self._refused(new.file if problems else "environment", problems + environment)
             return
+        old_tracing = self.tracing
+        tracing_changed = old.root.tracing != new.root.tracing
+        new_tracing: Tracing | None = None
+        if tracing_changed and new.root.tracing.enabled:
+            try:
+                new_tracing = Tracing(new.root.tracing)
+            except ConfigError as exc:  # a collector header's variable not set
+                if stages is not None:
+                    await stages.close()
+                self._refused(exc.file, exc.problems)
+                return
         target = plan(new, running.credential_headers, running.admin_roles)
         previous = {k: u.spec for k, u in self._units.items()}
         pipeline = self.pipeline
@@ -555,9 +625,13 @@ class Daemon:
                 pipeline.authenticator = stages.authenticate
             pipeline.router = Router(new.routes)
             pipeline.dead_letter_destination = new.dead_letter_forward
+            if tracing_changed:
+                self._set_tracing(new_tracing)
 
         def restore() -> None:
             pipeline.stages, pipeline.authenticator, pipeline.router, pipeline.dead_letter_destination = before
+            if tracing_changed:
+                self._set_tracing(old_tracing)
 
         try:
             added, changed, removed = await self._apply_units(target, swap)
@@ -570,6 +644,8 @@ class Daemon:
                 log.critical("config.rollback_failed", reason=str(again))
             if stages is not None:
                 await stages.close()
+            # The tracing not in force now is closed (the new one, unless the rollback itself failed early).
+            self._retire(new_tracing if self.tracing is not new_tracing else old_tracing)
             self._settle_removed()
             log.error("config.reload_failed", reason=str(exc), rolled_back=rolled_back)
             self._report("failed", [str(exc)], rolled_back=rolled_back)
@@ -580,7 +656,10 @@ class Daemon:
             pipeline.stages = stages.stages + self.aggregator.stages()
             await old_stages.close()
             log.info("config.stages_reloaded", stages=[s.name for s in stages.stages])
-        self._loaded(dataclasses.replace(new, root=new.root.model_copy(update={"outbox": old.root.outbox})))
+        if tracing_changed:
+            self._retire(old_tracing)
+            log.info("tracing.reloaded", enabled=new_tracing is not None)
+        self._loaded(dataclasses.replace(new, root=in_force(self._started_root, new.root)))
         self._settle_removed()
         unchanged = len(target) - len(added) - len(changed)
         details = {"started": added, "restarted": changed, "stopped": removed, "unchanged": unchanged}
@@ -592,7 +671,7 @@ class Daemon:
             restart_required=restart or None,
             **details,
         )
-        self._report("applied", guard, **details)
+        self._report("applied", guard, **details, restart_required=restart)
 
     def _settle_removed(self) -> None:
         """Dispatchers whose outbound the config no longer has keep their deliveries (parked, not running):
@@ -617,7 +696,7 @@ class Daemon:
         dispatcher = self.dispatchers.pop(name, None)
         if dispatcher is None:
             return
-        reason = f"outbound {name!r} was removed from the config"
+        reason = f"{REMOVED_PREFIX}outbound {name!r} was removed from the config"
         rows = dispatcher.take_all()
         for i, delivery in enumerate(rows):
             try:
@@ -630,6 +709,7 @@ class Daemon:
                 self._settle_removed()
                 return
             self.backlog.settle()
+            self.metrics.dead_letter(name, reason)
             await self._forward_dead(delivery, reason)
         log.warning("outbound.removed_dead_lettered", outbound=name, count=len(rows), reason=reason)
 
@@ -662,7 +742,9 @@ class Daemon:
                         )
                     if dispatcher is None:
                         orphans += 1
-                        await self.outbox.dead_letter(p, f"outbound {p.outbound!r} is no longer configured")
+                        reason = f"{REMOVED_PREFIX}outbound {p.outbound!r} is no longer configured"
+                        await self.outbox.dead_letter(p, reason)
+                        self.metrics.dead_letter(p.outbound, reason)
                         continue
                     self.backlog.add(1)
                     dispatcher.submit(p)
@@ -769,7 +851,9 @@ class DeadLetterAdmin:
         for p in rows:
             dispatcher = daemon.dispatchers.get(p.outbound)
             if dispatcher is None:
-                await daemon.outbox.dead_letter(p, f"outbound {p.outbound!r} is no longer configured")
+                reason = f"{REMOVED_PREFIX}outbound {p.outbound!r} is no longer configured"
+                await daemon.outbox.dead_letter(p, reason)
+                daemon.metrics.dead_letter(p.outbound, reason)
                 continue
             daemon.backlog.add(1)
             dispatcher.submit(p)
@@ -791,6 +875,7 @@ def describe(dl: DeadLetter) -> dict[str, object]:
         "outbound": dl.outbound,
         "address": dl.address,
         "reason": dl.reason,
+        "class": classify(dl.reason, dl.outbound),  # the reason label of mediator_dead_letters_total
         "attempts": dl.attempts,
         "at": datetime.fromtimestamp(dl.at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "replayable": bool(dl.format),

@@ -14,13 +14,12 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from mediator.core import deadletter
 from mediator.core.deadline import deadline
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
 from mediator.core.health import Health
 from mediator.core.seams import Outbound, OutboundConfigBase
 from mediator.observability.metrics import (
-    DEAD_EXHAUSTED,
-    DEAD_TERMINAL,
     FAILED_ERROR,
     FAILED_RETRYABLE,
     FAILED_TERMINAL,
@@ -154,7 +153,7 @@ class Dispatcher:
             except TerminalDeliveryError as exc:
                 delivery.attempts += 1  # this send was an attempt too: the dead letter counts what was tried
                 self._m.failed[FAILED_TERMINAL].inc()
-                await self._dead(delivery, str(exc), DEAD_TERMINAL)
+                await self._dead(delivery, str(exc))
             except RetryableDeliveryError as exc:
                 await self._retry(delivery, str(exc), exc.retry_after_s)
             except TimeoutError:
@@ -178,7 +177,7 @@ class Dispatcher:
         self._m.failed[kind].inc()
         policy = self._cfg.retry
         if delivery.attempts >= policy.max_attempts:
-            await self._dead(delivery, f"gave up after {delivery.attempts} attempts: {reason}", DEAD_EXHAUSTED)
+            await self._dead(delivery, f"{deadletter.EXHAUSTED_PREFIX}{delivery.attempts} attempts: {reason}")
             return
         self._m.retried[kind].inc()
         self._failures += 1
@@ -207,7 +206,7 @@ class Dispatcher:
         self._timers.pop(delivery.id, None)
         self._queue.put_nowait(delivery)
 
-    async def _dead(self, delivery: Pending, reason: str, kind: str = DEAD_TERMINAL) -> None:
+    async def _dead(self, delivery: Pending, reason: str) -> None:
         try:
             await self._outbox.dead_letter(delivery, reason)
         except StorageError as exc:
@@ -216,7 +215,7 @@ class Dispatcher:
             self._later(delivery, self._cfg.retry.backoff_max_s)
             return
         self._backlog.settle()
-        self._m.dead[kind].inc()
+        self._m.dead[deadletter.classify(reason, self.name)].inc()
         self._log.error(
             "delivery.dead_lettered",
             event_id=delivery.event.id,

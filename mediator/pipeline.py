@@ -8,19 +8,14 @@ from collections.abc import Mapping, Sequence
 
 import structlog
 
+from mediator.core import deadletter
 from mediator.core.envelope import Envelope
 from mediator.core.errors import NotReady, Overloaded, Rejected
 from mediator.core.ingress import Batch, Origin, Principal, Stage
 from mediator.core.patterns import TemplateError
 from mediator.core.router import Delivery, DestinationSpec, Router
 from mediator.dispatch import Backlog, Dispatcher
-from mediator.observability.metrics import (
-    DEAD_INGRESS,
-    DEFERRED_OVERLOADED,
-    DEFERRED_UNAVAILABLE,
-    UNMATCHED_REASON,
-    Metrics,
-)
+from mediator.observability.metrics import DEFERRED_OVERLOADED, DEFERRED_UNAVAILABLE, Metrics
 from mediator.outbox.base import Accepted, Outbox, Pending, StorageError
 from mediator.stages.authn import Authenticate
 
@@ -118,10 +113,11 @@ class Pipeline:
             if deliveries or failures:
                 items.append(Accepted(env, deliveries, failures, dedup_key=key))
                 for fail in failures:
-                    what = "transform.failed" if fail.reason.startswith("transform failed") else "route.unrenderable"
+                    kind = deadletter.classify(fail.reason, fail.outbound)
+                    what = "transform.failed" if kind == deadletter.TRANSFORM_FAILED else "route.unrenderable"
                     log.warning(what, event_id=env.id, route=fail.route, outbound=fail.outbound, reason=fail.reason)
             else:
-                items.append(Accepted(env, (), (), dead_reason=UNMATCHED_REASON, dedup_key=key))
+                items.append(Accepted(env, (), (), dead_reason=deadletter.UNMATCHED_REASON, dedup_key=key))
                 log.warning("route.unmatched", event_id=env.id, type=env.type, inbound=env.provenance.inbound)
         for env, reason in batch.dead_letters:
             log.error("envelope.dead_lettered", event_id=env.id, inbound=env.provenance.inbound, reason=reason)
@@ -152,7 +148,7 @@ class Pipeline:
     async def dead_letter(self, event: Envelope, reason: str) -> None:
         log.error("envelope.dead_lettered", event_id=event.id, inbound=event.provenance.inbound, reason=reason)
         await self._commit([Accepted(event, (), (), dead_reason=reason)])
-        self.metrics.dead_at_ingress(DEAD_INGRESS)
+        self.metrics.dead_letter("", reason)
         await self.forward_dead(event, reason)
 
     async def forward_dead(

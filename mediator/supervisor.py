@@ -134,6 +134,8 @@ def merge_reload(
         "outcome": outcome,
         "problems": problems,
         "version": versions.pop() if len(versions) == 1 and not waiting else None,
+        # What any worker did not apply (mediator/reloadable.py): each worker compares with its own start.
+        "restart_required": sorted({k for d in outcomes.values() for k in d.get("restart_required") or []}),
         "workers": dict(sorted(workers.items(), key=lambda item: int(item[0]))),
         "waiting_for": sorted(waiting),
     }

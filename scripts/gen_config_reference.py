@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from mediator.config import RootConfig  # noqa: E402
 from mediator.core.patterns import Template  # noqa: E402
 from mediator.registry import load_specs  # noqa: E402
+from mediator.reloadable import DAEMON_KEYS, LIVE, SECTIONS  # noqa: E402
 
 OUT = ROOT / "docs" / "config-reference.md"
 ADAPTER_SECTIONS = {
@@ -218,6 +219,25 @@ def _kind_of(model: type[BaseModel]) -> str | None:
 def render() -> str:
     w = Writer()
     specs = load_specs()
+    w.lines.append("## What a reload applies\n")
+
+    def heading(k: str) -> str:
+        origin = typing.get_origin(_unwrap(RootConfig.model_fields[k].annotation))
+        return f"`[[{k}]]`" if origin is list else f"`[{k}.NAME]`" if origin is dict else f"`[{k}]`"
+
+    names = [heading(k) for k in SECTIONS if k != "daemon"]
+    kinds = [SECTIONS[k] for k in SECTIONS if k != "daemon"]
+    keys = [f"`daemon.{k}`" for k in DAEMON_KEYS]
+    live = [n for n, how in zip(names, kinds, strict=True) if how == LIVE]
+    live += [n for n, how in zip(keys, DAEMON_KEYS.values(), strict=True) if how == LIVE]
+    restart = [n for n, how in zip(names, kinds, strict=True) if how != LIVE]
+    restart += [n for n, how in zip(keys, DAEMON_KEYS.values(), strict=True) if how != LIVE]
+    w.lines.append(
+        "`mediator reload` (SIGHUP, or an edit of the file) applies these at once: "
+        + ", ".join(live)
+        + ". These keep the value the daemon started with, and every reload names them in its outcome's "
+        "`restart_required` until the daemon is restarted: " + ", ".join(restart) + " (`mediator/reloadable.py`).\n"
+    )
     w.lines.append("## Root sections\n")
     adapter_fields = []
     for name, info in RootConfig.model_fields.items():

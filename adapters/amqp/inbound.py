@@ -26,6 +26,7 @@ from aiormq.exceptions import ChannelInvalidStateError
 from adapters.amqp.codec import AmqpMessage, to_envelope, undecodable
 from adapters.amqp.config import AmqpBrokerConfig, AmqpInboundConfig
 from adapters.amqp.connection import BrokerLink
+from mediator.core.deadletter import REJECTED_PREFIX, UNDECODABLE_PREFIX
 from mediator.core.envelope import Envelope
 from mediator.core.errors import NotReady, Rejected
 from mediator.core.ingress import Origin
@@ -126,7 +127,7 @@ class AmqpInbound(BrokerLink):
                 )
             except Exception as exc:  # Rejected, or a decoder bug: either way the message must not loop
                 reason = exc.reason if isinstance(exc, Rejected) else f"cannot decode: {exc!r}"
-                await self._dead_letter(message, undecodable(msg, self.admin_name), f"undecodable: {reason}")
+                await self._dead_letter(message, undecodable(msg, self.admin_name), f"{UNDECODABLE_PREFIX}{reason}")
                 continue
             self.log.debug("envelope.received", event_id=env.id, size=len(msg.body), routing_key=msg.routing_key)
             decoded.append((message, env))
@@ -146,7 +147,7 @@ class AmqpInbound(BrokerLink):
                     await self._accept([item])
                 return
             message, env = decoded[0]
-            await self._dead_letter(message, env, f"rejected: {exc}")
+            await self._dead_letter(message, env, f"{REJECTED_PREFIX}{exc}")
             return
         except Exception as exc:
             # A bug in the core: keep the messages (the broker redelivers them) rather than lose them.

@@ -4,12 +4,14 @@ and webhook outbounds."""
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 from adapters.http.config import CorsConfig, HttpInboundConfig, HttpListenerConfig, HttpOutboundConfig
 from adapters.http.inbound import HttpInbound, paths_conflict
 from adapters.http.listener import HttpListener
 from adapters.http.outbound import HttpOutbound
+from mediator.core import signatures
 from mediator.core.errors import ConfigError
 from mediator.core.seams import AdapterConfig, AdapterSpec, Built, Runtime
 
@@ -23,6 +25,7 @@ __all__ = [
     "HttpOutbound",
     "HttpOutboundConfig",
     "build",
+    "signing_keys",
 ]
 
 
@@ -82,17 +85,47 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
             status=rt.status,
         )
         rt.health.register(listener.name)
+        for inbound in by_listener[name]:  # ready once the listener is bound (HttpListener.run)
+            rt.health.register(f"inbound:{inbound.name}")
         if lcfg.tls is not None:
             rt.reload_hooks.append(listener.reload_tls)
         built.services.append(listener)
     for name, ocfg in cfg.outbounds.items():
         if not isinstance(ocfg, HttpOutboundConfig):
             raise TypeError(f"outbound.{name}: expected HttpOutboundConfig, got {type(ocfg).__name__}")
-        outbound = HttpOutbound(name, ocfg, rt.health)
+        outbound = HttpOutbound(
+            name,
+            ocfg,
+            rt.health,
+            signing_keys=signing_keys(name, ocfg),
+            handshake_origin=ocfg.handshake_origin or socket.gethostname(),
+        )
         rt.health.register(outbound.component)
         built.outbounds[name] = outbound
         built.services.append(_OutboundSession(outbound.component, outbound))
     return built
+
+
+def signing_keys(name: str, cfg: HttpOutboundConfig) -> tuple[bytes, ...]:
+    """The Standard Webhooks keys of ``sign.secrets_env``, in order; ConfigError("environment") for a
+    variable that is not set or holds no such secret (its value never shown)."""
+    if cfg.sign is None:
+        return ()
+    keys: list[bytes] = []
+    problems: list[str] = []
+    for var in cfg.sign.secrets_env:
+        value = os.environ.get(var)
+        at = f"outbound.{name}.sign.secrets_env ({var})"
+        if not value:
+            problems.append(f"{at}: variable {var} is not set")
+            continue
+        try:
+            keys.append(signatures.decode_standard_secret(value))
+        except ValueError as exc:
+            problems.append(f"{at}: {exc}")
+    if problems:
+        raise ConfigError("environment", problems)
+    return tuple(keys)
 
 
 ADAPTER = AdapterSpec(

@@ -114,6 +114,30 @@ class HttpListenerConfig(ListenerConfigBase):
         return self
 
 
+class HandshakeConfig(ConfigModel):
+    """The CloudEvents HTTP webhook abuse-protection handshake answered by a CloudEvents inbound
+    (http-webhook.md section 4): ``OPTIONS`` with ``WebHook-Request-Origin`` from an allowed origin gets
+    200 with ``WebHook-Allowed-Origin`` (that origin) and ``WebHook-Allowed-Rate``; any other origin 403.
+    The handshake commits nothing and needs no credentials: it only says this endpoint wants events."""
+
+    allowed_origins: list[str] = Field(
+        min_length=1,
+        description='sender names as they send WebHook-Request-Origin (e.g. "eventgrid.azure.net", compared '
+        'case-insensitively), or "*" for any',
+    )
+    allowed_rate: int | None = Field(
+        default=None, ge=1, description="requests per minute granted (WebHook-Allowed-Rate); None: '*'"
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not origin.strip() or any(c in origin for c in " ,\r\n\t") or not origin.isascii():
+                raise ValueError(f"{origin!r} is not a sender name (a DNS name, or '*')")
+        return [o.lower() for o in value]
+
+
 class HttpInboundConfig(InboundConfigBase):
     """A POST endpoint on a listener.
 
@@ -140,6 +164,9 @@ class HttpInboundConfig(InboundConfigBase):
     )
     default_content_type: str | None = Field(
         default=None, description="plain mode: the datacontenttype of a request without a Content-Type"
+    )
+    handshake: HandshakeConfig | None = Field(
+        default=None, description="cloudevents mode: answer the CloudEvents webhook abuse-protection handshake"
     )
 
     @field_validator("accept")
@@ -172,6 +199,8 @@ class HttpInboundConfig(InboundConfigBase):
 
     @model_validator(mode="after")
     def _templates(self) -> HttpInboundConfig:
+        if self.mode != "cloudevents" and self.handshake is not None:
+            raise ValueError("handshake is answered by mode = 'cloudevents' inbounds (CloudEvents http-webhook.md)")
         if self.mode != "plain" and {"accept", "default_content_type"} & self.model_fields_set:
             raise ValueError("accept and default_content_type are for mode = 'plain'; CloudEvents say their own")
         if self.mode == "plain":
@@ -189,14 +218,78 @@ class HttpInboundConfig(InboundConfigBase):
         return self.listener
 
 
+class StandardWebhooksSigningConfig(ConfigModel):
+    """Sign every delivery per Standard Webhooks (https://www.standardwebhooks.com/): ``webhook-id`` (the
+    event id, the same on every attempt), ``webhook-timestamp`` (the attempt's Unix time) and
+    ``webhook-signature`` (``v1,<base64 HMAC-SHA256 of id.timestamp.body>`` per secret, space-separated,
+    so a receiver holding either the new or the old secret verifies while one is rotated). Each variable
+    holds a ``whsec_<base64>`` secret (24-64 bytes)."""
+
+    kind: Literal["standard-webhooks"]
+    secrets_env: list[str] = Field(
+        min_length=1, description="environment variables holding the secrets, e.g. the new one and the old one"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: object) -> object:
+        if isinstance(data, dict):
+            inline = sorted({"secret", "secrets", "key"} & set(data))
+            if inline:
+                raise ValueError(
+                    f"inline secrets are refused ({', '.join(inline)}): name environment variables in secrets_env"
+                )
+        return data
+
+    @field_validator("secrets_env")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or "=" in name or any(c.isspace() for c in name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        if len(set(value)) != len(value):
+            raise ValueError("a variable is listed twice")
+        return value
+
+
 class HttpOutboundConfig(OutboundConfigBase):
     """Webhooks: each event is POSTed to ``url`` + the route's address (or to the address itself when it is
-    an absolute http(s) URL)."""
+    an absolute http(s) URL).
+
+    ``sign``: Standard Webhooks signatures on every delivery. ``handshake = true``: before the first
+    delivery to a target URL, the CloudEvents abuse-protection handshake (``OPTIONS`` with
+    ``WebHook-Request-Origin: handshake_origin``), its consent kept for the outbound's life and its
+    ``WebHook-Allowed-Rate`` kept to. A target that refuses (no matching ``WebHook-Allowed-Origin``, a
+    4xx) dead-letters the delivery with the reason (replay it once the target consents); the refusal is
+    remembered ``handshake_retry_s``, then asked again. No answer, 429 or 5xx: retried like a send."""
 
     kind: Literal["http"]
     url: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     format: Literal["binary", "structured", "protobuf"] = "binary"
+    sign: StandardWebhooksSigningConfig | None = Field(default=None, description="sign every delivery")
+    handshake: bool = Field(default=False, description="CloudEvents webhook abuse-protection handshake first")
+    handshake_origin: str | None = Field(
+        default=None, description="WebHook-Request-Origin sent: this sender's DNS name (default: the host name)"
+    )
+    handshake_rate: int | None = Field(
+        default=None, ge=1, description="WebHook-Request-Rate asked, requests per minute (None: none asked)"
+    )
+    handshake_retry_s: float = Field(default=60.0, gt=0, description="how long a target's refusal is remembered")
+
+    @field_validator("handshake_origin")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(c in value for c in " ,\r\n\t") or not value.isascii()):
+            raise ValueError(f"{value!r} is not a DNS name")
+        return value
+
+    @model_validator(mode="after")
+    def _handshake(self) -> HttpOutboundConfig:
+        given = {"handshake_origin", "handshake_rate", "handshake_retry_s"} & self.model_fields_set
+        if given and not self.handshake:
+            raise ValueError(f"{', '.join(sorted(given))} need handshake = true")
+        return self
 
     @field_validator("url")
     @classmethod

@@ -47,6 +47,8 @@ _JSON = "application/json"
 DEFAULT_CHALLENGE = 'Bearer realm="mediator"'
 DEFAULT_CREDENTIAL_HEADERS = frozenset({"authorization"})
 _PROBLEM = "application/problem+json"
+REPLAYED = "Idempotent-Replayed"
+"""On a 202 for an event committed before (a repeat within the dedup window, not delivered again)."""
 # Content refusals are RFC 9457 problem details (with the {"error", "reason"} of every refusal as well).
 _PROBLEM_TITLES = {
     RejectCode.INVALID: "Malformed event",
@@ -58,6 +60,10 @@ _CLOUDEVENTS_MEDIA = frozenset({formats.JSON_CONTENT_TYPE, formats.BATCH_CONTENT
 _CLOUDEVENTS_ACCEPT_POST = ", ".join(sorted(_CLOUDEVENTS_MEDIA))
 STATUS_PATH = "/events/{id}/status"
 """Where a listener serves an event's delivery status; every 202 for one event names it in ``Location``."""
+# CloudEvents http-webhook.md section 4, the abuse-protection handshake.
+REQUEST_ORIGIN = "WebHook-Request-Origin"
+ALLOWED_ORIGIN = "WebHook-Allowed-Origin"
+ALLOWED_RATE = "WebHook-Allowed-Rate"
 
 
 def status_url(event_id: str) -> str:
@@ -272,6 +278,7 @@ class HttpInbound:
         self._accept_post = ", ".join(cfg.accept) if self._templates is not None else _CLOUDEVENTS_ACCEPT_POST
         self._default_content_type = cfg.default_content_type
         self._any_media = "*/*" in cfg.accept
+        self.handshake = cfg.handshake
         self._log = structlog.get_logger(__name__).bind(inbound=name, protocol="http")
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -288,12 +295,12 @@ class HttpInbound:
                 if self._templates is not None:
                     self._check_media(request.headers)  # before the body: a 415 reads none of it
                 body = await read_body(request, self._max_bytes, self._read_timeout_s)
+                origin.body = body  # the exact bytes received: what a webhook signature covers
                 events, batch = self.decode(request, body)
             except Rejected as exc:  # refused here, not by a stage: the sink logs and counts it all the same
                 self._sink.refused(origin, exc)
                 raise
-            if events:
-                await self._sink.accept(events, origin)
+            duplicates = (await self._sink.accept(events, origin) if events else None) or ()
         except Rejected as exc:
             self._log.debug("envelope.rejected", code=exc.code.value, reason=exc.reason, rule=exc.rule)
             response = rejection_response(exc)
@@ -314,26 +321,53 @@ class HttpInbound:
             response = error_response(400, "aborted", "connection closed before the body arrived")
             response.force_close()
             return response
+        # A repeat (same source and id, or the same Idempotency-Key, within the dedup window) was committed
+        # before and is not delivered again: it gets the first answer's 202, marked as a replay (the
+        # idempotency-key draft has a repeat answered as the first was; the header is Stripe's name for it).
         if not batch:
             event_id = events[0].id
-            self._log.debug("envelope.accepted", event_id=event_id, size=len(body))
-            if self._status is None:
-                return web.Response(status=202, body=_id_body(event_id), content_type=_JSON)
-            headers = {"Location": status_url(event_id)}
-            wait = prefer_wait(request.headers.get("Prefer"))
-            if wait is not None:
-                return await self._wait(request, event_id, min(wait, self._max_wait_s), headers)
-            return web.Response(status=202, body=_id_body(event_id), content_type=_JSON, headers=headers)
-        self._log.debug("batch.accepted", count=len(events), size=len(body))
-        answer: dict[str, object] = {"ids": [e.id for e in events]}
+            duplicate = event_id in duplicates
+            self._log.debug("envelope.accepted", event_id=event_id, size=len(body), duplicate=duplicate or None)
+            headers = {REPLAYED: "true"} if duplicate else {}
+            if self._status is not None:
+                headers["Location"] = status_url(event_id)
+                wait = prefer_wait(request.headers.get("Prefer"))
+                if wait is not None:
+                    return await self._wait(request, event_id, duplicate, min(wait, self._max_wait_s), headers)
+            return web.Response(status=202, body=_id_body(event_id, duplicate), content_type=_JSON, headers=headers)
+        self._log.debug("batch.accepted", count=len(events), size=len(body), duplicates=len(duplicates) or None)
+        ids = [e.id for e in events]
+        flags = [i in duplicates for i in ids]
+        answer: dict[str, object] = {"ids": ids, "duplicate": flags}
         if self._status is not None:
             # One status URL per event (a Location names one resource); Prefer: wait is for single events.
-            answer["status"] = [status_url(e.id) for e in events]
-        ids = json.dumps(answer, ensure_ascii=False).encode("utf-8")
-        return web.Response(status=202, body=ids, content_type=_JSON)
+            answer["status"] = [status_url(i) for i in ids]
+        reply = json.dumps(answer, ensure_ascii=False).encode("utf-8")
+        response = web.Response(status=202, body=reply, content_type=_JSON)
+        if flags and all(flags):
+            response.headers[REPLAYED] = "true"  # the whole batch was a repeat
+        return response
+
+    async def answer_handshake(self, request: web.BaseRequest) -> web.StreamResponse:
+        """``OPTIONS`` on the path: the CloudEvents webhook abuse-protection handshake (http-webhook.md
+        4.2). An allowed ``WebHook-Request-Origin`` gets 200 with ``WebHook-Allowed-Origin`` (echoed) and
+        ``WebHook-Allowed-Rate``; another 403 without them (a refusal); an OPTIONS without the header
+        204 with ``Allow``. Unauthenticated: it commits nothing and grants nothing but consent to receive."""
+        cfg = self.handshake
+        assert cfg is not None
+        asked = request.headers.get(REQUEST_ORIGIN, "").strip()
+        if not asked:
+            return web.Response(status=204, headers={"Allow": "OPTIONS, POST"})
+        if "*" not in cfg.allowed_origins and asked.lower() not in cfg.allowed_origins:
+            self._log.info("handshake.refused", origin=asked[:100])
+            return error_response(403, "forbidden", "this origin may not deliver webhooks here")
+        rate = str(cfg.allowed_rate) if cfg.allowed_rate is not None else "*"
+        self._log.info("handshake.accepted", origin=asked[:100], rate=rate)
+        headers = {"Allow": "OPTIONS, POST", ALLOWED_ORIGIN: asked, ALLOWED_RATE: rate}
+        return web.Response(status=200, headers=headers)
 
     async def _wait(
-        self, request: web.BaseRequest, event_id: str, wait_s: float, headers: dict[str, str]
+        self, request: web.BaseRequest, event_id: str, duplicate: bool, wait_s: float, headers: dict[str, str]
     ) -> web.Response:
         """``Prefer: wait``: 200 with the status document once every destination confirmed or one was
         dead-lettered, else (after ``wait_s``) 202 as without the header. ``Preference-Applied`` says the
@@ -353,7 +387,7 @@ class HttpInbound:
                 return web.Response(status=200, body=body, content_type=_JSON, headers=headers)
         elif outcome == "timeout":
             headers["Preference-Applied"] = preference
-        return web.Response(status=202, body=_id_body(event_id), content_type=_JSON, headers=headers)
+        return web.Response(status=202, body=_id_body(event_id, duplicate), content_type=_JSON, headers=headers)
 
     def decode(self, request: web.BaseRequest, body: bytes) -> tuple[list[Envelope], bool]:
         """The request as stamped envelopes (provenance set, sender's provenance discarded), and whether it
@@ -430,8 +464,9 @@ def _is_cloudevent(headers: Mapping[str, str]) -> bool:
     return "ce-specversion" in headers or codec.media_type(headers.get("Content-Type")) in _CLOUDEVENTS_MEDIA
 
 
-def _id_body(event_id: str) -> bytes:
-    return b'{"id":' + json.dumps(event_id, ensure_ascii=False).encode("utf-8") + b"}"
+def _id_body(event_id: str, duplicate: bool) -> bytes:
+    tail = b',"duplicate":true}' if duplicate else b',"duplicate":false}'
+    return b'{"id":' + json.dumps(event_id, ensure_ascii=False).encode("utf-8") + tail
 
 
 def _traceparent(request: web.BaseRequest) -> str | None:

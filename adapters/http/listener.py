@@ -413,6 +413,8 @@ class HttpListener:
         for inbound in self.inbounds:
             # Only POST is routed, so aiohttp answers any other method on the path with 405 and Allow.
             app.router.add_post(inbound.path, self._inbound_handler(inbound), name=f"inbound:{inbound.name}")
+            if inbound.handshake is not None:  # CloudEvents webhook abuse protection (a CORS preflight goes first)
+                app.router.add_route(hdrs.METH_OPTIONS, inbound.path, inbound.answer_handshake)
         return app
 
     def fast_routes(self) -> dict[tuple[str, str], Handler]:
@@ -510,6 +512,9 @@ class HttpListener:
             self.port = listening.sockets[0].getsockname()[1]
             scheme = "https" if ssl_context is not None else "http"
             self.health.set(self.name, True, f"listening on {scheme}://{self.cfg.host}:{self.port}")
+            for inbound in self.inbounds:  # served by this listener's routes: ready exactly when it is
+                url = f"{scheme}://{self.cfg.host}:{self.port}{inbound.path}"
+                self.health.set(f"inbound:{inbound.name}", True, f"serving {url} on {self.name}")
             self._log.info(
                 "listener.started", host=self.cfg.host, port=self.port, inbounds=len(self.inbounds), scheme=scheme
             )
@@ -518,6 +523,8 @@ class HttpListener:
             await asyncio.Future()  # serve until cancelled
         finally:
             self.health.set(self.name, False, "stopped")
+            for inbound in self.inbounds:
+                self.health.set(f"inbound:{inbound.name}", False, f"{self.name} stopped")
             self.started.clear()
             for task in self._reloads:
                 task.cancel()

@@ -27,6 +27,7 @@ from adapters.mqtt.brokerinfo import BrokerInfo, wanted
 from adapters.mqtt.codec import InboundRules, MqttMessage, to_envelope, undecodable, user_properties
 from adapters.mqtt.config import MqttInboundConfig
 from adapters.mqtt.connection import Backoff, BrokerAccess, make_client, paho_client, stop_if_cancelled
+from mediator.core.deadletter import REJECTED_PREFIX
 from mediator.core.envelope import Envelope
 from mediator.core.errors import NotReady, Rejected
 from mediator.core.ingress import Origin
@@ -232,7 +233,7 @@ class MqttInbound:
                 return
             # Nobody can be answered on MQTT: the refusal becomes a dead letter, then the ack.
             self._log.error("envelope.rejected", event_id=events[0].id, reason=exc.reason)
-            await self._rt.sink.dead_letter(events[0], exc.reason)
+            await self._rt.sink.dead_letter(events[0], f"{REJECTED_PREFIX}{exc}")
 
     async def _until_safe(self, call: Callable[..., Awaitable[None]], *args: Any, messages: int = 1) -> None:
         """Await ``call`` until it succeeds, holding the acknowledgement of ``messages`` messages meanwhile:

@@ -26,6 +26,7 @@ from adapters.mqtt.connection import (
     paho_client,
     stop_if_cancelled,
 )
+from mediator.core.deadletter import UNROUTABLE_PREFIX
 from mediator.core.deadline import deadline
 from mediator.core.envelope import Envelope
 from mediator.core.errors import RetryableDeliveryError, TerminalDeliveryError
@@ -121,7 +122,7 @@ class MqttOutbound:
         PUBCOMP for QoS 2; QoS 0 has no confirmation: returns once queued on the connection)."""
         problem = publish_topic_problem(address)
         if problem is not None:
-            raise TerminalDeliveryError(f"invalid MQTT topic {address!r}: {problem}")
+            raise TerminalDeliveryError(f"{UNROUTABLE_PREFIX}invalid MQTT topic {address!r}: {problem}")
         inner = self._paho
         if inner is None:
             raise RetryableDeliveryError(f"not connected to broker {self._access.name!r}")

@@ -8,6 +8,12 @@ Avro binary (one datum, no container file); with ``schema_id = N`` it is framed 
 format (magic byte 0, the id as 4 bytes big-endian, then the datum) and ``to = "json"`` expects and
 checks that frame.
 
+JSON to Protobuf or Avro refuses what the target cannot hold, the same way for both (``conform.py``): a
+field the target lacks (unless ``unknown_fields = "drop"`` leaves such fields out), a value of the wrong
+kind, a required field that is absent (Avro: a field with no default that is not a nullable union;
+Protobuf: a proto2 ``required`` field). The refusal is a ``TransformError`` naming the field, so the
+destination is dead-lettered with it (``egress.py``).
+
 The converted event's ``datacontenttype`` says what the data is now: ``application/protobuf`` (the
 media type IANA registered for the binary encoding), ``application/avro`` or ``application/json``
 (``content_type`` overrides it). Its ``dataschema`` becomes the configured ``dataschema``, or is removed
@@ -26,6 +32,13 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mediator.core.conform import (
+    AvroConformer,
+    Mismatch,
+    ProtobufConformer,
+    missing_required,
+    unknown_binary_fields,
+)
 from mediator.core.content import NOT_JSON
 from mediator.core.envelope import Envelope, data_bytes
 from mediator.core.errors import Rejected
@@ -47,7 +60,12 @@ class ConvertConfig(BaseModel):
     message: str | None = Field(default=None, description="full Protobuf message name, e.g. shop.Order")
     avro_schema: str | None = Field(default=None, description="Avro schema file (.avsc, JSON)")
     schema_id: int | None = Field(default=None, ge=0, lt=2**32, description="Confluent wire format schema id")
-    ignore_unknown_fields: bool = Field(default=False, description="JSON to Protobuf: drop fields not in it")
+    unknown_fields: Literal["reject", "drop"] = Field(
+        default="reject",
+        description="a field the target lacks (JSON to Protobuf or Avro; a field number Protobuf bytes carry that "
+        "the message lacks, to JSON) dead-letters the destination (reject) or is left out (drop)",
+    )
+    ignore_unknown_fields: bool = Field(default=False, description='deprecated: unknown_fields = "drop"')
     content_type: str | None = Field(default=None, description="datacontenttype of the result")
     dataschema: str | None = Field(default=None, description="dataschema of the result (else removed)")
 
@@ -66,7 +84,18 @@ class ConvertConfig(BaseModel):
             raise ValueError("to = 'json' converts from Protobuf (descriptor_set, message) or Avro (avro_schema)")
         if self.schema_id is not None and self.avro_schema is None:
             raise ValueError("schema_id frames Avro data (Confluent wire format); it needs avro_schema")
+        if self.ignore_unknown_fields and "unknown_fields" in self.model_fields_set and self.unknown_fields != "drop":
+            raise ValueError('ignore_unknown_fields = true is unknown_fields = "drop"; give unknown_fields only')
+        unknown_set = "unknown_fields" in self.model_fields_set or self.ignore_unknown_fields
+        if self.to == "json" and self.avro_schema is not None and unknown_set:
+            raise ValueError(
+                "unknown_fields applies to JSON to Protobuf or Avro, and Protobuf to JSON; not Avro to JSON"
+            )
         return self
+
+    @property
+    def drops_unknown(self) -> bool:
+        return self.unknown_fields == "drop" or self.ignore_unknown_fields
 
 
 def _load_message_class(path: Path, name: str) -> type[Any]:
@@ -138,10 +167,17 @@ class Converter:
         self.config = cfg
         self._message: type[Any] | None = None
         self._avro: Any = None
+        self._conform: ProtobufConformer | AvroConformer | None = None
+        self._target = ""
         if cfg.descriptor_set is not None and cfg.message is not None:
             self._message = _load_message_class(base_dir / cfg.descriptor_set, cfg.message)
+            self._conform = ProtobufConformer(self._message.DESCRIPTOR, drop=cfg.drops_unknown)
+            self._target = f"Protobuf {cfg.message}"
         if cfg.avro_schema is not None:
             self._avro = _load_avro(base_dir / cfg.avro_schema)
+            self._conform = AvroConformer(self._avro, drop=cfg.drops_unknown)
+            named = self._avro.get("name") if isinstance(self._avro, dict) else None
+            self._target = f"Avro {named or cfg.avro_schema}"
         self._header = _CONFLUENT.pack(0, cfg.schema_id) if cfg.schema_id is not None else b""
         default = {"protobuf": PROTOBUF, "avro": AVRO, "json": JSON}[cfg.to]
         self._content_type = cfg.content_type or default
@@ -171,37 +207,42 @@ class Converter:
             raise TransformError("the data is not JSON")
         return value
 
+    def _conformed(self, env: Envelope, data: DataGetter) -> Any:
+        """The event's JSON data as the target can hold it (see ``conform``); raises TransformError
+        naming the field that does not fit."""
+        assert self._conform is not None
+        value = self._json(env, data)
+        try:
+            return self._conform.conform(value)
+        except Mismatch as exc:
+            raise TransformError(f"cannot convert to {self._target}: {exc}") from None
+
     def _to_protobuf(self, env: Envelope, data: DataGetter) -> bytes:
         from google.protobuf import json_format
 
         assert self._message is not None
-        value = self._json(env, data)
-        if not isinstance(value, dict):
-            raise TransformError(f"the data is a JSON {type(value).__name__}, not an object")
+        value = self._conformed(env, data)
         try:
-            msg = json_format.ParseDict(value, self._message(), ignore_unknown_fields=self.config.ignore_unknown_fields)
+            msg = json_format.ParseDict(value, self._message())
         except json_format.ParseError as exc:
-            raise TransformError(f"not a {self.config.message}: {exc}") from None
+            raise TransformError(f"cannot convert to {self._target}: {exc}") from None
+        missing = missing_required(msg)
+        if missing:
+            fields = ", ".join(repr(m) for m in missing)
+            raise TransformError(f"cannot convert to {self._target}: required field {fields} missing")
         body: bytes = msg.SerializeToString()
         return body
 
     def _to_avro(self, env: Envelope, data: DataGetter) -> bytes:
         import fastavro
-        from fastavro.validation import ValidationError, validate
 
-        value = self._json(env, data)
+        value = self._conformed(env, data)
         buf = io.BytesIO()
         buf.write(self._header)
         try:
             fastavro.schemaless_writer(buf, self._avro, value)
-        except Exception as exc:  # fastavro raises ValueError, TypeError, KeyError, ... for a bad datum
-            try:
-                validate(value, self._avro, raise_errors=True)
-            except ValidationError as verr:
-                raise TransformError(f"does not match the Avro schema: {verr}") from None
-            except Exception:
-                pass
-            raise TransformError(f"does not match the Avro schema: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # what the checks let through and fastavro refuses (a logical type's value)
+            raise TransformError(f"cannot convert to {self._target}: {type(exc).__name__}: {exc}") from None
         return buf.getvalue()
 
     def _to_json(self, env: Envelope, data: DataGetter) -> bytes:
@@ -214,6 +255,14 @@ class Converter:
                 msg.ParseFromString(raw)
             except Exception as exc:  # DecodeError
                 raise TransformError(f"the data is not a {self.config.message}: {exc}") from None
+            # Fields of a newer schema survive parsing as unknown fields and MessageToDict leaves them out.
+            if not self.config.drops_unknown:
+                unknown = unknown_binary_fields(msg)
+                if unknown:
+                    raise TransformError(
+                        f"cannot convert {self._target} to JSON: field {unknown[0]!r} is not in"
+                        f' {self.config.message} (unknown_fields = "drop" leaves such fields out)'
+                    )
             value: Any = json_format.MessageToDict(msg, preserving_proto_field_name=True)
         else:
             import fastavro

@@ -74,6 +74,9 @@ class Origin:
     # inbounds put each message's in its event's provenance instead (a batch mixes senders).
     traceparent: str = ""
     tracestate: str = ""
+    # The request body exactly as received, once the adapter read it (HTTP): what a webhook signature is
+    # computed over. None before it is read, and on protocols that carry no signed body.
+    body: bytes | None = None
 
 
 @dataclass(slots=True)

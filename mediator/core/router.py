@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mediator.core.content import NOT_JSON, parsed
+from mediator.core.deadletter import TRANSFORM_PREFIX, UNROUTABLE_PREFIX
 from mediator.core.egress import Egress
 from mediator.core.envelope import Envelope, attribute, value_to_str
 from mediator.core.errors import Rejected
@@ -55,11 +56,14 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Unroutable:
-    """A destination whose address could not be rendered: dead-lettered at commit, with the reason."""
+    """A destination whose address could not be rendered, or whose egress failed: dead-lettered at commit,
+    with the reason (and the rendered address, when there is one, so the dead letter says which
+    destination; never a format: the event stored is the original, so it is not replayed as is)."""
 
     route: str
     outbound: str
     reason: str
+    address: str = ""
 
 
 class _Matcher:
@@ -216,7 +220,7 @@ class Router:
                 try:
                     address = dest.address.render(env)
                 except TemplateError as exc:
-                    failures.append(Unroutable(route.spec.name, dest.outbound, str(exc)))
+                    failures.append(Unroutable(route.spec.name, dest.outbound, f"{UNROUTABLE_PREFIX}{exc}"))
                     continue
                 key = (dest.outbound, address, dest.format, dest.egress)
                 if key in seen:
@@ -228,7 +232,7 @@ class Router:
                 try:
                     out = dest.egress.apply(env, getter)
                 except TransformError as exc:
-                    failures.append(Unroutable(route.spec.name, dest.outbound, f"transform failed: {exc}"))
+                    failures.append(Unroutable(route.spec.name, dest.outbound, f"{TRANSFORM_PREFIX}{exc}", address))
                     continue
                 deliveries.append(Delivery(route.spec.name, dest.outbound, address, dest.format, out))
             if route.final:

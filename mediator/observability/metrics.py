@@ -52,6 +52,7 @@ from prometheus_client.registry import Collector
 
 from mediator import __version__
 from mediator.config import Config
+from mediator.core import deadletter
 from mediator.core.health import Health
 from mediator.core.router import Delivery, Unroutable
 from mediator.outbox.base import Accepted
@@ -76,25 +77,10 @@ FAILED_RETRYABLE = "retryable"  # RetryableDeliveryError: not connected, broker 
 FAILED_TIMEOUT = "timeout"  # no confirmation within send_timeout_s
 FAILED_TERMINAL = "terminal"  # TerminalDeliveryError: unroutable, 4xx, too large
 FAILED_ERROR = "error"  # the adapter raised something else (a bug): retried
-# Why an event or a delivery became a dead letter.
-DEAD_TERMINAL = "terminal"  # the peer refused it for good (TerminalDeliveryError)
-DEAD_EXHAUSTED = "exhausted"  # retry.max_attempts attempts failed
-DEAD_UNMATCHED = "unmatched"  # no route matched the event
-DEAD_UNROUTABLE = "unroutable"  # a destination's address could not be rendered for the event
-DEAD_TRANSFORM = "transform_failed"  # a destination's egress transform or conversion failed
-DEAD_STAGE = "stage"  # a stage took the event out (schema on_invalid = dead_letter, enrichment, aggregation)
-DEAD_INGRESS = "ingress"  # a broker inbound's message refused or undecodable (Sink.dead_letter)
-UNMATCHED_REASON = "no route matched"  # the pipeline's dead_reason for an event no route matched
+# Why an event or a delivery became a dead letter: the classes of mediator.core.deadletter (one table,
+# one classifier, also behind the dead-letter listing's "class").
 REASONS_FAILED = (FAILED_RETRYABLE, FAILED_TIMEOUT, FAILED_TERMINAL, FAILED_ERROR)
-REASONS_DEAD = (
-    DEAD_TERMINAL,
-    DEAD_EXHAUSTED,
-    DEAD_UNMATCHED,
-    DEAD_UNROUTABLE,
-    DEAD_TRANSFORM,
-    DEAD_STAGE,
-    DEAD_INGRESS,
-)
+REASONS_DEAD = tuple(c.name for c in deadletter.CLASSES)
 
 # From a millisecond (a send to a broker on loopback) to five minutes (retries with backoff).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -253,7 +239,7 @@ class OutboundMetrics:
         self.latency = m.latency.labels(name)
         self.failed = {r: m.failed.labels(name, r) for r in REASONS_FAILED}
         self.retried = {r: m.retried.labels(name, r) for r in REASONS_FAILED if r != FAILED_TERMINAL}
-        self.dead = {r: m.dead_lettered.labels(name, r) for r in (DEAD_TERMINAL, DEAD_EXHAUSTED)}
+        self.dead = {r: m.dead_lettered.labels(name, r) for r in deadletter.DELIVERY_CLASSES}
 
     def delivered(self, received_s: float) -> None:
         """One delivery the peer confirmed, of an event received at ``received_s`` (Unix time; 0: unknown)."""
@@ -420,7 +406,7 @@ class Metrics:
         self._inbounds: dict[str, InboundMetrics] = {}
         self._outbounds: dict[str, OutboundMetrics] = {}
         self._routes = _Children(self.routed)
-        self._ingress_dead = {r: self.dead_lettered.labels("", r) for r in (DEAD_UNMATCHED, DEAD_STAGE, DEAD_INGRESS)}
+        self._ingress_dead = {r: self.dead_lettered.labels("", r) for r in deadletter.EVENT_CLASSES}
         self._observe_commit = self.commit.observe
 
     # ---------------------------------------------------------------- children, bound once
@@ -448,13 +434,12 @@ class Metrics:
             if reason is None:
                 self.routed_event(item.deliveries, item.failures)
                 for fail in item.failures:
-                    kind = DEAD_TRANSFORM if fail.reason.startswith("transform failed") else DEAD_UNROUTABLE
-                    self.dead_lettered.labels(fail.outbound, kind).inc()  # rare: not cached
-            elif reason == UNMATCHED_REASON:
-                inbound.unmatched.inc()
-                self._ingress_dead[DEAD_UNMATCHED].inc()
+                    self.dead_letter(fail.outbound, fail.reason)
             else:
-                self._ingress_dead[DEAD_STAGE].inc()
+                kind = deadletter.classify(reason, "")
+                if kind == deadletter.UNMATCHED:
+                    inbound.unmatched.inc()
+                self._ingress_dead[kind].inc()
 
     def routed_event(self, deliveries: Sequence[Delivery], failures: Sequence[Unroutable]) -> None:
         """One event routed: each route that gave it a delivery or a failure counts once (the router lists
@@ -470,8 +455,13 @@ class Metrics:
                 last = f.route
                 routes[last].inc()
 
-    def dead_at_ingress(self, reason: str) -> None:
-        self._ingress_dead[reason].inc()
+    def dead_letter(self, outbound: str, reason: str) -> None:
+        """One dead letter stored, of a delivery to ``outbound`` ("" for a whole event), counted by the class
+        of its reason (``deadletter.classify``). The dispatcher counts its own through its bound children."""
+        if outbound:
+            self.outbound(outbound).dead[deadletter.classify(reason, outbound)].inc()
+        else:
+            self._ingress_dead[deadletter.classify(reason, "")].inc()
 
     def commit_took(self, seconds: float) -> None:
         self._observe_commit(seconds)

@@ -56,6 +56,14 @@ async def status(daemon: StatusSource) -> dict[str, object]:
             return {"ready": False, "detail": "not running"}
         return {"ready": bool(s["ready"]), "detail": s["detail"]}
 
+    def intake(component: str) -> dict[str, object]:
+        """An inbound's state: a draining daemon refuses every event (503, UNAVAILABLE, no ack), so none is
+        ready then, whatever its connection or listener says."""
+        s = state(component)
+        if health.draining:
+            return {"ready": False, "detail": f"draining: new events refused ({s['detail']})"}
+        return s
+
     listeners = [
         {"name": name, "kind": body.get("kind"), **state(f"listener:{name}")} for name, body in root.listeners.items()
     ]
@@ -78,7 +86,7 @@ async def status(daemon: StatusSource) -> dict[str, object]:
                 "name": name,
                 "kind": body.get("kind"),
                 "via": cfg.connection() if cfg is not None else None,
-                **state(f"inbound:{name}"),
+                **intake(f"inbound:{name}"),
                 "received": total("events_received", name),
                 "accepted": total("events_accepted", name),
                 "duplicates": total("events_duplicate", name),

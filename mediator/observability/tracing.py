@@ -1,7 +1,9 @@
 """OpenTelemetry tracing, observed at the seams: ``Sink`` (receive spans) and ``Outbound.send`` (send spans).
 
 Built only when ``[tracing] enabled``: the daemon then wraps its sink and each outbound, so with tracing
-off nothing here runs and nothing is imported on the hot path.
+off nothing here runs and nothing is imported on the hot path. A reload that turns tracing on, off or
+changes it builds a new ``Tracing`` (or none), switches the daemon's sink and rewraps its outbounds, and
+closes the old one (``mediator.daemon.Daemon._set_tracing``).
 
 Spans follow the OpenTelemetry messaging conventions, as few and as cheap as they allow:
 
@@ -52,7 +54,7 @@ log = structlog.get_logger(__name__)
 _SYSTEMS = {"amqp": "rabbitmq", "mqtt": "mqtt", "http": "http", "grpc": "grpc"}
 _GRPC_SERVICE = "mediator.v1.Mediator"
 
-__all__ = ["TracedOutbound", "TracedSink", "Tracing", "parse"]
+__all__ = ["SpanTotals", "TracedOutbound", "TracedSink", "Tracing", "parse"]
 
 
 def _event_context(env: Envelope) -> Parent | None:
@@ -94,31 +96,34 @@ class Tracing:
     def outbound(self, inner: Outbound, kind: str) -> Outbound:
         return TracedOutbound(inner, kind, self.recorder)
 
+    def dead_letter_span(self, delivery: Pending, reason: str) -> None:
+        """The span of a dispatcher's dead letter: error status, the reason as its description, child of the
+        event's receive span."""
+        event = delivery.event
+        prov = event.provenance
+        span = self.recorder.start(
+            f"dead_letter {delivery.outbound}",
+            SpanKind.INTERNAL,
+            parse(prov.traceparent, prov.tracestate),
+            {
+                "messaging.message.id": event.id,
+                "messaging.destination.name": delivery.address,
+                "mediator.outbound": delivery.outbound,
+                "mediator.route": delivery.route,
+                "mediator.delivery.attempts": delivery.attempts,
+                "error.type": "dead_letter",
+            },
+        )
+        span.set_error(reason)
+        span.end()
+
     def dead_lettered(
         self, hook: Callable[[Pending, str], Awaitable[None]]
     ) -> Callable[[Pending, str], Awaitable[None]]:
-        """``hook`` (the dispatcher's dead-letter callback) preceded by a dead-letter span: error status, the
-        reason as its description, child of the event's receive span."""
-        recorder = self.recorder
+        """``hook`` (the dispatcher's dead-letter callback) preceded by ``dead_letter_span``."""
 
         async def traced(delivery: Pending, reason: str) -> None:
-            event = delivery.event
-            prov = event.provenance
-            span = recorder.start(
-                f"dead_letter {delivery.outbound}",
-                SpanKind.INTERNAL,
-                parse(prov.traceparent, prov.tracestate),
-                {
-                    "messaging.message.id": event.id,
-                    "messaging.destination.name": delivery.address,
-                    "mediator.outbound": delivery.outbound,
-                    "mediator.route": delivery.route,
-                    "mediator.delivery.attempts": delivery.attempts,
-                    "error.type": "dead_letter",
-                },
-            )
-            span.set_error(reason)
-            span.end()
+            self.dead_letter_span(delivery, reason)
             await hook(delivery, reason)
 
         return traced
@@ -137,6 +142,27 @@ class Tracing:
             dropped=r.dropped,
             took_s=round(time.monotonic() - started, 3),
         )
+
+
+class SpanTotals:
+    """The span counts of every recorder one daemon ran (the metrics' ``SpanCounts``): a reload that
+    replaces or stops tracing keeps ``mediator_spans_total`` counting on instead of resetting or vanishing.
+    One recorder per reload that changed ``[tracing]``, each emptied once stopped."""
+
+    def __init__(self) -> None:
+        self.recorders: list[Recorder] = []
+
+    @property
+    def exported(self) -> int:
+        return sum(r.exported for r in self.recorders)
+
+    @property
+    def failed(self) -> int:
+        return sum(r.failed for r in self.recorders)
+
+    @property
+    def dropped(self) -> int:
+        return sum(r.dropped for r in self.recorders)
 
 
 class TracedSink:

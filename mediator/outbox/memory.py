@@ -43,7 +43,7 @@ class MemoryOutbox:
                 self._bury(item.event, "", "", "", "", item.dead_reason, 0, now)
                 continue
             for fail in item.failures:
-                self._bury(item.event, fail.route, fail.outbound, "", "", fail.reason, 0, now)
+                self._bury(item.event, fail.route, fail.outbound, fail.address, "", fail.reason, 0, now)
             for d in item.deliveries:
                 event = item.event if d.event is None else d.event
                 p = Pending(next(self._ids), event, d.route, d.outbound, d.address, d.format)

@@ -553,7 +553,7 @@ def _commit(
             conn.execute(
                 "INSERT INTO dead_letters(envelope,route,outbound,address,format,reason,attempts,at)"
                 " VALUES (?,?,?,?,?,?,?,?)",
-                (blob, fail.route, fail.outbound, "", "", fail.reason, 0, now),
+                (blob, fail.route, fail.outbound, fail.address, "", fail.reason, 0, now),
             )
         for did, d in zip(ids(len(item.deliveries)), item.deliveries, strict=True):
             # A destination that transformed the event stores (and is sent) its own copy.

@@ -35,6 +35,7 @@ from mediator.stages.config import (
     MtlsAuthConfig,
     RateLimitConfig,
     SecurityConfig,
+    WebhookAuthConfig,
 )
 from mediator.stages.content_config import ValidationConfig
 from mediator.stages.content_schema import CompiledSchema, SchemaStage
@@ -42,9 +43,10 @@ from mediator.stages.enrich import Enrich, EnrichConfig
 from mediator.stages.enrich import build as build_enrichers
 from mediator.stages.ratelimit import RateLimit
 from mediator.stages.transform import build as build_ingress_transform
+from mediator.stages.webhooks import WebhookAuthenticator
 from mediator.stages.wellformed import WellFormed
 
-__all__ = ["Stages", "build", "problems"]
+__all__ = ["Stages", "broad_rules", "build", "problems"]
 
 log = structlog.get_logger(__name__)
 
@@ -118,6 +120,12 @@ def problems(
                 out.append(f"listeners.{name}.auth[{i}]: [auth.{ref}] is for broker inbounds")
             elif isinstance(acfg, MtlsAuthConfig) and (lcfg.tls is None or lcfg.tls.client_cert == "none"):
                 out.append(f"listeners.{name}.auth[{i}]: mtls needs tls.client_cert = 'optional' or 'required'")
+            elif isinstance(acfg, WebhookAuthConfig):
+                # A listener's list also guards its admin endpoints, which sign nothing.
+                out.append(
+                    f"listeners.{name}.auth[{i}]: [auth.{ref}] (kind = 'webhook') verifies request bodies: "
+                    "name it in the auth of each HTTP inbound it guards"
+                )
     for adapter in adapters.values():
         for name, icfg in adapter.inbounds.items():
             found = _listener_of(icfg, listeners)
@@ -140,6 +148,8 @@ def problems(
                     listener is None or listener.tls is None or listener.tls.client_cert == "none"
                 ):
                     out.append(f"{where}[{i}]: mtls needs the listener's tls.client_cert = 'optional' or 'required'")
+                elif isinstance(acfg, WebhookAuthConfig) and getattr(icfg, "kind", None) != "http":
+                    out.append(f"{where}[{i}]: [auth.{ref}] (kind = 'webhook') verifies signed HTTP requests only")
             if listener is not None and not listener.loopback and not names and not anonymous:
                 assert found is not None
                 out.append(
@@ -156,6 +166,44 @@ def problems(
                 out.append(f"rate_limits[{i}].inbounds: no inbound named {ref!r}")
     names = [r.name for r in rules]
     out += [f"authorization: rule name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    return out
+
+
+def broad_rules(adapters: Mapping[str, AdapterConfig], rules: Sequence[AuthorizationRuleConfig]) -> list[str]:
+    """Warnings (for ``mediator check``) about ``allow`` rules that match every authenticated principal on an
+    inbound that authenticates its callers: no ``principals`` (or only ``*``) and no ``roles``. Empty lists
+    match everything, so ``inbounds = [...]`` with ``anonymous = true``, written to let anonymous callers
+    through, also lets every principal any authenticator vouches for publish there. Where an inbound has no
+    authenticators every caller is anonymous and such a rule is exact: no warning."""
+    listeners = {n: m for a in adapters.values() for n, m in a.listeners.items()}
+    authenticating: dict[str, list[str]] = {}  # inbound -> its authenticators
+    for adapter in adapters.values():
+        for name, icfg in adapter.inbounds.items():
+            found = _listener_of(icfg, listeners)
+            names, _ = _effective(icfg, found[1] if found else None)
+            if names:
+                authenticating[name] = names
+    out: list[str] = []
+    for i, rule in enumerate(rules):
+        if rule.effect != "allow" or rule.roles or any(p != "*" for p in rule.principals):
+            continue
+        scope = [n for n in (rule.inbounds or sorted(authenticating)) if n in authenticating]
+        if not scope:
+            continue
+        who = "every authenticated principal" + (" and anonymous callers" if rule.anonymous else "")
+        what = "any event type" if not rule.types else "types " + ", ".join(repr(t) for t in rule.types)
+        where = ", ".join(f"{n!r} (auth {', '.join(authenticating[n])})" for n in scope)
+        empty = "principals = ['*']" if rule.principals else "principals and roles are empty"
+        out.append(
+            f"authorization[{i}] ({rule.name!r}): allows {who} to publish {what} through inbound(s) {where}: "
+            f"{empty}, and an empty list matches every principal"
+            + (
+                " (anonymous = true adds anonymous callers; it does not limit the rule to them)"
+                if rule.anonymous
+                else ""
+            )
+            + "; narrow it with roles = [...] or principals = [...] naming who may publish there"
+        )
     return out
 
 
@@ -184,6 +232,10 @@ def build(
             made[name] = jwt_auth
         elif isinstance(acfg, MtlsAuthConfig):
             made[name] = MtlsAuthenticator(name, acfg)
+        elif isinstance(acfg, WebhookAuthConfig):
+            hook = WebhookAuthenticator(name, acfg)
+            hook.load_sync()
+            made[name] = hook
         else:
             made[name] = BrokerAuthenticator(name, acfg)
     listeners = {n: m for a in adapters.values() for n, m in a.listeners.items()}
@@ -198,6 +250,7 @@ def build(
             if names:
                 policies[name] = Policy(tuple(made[r] for r in names), allow_anonymous=anonymous)
     headers = {"authorization"} | {a.header for a in made.values() if isinstance(a, ApiKeyAuthenticator)}
+    headers |= {h for a in made.values() if isinstance(a, WebhookAuthenticator) for h in a.headers}
     authenticate = Authenticate(policies, security.reserved_attributes)
     stages: list[Stage] = [authenticate]
     authorize = Authorize(rules)

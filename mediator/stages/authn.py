@@ -41,6 +41,7 @@ from mediator.stages.config import (
     MtlsAuthConfig,
 )
 from mediator.stages.jwks import Fetch, HttpFetch, JwksCache, file_fetch
+from mediator.stages.webhooks import WebhookAuthenticator
 
 log = structlog.get_logger(__name__)
 
@@ -405,7 +406,7 @@ class BrokerAuthenticator:
         return principal
 
 
-Authenticator = ApiKeyAuthenticator | JwtAuthenticator | MtlsAuthenticator | BrokerAuthenticator
+Authenticator = ApiKeyAuthenticator | JwtAuthenticator | MtlsAuthenticator | BrokerAuthenticator | WebhookAuthenticator
 
 
 # ---------------------------------------------------------------- the stage
@@ -422,8 +423,15 @@ class Policy:
     def enabled(self) -> bool:
         return bool(self.authenticators)
 
+    @property
+    def webhooks(self) -> tuple[WebhookAuthenticator, ...]:
+        return tuple(a for a in self.authenticators if isinstance(a, WebhookAuthenticator))
+
 
 OPEN = Policy()
+AWAITING_BODY = Principal("", ANONYMOUS, "awaiting-body")
+"""What ``authenticate`` answers before the body for a signed webhook whose headers passed: not a
+verdict (never cached on the Origin); the stage verifies the signature once the body is there."""
 
 
 def _bearer(value: str) -> str | None:
@@ -439,6 +447,12 @@ class Authenticate:
     def __init__(self, policies: Mapping[str, Policy], reserved: Sequence[str] = ()) -> None:
         self._policies = dict(policies)
         self._reserved = tuple(dict.fromkeys((*AUTH_ATTRIBUTES, *reserved)))
+        # Webhook signature headers are no bearer-style credential: set apart before counting those.
+        self._signature_headers = frozenset(h for p in self._policies.values() for a in p.webhooks for h in a.headers)
+        # Standard Webhooks authenticators by name: their verified webhook-id names the event (below).
+        self._message_ids = {
+            a.name: "webhook-id" for p in self._policies.values() for a in p.webhooks if a.scheme == "standard-webhooks"
+        }
 
     def policy(self, inbound: str) -> Policy:
         return self._policies.get(inbound, OPEN)
@@ -451,15 +465,21 @@ class Authenticate:
                 raise _unauthenticated("credential expired", principal.mechanism, token=True)
             return principal
         principal = await self._authenticate(origin, self.policy(origin.inbound))
-        origin.principal = principal
+        if principal is not AWAITING_BODY:
+            origin.principal = principal
         return principal
 
     async def _authenticate(self, origin: Origin, policy: Policy) -> Principal:
         if not policy.enabled:
             return ANONYMOUS_PRINCIPAL
         offered: dict[str, str] = {}  # credential value -> header it came in
+        signed: dict[str, str] = {}  # signature header -> value
         for header, value in origin.credentials:
-            if header == "authorization":
+            if header in self._signature_headers:
+                if header in signed:
+                    raise _unauthenticated(f"{header} sent more than once", "authorization")
+                signed[header] = value
+            elif header == "authorization":
                 token = _bearer(value)
                 if token is None:
                     raise _unauthenticated("unsupported Authorization scheme (Bearer only)", "authorization")
@@ -468,6 +488,12 @@ class Authenticate:
                 offered.setdefault(value.strip(), header)
         if len(offered) > 1:
             raise _unauthenticated("more than one credential in one request", "authorization")
+        if signed and policy.webhooks:
+            hooks = [a for a in policy.webhooks if a.offered(signed)]
+            if hooks:
+                if offered:
+                    raise _unauthenticated("more than one credential in one request", "authorization")
+                return self._verify_signed(hooks, signed, origin.body)
         if offered:
             ((credential, header),) = offered.items()
             return await self._verify_credential(credential, header, policy)
@@ -478,6 +504,22 @@ class Authenticate:
         if policy.allow_anonymous:
             return ANONYMOUS_PRINCIPAL
         raise _unauthenticated("credentials required", "authentication")
+
+    @staticmethod
+    def _verify_signed(hooks: list[WebhookAuthenticator], signed: Mapping[str, str], body: bytes | None) -> Principal:
+        """Before the body: refuse what the headers alone show is wrong, else AWAITING_BODY. With it:
+        the first authenticator whose secret signed it (several may share a scheme: two GitHub apps)."""
+        last: Rejected | None = None
+        for auth in hooks:
+            try:
+                if body is None:
+                    auth.check_headers(signed)
+                    return AWAITING_BODY
+                return auth.verify(signed, body)
+            except Rejected as exc:
+                last = exc
+        assert last is not None
+        raise last
 
     async def _verify_credential(self, credential: str, header: str, policy: Policy) -> Principal:
         auths = policy.authenticators
@@ -511,7 +553,11 @@ class Authenticate:
             batch.principals = [self._vouched(env, policy) for env in events]
         else:
             principal = await self.authenticate(origin)
+            if principal is AWAITING_BODY:  # an adapter that carries no body cannot have it verified
+                raise _unauthenticated("a signed webhook needs the request body", "webhook")
             batch.principals = [principal] * len(events)
+            if len(events) == 1 and events[0].provenance.id_minted and principal.mechanism in self._message_ids:
+                self._adopt_message_id(events[0], origin, self._message_ids[principal.mechanism])
         reserved = self._reserved
         for env, principal in zip(events, batch.principals, strict=True):
             attrs = env.attributes
@@ -526,6 +572,16 @@ class Authenticate:
                 env.provenance.principal = principal.id
             elif policy.enabled:
                 attrs["authtype"].ce_string = ANONYMOUS
+
+    @staticmethod
+    def _adopt_message_id(env: Envelope, origin: Origin, header: str) -> None:
+        """A plain event (its id minted) takes the verified webhook-id as its id, as it would an
+        Idempotency-Key: Standard Webhooks keeps the id across a sender's retries (each with a new
+        timestamp, so no replay), and the outbox's dedup window then commits the message once."""
+        msg_id = next((value.strip() for name, value in origin.credentials if name == header), "")
+        if msg_id:
+            env.id = msg_id
+            env.provenance.id_minted = False
 
     def _vouched(self, env: Envelope, policy: Policy) -> Principal:
         for auth in policy.authenticators:

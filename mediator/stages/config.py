@@ -24,7 +24,7 @@ CertField = Literal["san_uri", "san_dns", "cn"]
 CERT_FIELDS: tuple[CertField, ...] = ("san_uri", "san_dns", "cn")
 
 
-_INLINE_SECRETS = frozenset({"secret", "key", "keys", "password", "token", "private_key", "api_key", "hash"})
+_INLINE_SECRETS = frozenset({"secret", "secrets", "key", "keys", "password", "token", "private_key", "api_key", "hash"})
 
 
 class _AuthBase(ConfigModel):
@@ -36,7 +36,7 @@ class _AuthBase(ConfigModel):
             if inline:
                 raise ValueError(
                     f"inline secrets are refused ({', '.join(inline)}): name a file (keys_file, jwks_file) or an "
-                    "environment variable (keys_env, secret_env) instead"
+                    "environment variable (keys_env, secret_env, secrets_env) instead"
                 )
         return data
 
@@ -187,9 +187,95 @@ class BrokerAuthConfig(_AuthBase):
         return self
 
 
-AUTH_KINDS = frozenset({"api_key", "jwt", "mtls", "broker"})
+WebhookScheme = Literal["standard-webhooks", "github", "hmac"]
+HmacAlgorithm = Literal["sha256", "sha384", "sha512"]
+
+
+class WebhookAuthConfig(_AuthBase):
+    """Signed webhooks on HTTP inbounds: the request's signature over its exact body, under a shared
+    secret, is the credential; the caller is the configured ``principal``.
+
+    ``scheme = "standard-webhooks"`` (https://www.standardwebhooks.com/): ``webhook-id``,
+    ``webhook-timestamp`` and ``webhook-signature`` (``v1,<base64 HMAC-SHA256 of id.timestamp.body>``,
+    several space-separated); a timestamp further than ``tolerance_s`` from now is refused, and so is a
+    message (id and timestamp) already accepted within the tolerance (a replay); secrets are
+    ``whsec_<base64>``; on a plain inbound the event takes the verified ``webhook-id`` as its id (as it
+    would an ``Idempotency-Key``), so a sender's retry (same id, new timestamp) is committed once within
+    the outbox's dedup window. ``scheme = "github"``: ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the
+    body>`` (GitHub sends no timestamp, so replays cannot be told apart). ``scheme = "hmac"``: the HMAC of
+    the body in ``header`` (``algorithm``, ``encoding``, after an optional ``prefix``).
+
+    Secrets come from the environment variables ``secrets_env`` names; several for rotation (a signature
+    under any one of them is accepted). Only on HTTP inbounds (``auth = [...]`` of the inbound).
+    """
+
+    kind: Literal["webhook"]
+    scheme: WebhookScheme
+    secrets_env: list[str] = Field(
+        min_length=1, description="environment variables holding the secrets (several while rotating)"
+    )
+    principal: str = Field(min_length=1, description="the principal id a verified request is published as")
+    roles: list[str] = Field(default_factory=list)
+    authtype: AuthType = "service_account"
+    tolerance_s: float = Field(
+        default=300.0, gt=0, le=3600, description="standard-webhooks: how far webhook-timestamp may be from now"
+    )
+    replay_cache_size: int = Field(
+        default=100_000,
+        ge=1,
+        description="standard-webhooks: messages remembered within the tolerance to refuse replays; "
+        "when full of unexpired ones, new messages get 503 (retry later) rather than a replay window",
+    )
+    header: str | None = Field(default=None, description="hmac: the header carrying the signature")
+    algorithm: HmacAlgorithm = Field(default="sha256", description="hmac: the HMAC hash")
+    encoding: Literal["hex", "base64"] = Field(default="hex", description="hmac: how the signature is written")
+    prefix: str = Field(default="", description='hmac: text before the signature in the header, e.g. "sha256="')
+
+    @field_validator("secrets_env")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or "=" in name or any(c.isspace() for c in name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        if len(set(value)) != len(value):
+            raise ValueError("a variable is listed twice")
+        return value
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: str | None) -> str | None:
+        return None if value is None else _header_name(value)
+
+    @model_validator(mode="after")
+    def _scheme(self) -> WebhookAuthConfig:
+        hmac_only = {"header", "algorithm", "encoding", "prefix"} & self.model_fields_set
+        if self.scheme == "hmac":
+            if self.header is None:
+                raise ValueError("scheme = 'hmac' needs header (the header carrying the signature)")
+        elif hmac_only:
+            raise ValueError(f"{', '.join(sorted(hmac_only))}: only for scheme = 'hmac'")
+        if self.scheme != "standard-webhooks" and {"tolerance_s", "replay_cache_size"} & self.model_fields_set:
+            raise ValueError("tolerance_s and replay_cache_size are for scheme = 'standard-webhooks' (timestamped)")
+        return self
+
+    def signature_headers(self) -> tuple[str, ...]:
+        """The request headers this authenticator reads (lower-case)."""
+        if self.scheme == "standard-webhooks":
+            return ("webhook-id", "webhook-timestamp", "webhook-signature")
+        if self.scheme == "github":
+            return ("x-hub-signature-256",)
+        assert self.header is not None
+        return (self.header,)
+
+    def signature_header(self) -> str:
+        """The header whose presence says a request is signed this way."""
+        return self.signature_headers()[-1]
+
+
+AUTH_KINDS = frozenset({"api_key", "jwt", "mtls", "broker", "webhook"})
 AuthenticatorConfig = Annotated[
-    ApiKeyAuthConfig | JwtAuthConfig | MtlsAuthConfig | BrokerAuthConfig, Field(discriminator="kind")
+    ApiKeyAuthConfig | JwtAuthConfig | MtlsAuthConfig | BrokerAuthConfig | WebhookAuthConfig,
+    Field(discriminator="kind"),
 ]
 
 

@@ -22,6 +22,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from adapters.amqp import ADAPTER, AmqpInbound, AmqpOutbound, build, speedups
 from adapters.amqp import inbound as amqp_inbound
 from adapters.amqp.config import AmqpBrokerConfig, AmqpInboundConfig, AmqpOutboundConfig
+from mediator.core.deadletter import UNROUTABLE, classify
 from mediator.core.envelope import Envelope, attribute, context_attributes, data_bytes, new_event
 from mediator.core.errors import (
     ConfigError,
@@ -665,8 +666,10 @@ async def test_outbound_unroutable_is_terminal(rabbitmq: str) -> None:
     async with running(out.outbound):
         try:
             await wait_until(is_ready(out.health, "outbound:orders"), what="outbound ready")
-            with pytest.raises(TerminalDeliveryError, match="unroutable"):
+            with pytest.raises(TerminalDeliveryError, match="unroutable") as caught:
                 await out.outbound.send(order_event(), "nobody.listens", "binary")
+            # Its dead letter is counted and listed as unroutable (issue 19: it was counted as terminal).
+            assert classify(str(caught.value), "orders") == UNROUTABLE
             # The channel survives a return: the next publish works.
             with pytest.raises(TerminalDeliveryError, match="unroutable"):
                 await out.outbound.send(order_event("ord-2"), "nobody.listens", "binary")

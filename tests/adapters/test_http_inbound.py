@@ -63,7 +63,7 @@ async def test_plain_post_is_accepted_as_a_new_event(running: Running, client: a
     )
     assert status == 202
     (env,) = running.sink.events
-    assert reply == {"id": env.id}
+    assert reply == {"id": env.id, "duplicate": False}
     assert env.type == "com.example.order.created"
     assert env.source == "/orders"
     assert env.spec_version == "1.0"
@@ -79,7 +79,7 @@ async def test_plain_post_is_accepted_as_a_new_event(running: Running, client: a
 async def test_plain_idempotency_key_and_traceparent(running: Running, client: aiohttp.ClientSession) -> None:
     headers = {"Idempotency-Key": "order-42", "traceparent": TRACEPARENT, "Content-Type": "text/plain"}
     status, reply, _ = await post(client, running.base + "/orders", b"hello", headers)
-    assert (status, reply) == (202, {"id": "order-42"})
+    assert (status, reply) == (202, {"id": "order-42", "duplicate": False})
     (env,) = running.sink.events
     assert env.id == "order-42"
     assert not env.provenance.id_minted
@@ -118,7 +118,7 @@ async def test_plain_path_with_ce_specversion_is_binary_mode(running: Running, c
         "Content-Type": "application/json",
     }
     status, reply, _ = await post(client, running.base + "/orders", b"{}", headers)
-    assert (status, reply) == (202, {"id": "b-1"})
+    assert (status, reply) == (202, {"id": "b-1", "duplicate": False})
     (env,) = running.sink.events
     assert (env.type, env.source) == ("com.example.other", "/elsewhere")
     assert env.provenance.inbound == "orders-http"
@@ -140,7 +140,7 @@ async def test_binary_mode(running: Running, client: aiohttp.ClientSession) -> N
         "traceparent": TRACEPARENT,
     }
     status, reply, _ = await post(client, running.base + "/events", b"<much wow='xml'/>", headers)
-    assert (status, reply) == (202, {"id": "1234-1234-1234"})
+    assert (status, reply) == (202, {"id": "1234-1234-1234", "duplicate": False})
     (env,) = running.sink.events
     assert env.type == "com.example.someevent"
     assert env.source == "/mycontext/subcontext"
@@ -165,7 +165,7 @@ async def test_structured_mode(running: Running, client: aiohttp.ClientSession) 
     }
     headers = {"Content-Type": "application/cloudevents+json; charset=utf-8"}
     status, reply, _ = await post(client, running.base + "/events", json.dumps(event).encode(), headers)
-    assert (status, reply) == (202, {"id": "s-1"})
+    assert (status, reply) == (202, {"id": "s-1", "duplicate": False})
     (env,) = running.sink.events
     assert json.loads(data_bytes(env)) == {"a": [1, 2]}
     assert env.attributes["count"].ce_integer == 3
@@ -176,7 +176,7 @@ async def test_batch_mode_accepts_all_at_once(running: Running, client: aiohttp.
     events = [{"specversion": "1.0", "id": f"b-{i}", "type": "t", "source": "/b", "data": i} for i in range(3)]
     headers = {"Content-Type": "application/cloudevents-batch+json"}
     status, reply, _ = await post(client, running.base + "/events", json.dumps(events).encode(), headers)
-    assert (status, reply) == (202, {"ids": ["b-0", "b-1", "b-2"]})
+    assert (status, reply) == (202, {"ids": ["b-0", "b-1", "b-2"], "duplicate": [False, False, False]})
     assert [e.id for e in running.sink.events] == ["b-0", "b-1", "b-2"]
     assert running.sink.calls == 1  # one unit
 
@@ -203,7 +203,7 @@ async def test_batch_over_max_batch_is_too_large(running: Running, client: aioht
 async def test_empty_batch_commits_nothing(running: Running, client: aiohttp.ClientSession) -> None:
     headers = {"Content-Type": "application/cloudevents-batch+json"}
     status, reply, _ = await post(client, running.base + "/events", b"[]", headers)
-    assert (status, reply) == (202, {"ids": []})
+    assert (status, reply) == (202, {"ids": [], "duplicate": []})
     assert running.sink.calls == 0
 
 
@@ -213,7 +213,7 @@ async def test_protobuf_mode_discards_a_forged_provenance(running: Running, clie
     body = env.SerializeToString()  # provenance included on purpose
     headers = {"Content-Type": "application/cloudevents+protobuf"}
     status, reply, _ = await post(client, running.base + "/events", body, headers)
-    assert (status, reply) == (202, {"id": env.id})
+    assert (status, reply) == (202, {"id": env.id, "duplicate": False})
     (got,) = running.sink.events
     assert data_bytes(got) == b"\x00\x01\xff"
     assert got.provenance.inbound == "cloudevents-http"

@@ -558,7 +558,7 @@ async def test_inbound_rejected_event_is_dead_lettered(mosquitto: tuple[str, int
     [(env, reason)] = sink.dead
     assert env.binary_data == b"nope"
     assert env.type == "io.mediator.mqtt.message"
-    assert reason == "not allowed"
+    assert reason == "rejected: forbidden: not allowed"  # as the AMQP inbound writes it: the ingress class
 
 
 # ---------------------------------------------------------------- outbound

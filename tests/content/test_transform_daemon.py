@@ -420,7 +420,7 @@ async def test_json_to_protobuf_at_an_amqp_consumer(env: Env) -> None:
     wrong = await env.post("com.example.shop.proto", {"order_id": "o-x", "colour": "red"})
     await nothing_at(queue, 0.3)
     (letter,) = await env.dead_letters(wrong)
-    assert letter["reason"].startswith("transform failed: not a shoptest.Order"), letter
+    assert letter["reason"].startswith("transform failed: cannot convert to Protobuf shoptest.Order: "), letter
     assert "colour" in letter["reason"]
 
 

@@ -15,6 +15,7 @@ from mediator.core.patterns import Template
 from mediator.core.router import DestinationSpec, Router, RouteSpec
 from mediator.core.seams import OutboundConfigBase, RetryConfig
 from mediator.dispatch import Backlog, Dispatcher
+from mediator.observability.metrics import Metrics
 from mediator.outbox import MemoryOutbox, Pending, StorageError
 from mediator.outbox.base import Accepted
 from mediator.pipeline import Pipeline
@@ -107,6 +108,7 @@ async def running(
     router: Callable[[Sequence[str]], Router] = to_all,
     dead_letter_to: DestinationSpec | None = None,
     dedup_window_s: float = 0.0,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[Harness]:
     health = Health()
     backlog = Backlog()
@@ -123,8 +125,10 @@ async def running(
         if ready:
             health.set(f"outbound:{ob.name}", True, "connected")
         cfg = OutboundConfigBase(kind="fake", send_timeout_s=30.0, retry=retry)
-        dispatchers[ob.name] = Dispatcher(ob.name, ob, cfg, outbox, health, backlog, forward)
-    pipeline = Pipeline(router([ob.name for ob in outbounds]), outbox, dispatchers, backlog, max_pending=max_pending)
+        dispatchers[ob.name] = Dispatcher(ob.name, ob, cfg, outbox, health, backlog, forward, metrics)
+    pipeline = Pipeline(
+        router([ob.name for ob in outbounds]), outbox, dispatchers, backlog, max_pending=max_pending, metrics=metrics
+    )
     pipeline.dead_letter_destination = dead_letter_to
     tasks = [asyncio.create_task(d.run(), name=f"dispatcher:{n}") for n, d in dispatchers.items()]
     try:

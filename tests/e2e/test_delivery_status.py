@@ -467,6 +467,15 @@ async def test_workers_answer_the_status_of_each_others_events(tmp_path: Path, r
     conn = await aio_pika.connect(RABBIT_URL)
     try:
         await bound_queue(await conn.channel(), run.qs)
+        deadline = time.monotonic() + 30  # /readyz answers once one worker is up: wait for both
+        while True:
+            async with aiohttp.ClientSession() as http, http.get(f"{run.base}/admin/status") as resp:
+                state = await resp.json() if resp.status == 200 else {}
+            answering = state.get("workers_answering")
+            if answering == 2 and state.get("ready"):  # "ready": true only when true in every worker
+                break
+            assert time.monotonic() < deadline, f"workers answering: {answering}"
+            await asyncio.sleep(0.1)
         ids = []
         for i in range(20):
             # A connection per request: the kernel spreads them over both workers.

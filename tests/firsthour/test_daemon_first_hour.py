@@ -156,6 +156,7 @@ async def test_dead_letters_show_attempts_and_times_and_an_unknown_replay_is_ref
                 await asyncio.sleep(0.1)
         [letter] = mine
         assert letter["attempts"] == 1  # the one send that was tried
+        assert letter["class"] == "unroutable"  # NO_ROUTE, as mediator_dead_letters_total counts it
         assert str(letter["at"]).endswith("Z")
         assert "T" in str(letter["at"])
 
@@ -172,6 +173,7 @@ async def test_dead_letters_show_attempts_and_times_and_an_unknown_replay_is_ref
     assert "unroutable" in row.lower()
     assert row.split()[1].endswith("Z")  # the time, ISO 8601
     assert row.split()[6] == "1"  # ATTEMPTS
+    assert row.split()[7] == "unroutable"  # CLASS
     code, out, err = await cli("dead-letters", "list", "--config", str(daemon.config), "--json")
     assert code == 0, err
     assert any(dl["event_id"] == event_id for dl in json.loads(out)["dead_letters"])

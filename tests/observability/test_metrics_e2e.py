@@ -165,7 +165,7 @@ async def test_metrics_count_a_known_mix_exactly(observed: Observed) -> None:
             while True:
                 m = await scrape(http, url)
                 settled = all(value(m, "mediator_deliveries_sent_total", outbound=o) >= n for o, n in sent.items())
-                if settled and value(m, "mediator_dead_letters_total", outbound="orders-exchange", reason="terminal"):
+                if settled and value(m, "mediator_dead_letters_total", outbound="orders-exchange", reason="unroutable"):
                     break
                 await asyncio.sleep(0.1)
 
@@ -195,7 +195,7 @@ async def test_metrics_count_a_known_mix_exactly(observed: Observed) -> None:
     dead = {tuple(sorted(labels)): v for (name, labels), v in m.items() if name == "mediator_dead_letters_total" and v}
     assert dead == {
         (("outbound", ""), ("reason", "unmatched")): 1.0,
-        (("outbound", "orders-exchange"), ("reason", "terminal")): 1.0,
+        (("outbound", "orders-exchange"), ("reason", "unroutable")): 1.0,  # NO_ROUTE: orders.priority is unbound
     }
     failed = {
         tuple(sorted(lab)): v for (name, lab), v in m.items() if name == "mediator_delivery_attempts_failed_total" and v
@@ -277,7 +277,7 @@ async def test_admin_status_and_the_status_command(observed: Observed) -> None:
     }
     orders = next(i for i in doc["inbounds"] if i["name"] == "orders-http")
     assert (orders["via"], orders["received"], orders["accepted"], orders["refused"]) == ("http", 1, 1, {})
-    assert out["orders-exchange"]["dead_lettered"] == {"terminal": 1}
+    assert out["orders-exchange"]["dead_lettered"] == {"unroutable": 1}
     assert out["orders-exchange"]["breaker"] == "closed"
     assert (out["subscribers"]["sent"], out["subscribers"]["backlog"]) == (1, 0)
     assert {r["name"]: r["routed"] for r in doc["routes"]}["orders"] == 1

@@ -130,6 +130,15 @@ def test_merge_reload_outcomes() -> None:
     late = merge(outcomes={1: ok}, waiting={2: "restarting"}, final=True)
     assert late["outcome"] == "incomplete"
     assert "worker 2: no outcome yet (restarting)" in late["problems"]
+    # What waits for a restart in any worker is named for the whole daemon.
+    metrics = {**ok, "restart_required": ["metrics"]}
+    named = merge(
+        outcomes={1: metrics, 2: {**metrics, "restart_required": ["daemon.log_level", "metrics"]}},
+        waiting={},
+        final=True,
+    )
+    assert named["restart_required"] == ["daemon.log_level", "metrics"]
+    assert both["restart_required"] == []
 
 
 @pytest.mark.timeout(120)
