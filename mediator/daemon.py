@@ -24,12 +24,13 @@ import structlog
 from mediator.config import Config, loads
 from mediator.core.deadletter import REMOVED_PREFIX, classify
 from mediator.core.envelope import Envelope
-from mediator.core.errors import ConfigError, NotReady, Rejected
+from mediator.core.errors import ConfigError, MediatorError, NotReady, Rejected
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
 from mediator.core.seams import Built, MetricsEndpoint, OutboundConfigBase, Runtime, Service, Sink, StatusReader
 from mediator.dispatch import Backlog, Dispatcher
+from mediator.lock import DaemonLock
 from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
 from mediator.observability.status import status
 from mediator.observability.tracing import SpanTotals, Tracing
@@ -109,6 +110,24 @@ def write_reload_status(path: Path, doc: Mapping[str, object]) -> None:
 def state_dir(config: Config) -> Path:
     """Where the pid and reload status files live: the outbox file's directory."""
     return Path(config.outbox.path).parent
+
+
+class StartupFailed(MediatorError):
+    """A service failed at start-up for a reason of the machine's (a port taken, a certificate file that
+    cannot be read: an ``OSError``): ``mediator run`` prints this one line and exits non-zero; the log
+    says the rest (``listener.bind_failed``)."""
+
+
+def startup_failure(group: BaseExceptionGroup[BaseException]) -> StartupFailed | None:
+    """The first ``StartupFailed`` of ``group`` when that is all it holds, else None (a bug keeps its
+    traceback)."""
+    found, rest = group.split(StartupFailed)
+    if found is None or rest is not None:
+        return None
+    leaf: BaseException = found
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, StartupFailed) else None
 
 
 class _StartFailed(Exception):
@@ -299,6 +318,7 @@ class Daemon:
         self._force_reload = False
         self._reloads = 0
         self.notifier = Notifier()
+        self.lock: DaemonLock | None = None  # held by `mediator run`, which sets it (mediator/lock.py)
         self._started_root = config.root  # what the restart-only keys stay at (mediator/reloadable.py)
         self._loaded(config)
 
@@ -390,12 +410,20 @@ class Daemon:
         tg = self._tg
         assert tg is not None
         for service in unit.services:
-            coro = self._guarded(unit, service) if guard else service.run()
+            coro = self._guarded(unit, service) if guard else self._fatal(service)
             unit.tasks.append(tg.create_task(coro, name=service.name))
         for name in unit.outbounds:
             task = self._dispatch_tasks.get(name)
             if task is None or task.done():
                 self._dispatch_tasks[name] = tg.create_task(self.dispatchers[name].run(), name=f"dispatcher:{name}")
+
+    @staticmethod
+    async def _fatal(service: Service) -> None:
+        """A service of the start-up: an ``OSError`` stops the daemon as ``StartupFailed``, one line."""
+        try:
+            await service.run()
+        except OSError as exc:
+            raise StartupFailed(f"{service.name} cannot start: {exc}") from exc
 
     async def _guarded(self, unit: Unit, service: Service) -> None:
         try:
@@ -487,6 +515,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, self.request_reload, True)
         try:
             await self._run()
+        except BaseExceptionGroup as group:  # the task group's: a service that could not start
+            failure = startup_failure(group)
+            if failure is None:
+                raise
+            raise failure from None
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
@@ -778,18 +811,19 @@ class Daemon:
         log.info("daemon.stopped", undelivered=self.backlog.value)
 
     def _write_pid(self) -> None:
-        path = state_dir(self.config) / PID_FILE
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"{os.getpid()}\n")
-        except OSError as exc:
-            log.warning("daemon.pid_file_unwritable", path=str(path), error=str(exc))
+        """Name this process in the pid file it holds the lock on (``mediator.lock``; ``mediator run``
+        took it before building anything), now that SIGHUP reloads instead of killing."""
+        if self.lock is not None:
+            try:
+                self.lock.write_pid()
+            except OSError as exc:
+                log.warning("daemon.pid_file_unwritable", path=str(self.lock.path), error=str(exc))
 
     def _remove_pid(self) -> None:
-        path = state_dir(self.config) / PID_FILE
-        with contextlib.suppress(OSError, ValueError):
-            if int(path.read_text().strip()) == os.getpid():
-                path.unlink()
+        """Empty the pid file: the daemon has stopped (the lock is let go by whoever took it)."""
+        if self.lock is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.lock.fd, 0)
 
     async def _notify_ready(self) -> None:
         """READY=1 once every listener is bound (``Type=notify``: ``systemctl start`` returns then).

@@ -15,6 +15,12 @@ through ``worker_view``:
   The PUBLISH still carries the real topic, which routes and provenance see;
 - AMQP inbounds unchanged: N consumers on one queue are competing consumers by nature.
 
+Changing ``workers`` between runs: the broker keeps each count's MQTT sessions, so the daemon records the
+counts it ran with (``mediator.workers.json`` beside the outbox) and, at a start with another, drains the
+other counts' sessions into its outbox and deletes them once its own have subscribed (``drain_view``; one
+daemon, or worker 1, does it). The supervisor holds the daemon lock (``mediator.lock``), which the workers
+inherit.
+
 Readiness: each worker speaks systemd's notification protocol (``mediator.systemd``) to a socket of the
 supervisor's own, so the supervisor knows when a worker has bound its listeners, and says READY=1 to the
 service manager once every worker has. Signals: SIGTERM/SIGINT are forwarded to every worker (each drains;
@@ -61,6 +67,7 @@ import structlog
 
 from mediator.config import Config
 from mediator.core.errors import ConfigError
+from mediator.lock import DaemonLock
 from mediator.systemd import Notifier
 
 log = structlog.get_logger(__name__)
@@ -78,6 +85,8 @@ RELOAD_WAIT_S = 60.0
 "incomplete": more than one worker's reload takes (the file settling, then units started and stopped
 within the daemon's ``UNIT_START_TIMEOUT_S`` and ``UNIT_STOP_TIMEOUT_S``) plus a restart."""
 RELOAD_POLL_S = 0.1
+EXIT_STARTUP = 4
+"""A daemon's (a worker's) exit status when a service could not start (``mediator.daemon.StartupFailed``)."""
 
 
 def worker_count(config: Config) -> int:
@@ -178,6 +187,115 @@ def worker_view(raw: Mapping[str, Any], k: int) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------ MQTT sessions across worker counts
+
+WORKERS_FILE = "mediator.workers.json"
+"""Beside the outbox: every ``workers`` count the daemon ran with (``{"seen": [1, 2]}``), so that a start
+with another count knows whose MQTT sessions may still be on the broker (``drain_view``)."""
+
+
+def state_of(raw: Mapping[str, Any]) -> Path:
+    """The state directory (the outbox file's) a parsed config names."""
+    outbox = raw.get("outbox")
+    path = outbox.get("path", "var/outbox.sqlite") if isinstance(outbox, Mapping) else "var/outbox.sqlite"
+    return Path(str(path)).parent
+
+
+def seen_workers(state: Path) -> list[int]:
+    doc = _read_json(state / WORKERS_FILE)
+    seen = doc.get("seen") if doc is not None else None
+    return sorted({n for n in seen if isinstance(n, int) and n >= 1}) if isinstance(seen, list) else []
+
+
+def record_workers(state: Path, count: int) -> None:
+    """Add ``count`` to the counts seen (called by the lock holder, before any MQTT session is made)."""
+    seen = seen_workers(state)
+    if count in seen:
+        return
+    path = state / WORKERS_FILE
+    try:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seen": sorted([*seen, count])}) + "\n")
+        tmp.replace(path)  # whole or not at all
+    except OSError as exc:
+        log.warning("daemon.workers_file_unwritable", path=str(path), error=str(exc))
+
+
+def mqtt_sessions(raw: Mapping[str, Any], count: int) -> dict[str, list[dict[str, Any]]]:
+    """Inbound name -> the MQTT sessions (client id, topics) its ``count`` workers use: for one, the
+    config's own; for more, each worker's (``worker_view``)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for k in range(1, count + 1):
+        view = worker_view(raw, k) if count > 1 else copy.deepcopy(dict(raw))
+        brokers = dict(_named(view, "brokers"))
+        for name, body in _named(view, "inbound"):
+            broker = brokers.get(str(body.get("broker")))
+            topics = body.get("topics")
+            if body.get("kind") != "mqtt" or broker is None or not isinstance(topics, list):
+                continue
+            client_id = f"{broker.get('client_id', 'mediator')}-{name}"  # MqttInbound.client_id
+            out.setdefault(name, []).append({"client_id": client_id, "topics": list(topics)})
+    return out
+
+
+def drain_view(raw: Mapping[str, Any], count: int, seen: list[int], out: dict[str, Any]) -> dict[str, Any]:
+    """``out`` (the config as this process runs it, from ``raw``) with, on each MQTT inbound, the sessions
+    that the other counts in ``seen`` used and ``count`` does not (``drain_sessions``): this inbound
+    empties them into its outbox and deletes them once subscribed itself (``MqttInbound._drain_session``).
+
+    Why: the broker keeps every session's subscriptions. After 2 workers, their sessions stay members of
+    the shared subscription, and Mosquitto keeps handing them every other message while they are offline;
+    after one daemon, its session keeps a copy of everything. Left there, a switch of ``workers`` loses
+    what the offline sessions were handed (at their expiry) or delivers again what they copied when that
+    count comes back. Drained once the new sessions have subscribed, nothing is lost; what the broker
+    hands both old and new in the moment between the new subscription and the old one's unsubscribe is
+    delivered twice (at-least-once; the event id deduplicates CloudEvents). Only one process of a daemon
+    drains: the daemon itself, or worker 1."""
+    current = {s["client_id"] for sessions in mqtt_sessions(raw, count).values() for s in sessions}
+    drains: dict[str, list[dict[str, Any]]] = {}
+    for other in seen:
+        if other == count:
+            continue
+        for name, sessions in mqtt_sessions(raw, other).items():
+            for session in sessions:
+                known = {d["client_id"] for d in drains.get(name, [])}
+                if session["client_id"] not in current and session["client_id"] not in known:
+                    drains.setdefault(name, []).append(session)
+    for name, body in _named(out, "inbound"):
+        if name in drains:
+            extra = body.get("drain_sessions")
+            body["drain_sessions"] = [*(extra if isinstance(extra, list) else []), *drains[name]]
+    return out
+
+
+def enter_daemon() -> None:
+    """Called by ``mediator run`` (one daemon, not a worker) before it loads the config: with one worker,
+    its MQTT inbounds drain the sessions of the other counts it ran with (``drain_view``)."""
+    import mediator.config
+
+    seen: dict[Path, list[int]] = {}  # read once: a reload must see the config as the start did
+
+    def view(raw: Mapping[str, Any]) -> dict[str, Any]:
+        out = copy.deepcopy(dict(raw))
+        count = _count_of(raw)
+        if count != 1:
+            return out  # a supervisor: worker 1 drains
+        state = state_of(raw)
+        if state not in seen:
+            seen[state] = seen_workers(state)
+        return drain_view(raw, 1, seen[state], out)
+
+    mediator.config.raw_view = view
+
+
+def _count_of(raw: Mapping[str, Any]) -> int | None:
+    daemon = raw.get("daemon")
+    workers = daemon.get("workers", 1) if isinstance(daemon, Mapping) else 1
+    if workers == "auto":
+        return os.cpu_count() or 1
+    return workers if isinstance(workers, int) and not isinstance(workers, bool) else None
+
+
 def _named(raw: dict[str, Any], section: str) -> list[tuple[str, dict[str, Any]]]:
     value = raw.get(section)
     if not isinstance(value, dict):
@@ -217,7 +335,18 @@ def enter_worker(index: int) -> Slot:
     run_dir = os.environ.get(RUN_DIR_ENV, "")
     if not run_dir or not 1 <= index <= count:
         raise SystemExit("mediator run --worker is started by the supervisor (`workers = N` in [daemon])")
-    mediator.config.raw_view = lambda raw: worker_view(raw, index)
+    seen: dict[Path, list[int]] = {}  # read once: a reload must see the config as the start did
+
+    def view(raw: Mapping[str, Any]) -> dict[str, Any]:
+        out = worker_view(raw, index)
+        if index != 1:
+            return out
+        state = state_of(raw)
+        if state not in seen:
+            seen[state] = seen_workers(state)
+        return drain_view(raw, count, seen[state], out)
+
+    mediator.config.raw_view = view
     return Slot(index, count, Path(run_dir))
 
 
@@ -237,8 +366,9 @@ class _Worker:
 class Supervisor:
     """Runs ``count`` workers of the config file ``config.file`` until SIGTERM or SIGINT; see the module."""
 
-    def __init__(self, config: Config, count: int) -> None:
+    def __init__(self, config: Config, count: int, lock: DaemonLock | None = None) -> None:
         self.config = config
+        self.lock = lock
         self.count = count
         self.workers = {k: _Worker(k) for k in range(1, count + 1)}
         self.notifier = Notifier()
@@ -251,6 +381,7 @@ class Supervisor:
         self._tg: asyncio.TaskGroup | None = None
         self._gathering: asyncio.Task[None] | None = None
         self._reloads = 0
+        self.failed = 0  # EXIT_STARTUP when a worker could not start at all
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -288,27 +419,21 @@ class Supervisor:
         codes = {w.k: w.code for w in self.workers.values()}
         ok = all(code == 0 for code in codes.values())
         log.info("supervisor.stopped", exit_codes=codes)
-        return 0 if ok else 1
-
-    def _pid_file(self) -> Path:
-        from mediator.daemon import PID_FILE, state_dir
-
-        return state_dir(self.config) / PID_FILE
+        return self.failed or (0 if ok else 1)
 
     def _write_pid(self) -> None:
-        """The daemon's pid file names the supervisor: ``mediator reload`` signals it, and it forwards."""
-        path = self._pid_file()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"{os.getpid()}\n")
-        except OSError as exc:
-            log.warning("daemon.pid_file_unwritable", path=str(path), error=str(exc))
+        """The daemon's pid file names the supervisor: ``mediator reload`` signals it, and it forwards. It
+        is the file ``mediator run`` locked (``mediator.lock``), which the workers inherit."""
+        if self.lock is not None:
+            try:
+                self.lock.write_pid()
+            except OSError as exc:
+                log.warning("daemon.pid_file_unwritable", path=str(self.lock.path), error=str(exc))
 
     def _remove_pid(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            path = self._pid_file()
-            if int(path.read_text().strip()) == os.getpid():
-                path.unlink()
+        if self.lock is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.lock.fd, 0)
 
     # ------------------------------------------------------------------ workers
 
@@ -333,6 +458,8 @@ class Supervisor:
             # worker seeing it twice would skip its drain). The parent-death signal stops an orphan.
             start_new_session=True,
             preexec_fn=_die_with_parent,
+            # The daemon lock, inherited on purpose: held while any worker still has its outbox open.
+            pass_fds=(self.lock.fd,) if self.lock is not None else (),
         )
         w.proc = proc
         w.started_at = time.monotonic()
@@ -351,6 +478,15 @@ class Supervisor:
             w.ready = False
             if self._stopping:
                 log.info("worker.stopped", worker=w.k, pid=proc.pid, code=w.code)
+                return
+            if w.code == EXIT_STARTUP and not self._ready_sent:
+                # It could not start (a port taken: it printed why) before the daemon was ever ready:
+                # starting it again would fail the same way, so the whole daemon stops, as one daemon does.
+                log.error("worker.start_failed", worker=w.k, pid=proc.pid, code=w.code)
+                self.failed = EXIT_STARTUP
+                self._stopping = True
+                self._stop.set()
+                self._forward(signal.SIGTERM)
                 return
             ran_s = time.monotonic() - w.started_at
             delay = RESTART_INITIAL_S if ran_s >= STABLE_S else delay
@@ -529,8 +665,8 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
-def run_supervisor(config: Config, count: int) -> int:
+def run_supervisor(config: Config, count: int, lock: DaemonLock | None = None) -> int:
     found = problems(config, count)
     if found:
         raise ConfigError(config.file, found)
-    return asyncio.run(Supervisor(config, count).run())
+    return asyncio.run(Supervisor(config, count, lock).run())

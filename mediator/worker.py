@@ -338,6 +338,7 @@ class WorkerDaemon(Daemon):
 
     def _write_pid(self) -> None:
         pass  # the supervisor writes it: `mediator reload` signals the supervisor, which forwards
+        # (the worker holds the supervisor's lock through the descriptor it inherited: mediator/lock.py)
 
     def _reload_status_path(self) -> Path:
         # The supervisor reads it and writes the whole daemon's outcome beside the outbox (Supervisor.reload).

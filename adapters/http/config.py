@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from mediator.core import signatures
 from mediator.core.seams import (
     ConfigModel,
     InboundConfigBase,
@@ -244,12 +245,7 @@ class StandardWebhooksSigningConfig(ConfigModel):
     @field_validator("secrets_env")
     @classmethod
     def _names(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if not name or "=" in name or any(c.isspace() for c in name):
-                raise ValueError(f"{name!r} is not an environment variable name")
-        if len(set(value)) != len(value):
-            raise ValueError("a variable is listed twice")
-        return value
+        return signatures.env_names(value)
 
 
 class HttpOutboundConfig(OutboundConfigBase):

@@ -67,6 +67,8 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
         if broker is not None:
             inbound = MqttInbound(name, inbound_cfg, broker, rt)
             claim(f"inbound.{name}", broker, inbound.client_id)
+            for i, session in enumerate(inbound_cfg.drain_sessions):  # each drained by its own connection
+                claim(f"inbound.{name}.drain_sessions[{i}]", broker, session.client_id)
             built.services.append(inbound)
     for name, outbound_cfg in cfg.outbounds.items():
         assert isinstance(outbound_cfg, MqttOutboundConfig)

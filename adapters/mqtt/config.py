@@ -83,6 +83,29 @@ class MqttBrokerConfig(ConfigModel):
         return value
 
 
+def _filters(value: list[str]) -> list[str]:
+    for topic in value:
+        problem = topic_filter_problem(topic)
+        if problem is not None:
+            raise ValueError(f"topic filter {topic!r}: {problem}")
+    return value
+
+
+class MqttDrainSessionConfig(ConfigModel):
+    """A persistent session this inbound used under another client id (another ``workers`` count, a
+    renamed ``client_id``): emptied into this inbound and deleted at start (see ``drain_sessions``)."""
+
+    # The connection's client id as the broker knows it (an inbound's own is `<broker client_id>-<inbound>`).
+    client_id: str = Field(min_length=1, max_length=200)
+    # What that session subscribed to, unsubscribed first so that the broker hands it nothing new.
+    topics: list[str] = Field(min_length=1)
+
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, value: list[str]) -> list[str]:
+        return _filters(value)
+
+
 class MqttInboundConfig(InboundConfigBase):
     """A subscription on a broker; every message becomes one event (or a batch).
 
@@ -115,14 +138,17 @@ class MqttInboundConfig(InboundConfigBase):
     # Subscribe (QoS 0) to the broker's $SYS/broker/version and $SYS/broker/publish/messages/dropped too, for
     # the start-up log and /readyz (never events). Off for a broker that disconnects on a refused subscription.
     sys_topics: bool = True
+    # Sessions to empty and delete once this inbound has subscribed: each is connected with its client id
+    # (keeping its session), unsubscribed from its topics, its queued messages taken in as this inbound's
+    # (committed, then acknowledged), and once nothing came for a while it is deleted. The daemon sets
+    # this itself when `workers` changed (the sessions of the other worker count: mediator/supervisor.py);
+    # an operator can name others, e.g. after renaming a broker's client_id.
+    drain_sessions: list[MqttDrainSessionConfig] = Field(default_factory=list)
 
     @field_validator("topics")
     @classmethod
     def _topics(cls, value: list[str]) -> list[str]:
-        for topic in value:
-            problem = topic_filter_problem(topic)
-            if problem is not None:
-                raise ValueError(f"topic filter {topic!r}: {problem}")
+        _filters(value)
         if len(set(value)) != len(value):
             raise ValueError("topics lists the same filter twice")
         return value

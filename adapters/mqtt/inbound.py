@@ -15,8 +15,9 @@ exactly when the daemon is busy, and a lone message still goes through at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiomqtt
@@ -25,7 +26,7 @@ import structlog
 from adapters.mqtt.brokerinfo import TOPICS as SYS_TOPICS
 from adapters.mqtt.brokerinfo import BrokerInfo, wanted
 from adapters.mqtt.codec import InboundRules, MqttMessage, to_envelope, undecodable, user_properties
-from adapters.mqtt.config import MqttInboundConfig
+from adapters.mqtt.config import MqttDrainSessionConfig, MqttInboundConfig
 from adapters.mqtt.connection import Backoff, BrokerAccess, make_client, paho_client, stop_if_cancelled
 from mediator.core.deadletter import REJECTED_PREFIX
 from mediator.core.envelope import Envelope
@@ -39,6 +40,46 @@ _RETRY_MAX_S = 5.0
 # What a burst may wait in, read off the socket before it is parsed (see connection._BufferedSocket):
 # beyond it the kernel's buffers and then the broker's hold the rest.
 READ_AHEAD_BYTES = 64 * 1024 * 1024
+
+
+DRAIN_QUIET_S = 2.0
+"""A drained session is deleted once no message came for this long (see ``MqttInbound._drain_session``):
+the broker sends what a session holds as soon as it connects, as fast as the acknowledgements let it."""
+
+
+async def _idle_ending(
+    messages: AsyncIterator[aiomqtt.Message], idle_s: float, settled: Callable[[], bool]
+) -> AsyncIterator[aiomqtt.Message]:
+    """``messages`` until none came for ``idle_s`` while ``settled()`` (every one acknowledged). The wait
+    for the next one is never cancelled while a message may be in it: a message taken off aiomqtt's queue
+    by a cancelled wait would be lost, and its session deleted with it unacknowledged."""
+    pending = asyncio.ensure_future(anext(messages))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=idle_s)
+            if not done:
+                if not settled() or not pending.cancel():
+                    continue  # still acknowledging, or a message came just now
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
+                return
+            yield pending.result()
+            pending = asyncio.ensure_future(anext(messages))
+    finally:
+        pending.cancel()
+
+
+def _watch_session_present(client: aiomqtt.Client, present: list[bool]) -> None:
+    """Append to ``present`` the CONNACK's Session Present flag (aiomqtt does not keep it)."""
+    paho = paho_client(client)
+    on_connect: Callable[..., None] | None = paho.on_connect
+
+    def wrapped(c: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
+        present.append(bool(getattr(flags, "session_present", False)))
+        if on_connect is not None:
+            on_connect(c, userdata, flags, reason_code, properties)
+
+    paho.on_connect = wrapped
 
 
 class SubscriptionRefused(Exception):
@@ -71,6 +112,21 @@ class MqttInbound:
         self._connected = ""
 
     async def run(self) -> None:
+        if not self._cfg.drain_sessions:
+            await self._serve(None)
+            return
+        subscribed = asyncio.Event()
+        connected = [asyncio.Event() for _ in self._cfg.drain_sessions]
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._serve(subscribed, connected), name=self.name)
+            for session, ready in zip(self._cfg.drain_sessions, connected, strict=True):
+                coro = self._drain_session(session, ready, subscribed)
+                tg.create_task(coro, name=f"{self.name}:drain:{session.client_id}")
+
+    async def _serve(self, subscribed: asyncio.Event | None, drains: list[asyncio.Event] | None = None) -> None:
+        """Connect, subscribe and consume, reconnecting with backoff. With sessions to drain, the first
+        subscription waits (up to the connect timeout) for their connections, which unsubscribe the moment
+        it stands (``subscribed``): see ``_drain_session``."""
         broker = self._access.config
         backoff = Backoff(broker.reconnect_initial_s, broker.reconnect_max_s)
         if self._cfg.qos == 2:
@@ -83,7 +139,13 @@ class MqttInbound:
                     async with client:
                         stop_if_cancelled()  # aiomqtt's connect may have swallowed a cancellation
                         backoff.reset()
+                        if drains and subscribed is not None and not subscribed.is_set():
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(broker.connect_timeout_s):
+                                    await asyncio.gather(*(e.wait() for e in drains))
                         await self._subscribe(client)
+                        if subscribed is not None:
+                            subscribed.set()
                         self._connected = f"connected to {broker.host}:{broker.port}"
                         self._rt.health.set(self.name, True, self._connected)
                         await self._subscribe_info(client)
@@ -101,7 +163,55 @@ class MqttInbound:
         finally:
             self._rt.health.set(self.name, False, "stopped")
 
-    def _client(self) -> tuple[aiomqtt.Client, asyncio.Queue[aiomqtt.Message]]:
+    async def _drain_session(
+        self, session: MqttDrainSessionConfig, connected: asyncio.Event, subscribed: asyncio.Event
+    ) -> None:
+        """Empty the persistent session ``session`` into this inbound, then delete it (``drain_sessions``).
+
+        Why: the broker keeps queueing for a session nobody connects as any more. Mosquitto hands a shared
+        subscription's messages round-robin to its members, offline ones included (measured: with one
+        member connected, the offline one was given every other message), and a plain subscription's
+        session gets a copy of everything. When ``workers`` changes, the other count's sessions would hold
+        messages no one handles (lost at their expiry) or copies of messages already handled (duplicates
+        when that count comes back). So each is connected under its own client id, keeping its session,
+        unsubscribed at once (nothing new is handed to it; what it holds still comes: measured), its
+        messages accepted and acknowledged as this inbound's, and once none came for ``DRAIN_QUIET_S`` with
+        every one acknowledged, the session is deleted (a clean connect). A session the broker does not
+        have is deleted at once. Retried with the broker's backoff until done; cancellation stops it."""
+        broker = self._access.config
+        backoff = Backoff(broker.reconnect_initial_s, broker.reconnect_max_s)
+        log = self._log.bind(drained_client_id=session.client_id)
+        while True:
+            try:
+                client, queue = self._client(session.client_id)
+                present: list[bool] = []
+                _watch_session_present(client, present)
+                async with client:
+                    stop_if_cancelled()
+                    connected.set()
+                    taken = 0
+                    if any(present):
+                        # Connected before this inbound subscribes, unsubscribed the moment its subscription
+                        # stands: the broker always has someone to hand a new message to, and what it hands
+                        # both in between is one round trip's worth (see DRAIN_QUIET_S's neighbours).
+                        await subscribed.wait()
+                        await client.unsubscribe(list(session.topics))
+                        taken = await self._consume(client, queue, idle_s=DRAIN_QUIET_S)
+                clean = make_client(
+                    self._access, session.client_id, persistent=False, receive_maximum=1, max_inflight=1
+                )
+                async with clean:  # clean start, no expiry: the broker drops the session
+                    stop_if_cancelled()
+                log.info("inbound.session_drained", present=any(present), messages=taken)
+                return
+            except* aiomqtt.MqttError as group:  # a naked one too (the connect's), wrapped
+                problem = str(group.exceptions[0])
+            stop_if_cancelled()
+            delay = backoff.next()
+            log.warning("inbound.session_drain_failed", reason=problem, retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
+
+    def _client(self, client_id: str | None = None) -> tuple[aiomqtt.Client, asyncio.Queue[aiomqtt.Message]]:
         queues: list[asyncio.Queue[aiomqtt.Message]] = []
 
         class _Queue(asyncio.Queue[aiomqtt.Message]):
@@ -113,7 +223,7 @@ class MqttInbound:
 
         client = make_client(
             self._access,
-            self.client_id,
+            client_id or self.client_id,
             persistent=True,
             receive_maximum=self.receive_maximum,
             max_inflight=20,  # this client does not publish
@@ -148,8 +258,12 @@ class MqttInbound:
             extra = self._info.detail()
             self._rt.health.set(self.name, True, f"{self._connected}; {extra}" if extra else self._connected)
 
-    async def _consume(self, client: aiomqtt.Client, queue: asyncio.Queue[aiomqtt.Message]) -> None:
-        """Receive until the connection drops (raises ``aiomqtt.MqttError``) or we are cancelled.
+    async def _consume(
+        self, client: aiomqtt.Client, queue: asyncio.Queue[aiomqtt.Message], idle_s: float | None = None
+    ) -> int:
+        """Receive until the connection drops (raises ``aiomqtt.MqttError``) or we are cancelled; with
+        ``idle_s``, also return (the number of messages taken) once none came for ``idle_s`` and every one
+        taken was acknowledged.
 
         Handlers of one connection die with it: their messages were not acknowledged, so the broker
         redelivers them on the next connection (a commit that did complete becomes a duplicate, which the
@@ -161,18 +275,23 @@ class MqttInbound:
         slots = asyncio.Semaphore(self._cfg.max_in_flight)
         order: deque[tuple[asyncio.Task[None], list[aiomqtt.Message]]] = deque()
         ready = asyncio.Event()
+        taken = 0
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._ack_in_order(ack, slots, order, ready), name=f"{self.name}:ack")
+            acker = tg.create_task(self._ack_in_order(ack, slots, order, ready), name=f"{self.name}:ack")
             # Waiting goes through aiomqtt's iterator (it notices a lost connection); what is queued
             # behind the first message is taken at once into the same batch.
-            async for message in client.messages:
+            messages = _idle_ending(client.messages, idle_s, lambda: not order) if idle_s else client.messages
+            async for message in messages:
                 await slots.acquire()
                 batch = [message]
                 while not queue.empty() and not slots.locked():
                     await slots.acquire()  # does not suspend: a slot is free
                     batch.append(queue.get_nowait())
+                taken += len(batch)
                 order.append((tg.create_task(self._handle(batch)), batch))
                 ready.set()
+            acker.cancel()  # idle: every message taken was acknowledged
+        return taken
 
     @staticmethod
     async def _ack_in_order(

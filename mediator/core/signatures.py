@@ -23,6 +23,16 @@ WEBHOOK_SIGNATURE = "webhook-signature"
 STANDARD_HEADERS = (WEBHOOK_ID, WEBHOOK_TIMESTAMP, WEBHOOK_SIGNATURE)
 
 
+def env_names(value: list[str]) -> list[str]:
+    """The ``secrets_env`` list of a signer or a verifier, checked: each a plausible variable name, none twice."""
+    for name in value:
+        if not name or "=" in name or any(c.isspace() for c in name):
+            raise ValueError(f"{name!r} is not an environment variable name")
+    if len(set(value)) != len(value):
+        raise ValueError("a variable is listed twice")
+    return value
+
+
 def decode_standard_secret(value: str) -> bytes:
     """The key bytes of a Standard Webhooks secret (``whsec_<base64>``; the prefix is optional, as in the
     reference libraries). Raises ValueError saying what is wrong, never echoing the value."""

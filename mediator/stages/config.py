@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
+from mediator.core import signatures
 from mediator.core.seams import LOOPBACK_HOSTS, ConfigModel
 
 AUTHTYPES = ("user", "app_user", "service_account", "api_key", "system")
@@ -234,12 +235,7 @@ class WebhookAuthConfig(_AuthBase):
     @field_validator("secrets_env")
     @classmethod
     def _names(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if not name or "=" in name or any(c.isspace() for c in name):
-                raise ValueError(f"{name!r} is not an environment variable name")
-        if len(set(value)) != len(value):
-            raise ValueError("a variable is listed twice")
-        return value
+        return signatures.env_names(value)
 
     @field_validator("header")
     @classmethod

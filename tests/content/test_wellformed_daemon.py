@@ -127,7 +127,7 @@ async def test_malformed_events_refused_on_every_protocol(
         got, reply, _ = await post(
             http, base + "/orders", json.dumps(event).encode(), {"Content-Type": "application/cloudevents+json"}
         )
-        assert (got, reply) == (202, {"id": "structured-1"})
+        assert (got, reply) == (202, {"id": "structured-1", "duplicate": False})
         delivered = await get_one(orders)
         assert delivered.message_id == "structured-1"
         assert json.loads(delivered.body) == {"n": 1}

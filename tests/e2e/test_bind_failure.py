@@ -40,5 +40,13 @@ async def test_a_taken_port_at_start_up_stops_the_daemon(
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-    assert proc.returncode not in (0, None), out.decode(errors="replace")[-3000:]
+    text = out.decode(errors="replace")
+    assert proc.returncode == 4, text[-3000:]  # EXIT_STARTUP
     assert b"listener.bind_failed" in out
+    # One line says why, not an ExceptionGroup traceback; the pid file it wrote is emptied, not left naming it.
+    assert "Traceback" not in text, text[-3000:]
+    reasons = [line for line in text.splitlines() if line.startswith("mediator:")]
+    assert len(reasons) == 1, text[-3000:]
+    assert reasons[0].startswith("mediator: listener:http cannot start:"), reasons
+    assert "address already in use" in reasons[0], reasons
+    assert (tmp_path / "mediator.pid").read_text() == ""

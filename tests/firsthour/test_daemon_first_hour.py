@@ -23,20 +23,10 @@ import pytest
 
 from mediator.stages.authn import new_api_key
 from mediator.v1 import envelope_pb2, service_pb2_grpc
+from tests.cli.support import cli
 from tests.support.daemon import ROOT, DaemonProcess, Quickstart
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 30.0) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mediator", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    async with asyncio.timeout(timeout_s):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def event(event_id: str) -> envelope_pb2.Envelope:

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import mediator.config
 from mediator.config import load
 from mediator.core.errors import ConfigError
+from mediator.daemon import dry_build
 from mediator.registry import load_specs
-from mediator.supervisor import outbox_path, problems, worker_count, worker_view
+from mediator.supervisor import (
+    WORKERS_FILE,
+    drain_view,
+    outbox_path,
+    problems,
+    record_workers,
+    seen_workers,
+    worker_count,
+    worker_view,
+)
 from mediator.worker import merge_metrics, merge_status
 from tests.support.daemon import Quickstart
 
@@ -73,3 +88,62 @@ def test_merge_metrics_labels_every_sample_with_its_worker() -> None:
     assert 'm_total{inbound="a",worker="1"} 2.0' in merged
     assert 'm_total{inbound="a",worker="2"} 3.0' in merged
     assert merged.count("# TYPE m_total counter") == 1
+
+
+def test_a_start_with_another_worker_count_drains_the_sessions_of_the_counts_it_ran_with(tmp_path: Path) -> None:
+    """One daemon after 2 workers drains both workers' sessions (shared filters); worker 1 of 2 after one
+    daemon drains the single daemon's (plain filters); worker 2 drains nothing; nothing without a record."""
+    qs = Quickstart(tmp_path)
+    raw = tomllib.loads(qs.write().read_text())
+    base = raw["brokers"]["mosquitto"]["client_id"]
+    plain = [f"{qs.topic_prefix}devices/+/telemetry"]
+    shared = [f"$share/{base}-devices/{plain[0]}"]
+    single = drain_view(raw, 1, [1, 2], copy_of(raw))["inbound"]["devices"]["drain_sessions"]
+    assert single == [
+        {"client_id": f"{base}-w1-devices", "topics": shared},
+        {"client_id": f"{base}-w2-devices", "topics": shared},
+    ]
+    first = drain_view(raw, 2, [1, 2], worker_view(raw, 1))["inbound"]["devices"]
+    assert first["drain_sessions"] == [{"client_id": f"{base}-devices", "topics": plain}]
+    assert first["topics"] == shared
+    assert "drain_sessions" not in drain_view(raw, 2, [2], worker_view(raw, 1))["inbound"]["devices"]
+    assert "drain_sessions" not in drain_view(raw, 1, [], copy_of(raw))["inbound"]["devices"]
+    fewer = drain_view(raw, 2, [4], worker_view(raw, 1))["inbound"]["devices"]["drain_sessions"]
+    assert [d["client_id"] for d in fewer] == [f"{base}-w3-devices", f"{base}-w4-devices"]
+    assert "drain_sessions" not in raw["inbound"]["devices"]  # the parsed document is left alone
+
+    assert seen_workers(tmp_path) == []
+    record_workers(tmp_path, 2)
+    record_workers(tmp_path, 1)
+    record_workers(tmp_path, 2)
+    assert seen_workers(tmp_path) == [1, 2]
+    assert (tmp_path / WORKERS_FILE).read_text() == '{"seen": [1, 2]}\n'
+
+    # The view the daemon loads through is a valid config: the drains are the inbound's drain_sessions.
+    try:
+        mediator.config.raw_view = lambda r: drain_view(r, 1, [1, 2], copy_of(r))
+        config = load(qs.write(), load_specs())
+    finally:
+        mediator.config.raw_view = None
+    drains = config.adapters["mqtt"].inbounds["devices"].drain_sessions  # type: ignore[attr-defined]
+    assert [d.client_id for d in drains] == [f"{base}-w1-devices", f"{base}-w2-devices"]
+
+
+def test_a_drained_session_may_not_be_a_client_id_in_use(tmp_path: Path) -> None:
+    qs = Quickstart(tmp_path)
+    uid = qs.uid
+    text = qs.render().replace(
+        f'"{qs.topic_prefix}devices/+/telemetry"]',
+        f'"{qs.topic_prefix}devices/+/telemetry"]\n'
+        f'drain_sessions = [{{ client_id = "mediator-{uid}-devices", topics = ["a/b"] }}]',
+        1,
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    config = load(path, load_specs())
+    problems_found, _ = asyncio.run(dry_build(config))
+    assert any("drain_sessions[0]" in p and "also used by inbound.devices" in p for p in problems_found), problems_found
+
+
+def copy_of(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy(dict(raw))
