@@ -367,9 +367,10 @@ async def test_another_principals_status_read_is_refused(tmp_path: Path, rabbitm
     )
     run = await start(
         tmp_path,
-        overrides={"listeners.http": {"auth": ["keys"]}},
+        overrides={"listeners.http": {"auth": ["keys"]}, "listeners.grpc": {"auth": ["keys"]}},
         extra_toml='[auth.keys]\nkind = "api_key"\nkeys_env = "STATUS_TEST_KEYS"\n',
     )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{run.qs.grpc_port}")
     try:
         async with aiohttp.ClientSession() as http:
             alice = {"Authorization": f"Bearer {KEY_ALICE}"}
@@ -389,9 +390,37 @@ async def test_another_principals_status_read_is_refused(tmp_path: Path, rabbitm
             assert code == 401
             code, doc = await get_status(http, url, headers={"Authorization": f"Bearer {KEY_ROOT}"})
             assert code == 200
-            assert doc["id"] == url.split("/")[-2]
+            event_id = url.split("/")[-2]
+            assert doc["id"] == event_id
+        # The same over gRPC: GetStatus is guarded like the read over HTTP.
+        stub = service_pb2_grpc.MediatorStub(channel)
+        request = service_pb2.StatusRequest(id=event_id)
+        for key, code in ((KEY_BOB, grpc.StatusCode.PERMISSION_DENIED), (None, grpc.StatusCode.UNAUTHENTICATED)):
+            metadata = (("authorization", f"Bearer {key}"),) if key else ()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetStatus(request, metadata=metadata, timeout=10)
+            assert info.value.code() == code, info.value.details()
+        for key in (KEY_ALICE, KEY_ROOT):
+            status = await stub.GetStatus(request, metadata=(("authorization", f"Bearer {key}"),), timeout=10)
+            assert status.id == event_id
+        # And from the CLI, with the publisher's token (by environment variable) or another's.
+        for key, expected in ((KEY_ALICE, 0), (KEY_BOB, 1)):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mediator", "status", event_id, "--config", str(run.daemon.config), "--json",
+                "--token-env", "STATUS_TEST_TOKEN",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+                env={**os.environ, "STATUS_TEST_TOKEN": key},
+            )  # fmt: skip
+            async with asyncio.timeout(30):
+                out, err = await proc.communicate()
+            assert proc.returncode == expected, (out, err)
+            if expected == 0:
+                assert json.loads(out)["id"] == event_id
+            else:
+                assert "403" in err.decode()
     finally:
         del os.environ["STATUS_TEST_KEYS"]
+        await channel.close()
         await finish(run)
 
 
