@@ -55,6 +55,7 @@ run: $(STAMP)
 # BENCH_ARGS: e.g. --quick, --rounds 5, --paths http-amqp,mqtt-amqp, --no-peers, --profile (python -m bench --help).
 bench: $(STAMP) services
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.push
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

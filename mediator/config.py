@@ -401,14 +401,16 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
                 ref = model.connection()
                 if ref is None:
                     continue
-                key = "listener" if specs[kind].listener_model is not None else "broker"
+                want = model.connection_kind or kind  # a push outbound attaches to an http listener
+                key = "listener" if want in specs and specs[want].listener_model is not None else "broker"
                 if ref not in conn_kind:
                     problems.append(f"{section}.{name}.{key}: no {key} named {ref!r}")
-                elif conn_kind[ref] != kind:
+                elif conn_kind[ref] != want:
                     other = str(conn_kind[ref])
-                    problems.append(f"{section}.{name}.{key}: {ref!r} is {_article(other)} {other} {key}, not {kind}")
+                    problems.append(f"{section}.{name}.{key}: {ref!r} is {_article(other)} {other} {key}, not {want}")
 
     outbound_models = {n: m for by_section in typed.values() for n, m in by_section.get("outbound", {}).items()}
+    inbound_models = {n: m for by_section in typed.values() for n, m in by_section.get("inbound", {}).items()}
     outbound_names = set(root.outbound)
     inbound_names = set(root.inbound)
     routes: list[RouteSpec] = []
@@ -417,6 +419,21 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
         for name in route.match.inbound:
             if name not in inbound_names:
                 problems.append(f"{where}.match.inbound: no inbound named {name!r}")
+        requesting = [n for n in route.match.inbound if getattr(inbound_models.get(n), "request_mode", False)]
+        if requesting:  # request-reply: exactly one destination, and one that can carry a reply address
+            if len(route.to) != 1:
+                problems.append(
+                    f"{where}.to: a route from the request-mode inbound {requesting[0]!r} needs exactly one "
+                    f"destination (a request gets one reply), not {len(route.to)}"
+                )
+            for j, dest in enumerate(route.to):
+                out = outbound_models.get(dest.outbound)
+                refusal = out.request_refusal() if isinstance(out, OutboundConfigBase) else None
+                if refusal is not None:
+                    problems.append(
+                        f"{where}.to[{j}].outbound: {dest.outbound!r} serves requests from "
+                        f"{requesting[0]!r}, but {refusal}"
+                    )
         dests = []
         for j, dest in enumerate(route.to):
             if dest.outbound not in outbound_names:

@@ -28,7 +28,19 @@ from mediator.core.errors import ConfigError, MediatorError, NotReady, Rejected
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.router import Router
-from mediator.core.seams import Built, MetricsEndpoint, OutboundConfigBase, Runtime, Service, Sink, StatusReader
+from mediator.core.seams import (
+    Built,
+    MetricsEndpoint,
+    Mounts,
+    OutboundConfigBase,
+    Reports,
+    RequestOutbound,
+    Runtime,
+    Service,
+    Sink,
+    StatusReader,
+)
+from mediator.correlator import CorrelatorCollector
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.lock import DaemonLock
 from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
@@ -293,6 +305,8 @@ class Daemon:
         self._set_tracing(Tracing(config.root.tracing) if config.root.tracing.enabled else None)
         self._admin = DeadLetterAdmin(self)
         self.metrics.register(StateCollector(self))
+        if self.metrics.counting:
+            self.metrics.register(CorrelatorCollector(self.pipeline.correlator))
         metrics_cfg = config.root.metrics  # read at start: a change of [metrics] takes a restart
         self.metrics_endpoint = (
             MetricsEndpoint(
@@ -302,6 +316,10 @@ class Daemon:
             else None
         )
         self._specs = load_specs()
+        # Shared by every unit: paths adapters serve on HTTP listeners (a push outbound's /subscribe) and
+        # the counts adapters keep of their own (its subscribers), for /metrics and /admin/status.
+        self.mounts = Mounts()
+        self.reports = Reports()
         problems, environment = self._adapter_problems(config, self.stages)
         if problems or environment:
             raise ConfigError(config.file if problems else "environment", problems + environment)
@@ -380,8 +398,19 @@ class Daemon:
         return problems, environment
 
     def _build_unit(self, spec: UnitSpec) -> Unit:
+        correlator = self.pipeline.correlator
         return build_unit(
-            spec, self._specs, self.sink, self.health, self._admin, self.metrics_endpoint, self.status_reader
+            spec,
+            self._specs,
+            self.sink,
+            self.health,
+            self._admin,
+            self.metrics_endpoint,
+            self.status_reader,
+            mounts=self.mounts,
+            reports=self.reports,
+            replies=correlator,
+            requests=self.pipeline,
         )
 
     def _add_unit(self, unit: Unit) -> None:
@@ -390,6 +419,10 @@ class Daemon:
         self._units[unit.spec.key] = unit
         for name, outbound in unit.outbounds.items():
             cfg = unit.spec.section.outbounds[name]
+            if isinstance(outbound, RequestOutbound):  # before tracing wraps it: requests are not traced
+                self.pipeline.requesters[name] = outbound
+            else:
+                self.pipeline.requesters.pop(name, None)
             if self.tracing is not None:
                 outbound = self.tracing.outbound(outbound, cfg.kind)
             dispatcher = self.dispatchers.get(name)

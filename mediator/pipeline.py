@@ -10,10 +10,20 @@ import structlog
 
 from mediator.core import deadletter
 from mediator.core.envelope import Envelope
-from mediator.core.errors import NotReady, Overloaded, Rejected
+from mediator.core.errors import (
+    NotReady,
+    Overloaded,
+    Rejected,
+    RequestTimeout,
+    RequestUndeliverable,
+    RetryableDeliveryError,
+    TerminalDeliveryError,
+)
 from mediator.core.ingress import Batch, Origin, Principal, Stage
 from mediator.core.patterns import TemplateError
 from mediator.core.router import Delivery, DestinationSpec, Router
+from mediator.core.seams import Reply, RequestOutbound
+from mediator.correlator import Correlator, new_id
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.observability.metrics import DEFERRED_OVERLOADED, DEFERRED_UNAVAILABLE, Metrics
 from mediator.outbox.base import Accepted, Outbox, Pending, StorageError
@@ -55,6 +65,10 @@ class Pipeline:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Request-reply: the waiter table and the outbounds that can carry requests (by name; the daemon
+        # keeps it current as units come and go).
+        self.correlator = Correlator()
+        self.requesters: dict[str, RequestOutbound] = {}
 
     async def authenticate(self, origin: Origin) -> Principal:
         try:
@@ -144,6 +158,91 @@ class Pipeline:
                 for fail in item.failures:
                     await self.forward_dead(item.event, fail.reason, fail.route, fail.outbound)
         return {items[i].event.id for i in duplicates}
+
+    async def request(self, event: Envelope, origin: Origin, timeout_s: float) -> Reply:
+        """``Requests.request``: the same stages as ``accept``, then one request-capable destination, with no
+        outbox commit. Why not through the outbox: a request is worth something only while its caller
+        waits, so a retry after a crash or an outage (what the outbox is for) would act on an expired
+        request; the broker's own expiry (AMQP ``expiration``, MQTT Message Expiry Interval, both set to
+        the timeout) is what guarantees that a request nobody took in time is never acted on later. A
+        failed publish is answered at once (502/503) and the caller decides whether to retry."""
+        correlator = self.correlator
+        if self.draining:
+            raise NotReady("shutting down", retry_after_s=5.0)
+        batch = Batch(origin, [event])
+        m = self.metrics.inbound(origin.inbound)
+        try:
+            for stage in () if origin.trusted else self.stages:
+                await stage.run(batch)
+        except Rejected as exc:
+            _log_refusal(exc, origin, batch)
+            m.received.inc()
+            m.refused[exc.code.value].inc()
+            correlator.finished("refused")
+            raise
+        m.received.inc()
+        try:
+            if len(batch.events) != 1 or batch.dead_letters:
+                raise RequestUndeliverable(
+                    f"a request must stay one event through the ingress stages; it became {len(batch.events)}"
+                )
+            env = batch.events[0]
+            deliveries, failures = self.router.route(env, batch.data.get, _log_predicate)
+            if failures:
+                raise RequestUndeliverable(f"route {failures[0].route!r}: {failures[0].reason}")
+            if len(deliveries) != 1:
+                routes = sorted({d.route for d in deliveries})
+                raise RequestUndeliverable(
+                    f"a request needs exactly one destination; it matched {len(deliveries)}"
+                    + (f" (routes {', '.join(routes)})" if routes else " (no route matched)")
+                )
+            delivery = deliveries[0]
+            outbound = self.requesters.get(delivery.outbound)
+            refusal = (
+                "not an outbound that carries requests (AMQP and MQTT 5 outbounds do)"
+                if outbound is None
+                else outbound.request_refusal()
+            )
+            if outbound is None or refusal is not None:
+                raise RequestUndeliverable(f"outbound {delivery.outbound!r}: {refusal}")
+        except RequestUndeliverable as exc:
+            correlator.finished("undeliverable")
+            log.warning("request.undeliverable", event_id=event.id, inbound=origin.inbound, reason=exc.reason)
+            raise
+        correlation_id = new_id()
+        with correlator.waiting(correlation_id) as reply:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await outbound.send_request(
+                        delivery.event or env, delivery.address, delivery.format, correlation_id, timeout_s
+                    )
+                    answer = await reply
+            except TimeoutError:
+                correlator.finished("timeout")
+                log.info(
+                    "request.timed_out",
+                    event_id=env.id,
+                    correlation_id=correlation_id,
+                    route=delivery.route,
+                    outbound=delivery.outbound,
+                    timeout_s=timeout_s,
+                )
+                raise RequestTimeout(f"no reply within {timeout_s:g} s") from None
+            except (RetryableDeliveryError, TerminalDeliveryError) as exc:
+                correlator.finished("undeliverable")
+                log.warning("request.undeliverable", event_id=env.id, outbound=delivery.outbound, reason=str(exc))
+                retryable = isinstance(exc, RetryableDeliveryError)
+                raise RequestUndeliverable(str(exc), retryable=retryable) from exc
+        correlator.finished("error_reply" if answer.error else "replied")
+        log.debug(
+            "request.replied",
+            event_id=env.id,
+            correlation_id=correlation_id,
+            route=delivery.route,
+            error=answer.error,
+            size=len(answer.body),
+        )
+        return answer
 
     async def dead_letter(self, event: Envelope, reason: str) -> None:
         log.error("envelope.dead_lettered", event_id=event.id, inbound=event.provenance.inbound, reason=reason)

@@ -5,7 +5,9 @@ A *unit* is the smallest piece of the adapters' config that owns its connections
 - ``listener:NAME``: a listener with every inbound and outbound served on it (an HTTP listener and its
   paths; a gRPC listener with its inbound and the Subscribe outbounds its hub feeds);
 - ``inbound:NAME`` / ``outbound:NAME``: an inbound or outbound with a broker connection of its own (MQTT,
-  AMQP: each holds its own connection) or with none (an HTTP webhook), together with its broker's section.
+  AMQP: each holds its own connection) or with none (an HTTP webhook), together with its broker's section;
+  also one of another kind that serves paths on a listener (a push outbound, a WebSocket inbound on an HTTP
+  listener: it adds itself to the listener's ``Mounts`` while it runs, so either can restart alone).
 
 A unit's identity is its typed config (the pydantic models, compared by value) plus what the daemon lends
 to its adapter (the credential headers and admin roles the stages ask for, the outbox's ``max_pending``).
@@ -33,7 +35,11 @@ from mediator.core.seams import (
     AdapterSpec,
     Admin,
     MetricsEndpoint,
+    Mounts,
     Outbound,
+    Replies,
+    Reports,
+    Requests,
     Runtime,
     Service,
     Sink,
@@ -57,6 +63,7 @@ class UnitSpec:
     credential_headers: frozenset[str]
     admin_roles: frozenset[str]
     max_pending: int | None = None  # [outbox] max_pending, which bounds a broker inbound's window
+    outbox_path: str | None = None  # the SQLite outbox file (None: in memory), beside which adapters keep state
 
     @property
     def components(self) -> list[str]:
@@ -74,7 +81,10 @@ def plan(config: Config, credential_headers: frozenset[str], admin_roles: frozen
     units: dict[str, UnitSpec] = {}
 
     def add(key: str, kind: str, section: AdapterConfig) -> None:
-        units[key] = UnitSpec(key, kind, section, credential_headers, admin_roles, config.outbox.max_pending)
+        outbox_path = config.outbox.path if config.outbox.kind == "sqlite" else None
+        units[key] = UnitSpec(
+            key, kind, section, credential_headers, admin_roles, config.outbox.max_pending, outbox_path
+        )
 
     for kind, adapter in config.adapters.items():
         for name, listener in adapter.listeners.items():
@@ -119,6 +129,11 @@ def build_unit(
     admin: Admin | None,
     metrics: MetricsEndpoint | None = None,
     status: StatusReader | None = None,
+    *,
+    mounts: Mounts | None = None,
+    reports: Reports | None = None,
+    replies: Replies | None = None,
+    requests: Requests | None = None,
 ) -> Unit:
     """Build ``spec`` (no I/O: the services connect or bind when run). Raises ConfigError like the
     adapter's ``build`` (which a dry build of the whole config has already run, so it should not)."""
@@ -132,6 +147,11 @@ def build_unit(
         metrics=metrics,
         max_pending=spec.max_pending,
         status=status,
+        replies=replies,
+        requests=requests,
+        mounts=mounts if mounts is not None else Mounts(),
+        reports=reports if reports is not None else Reports(),
+        outbox_path=spec.outbox_path,
     )
     built = specs[spec.kind].build(spec.section, rt)
     return Unit(spec, built.services, built.outbounds, rt.reload_hooks)

@@ -31,7 +31,7 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
     for name, out_section in cfg.outbounds.items():
         assert isinstance(out_section, AmqpOutboundConfig)
         broker, url = _broker(cfg, f"outbound.{name}", out_section.broker)
-        outbound = AmqpOutbound(name, out_section, broker, url, rt.health)
+        outbound = AmqpOutbound(name, out_section, broker, url, rt.health, rt.replies)
         built.services.append(outbound.link)
         built.outbounds[name] = outbound
     return built

@@ -158,6 +158,22 @@ class AmqpOutboundConfig(OutboundConfigBase):
     header_prefix: HeaderPrefix = "cloudEvents_"
     # The format of destinations that name none; ``send`` uses the one it is given.
     format: Literal["binary", "structured", "protobuf"] = "binary"
+    queues: tuple[str, ...] = Field(
+        default=(),
+        description="queues declared (durable) at connect, for destinations over the default exchange "
+        "(exchange = '', the address a queue name) such as a request-reply consumer's queue",
+    )
+
+    @field_validator("queues")
+    @classmethod
+    def _queues(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for queue in value:
+            if not queue or queue.startswith("amq.") or len(queue.encode("utf-8")) > 255:
+                raise ValueError(f"{queue!r} is not a queue name we may declare (1-255 bytes, not amq.*)")
+        return value
 
     def connection(self) -> str | None:
         return self.broker
+
+    def request_refusal(self) -> str | None:
+        return None  # direct reply-to

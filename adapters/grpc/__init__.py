@@ -52,6 +52,9 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
                 certificates=listener.cfg.tls is not None and listener.cfg.tls.client_cert != "none",
                 status=rt.status,
                 max_wait_s=listener.cfg.max_wait_s,
+                requests=rt.requests,
+                request_timeout_s=icfg.request_timeout_s,
+                max_request_timeout_s=icfg.max_request_timeout_s,
             )
             rt.health.register(f"inbound:{name}")
 

@@ -151,6 +151,12 @@ class GrpcInboundConfig(InboundConfigBase):
 
     kind: Literal["grpc"]
     listener: str = Field(min_length=1)
+    request_timeout_s: float = Field(
+        default=5.0, gt=0, le=300, description="Request RPC: how long a call without a deadline waits for its reply"
+    )
+    max_request_timeout_s: float = Field(
+        default=30.0, gt=0, le=300, description="Request RPC: the longest a call's own deadline is honoured"
+    )
 
     def connection(self) -> str | None:
         return self.listener

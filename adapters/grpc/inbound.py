@@ -16,11 +16,11 @@ from cryptography.x509.oid import NameOID
 
 from adapters.grpc.codec import Undecodable, code_number, pushback, rejected_trailers, status_for, to_envelope
 from adapters.grpc.status import to_message
-from mediator.core.envelope import Envelope
-from mediator.core.errors import NotReady, Overloaded, Rejected
+from mediator.core.envelope import SPEC_VERSION, Envelope
+from mediator.core.errors import NotReady, Overloaded, Rejected, RequestTimeout, RequestUndeliverable
 from mediator.core.ingress import Origin, PeerCertificate
 from mediator.core.prefer import applied, prefer_wait
-from mediator.core.seams import Sink, StatusReader
+from mediator.core.seams import Requests, Sink, StatusReader
 from mediator.core.tracecontext import TRACEPARENT, TRACESTATE
 from mediator.v1.service_pb2 import PublishAck, PublishReply
 
@@ -86,6 +86,12 @@ def origin_of(context: Any, inbound: str, credential_headers: frozenset[str], *,
     return origin
 
 
+REQUEST_MARGIN_S = 0.05
+"""The Request RPC answers DEADLINE_EXCEEDED this long before the call's own deadline."""
+
+REPLY_TYPE = "io.mediator.reply"
+
+
 class GrpcInbound:
     """The inbound half of a gRPC listener. One per listener at most; the listener's servicer calls it."""
 
@@ -99,11 +105,17 @@ class GrpcInbound:
         certificates: bool = False,
         status: StatusReader | None = None,
         max_wait_s: float = 30.0,
+        requests: Requests | None = None,
+        request_timeout_s: float = 5.0,
+        max_request_timeout_s: float = 30.0,
     ) -> None:
         self.name = name
         self._sink = sink
         self._status = status  # this daemon's own: Publish with "prefer: wait=N" waits on it
         self._max_wait_s = max_wait_s
+        self._requests = requests
+        self._request_timeout_s = request_timeout_s
+        self._max_request_timeout_s = max_request_timeout_s
         self._max_in_flight = stream_max_in_flight
         self._credential_headers = credential_headers
         self._certificates = certificates  # a TLS listener: read the client certificate of each call
@@ -157,6 +169,45 @@ class GrpcInbound:
                 reply.status.CopyFrom(to_message(found.document))
         if outcome in ("final", "timeout"):
             context.set_trailing_metadata((("preference-applied", applied(wait_s)),))
+
+    async def request(self, request: Envelope | Undecodable, context: Any) -> Envelope:
+        """Unary Request: like Publish up to the routing, then the consumer's reply as an envelope (see
+        service.proto). The timeout is the call's own deadline (answered ``REQUEST_MARGIN_S`` before it, so
+        the caller reads our DEADLINE_EXCEEDED and the waiter is gone by then), capped by
+        ``max_request_timeout_s``; ``request_timeout_s`` for a call without one."""
+        origin = self.origin(context)
+        remaining = context.time_remaining()
+        timeout_s = (
+            self._request_timeout_s
+            if remaining is None
+            else max(0.001, min(self._max_request_timeout_s, remaining - REQUEST_MARGIN_S))
+        )
+        try:
+            await self._sink.authenticate(origin)
+            try:
+                env = to_envelope(request, inbound=self.name, method="Request", received_ns=time.time_ns())
+            except Rejected as exc:
+                self._sink.refused(origin, exc)
+                raise
+            if self._requests is None:
+                raise NotReady("request-reply is not available in this process")
+            reply = await self._requests.request(env, origin, timeout_s)
+        except Rejected as exc:
+            await abort(context, status_for(exc.code), exc.reason, rejected_trailers(exc))
+        except NotReady as exc:
+            await abort(context, not_ready_status(exc), exc.reason, (pushback(exc.retry_after_s),))
+        except RequestTimeout as exc:
+            await abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, exc.reason)
+        except RequestUndeliverable as exc:
+            code = grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode.FAILED_PRECONDITION
+            await abort(context, code, exc.reason)
+        if reply.error:
+            await abort(context, grpc.StatusCode.UNKNOWN, reply.body.decode("utf-8", "replace")[:4096])
+        out = Envelope(id=env.id, source=env.source, spec_version=SPEC_VERSION, type=REPLY_TYPE)
+        out.binary_data = reply.body
+        if reply.content_type:
+            out.attributes["datacontenttype"].ce_string = reply.content_type
+        return out
 
     async def publish_stream(self, context: Any) -> None:
         """Bidirectional PublishStream: one PublishAck per event, in the order the events came.

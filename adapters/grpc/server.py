@@ -35,7 +35,7 @@ _DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
 class MediatorServicer(service_pb2_grpc.MediatorServicer):
-    """Routes the three RPCs to the listener's inbound (if any) and subscriber hub."""
+    """Routes the four RPCs to the listener's inbound (if any) and subscriber hub."""
 
     def __init__(
         self,
@@ -60,6 +60,11 @@ class MediatorServicer(service_pb2_grpc.MediatorServicer):
         if self._inbound is None:
             await abort(context, grpc.StatusCode.UNIMPLEMENTED, "no gRPC inbound is configured on this listener")
         return await self._inbound.publish(request, context)
+
+    async def Request(self, request: Envelope | Undecodable, context: Any) -> Envelope:
+        if self._inbound is None:
+            await abort(context, grpc.StatusCode.UNIMPLEMENTED, "no gRPC inbound is configured on this listener")
+        return await self._inbound.request(request, context)
 
     # The handlers below use context.read/write (so they return None rather than an iterator, unlike the
     # generated base): an async generator cannot interrupt a write blocked by flow control.
@@ -91,6 +96,11 @@ def add_mediator_service(servicer: MediatorServicer, server: Any) -> None:
             servicer.PublishStream,
             request_deserializer=lenient(Envelope),
             response_serializer=PublishAck.SerializeToString,
+        ),
+        "Request": grpc.unary_unary_rpc_method_handler(
+            servicer.Request,
+            request_deserializer=lenient(Envelope),
+            response_serializer=Envelope.SerializeToString,
         ),
         "Subscribe": grpc.unary_stream_rpc_method_handler(
             servicer.Subscribe,

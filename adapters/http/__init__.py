@@ -57,7 +57,7 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
             problems.append(f"inbound.{name}.listener: no http listener named {icfg.listener!r}")
             continue
         by_listener[icfg.listener].append(
-            HttpInbound(name, icfg, target, rt.sink, rt.credential_headers, status=rt.status)
+            HttpInbound(name, icfg, target, rt.sink, rt.credential_headers, rt.requests, status=rt.status)
         )
     for inbounds in by_listener.values():
         problems.extend(paths_conflict(inbounds))
@@ -83,6 +83,7 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
             credential_headers=rt.credential_headers,
             metrics=rt.metrics if rt.metrics is not None and rt.metrics.listener in (None, name) else None,
             status=rt.status,
+            mounts=rt.mounts,
         )
         rt.health.register(listener.name)
         for inbound in by_listener[name]:  # ready once the listener is bound (HttpListener.run)

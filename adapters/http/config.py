@@ -103,6 +103,11 @@ class HttpListenerConfig(ListenerConfigBase):
     max_wait_s: float = Field(
         default=30.0, ge=0, description="the longest a publish with 'Prefer: wait=N' waits for delivery (N is capped)"
     )
+    query_token: str | None = Field(
+        default=None,
+        description="a query parameter (e.g. 'access_token') that may carry the bearer token of a subscription "
+        "(browsers' EventSource cannot set headers); never logged, refused over plain HTTP off loopback",
+    )
     # /admin/dead-letters (list, replay). Off a loopback address it requires a bearer token, given by the
     # NAME of the environment variable that holds it, or authentication (``auth``) and an admin role.
     admin: bool = True
@@ -166,6 +171,15 @@ class HttpInboundConfig(InboundConfigBase):
     default_content_type: str | None = Field(
         default=None, description="plain mode: the datacontenttype of a request without a Content-Type"
     )
+    request: bool = Field(
+        default=False,
+        description="request-reply: each POST (one event, no batch) is published with a reply address and "
+        "answered with the consumer's reply (200), its error reply (502) or 504 after request_timeout_s; its "
+        "route must name this inbound and have exactly one AMQP or MQTT 5 destination",
+    )
+    request_timeout_s: float = Field(
+        default=5.0, gt=0, le=300, description="request mode: how long a caller waits for the reply (504 after)"
+    )
     handshake: HandshakeConfig | None = Field(
         default=None, description="cloudevents mode: answer the CloudEvents webhook abuse-protection handshake"
     )
@@ -217,6 +231,10 @@ class HttpInboundConfig(InboundConfigBase):
 
     def connection(self) -> str | None:
         return self.listener
+
+    @property
+    def request_mode(self) -> bool:
+        return self.request
 
 
 class StandardWebhooksSigningConfig(ConfigModel):

@@ -24,11 +24,19 @@ from adapters.http import codec
 from adapters.http.config import HttpInboundConfig, HttpListenerConfig
 from mediator.core import formats
 from mediator.core.envelope import SPEC_VERSION, Envelope, new_id, now_timestamp
-from mediator.core.errors import NotReady, RateLimitState, RejectCode, Rejected
+from mediator.core.errors import (
+    NotReady,
+    RateLimitState,
+    RejectCode,
+    Rejected,
+    RequestError,
+    RequestTimeout,
+    RequestUndeliverable,
+)
 from mediator.core.ingress import Origin, PeerCertificate
 from mediator.core.patterns import Template, TemplateError
 from mediator.core.prefer import applied, prefer_wait
-from mediator.core.seams import Sink, StatusReader
+from mediator.core.seams import Reply, Requests, Sink, StatusReader
 from mediator.core.tracecontext import TRACEPARENT, TRACESTATE
 
 STATUS_BY_CODE: dict[RejectCode, int] = {
@@ -121,6 +129,42 @@ def problem_response(exc: Rejected, status: int) -> web.Response:
         problem["errors"] = listed
     body = json.dumps(problem, ensure_ascii=False).encode("utf-8")
     return web.Response(status=status, body=body, content_type=_PROBLEM)
+
+
+MAX_ERROR_DETAIL = 4096
+"""The most characters of a consumer's error reply a 502 problem body quotes."""
+
+
+def _problem(status: int, kind: str, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+    problem = {"type": f"urn:mediator:problem:{kind}", "title": title, "status": status, "detail": detail}
+    body = json.dumps(problem, ensure_ascii=False).encode("utf-8")
+    return web.Response(status=status, body=body, content_type=_PROBLEM, headers=headers)
+
+
+def reply_response(reply: Reply) -> web.Response:
+    """A consumer's reply as an HTTP response: 200 with its body and content type, or, for an error reply
+    (``mediator-error: true``), 502 with the consumer's text as the problem's ``detail``."""
+    if reply.error:
+        text = reply.body.decode("utf-8", "replace")
+        if len(text) > MAX_ERROR_DETAIL:
+            text = text[:MAX_ERROR_DETAIL] + "..."
+        return _problem(502, "consumer-error", "The consumer answered with an error", text)
+    response = web.Response(status=200, body=reply.body)
+    # Set whole (with its parameters, a charset say); aiohttp's content_type argument takes no parameters.
+    response.headers["Content-Type"] = reply.content_type or "application/octet-stream"
+    return response
+
+
+def request_problem(exc: RequestError) -> web.Response:
+    """504 for no reply in time; 503 (Retry-After) when the destination's broker is not reachable now;
+    502 when no request-capable destination takes the request."""
+    if isinstance(exc, RequestTimeout):
+        return _problem(504, "reply-timeout", "No reply in time", exc.reason)
+    if isinstance(exc, RequestUndeliverable) and exc.retryable:
+        return _problem(
+            503, "request-undeliverable", "The request could not be published", exc.reason, {"Retry-After": "1"}
+        )
+    return _problem(502, "request-undeliverable", "The request could not be published", exc.reason)
 
 
 def media_matcher(pattern: str) -> Callable[[str], bool]:
@@ -258,9 +302,13 @@ class HttpInbound:
         listener: HttpListenerConfig,
         sink: Sink,
         credential_headers: Collection[str] = DEFAULT_CREDENTIAL_HEADERS,
+        requests: Requests | None = None,
         status: StatusReader | None = None,
     ) -> None:
         self.name = name
+        self._request = cfg.request
+        self._requests = requests
+        self._request_timeout_s = cfg.request_timeout_s
         self.path = cfg.path
         self._status = status  # this daemon's own: the event it waits for was committed here
         self._max_wait_s = listener.max_wait_s
@@ -300,6 +348,8 @@ class HttpInbound:
             except Rejected as exc:  # refused here, not by a stage: the sink logs and counts it all the same
                 self._sink.refused(origin, exc)
                 raise
+            if self._request:
+                return await self._ask(events, batch, origin)
             duplicates = (await self._sink.accept(events, origin) if events else None) or ()
         except Rejected as exc:
             self._log.debug("envelope.rejected", code=exc.code.value, reason=exc.reason, rule=exc.rule)
@@ -377,7 +427,12 @@ class HttpInbound:
         status = self._status
         assert status is not None
         disconnected = getattr(request.protocol, "disconnected", None)
-        outcome = await status.wait(event_id, wait_s, disconnected() if disconnected is not None else None)
+        gone = disconnected() if disconnected is not None else None
+        try:
+            outcome = await status.wait(event_id, wait_s, gone)
+        finally:
+            if gone is not None:
+                gone.cancel()  # done with it: the connection drops it
         preference = applied(wait_s)
         if outcome == "final":
             found = await status.lookup(event_id)
@@ -388,6 +443,23 @@ class HttpInbound:
         elif outcome == "timeout":
             headers["Preference-Applied"] = preference
         return web.Response(status=202, body=_id_body(event_id, duplicate), content_type=_JSON, headers=headers)
+
+    async def _ask(self, events: list[Envelope], batch: bool, origin: Origin) -> web.Response:
+        """Request mode: the consumer's reply as the response (200), its error reply as 502, no reply in
+        time 504, no destination that takes the request 502 (503 when the broker is not connected)."""
+        if batch or len(events) != 1:
+            exc = Rejected(RejectCode.INVALID, "a request is one event; a batch cannot be answered with one reply")
+            self._sink.refused(origin, exc)
+            raise exc
+        if self._requests is None:
+            raise NotReady("request-reply is not available in this process")
+        event = events[0]
+        try:
+            reply = await self._requests.request(event, origin, self._request_timeout_s)
+        except RequestError as exc:
+            return request_problem(exc)
+        self._log.debug("request.answered", event_id=event.id, error=reply.error, size=len(reply.body))
+        return reply_response(reply)
 
     def decode(self, request: web.BaseRequest, body: bytes) -> tuple[list[Envelope], bool]:
         """The request as stamped envelopes (provenance set, sender's provenance discarded), and whether it

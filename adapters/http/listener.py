@@ -34,7 +34,17 @@ from adapters.http.inbound import (
 )
 from mediator.core.errors import RejectCode, Rejected
 from mediator.core.health import Health
-from mediator.core.seams import Admin, MetricsEndpoint, Sink, StatusReader, TlsConfig
+from mediator.core.seams import (
+    LOOPBACK_HOSTS,
+    Admin,
+    HttpMount,
+    MetricsEndpoint,
+    MountRequest,
+    Mounts,
+    Sink,
+    StatusReader,
+    TlsConfig,
+)
 
 # Bounded grace for in-flight requests when the listener stops (the daemon's drain happens before).
 SHUTDOWN_GRACE_S = 5.0
@@ -126,7 +136,7 @@ class _EdgeHandler(web_protocol.RequestHandler):
     and holds nothing.
     """
 
-    __slots__ = ("_edge", "_gone", "_head_deadline", "_head_timer", "_last_payload", "_refused")
+    __slots__ = ("_close_waiters", "_edge", "_head_deadline", "_head_timer", "_last_payload", "_refused")
 
     def __init__(self, manager: _EdgeServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
         max_headers = manager.max_headers
@@ -148,16 +158,23 @@ class _EdgeHandler(web_protocol.RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._last_payload: StreamReader | None = None
         self._refused = False
-        self._gone: asyncio.Future[None] | None = None  # made on demand (disconnected)
+        self._close_waiters: list[asyncio.Future[None]] | None = None
 
     def disconnected(self) -> asyncio.Future[None]:
-        """Resolved once the client's connection is lost: a request waiting for delivery (``Prefer: wait``)
-        stops waiting then (aiohttp does not cancel handlers on a disconnect)."""
-        if self._gone is None:
-            self._gone = self._loop.create_future()
-            if self.transport is None:
-                self._gone.set_result(None)
-        return self._gone
+        """A future resolved when this connection is lost (a streamed answer's way to notice a client that
+        went away without writing to it; a publish waiting for delivery stops waiting then). A caller done
+        with it cancels it: the ones already done are dropped here, so a keep-alive connection that asks
+        again and again holds only the live ones."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        if self.transport is None:
+            future.set_result(None)
+        else:
+            if self._close_waiters is None:
+                self._close_waiters = []
+            elif len(self._close_waiters) >= 8:
+                self._close_waiters = [f for f in self._close_waiters if not f.done()]
+            self._close_waiters.append(future)
+        return future
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         edge = self._edge
@@ -178,9 +195,11 @@ class _EdgeHandler(web_protocol.RequestHandler):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        waiters, self._close_waiters = self._close_waiters, None
+        for future in waiters or ():
+            if not future.done():
+                future.set_result(None)
         super().connection_lost(exc)
-        if self._gone is not None and not self._gone.done():
-            self._gone.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self._head_deadline or self._force_close or self._close:
@@ -247,6 +266,15 @@ class _EdgeHandler(web_protocol.RequestHandler):
         return super().handle_error(request, status, exc, message)
 
 
+def _same_origin(origin: str, host: str | None, tls: bool) -> bool:
+    """True when ``origin`` (RFC 6454 serialisation) is this listener as the client addressed it."""
+    if host is None:
+        return False
+    scheme = "https" if tls else "http"
+    default = ":443" if tls else ":80"
+    return origin in (f"{scheme}://{host}", f"{scheme}://{host.removesuffix(default)}")
+
+
 def server_context(tls: TlsConfig) -> ssl.SSLContext:
     """A server-side context from the files named in ``tls``; reads them (a few KiB), so call it off the
     loop once serving. Raises ``OSError`` (missing file) or ``ssl.SSLError`` (bad PEM, key not matching)."""
@@ -307,6 +335,14 @@ class _Cors:
 
         return with_cors
 
+    def headers_for(self, origin: str | None) -> dict[str, str]:
+        """The CORS headers of a streamed answer (which must carry them before it starts) to ``origin``."""
+        out: dict[str, str] = {} if self.any else {hdrs.VARY: hdrs.ORIGIN}
+        if origin is not None and self.allowed(origin):
+            out[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*" if self.any else origin
+            out.update(self.actual)
+        return out
+
     def answer_preflight(self, request: web.BaseRequest) -> web.Response:
         headers = request.headers
         origin = headers.get(hdrs.ORIGIN)
@@ -365,10 +401,13 @@ class HttpListener:
         credential_headers: Collection[str] = DEFAULT_CREDENTIAL_HEADERS,
         metrics: MetricsEndpoint | None = None,
         status: StatusReader | None = None,
+        mounts: Mounts | None = None,
     ) -> None:
         self.name = f"listener:{name}"
         self.status = status  # GET /events/{id}/status (a worker of workers = N swaps in its fleet's)
         self._sink = sink
+        self._short_name = name
+        self._mounts = mounts if mounts is not None else Mounts()
         self.cfg = cfg
         self.metrics = metrics
         self.inbounds = inbounds
@@ -412,7 +451,8 @@ class HttpListener:
             app.router.add_get(STATUS_PATH, self._event_status)
         for inbound in self.inbounds:
             # Only POST is routed, so aiohttp answers any other method on the path with 405 and Allow.
-            app.router.add_post(inbound.path, self._inbound_handler(inbound), name=f"inbound:{inbound.name}")
+            # No route name: aiohttp refuses one with a Python keyword (an inbound named "in" or "class").
+            app.router.add_post(inbound.path, self._inbound_handler(inbound))
             if inbound.handshake is not None:  # CloudEvents webhook abuse protection (a CORS preflight goes first)
                 app.router.add_route(hdrs.METH_OPTIONS, inbound.path, inbound.answer_handshake)
         return app
@@ -438,6 +478,9 @@ class HttpListener:
         handler = self._fast.get((request.method, request.rel_url.path_safe))
         if handler is not None and hdrs.EXPECT not in request.headers:
             return await handler(request)
+        mount = self._mounts.find(self._short_name, request.rel_url.path)
+        if mount is not None:
+            return await self._mounted(mount, request)
         if request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers:
             preflight = await self._preflight(request)
             if preflight is not None:
@@ -451,6 +494,47 @@ class HttpListener:
             if early is not None:
                 return early
         response: web.StreamResponse = await match.handler(request)  # type: ignore[arg-type]
+        return response
+
+    async def _mounted(self, mount: HttpMount, request: web.BaseRequest) -> web.StreamResponse:
+        """A request for a path another adapter serves here (a push outbound's subscriptions): the
+        listener's part is what it knows and the mount does not: who is calling (its credential headers,
+        the client certificate, a token in the query where ``query_token`` allows it), CORS, and whether
+        the page's ``Origin`` may use this listener."""
+        headers = request.headers
+        origin_header = headers.get(hdrs.ORIGIN)
+        if request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in headers:
+            if self._cors is None:
+                return error_response(403, "forbidden", "cross-origin requests are not enabled on this listener")
+            return self._cors.answer_preflight(request)
+        tls = self.cfg.tls is not None
+        origin = make_origin(request, self.name, self._credential_names, tls)
+        token_name = self.cfg.query_token
+        if token_name is not None and token_name in request.rel_url.query:
+            if not tls and (request.remote or "") not in LOOPBACK_HOSTS:
+                # The token would have crossed the network in the clear (and may sit in a proxy's log).
+                return error_response(
+                    400, "invalid", f"a token in the {token_name!r} query parameter needs TLS off loopback"
+                )
+            token = request.rel_url.query[token_name]
+            origin.credentials = (*origin.credentials, ("authorization", f"Bearer {token}"))
+        cors = self._cors.headers_for(origin_header) if self._cors is not None else {}
+        allowed = (
+            origin_header is None
+            or _same_origin(origin_header, headers.get(hdrs.HOST), tls)
+            or (self._cors is not None and self._cors.allowed(origin_header))
+        )
+        protocol = request.protocol
+        if isinstance(protocol, _EdgeHandler):
+            disconnected = protocol.disconnected()
+        else:  # not served by our server (a test's own): never resolved
+            disconnected = asyncio.get_running_loop().create_future()
+        call = MountRequest(request, origin, self._short_name, bool(self.cfg.auth), cors, allowed, disconnected)
+        try:
+            response: web.StreamResponse = await mount.handle(call)
+        finally:
+            if not disconnected.done():
+                disconnected.cancel()
         return response
 
     async def _preflight(self, request: web.BaseRequest) -> web.StreamResponse | None:

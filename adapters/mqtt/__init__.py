@@ -65,6 +65,11 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
         assert isinstance(inbound_cfg, MqttInboundConfig)
         broker = access(f"inbound.{name}", inbound_cfg.broker)
         if broker is not None:
+            if inbound_cfg.request and not broker.v5:
+                problems.append(
+                    f"inbound.{name}.request: MQTT 3.1.1 (brokers.{broker.name}.protocol) has no Response Topic "
+                    "or Correlation Data; request mode needs protocol = '5'"
+                )
             inbound = MqttInbound(name, inbound_cfg, broker, rt)
             claim(f"inbound.{name}", broker, inbound.client_id)
             for i, session in enumerate(inbound_cfg.drain_sessions):  # each drained by its own connection
@@ -74,7 +79,12 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
         assert isinstance(outbound_cfg, MqttOutboundConfig)
         broker = access(f"outbound.{name}", outbound_cfg.broker)
         if broker is not None:
-            outbound = MqttOutbound(name, outbound_cfg, broker, rt.health)
+            if outbound_cfg.requests and not broker.v5:
+                problems.append(
+                    f"outbound.{name}.requests: MQTT 3.1.1 (brokers.{broker.name}.protocol) has no Response Topic "
+                    "or Correlation Data; request-reply needs protocol = '5'"
+                )
+            outbound = MqttOutbound(name, outbound_cfg, broker, rt.health, rt.replies)
             claim(f"outbound.{name}", broker, outbound.client_id)
             built.services.append(outbound.service)
             built.outbounds[name] = outbound

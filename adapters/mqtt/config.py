@@ -144,6 +144,19 @@ class MqttInboundConfig(InboundConfigBase):
     # this itself when `workers` changed (the sessions of the other worker count: mediator/supervisor.py);
     # an operator can name others, e.g. after renaming a broker's client_id.
     drain_sessions: list[MqttDrainSessionConfig] = Field(default_factory=list)
+    request: bool = Field(
+        default=False,
+        description="request-reply (MQTT 5): each message with a Response Topic is a request, answered on "
+        "that topic (with its Correlation Data, if any) with the consumer's reply (mosquitto_rr works as the "
+        "requester); acknowledged once taken: a request is acted on at most once",
+    )
+    request_timeout_s: float = Field(
+        default=5.0, gt=0, le=300, description="request mode: how long a request waits for its reply"
+    )
+
+    @property
+    def request_mode(self) -> bool:
+        return self.request
 
     @field_validator("topics")
     @classmethod
@@ -172,6 +185,27 @@ class MqttOutboundConfig(OutboundConfigBase):
     retain: bool = False
     format: Literal["binary", "structured", "protobuf"] = "binary"
     max_in_flight: int = Field(default=256, ge=1, le=65535)
+    requests: bool = Field(
+        default=False,
+        description="request-reply (MQTT 5 only): subscribe to the reply topic <reply_topic_prefix>/<client id> "
+        "and carry requests with Response Topic, Correlation Data and Message Expiry Interval",
+    )
+    reply_topic_prefix: str = Field(
+        default="mediator/replies", min_length=1, description="requests: where replies are addressed"
+    )
+
+    @field_validator("reply_topic_prefix")
+    @classmethod
+    def _reply_prefix(cls, value: str) -> str:
+        problem = publish_topic_problem(value)
+        if problem is not None or value.endswith("/"):
+            raise ValueError(f"{value!r} is not a topic prefix: {problem or 'it ends with /'}")
+        return value
 
     def connection(self) -> str | None:
         return self.broker
+
+    def request_refusal(self) -> str | None:
+        if not self.requests:
+            return "it has requests = false (set requests = true: it then subscribes to its reply topic)"
+        return None

@@ -469,10 +469,26 @@ class PublishProperties:
     __slots__ = ("_packed",)
     packetType = PacketTypes.PUBLISH
 
-    def __init__(self, content_type: str | None, user_properties: tuple[tuple[str, str], ...]) -> None:
+    def __init__(
+        self,
+        content_type: str | None,
+        user_properties: tuple[tuple[str, str], ...],
+        *,
+        expiry_s: int | None = None,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+    ) -> None:
         body = bytearray()
+        if expiry_s is not None:  # Message Expiry Interval (0x02), a four-byte integer of seconds
+            body += b"\x02" + expiry_s.to_bytes(4, "big")
         if content_type is not None:
             body += b"\x03" + _utf8(content_type)
+        if response_topic is not None:  # Response Topic (0x08) and Correlation Data (0x09): request-reply
+            body += b"\x08" + _utf8(response_topic)
+        if correlation_data is not None:
+            if len(correlation_data) > 0xFFFF:
+                raise ValueError("correlation data is limited to 65535 bytes")
+            body += b"\x09" + len(correlation_data).to_bytes(2, "big") + correlation_data
         for name, value in user_properties:
             body += b"\x26" + _utf8(name) + _utf8(value)
         self._packed = _varint(len(body)) + bytes(body)

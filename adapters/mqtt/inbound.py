@@ -10,29 +10,47 @@ acknowledged is redelivered after a reconnect or a restart.
 Under load, messages queue up in aiomqtt while a commit runs; they are then taken together, as one batch
 with one commit (one task, one outbox operation) instead of one each: the per-message overhead shrinks
 exactly when the daemon is busy, and a lone message still goes through at once.
+
+Request mode (``request = true``, MQTT 5): a message carrying a Response Topic is a request
+(``Runtime.requests``); the reply is published to that topic with the same Correlation Data (when it had some:
+it is optional, and mosquitto_rr sends none), its Content Type, and for anything but a reply the user
+properties ``mediator-error: true`` and ``mediator-status`` (the HTTP status the same outcome gets: 502 the
+consumer's error, 504 no reply in time, 502/503 undeliverable, 4xx refused by a stage), the payload then the
+reason as text. A request is acknowledged once it is taken, before its reply: redelivered after a reconnect it
+would be acted on twice, after its requester stopped waiting. A message without a Response Topic is
+dead-lettered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiomqtt
 import structlog
+from paho.mqtt.packettypes import PacketTypes
 
 from adapters.mqtt.brokerinfo import TOPICS as SYS_TOPICS
 from adapters.mqtt.brokerinfo import BrokerInfo, wanted
 from adapters.mqtt.codec import InboundRules, MqttMessage, to_envelope, undecodable, user_properties
 from adapters.mqtt.config import MqttDrainSessionConfig, MqttInboundConfig
-from adapters.mqtt.connection import Backoff, BrokerAccess, make_client, paho_client, stop_if_cancelled
+from adapters.mqtt.connection import (
+    Backoff,
+    BrokerAccess,
+    make_client,
+    paho_client,
+    properties,
+    stop_if_cancelled,
+)
 from mediator.core.deadletter import REJECTED_PREFIX
 from mediator.core.envelope import Envelope
-from mediator.core.errors import NotReady, Rejected
+from mediator.core.errors import NotReady, RejectCode, Rejected, RequestTimeout, RequestUndeliverable
 from mediator.core.ingress import Origin
-from mediator.core.seams import Runtime
+from mediator.core.seams import Reply, Runtime
 
 # Retrying a commit the sink refused with NotReady; the broker keeps the message meanwhile.
 _RETRY_INITIAL_S = 0.05
@@ -82,6 +100,10 @@ def _watch_session_present(client: aiomqtt.Client, present: list[bool]) -> None:
     paho.on_connect = wrapped
 
 
+_REFUSED_STATUS = {RejectCode.UNAUTHENTICATED: "401", RejectCode.FORBIDDEN: "403", RejectCode.TOO_LARGE: "413"}
+_REFUSED_STATUS |= {RejectCode.RATE_LIMITED: "429", RejectCode.UNPROCESSABLE: "422"}
+
+
 class SubscriptionRefused(Exception):
     """The broker refused one of the topic filters (SUBACK reason code >= 0x80)."""
 
@@ -110,6 +132,9 @@ class MqttInbound:
         info_log = self._log.bind(broker=access.name)
         self._info = BrokerInfo(info_log, self._show) if cfg.sys_topics and wanted(cfg.topics) else None
         self._connected = ""
+        self._requests_in_flight = asyncio.Semaphore(cfg.max_in_flight)
+        self._spawn: Callable[[Coroutine[Any, Any, None]], object] | None = None  # the connection's task group
+        self._client_now: aiomqtt.Client | None = None  # the connected client (request mode publishes replies)
 
     async def run(self) -> None:
         if not self._cfg.drain_sessions:
@@ -276,21 +301,30 @@ class MqttInbound:
         order: deque[tuple[asyncio.Task[None], list[aiomqtt.Message]]] = deque()
         ready = asyncio.Event()
         taken = 0
-        async with asyncio.TaskGroup() as tg:
-            acker = tg.create_task(self._ack_in_order(ack, slots, order, ready), name=f"{self.name}:ack")
-            # Waiting goes through aiomqtt's iterator (it notices a lost connection); what is queued
-            # behind the first message is taken at once into the same batch.
-            messages = _idle_ending(client.messages, idle_s, lambda: not order) if idle_s else client.messages
-            async for message in messages:
-                await slots.acquire()
-                batch = [message]
-                while not queue.empty() and not slots.locked():
-                    await slots.acquire()  # does not suspend: a slot is free
-                    batch.append(queue.get_nowait())
-                taken += len(batch)
-                order.append((tg.create_task(self._handle(batch)), batch))
-                ready.set()
-            acker.cancel()  # idle: every message taken was acknowledged
+        main = idle_s is None  # a drained session's connection publishes no replies
+        if main:
+            self._client_now = client
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if main:
+                    self._spawn = functools.partial(tg.create_task, name=f"{self.name}:request")
+                acker = tg.create_task(self._ack_in_order(ack, slots, order, ready), name=f"{self.name}:ack")
+                # Waiting goes through aiomqtt's iterator (it notices a lost connection); what is queued
+                # behind the first message is taken at once into the same batch.
+                messages = _idle_ending(client.messages, idle_s, lambda: not order) if idle_s else client.messages
+                async for message in messages:
+                    await slots.acquire()
+                    batch = [message]
+                    while not queue.empty() and not slots.locked():
+                        await slots.acquire()  # does not suspend: a slot is free
+                        batch.append(queue.get_nowait())
+                    taken += len(batch)
+                    order.append((tg.create_task(self._handle(batch)), batch))
+                    ready.set()
+                acker.cancel()  # idle: every message taken was acknowledged
+        finally:
+            if main:
+                self._client_now = self._spawn = None
         return taken
 
     @staticmethod
@@ -328,6 +362,19 @@ class MqttInbound:
             )
             try:
                 decoded = to_envelope(wire, self._rules)
+                if self._cfg.request:
+                    response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+                    correlation = getattr(props, "CorrelationData", None) if props is not None else None
+                    # Correlation Data is optional (MQTT 5 section 4.10): mosquitto_rr sends none by default.
+                    if not response_topic or len(decoded) != 1:
+                        raise Rejected(RejectCode.INVALID, "a request needs a Response Topic (and is one event)")
+                    if self._spawn is None:  # held in a drained session: its requester stopped waiting
+                        raise Rejected(RejectCode.INVALID, "a request held in a drained session (no one waits)")
+                    await self._requests_in_flight.acquire()  # bounded; released when the reply is sent
+                    self._spawn(
+                        self._request(decoded[0], response_topic, None if correlation is None else bytes(correlation))
+                    )
+                    continue
             except Exception as exc:  # Rejected, or a decoder bug: either way the message must not loop
                 reason = exc.reason if isinstance(exc, Rejected) else f"cannot decode: {exc!r}"
                 env = undecodable(wire, self.inbound)
@@ -338,6 +385,44 @@ class MqttInbound:
             events += decoded
         if events:
             await self._until_safe(self._accept, events, messages=len(batch))
+
+    async def _request(self, event: Envelope, topic: str, correlation: bytes | None) -> None:
+        """One request: ask, then publish the reply (or why there is none) to ``topic``. Never raises."""
+        try:
+            status = ""
+            reply: Reply | None = None
+            requests = self._rt.requests
+            try:
+                if requests is None:
+                    raise NotReady("request-reply is not available in this process")
+                reply = await requests.request(event, self._origin, self._cfg.request_timeout_s)
+                if reply.error:
+                    status = "502"
+            except Rejected as exc:
+                status, reason = _REFUSED_STATUS.get(exc.code, "400"), f"{exc.code.value}: {exc.reason}"
+            except RequestTimeout as exc:
+                status, reason = "504", exc.reason
+            except RequestUndeliverable as exc:
+                status, reason = ("503" if exc.retryable else "502"), exc.reason
+            except NotReady as exc:
+                status, reason = "503", exc.reason
+            props = properties(PacketTypes.PUBLISH)
+            if correlation is not None:
+                props.CorrelationData = correlation
+            if reply is not None and reply.content_type:
+                props.ContentType = reply.content_type
+            if status:
+                props.UserProperty = [("mediator-error", "true"), ("mediator-status", status)]
+            payload = reply.body if reply is not None else reason.encode("utf-8")
+            try:
+                client = self._client_now
+                if client is None:
+                    raise aiomqtt.MqttError("disconnected")
+                await client.publish(topic, payload, qos=self._qos, properties=props, timeout=10.0)
+            except (aiomqtt.MqttError, ValueError) as exc:
+                self._log.warning("reply.unsent", event_id=event.id, reason=str(exc))
+        finally:
+            self._requests_in_flight.release()
 
     async def _accept(self, events: list[Envelope]) -> None:
         try:

@@ -118,3 +118,26 @@ class RetryableDeliveryError(DeliveryError):
 
 class TerminalDeliveryError(DeliveryError):
     """Unroutable, 4xx, too large: retrying cannot help, so the delivery is dead-lettered."""
+
+
+class RequestError(MediatorError):
+    """A request (request-reply) that got no reply: the caller is answered with an error, never retried by
+    the gateway (a request is not committed to the outbox)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class RequestTimeout(RequestError):
+    """No reply within the request's timeout: HTTP 504, gRPC DEADLINE_EXCEEDED."""
+
+
+class RequestUndeliverable(RequestError):
+    """The request could not be handed to a request-capable destination (no route, several, a destination
+    that cannot carry a reply address, a broker that refused or is not connected): HTTP 502, gRPC
+    UNAVAILABLE when ``retryable`` (not connected, no confirmation) else FAILED_PRECONDITION."""
+
+    def __init__(self, reason: str, *, retryable: bool = False) -> None:
+        self.retryable = retryable
+        super().__init__(reason)

@@ -8,9 +8,9 @@ imports them, and adapters never import each other.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, model_validator
 
@@ -55,6 +55,58 @@ class Sink(Protocol):
         """Commit a message the inbound could not decode (``event`` wraps its raw bytes) as a dead
         letter with ``reason``; returns when it is safe, after which the adapter acknowledges it so it
         never loops. Raises ``NotReady`` like ``accept``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A consumer's answer to a request: its body and content type, and whether the consumer marked it an
+    error (AMQP header / MQTT 5 user property ``mediator-error: true``)."""
+
+    body: bytes
+    content_type: str | None = None
+    error: bool = False
+
+
+class Replies(Protocol):
+    """Where outbounds hand the replies they receive (the daemon's correlator, ``mediator.correlator``)."""
+
+    def resolve(self, correlation_id: str, reply: Reply) -> bool:
+        """Answer the request waiting for ``correlation_id``. Returns False when none waits (late,
+        duplicate or unknown: counted and logged, the reply dropped). Never raises; matched by the
+        correlation id only."""
+        ...
+
+
+class Requests(Protocol):
+    """Request-reply for inbounds in request mode (the pipeline)."""
+
+    async def request(self, event: Envelope, origin: Origin, timeout_s: float) -> Reply:
+        """Run the ingress stages on ``event``, route it to exactly one request-capable destination, publish
+        it there with a reply address, a correlation id and an expiry of ``timeout_s``, and return the
+        consumer's reply. Not committed to the outbox. Raises ``Rejected`` (a stage refused), ``NotReady``
+        (draining), ``RequestUndeliverable`` or ``RequestTimeout``; nothing is left waiting after it
+        returns or raises (cancellation included)."""
+        ...
+
+
+@runtime_checkable
+class RequestOutbound(Protocol):
+    """The optional capability of an outbound that can carry requests (AMQP, MQTT 5)."""
+
+    name: str
+
+    def request_refusal(self) -> str | None:
+        """Why this outbound cannot carry requests (MQTT 3.1.1, requests not enabled), or None."""
+        ...
+
+    async def send_request(
+        self, event: Envelope, address: str, format: str, correlation_id: str, timeout_s: float
+    ) -> None:
+        """Publish ``event`` to ``address`` with this outbound's reply address and ``correlation_id``, set to
+        expire (AMQP ``expiration``, MQTT Message Expiry Interval) after ``timeout_s``; return once the
+        broker confirmed it. The reply, when it comes, goes to ``Runtime.replies``. Raises
+        ``RetryableDeliveryError`` / ``TerminalDeliveryError`` like ``Outbound.send``."""
         ...
 
 
@@ -233,12 +285,15 @@ class BrokerTlsConfig(ConfigModel):
 
 
 class InboundConfigBase(ConfigModel):
-    """An inbound section. ``connection()`` names the listener or broker it uses, if any.
+    """An inbound section. ``connection()`` names the listener or broker it uses, if any; a section whose
+    listener belongs to another adapter kind (a WebSocket inbound on an HTTP listener) says which in
+    ``connection_kind``.
 
     ``auth`` names authenticators (``[auth.NAME]``); None takes the listener's. With authenticators,
     a caller none of them vouches for is refused unless ``allow_anonymous``.
     """
 
+    connection_kind: ClassVar[str | None] = None  # None: a listener or broker of its own kind
     kind: str
     auth: list[str] | None = None
     allow_anonymous: bool | None = None
@@ -247,8 +302,14 @@ class InboundConfigBase(ConfigModel):
     def connection(self) -> str | None:
         return None
 
+    @property
+    def request_mode(self) -> bool:
+        """Whether its calls are requests answered with a consumer's reply (request-reply)."""
+        return False
+
 
 class OutboundConfigBase(ConfigModel):
+    connection_kind: ClassVar[str | None] = None  # as InboundConfigBase's (a push outbound: "http")
     kind: str
     max_in_flight: int = Field(default=256, ge=1, le=65536, description="sends awaiting confirmation at once")
     send_timeout_s: float = Field(default=10.0, gt=0, description="a send not confirmed within it is retried")
@@ -256,6 +317,10 @@ class OutboundConfigBase(ConfigModel):
 
     def connection(self) -> str | None:
         return None
+
+    def request_refusal(self) -> str | None:
+        """Why a route from a request-mode inbound cannot end here (None: it can carry requests)."""
+        return f"a {self.kind} outbound cannot carry requests (AMQP outbounds and MQTT 5 ones with requests = true can)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +334,115 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MountRequest:
+    """What an HTTP listener hands a mounted handler with each request it routes to it.
+
+    ``request`` is the listener's request object (an aiohttp ``web.BaseRequest``; ``Any`` because the core
+    names no network library), ``origin`` who is calling as the stages see it (``inbound`` is
+    ``listener:NAME``, so ``Sink.authenticate`` applies the listener's authenticators). ``auth``: the
+    listener names authenticators (a mount that reads events out then refuses anonymous callers).
+    ``cors_headers`` are the ``Access-Control-*`` headers the answer to this request's ``Origin`` must
+    carry (empty when there is none or it is not allowed); ``origin_allowed`` is False when the request
+    names an ``Origin`` that is neither the listener's own nor one its CORS settings allow (a WebSocket
+    upgrade from such a page is cross-site WebSocket hijacking). ``disconnected`` is resolved when the
+    client's connection is lost (a streamed answer that only writes would otherwise notice at its next
+    write).
+    """
+
+    request: Any
+    origin: Origin
+    listener: str
+    auth: bool
+    cors_headers: Mapping[str, str]
+    origin_allowed: bool
+    disconnected: asyncio.Future[None]
+
+
+class HttpMount(Protocol):
+    """Paths an adapter other than the HTTP adapter serves on an HTTP listener (``Mounts``)."""
+
+    component: str  # the health component that owns it, e.g. "outbound:browsers"
+    prefix: str  # serves GET requests for ``prefix`` + "/" + anything; "" never
+
+    async def handle(self, call: MountRequest) -> Any:
+        """Answer one request (returns the listener's response object, a streamed one included: it may
+        run as long as the client stays). Never raises for a client's fault: it answers it."""
+        ...
+
+
+class Mounts:
+    """Which ``HttpMount`` serves which path prefix on which HTTP listener, shared by the daemon's units.
+
+    A mount is added by the service that owns it when it starts and removed when it stops, so a reload
+    that restarts the listener, or the mount's own unit, needs no coordination between the two. Loop
+    thread only."""
+
+    def __init__(self) -> None:
+        self._by_listener: dict[str, dict[str, HttpMount]] = {}
+
+    def add(self, listener: str, mount: HttpMount) -> None:
+        """Raises ``ValueError`` when another mount already serves the prefix on the listener."""
+        table = self._by_listener.setdefault(listener, {})
+        other = table.get(mount.prefix)
+        if other is not None and other is not mount:
+            raise ValueError(f"{other.component} already serves {mount.prefix}/ on listener {listener!r}")
+        table[mount.prefix] = mount
+
+    def remove(self, listener: str, mount: HttpMount) -> None:
+        table = self._by_listener.get(listener, {})
+        if table.get(mount.prefix) is mount:
+            del table[mount.prefix]
+
+    def find(self, listener: str, path: str) -> HttpMount | None:
+        """The mount serving ``path`` (``/subscribe/orders`` for prefix ``/subscribe``), if any."""
+        table = self._by_listener.get(listener)
+        if not table:
+            return None
+        for prefix, mount in table.items():
+            if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+                return mount
+        return None
+
+    def prefixes(self, listener: str) -> list[str]:
+        return sorted(self._by_listener.get(listener, {}))
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One value an adapter reports for the metrics: ``mediator_<name>`` with ``labels``."""
+
+    name: str
+    help: str
+    kind: Literal["gauge", "counter"]
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+
+class Reporter(Protocol):
+    """Counts an adapter keeps of its own (a push outbound's subscribers), read at scrape and status time."""
+
+    def samples(self) -> Iterable[Sample]: ...
+
+    def status(self) -> dict[str, object]:
+        """JSON-ready; shown under its component in ``/admin/status``."""
+        ...
+
+
+class Reports:
+    """The ``Reporter`` of each component that has one; added when its service starts, removed when it stops."""
+
+    def __init__(self) -> None:
+        self.by_component: dict[str, Reporter] = {}
+
+    def add(self, component: str, reporter: Reporter) -> None:
+        self.by_component[component] = reporter
+
+    def remove(self, component: str, reporter: Reporter) -> None:
+        if self.by_component.get(component) is reporter:
+            del self.by_component[component]
+
+
+@dataclass(frozen=True, slots=True)
 class Runtime:
     """What the daemon lends to adapters.
 
@@ -278,8 +452,13 @@ class Runtime:
     ``admin_roles``: a principal with one of these may use admin endpoints when authentication is on.
     ``metrics``: what HTTP listeners serve at ``/metrics`` (None: nothing).
     ``status``: delivery status for listeners (None: none served).
+    ``replies`` / ``requests``: the correlator and the pipeline's request path (request-reply).
     ``max_pending``: the outbox's back-pressure threshold (``[outbox] max_pending``; None: unbounded), which
     bounds what a broker inbound asks its broker for (``window``).
+    ``mounts``: paths adapters serve on HTTP listeners (shared by every unit of the daemon).
+    ``reports``: adapters' own counts for the metrics and the status.
+    ``outbox_path``: the SQLite outbox file, beside which an adapter keeps durable state of its own
+    (None: the outbox is in memory, and so is that state).
     """
 
     sink: Sink
@@ -291,6 +470,11 @@ class Runtime:
     metrics: MetricsEndpoint | None = None
     max_pending: int | None = None
     status: StatusReader | None = None
+    replies: Replies | None = None  # the correlator outbounds hand replies to (None: no request-reply)
+    requests: Requests | None = None  # what request-mode inbounds call (None: request mode refused)
+    mounts: Mounts = field(default_factory=Mounts)
+    reports: Reports = field(default_factory=Reports)
+    outbox_path: str | None = None
 
     def window(self, asked: int, protocol_max: int = 65535) -> int:
         """How many unacknowledged messages a broker inbound should let its broker send (MQTT 5 Receive

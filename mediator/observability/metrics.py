@@ -55,6 +55,7 @@ from mediator.config import Config
 from mediator.core import deadletter
 from mediator.core.health import Health
 from mediator.core.router import Delivery, Unroutable
+from mediator.core.seams import Reports
 from mediator.outbox.base import Accepted
 
 __all__ = [
@@ -551,6 +552,24 @@ class Observed(Protocol):
     @property
     def dispatchers(self) -> Mapping[str, DispatcherState]: ...
 
+    @property
+    def reports(self) -> Reports: ...
+
+
+def adapter_families(reports: Reports) -> Iterator[Metric]:
+    """The counts adapters keep of their own (``Reporter.samples``: a push outbound's subscribers), one
+    family per name; a family's help and kind are its first sample's."""
+    families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+    for reporter in list(reports.by_component.values()):
+        for sample in reporter.samples():
+            family = families.get(sample.name)
+            labels = [k for k, _ in sample.labels]
+            if family is None:
+                make = GaugeMetricFamily if sample.kind == "gauge" else CounterMetricFamily
+                family = families[sample.name] = make(f"{NAMESPACE}_{sample.name}", sample.help, labels=labels)
+            family.add_metric([v for _, v in sample.labels], float(sample.value))
+    yield from families.values()
+
 
 def broker_of(config: Config) -> dict[str, str]:
     """Health component (``inbound:NAME``, ``outbound:NAME``) -> the broker it connects to."""
@@ -663,6 +682,7 @@ class StateCollector(Collector):
                 "Delivery statuses dropped past the status window or count.",
                 value=float(book.expired),
             )
+        yield from adapter_families(d.reports)
         build = InfoMetricFamily(f"{NAMESPACE}_build", "The running mediator's version.")
         build.add_metric([], {"version": __version__})
         yield build

@@ -117,6 +117,9 @@ async def status(daemon: StatusSource) -> dict[str, object]:
                 "consecutive_failures": dispatcher.consecutive_failures if dispatcher is not None else 0,
             }
         )
+        reporter = daemon.reports.by_component.get(f"outbound:{name}")
+        if reporter is not None:
+            outbounds[-1]["subscriptions"] = reporter.status()  # a push outbound's subscribers and ring
     routes = [{"name": r.name, "routed": total("events_routed", r.name)} for r in root.routes]
 
     outbox: dict[str, object] = {"kind": root.outbox.kind}
@@ -244,6 +247,28 @@ def render(doc: Mapping[str, object]) -> str:
             ]
         ),
         "",
+    ]
+    push_rows = [["PUSH OUTBOUND", "SUBSCRIBERS", "RING", "CURSORS", "PUSHED", "DISCONNECTS", "RESUMES", "GAPS"]]
+    for x in rows("outbounds"):
+        sub = x.get("subscriptions")
+        if isinstance(sub, Mapping):
+            ring = sub.get("ring")
+            ring = ring if isinstance(ring, Mapping) else {}
+            push_rows.append(
+                [
+                    str(x.get("name")),
+                    str(sub.get("subscribers")),
+                    str(ring.get("events")),
+                    f"{ring.get('oldest')}..{ring.get('newest')}",
+                    _counts(sub.get("pushed")),
+                    _counts(sub.get("disconnects")),
+                    str(sub.get("resumes")),
+                    str(sub.get("gaps")),
+                ]
+            )
+    if len(push_rows) > 1:
+        out += [table(push_rows), ""]
+    out += [
         table([["ROUTE", "ROUTED"]] + [[str(x.get("name")), str(x.get("routed"))] for x in rows("routes")]),
         "",
     ]

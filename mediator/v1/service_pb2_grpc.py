@@ -57,6 +57,11 @@ class MediatorStub:
                 request_serializer=mediator_dot_v1_dot_service__pb2.StatusRequest.SerializeToString,
                 response_deserializer=mediator_dot_v1_dot_service__pb2.EventStatus.FromString,
                 _registered_method=True)
+        self.Request = channel.unary_unary(
+                '/mediator.v1.Mediator/Request',
+                request_serializer=mediator_dot_v1_dot_envelope__pb2.Envelope.SerializeToString,
+                response_deserializer=mediator_dot_v1_dot_envelope__pb2.Envelope.FromString,
+                _registered_method=True)
 
 
 class MediatorServicer:
@@ -96,6 +101,19 @@ class MediatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Request(self, request, context):
+        """Request-reply: the envelope is published (with the same ingress stages as Publish, never committed)
+        to the one request-capable destination its route names, and the consumer's reply is returned as an
+        envelope: id and source of the request, type "io.mediator.reply", data = the reply's body,
+        datacontenttype = its content type. DEADLINE_EXCEEDED without a reply within the call's deadline
+        (capped by the inbound's max_request_timeout_s; request_timeout_s without one); UNKNOWN with the
+        consumer's text for its error reply; FAILED_PRECONDITION when no destination takes requests;
+        UNAVAILABLE when its broker is not reachable now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MediatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -118,6 +136,11 @@ def add_MediatorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=mediator_dot_v1_dot_service__pb2.StatusRequest.FromString,
                     response_serializer=mediator_dot_v1_dot_service__pb2.EventStatus.SerializeToString,
+            ),
+            'Request': grpc.unary_unary_rpc_method_handler(
+                    servicer.Request,
+                    request_deserializer=mediator_dot_v1_dot_envelope__pb2.Envelope.FromString,
+                    response_serializer=mediator_dot_v1_dot_envelope__pb2.Envelope.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,6 +253,33 @@ class Mediator:
             '/mediator.v1.Mediator/GetStatus',
             mediator_dot_v1_dot_service__pb2.StatusRequest.SerializeToString,
             mediator_dot_v1_dot_service__pb2.EventStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Request(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mediator.v1.Mediator/Request',
+            mediator_dot_v1_dot_envelope__pb2.Envelope.SerializeToString,
+            mediator_dot_v1_dot_envelope__pb2.Envelope.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,15 @@ class MediatorStub:
     """What became of an event (its delivery status), for its publisher or an admin: NOT_FOUND once the
     status expired or for an event never known, PERMISSION_DENIED for another principal.
     """
+    Request: _grpc.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _envelope_pb2.Envelope]
+    """Request-reply: the envelope is published (with the same ingress stages as Publish, never committed)
+    to the one request-capable destination its route names, and the consumer's reply is returned as an
+    envelope: id and source of the request, type "io.mediator.reply", data = the reply's body,
+    datacontenttype = its content type. DEADLINE_EXCEEDED without a reply within the call's deadline
+    (capped by the inbound's max_request_timeout_s; request_timeout_s without one); UNKNOWN with the
+    consumer's text for its error reply; FAILED_PRECONDITION when no destination takes requests;
+    UNAVAILABLE when its broker is not reachable now.
+    """
 
 @_typing.type_check_only
 class MediatorAsyncStub(MediatorStub):
@@ -73,6 +82,15 @@ class MediatorAsyncStub(MediatorStub):
     GetStatus: _aio.UnaryUnaryMultiCallable[_service_pb2.StatusRequest, _service_pb2.EventStatus]  # type: ignore[assignment]
     """What became of an event (its delivery status), for its publisher or an admin: NOT_FOUND once the
     status expired or for an event never known, PERMISSION_DENIED for another principal.
+    """
+    Request: _aio.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _envelope_pb2.Envelope]  # type: ignore[assignment]
+    """Request-reply: the envelope is published (with the same ingress stages as Publish, never committed)
+    to the one request-capable destination its route names, and the consumer's reply is returned as an
+    envelope: id and source of the request, type "io.mediator.reply", data = the reply's body,
+    datacontenttype = its content type. DEADLINE_EXCEEDED without a reply within the call's deadline
+    (capped by the inbound's max_request_timeout_s; request_timeout_s without one); UNKNOWN with the
+    consumer's text for its error reply; FAILED_PRECONDITION when no destination takes requests;
+    UNAVAILABLE when its broker is not reachable now.
     """
 
 class MediatorServicer(metaclass=_abc_1.ABCMeta):
@@ -117,6 +135,21 @@ class MediatorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_service_pb2.EventStatus, _abc.Awaitable[_service_pb2.EventStatus]]:
         """What became of an event (its delivery status), for its publisher or an admin: NOT_FOUND once the
         status expired or for an event never known, PERMISSION_DENIED for another principal.
+        """
+
+    @_abc_1.abstractmethod
+    def Request(
+        self,
+        request: _envelope_pb2.Envelope,
+        context: _ServicerContext,
+    ) -> _typing.Union[_envelope_pb2.Envelope, _abc.Awaitable[_envelope_pb2.Envelope]]:
+        """Request-reply: the envelope is published (with the same ingress stages as Publish, never committed)
+        to the one request-capable destination its route names, and the consumer's reply is returned as an
+        envelope: id and source of the request, type "io.mediator.reply", data = the reply's body,
+        datacontenttype = its content type. DEADLINE_EXCEEDED without a reply within the call's deadline
+        (capped by the inbound's max_request_timeout_s; request_timeout_s without one); UNKNOWN with the
+        consumer's text for its error reply; FAILED_PRECONDITION when no destination takes requests;
+        UNAVAILABLE when its broker is not reachable now.
         """
 
 def add_MediatorServicer_to_server(servicer: MediatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,7 +1,8 @@
 """Delivery status and Prefer: wait (issue 21), against the real daemon, real brokers and real consumers.
 
-The orders route of the shipped config has three destinations: the AMQP exchange, MQTT (a Mosquitto the
-test owns, so it can be stopped) and the gRPC Subscribe streams."""
+The orders route of the shipped config has four destinations: the AMQP exchange, MQTT (a Mosquitto the
+test owns, so it can be stopped), the gRPC Subscribe streams (three real consumers here) and the push ring
+of the browsers outbound (SSE / WebSocket subscribers read it at their pace)."""
 
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ async def test_status_pending_then_delivered_to_three_real_consumers(running: Ru
             assert doc["state"] == "pending"
             assert doc["settled"] is False
             dests = by_outbound(doc)
-            assert set(dests) == {"orders-exchange", "mqtt", "subscribers"}
+            assert set(dests) == {"orders-exchange", "mqtt", "subscribers", "browsers"}
             assert dests["mqtt"]["state"] == "pending"
             assert dests["mqtt"]["address"] == topic
             assert dests["orders-exchange"]["address"] == "orders.created"
@@ -200,7 +201,12 @@ async def test_partially_dead_when_one_destination_refuses(running: Running) -> 
         final = await status_until(http, running.base + location, lambda d: d["settled"])
         assert final["state"] == "partially-dead"
         states = {name: d["state"] for name, d in by_outbound(final).items()}
-        assert states == {"orders-exchange": "dead", "mqtt": "delivered", "subscribers": "delivered"}
+        assert states == {
+            "orders-exchange": "dead",
+            "mqtt": "delivered",
+            "subscribers": "delivered",
+            "browsers": "delivered",
+        }
 
 
 async def test_prefer_wait_answers_200_once_consumers_confirm(running: Running) -> None:
@@ -438,7 +444,7 @@ async def test_grpc_get_status_and_publish_with_prefer_wait(running: Running) ->
         assert reply.id == event.id
         assert reply.status.state == "delivered"
         assert reply.status.settled
-        assert {d.outbound for d in reply.status.destinations} == {"orders-exchange", "mqtt", "subscribers"}
+        assert {d.outbound for d in reply.status.destinations} == {"orders-exchange", "mqtt", "subscribers", "browsers"}
         status = await stub.GetStatus(service_pb2.StatusRequest(id=event.id), timeout=10)
         assert status.id == event.id
         assert status.state == "delivered"

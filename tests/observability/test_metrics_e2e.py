@@ -253,6 +253,8 @@ async def test_admin_status_and_the_status_command(observed: Observed) -> None:
                 # The dead letter's row is readable once written, its counter once it is durable: both.
                 if (
                     out["mqtt"]["sent"] == 1
+                    and out["browsers"]["sent"] == 1  # the shipped orders route's push destination
+                    and doc["outbox"]["pending"] == 0  # a done delivery's row goes in a lazy write (<= 0.2 s)
                     and out["orders-exchange"]["dead_lettered"]
                     and doc["outbox"]["dead_letters"]
                 ):
@@ -269,10 +271,16 @@ async def test_admin_status_and_the_status_command(observed: Observed) -> None:
         "secured": ("http", True),
     }
     brokers = {b["name"]: {c["component"]: c["ready"] for c in b["connections"]} for b in doc["brokers"]}
-    assert brokers["mosquitto"] == {"inbound:devices": True, "outbound:mqtt": True}
+    assert brokers["mosquitto"] == {
+        "inbound:devices": True,
+        "inbound:rpc-mqtt": True,
+        "outbound:mqtt": True,
+        "outbound:mqtt-rpc": True,
+    }
     assert brokers["rabbit"] == {
         "inbound:commands": True,
         "outbound:orders-exchange": True,
+        "outbound:rpc": True,
         "outbound:telemetry-exchange": True,
     }
     orders = next(i for i in doc["inbounds"] if i["name"] == "orders-http")

@@ -328,12 +328,21 @@ def test_unit_plan_keys(tmp_path: Path) -> None:
     assert sorted(units) == [
         "inbound:commands",
         "inbound:devices",
+        "inbound:rpc-mqtt",
         "listener:grpc",
         "listener:http",
+        "outbound:browsers",  # a push outbound is a unit of its own: it mounts itself on listener:http
         "outbound:mqtt",
+        "outbound:mqtt-rpc",
         "outbound:orders-exchange",
+        "outbound:rpc",
         "outbound:telemetry-exchange",
     ]
-    assert sorted(units["listener:http"].section.inbounds) == ["cloudevents-http", "orders-http"]
+    assert sorted(units["listener:http"].section.inbounds) == [
+        "cloudevents-http",
+        "orders-http",
+        "rpc-echo",
+        "rpc-price",
+    ]
     assert sorted(units["listener:grpc"].section.outbounds) == ["subscribers"]
     assert list(units["inbound:devices"].section.brokers) == ["mosquitto"]

@@ -72,8 +72,14 @@ class Quickstart:
         self.commands_exchange = f"commands-{u}"
         self.commands_queue = f"mediator.commands-{u}"
         self.topic_prefix = f"{u}/"
+        self.rpc_queue = f"rpc.echo-{u}"
+        self.rpc_topic = f"{u}/rpc/price"
+        self.rpc_request_topic = f"{u}/rpc/echo"
         _declared.append(
-            ([self.orders_exchange, self.telemetry_exchange, self.commands_exchange], [self.commands_queue])
+            (
+                [self.orders_exchange, self.telemetry_exchange, self.commands_exchange],
+                [self.commands_queue, self.rpc_queue],
+            )
         )
 
     def render(self) -> str:
@@ -95,6 +101,10 @@ class Quickstart:
             ("{topic.1}", "{topic.2}"),
             ('address = "orders/created"', f'address = "{self.topic_prefix}orders/created"'),
             ('address = "devices/{topic}/commands"', f'address = "{self.topic_prefix}devices/{{topic}}/commands"'),
+            ('queues = ["rpc.echo"]', f'queues = ["{self.rpc_queue}"]'),
+            ('address = "rpc.echo"', f'address = "{self.rpc_queue}"'),
+            ('address = "rpc/price"', f'address = "{self.rpc_topic}"'),
+            ('topics = ["rpc/echo"]', f'topics = ["{self.rpc_request_topic}"]'),
         ]
         for old, new in replacements:
             if old not in text:
