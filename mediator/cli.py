@@ -347,11 +347,60 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _event_status(config: Config, args: argparse.Namespace) -> int:
+    """``mediator status EVENT-ID``: GET /events/{id}/status on the admin listener, with the credential
+    the flags name (the admin token, or the publisher's or an admin's key or token)."""
+    from urllib.parse import quote
+
+    import aiohttp
+
+    from mediator.client import table
+
+    event_id: str = args.event_id
+    as_json: bool | None = args.json
+    target = _admin_url(config, args)
+    if target is None:
+        print("mediator: the config has no HTTP listener serving the admin endpoints", file=sys.stderr)
+        return 1
+    url, headers, origin = target
+    url = url.removesuffix("/admin/dead-letters") + f"/events/{quote(event_id, safe='')}/status"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+            http.get(url, headers=headers) as resp,
+        ):
+            if resp.status == 404:
+                body = await resp.json(content_type=None)
+                detail = body.get("detail") if isinstance(body, dict) else None
+                print(f"mediator: {detail or 'no such event'}", file=sys.stderr)
+                return 1
+            if resp.status != 200:
+                return await _admin_failed(resp, origin)
+            doc = await resp.json()
+    except aiohttp.ClientConnectionError as exc:
+        print(f"mediator: no running daemon answers at {url}: {exc}", file=sys.stderr)
+        return 1
+    if as_json is None:
+        as_json = not sys.stdout.isatty()
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"event {doc['id']}: {doc['state']}" + (f" ({doc['reason']})" if doc.get("reason") else ""))
+    rows = [["ROUTE", "OUTBOUND", "ADDRESS", "STATE", "ATTEMPTS", "AT", "REASON"]]
+    for d in doc.get("destinations", []):
+        at = d.get("delivered_at") or d.get("dead_at") or ""
+        rows.append([d["route"], d["outbound"], d["address"], d["state"], str(d["attempts"]), at, d.get("reason", "")])
+    print(table(rows, fold=True))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     from mediator import client
     from mediator.logs import configure
 
     configure("warning", "console")
+    if args.event_id is not None:
+        return client.run(_event_status(config, args))
     return client.run(_status(config, args))
 
 
@@ -559,7 +608,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape.add_argument("--table", dest="json", action="store_false", help="list as a table (the default on a terminal)")
     _credential_options(dlq, admin=True)
     dlq.set_defaults(func=cmd_dead_letters)
-    st = sub.add_parser("status", help="the running daemon's listeners, brokers, inbounds, outbounds, outbox, config")
+    st = sub.add_parser(
+        "status",
+        help="the running daemon's listeners, brokers, inbounds, outbounds, outbox, config; "
+        "with EVENT-ID, what became of that event (its delivery status)",
+    )
+    st.add_argument(
+        "event_id", nargs="?", metavar="EVENT-ID", help="an event id a publish answered: that event's delivery status"
+    )
     st.add_argument("--config", "-c", default=_default_config(), help=f"path to config.toml (or ${CONFIG_ENV})")
     shape = st.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", default=None, help="as JSON (the default into a pipe)")

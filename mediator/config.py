@@ -88,6 +88,17 @@ class OutboxConfig(ConfigModel):
     max_pending: int = Field(default=20_000, ge=1)
     max_batch: int = Field(default=512, ge=1, description="operations grouped into one transaction at most")
     dedup_window_s: float = Field(default=300.0, ge=0)  # 0 disables; key = event source + id
+    # Delivery status (GET /events/{id}/status, GetStatus, `mediator status ID`): mediator/status.py.
+    status_window_s: float = Field(
+        default=3600.0, ge=0, description="how long an event's delivery status is kept once every destination settled"
+    )
+    # About 0.65 KiB per settled single-destination event, 0.95 KiB with three destinations (measured).
+    status_max_events: int = Field(
+        default=50_000, ge=1, description="settled events whose status is kept at most (the oldest expire first)"
+    )
+    status_max_waiters: int = Field(
+        default=10_000, ge=1, description="requests waiting for delivery (Prefer: wait) at once; more answer at once"
+    )
 
 
 def _as_list(value: object) -> object:

@@ -38,6 +38,7 @@ from mediator.core.seams import (
     Runtime,
     Service,
     Sink,
+    StatusReader,
 )
 from mediator.correlator import CorrelatorCollector
 from mediator.dispatch import Backlog, Dispatcher
@@ -53,6 +54,7 @@ from mediator.stages import Stages
 from mediator.stages import build as build_stages
 from mediator.stages.aggregate import Aggregator
 from mediator.stages.aggstore import store_path
+from mediator.status import LocalStatus, StatusBook, StatusOutbox
 from mediator.systemd import Notifier
 from mediator.units import Unit, UnitSpec, build_unit, plan, settled_text
 
@@ -258,13 +260,22 @@ class Daemon:
         self.config = config
         self.health = Health()
         self.backlog = Backlog()
-        self.outbox = make_outbox(config)
+        # Delivery status (mediator/status.py): the book is told every transition of the outbox it wraps.
+        self.status = StatusBook(
+            config.outbox.status_window_s, config.outbox.status_max_events, config.outbox.status_max_waiters
+        )
+        self.status_reader: StatusReader = LocalStatus(self.status)
+        inner = make_outbox(config)
+        self.outbox: Outbox = StatusOutbox(inner, self.status)
         self.dispatchers: dict[str, Dispatcher] = {}
         # Observed at the seams (pipeline, dispatchers, outbox transactions) and, at scrape time, from
         # Health and the dispatchers (StateCollector): mediator/observability/metrics.py.
         self.metrics = Metrics(process=True, counting=config.root.metrics.enabled)
-        if isinstance(self.outbox, SqliteOutbox) and self.metrics.counting:
-            self.outbox.on_transaction = self.metrics.transaction
+        if isinstance(inner, SqliteOutbox):
+            inner.status_window_s = config.outbox.status_window_s
+            inner.status_max_events = config.outbox.status_max_events
+            if self.metrics.counting:
+                inner.on_transaction = self.metrics.transaction
         self.stages = make_stages(config)
         # Aggregation is the last stage; its store lives beside the outbox (in memory with a memory outbox).
         outbox_cfg = config.outbox
@@ -395,6 +406,7 @@ class Daemon:
             self.health,
             self._admin,
             self.metrics_endpoint,
+            self.status_reader,
             mounts=self.mounts,
             reports=self.reports,
             replies=correlator,

@@ -43,6 +43,7 @@ from mediator.core.seams import (
     Runtime,
     Service,
     Sink,
+    StatusReader,
 )
 
 SETTLE_INTERVAL_S = 0.5
@@ -127,6 +128,7 @@ def build_unit(
     health: Health,
     admin: Admin | None,
     metrics: MetricsEndpoint | None = None,
+    status: StatusReader | None = None,
     *,
     mounts: Mounts | None = None,
     reports: Reports | None = None,
@@ -144,6 +146,7 @@ def build_unit(
         admin_roles=spec.admin_roles,
         metrics=metrics,
         max_pending=spec.max_pending,
+        status=status,
         replies=replies,
         requests=requests,
         mounts=mounts if mounts is not None else Mounts(),

@@ -10,6 +10,9 @@ So every worker serves its own state to its siblings on a Unix socket in the sup
   are made unique across workers as ``local_id * 1000 + K`` (``ID_SPAN``), which a replay splits again;
 - ``/admin/status``: numbers summed over the workers, booleans true only when true in every worker,
   other values kept where the workers agree; each worker's own status under ``workers``;
+- ``/events/{id}/status`` and ``GetStatus``: the event's status from the worker whose outbox holds it
+  (this worker's first, then the siblings'); ``Prefer: wait`` waits in the worker that took the publish,
+  whose outbox committed it;
 - ``/metrics``: one exposition with every sample labelled ``worker="K"`` (``sum without (worker)`` is
   the daemon). The listener renders synchronously, so the siblings' part is what they answered at most
   ``METRICS_REFRESH_S`` ago (fetched in the background); this worker's own part is current.
@@ -26,6 +29,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import structlog
@@ -35,7 +39,9 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from mediator.config import Config
+from mediator.core.seams import StatusLookup, StatusReader, WaitOutcome
 from mediator.daemon import Daemon, DeadLetterAdmin
+from mediator.status import lookup_from_json, lookup_to_json
 from mediator.supervisor import Slot
 
 log = structlog.get_logger(__name__)
@@ -217,12 +223,41 @@ class FleetAdmin(DeadLetterAdmin):
             await asyncio.sleep(METRICS_REFRESH_S)
 
 
+class FleetStatus:
+    """The delivery status of the whole daemon: the worker whose outbox holds the event answers."""
+
+    def __init__(self, local: StatusReader, peers: Peers) -> None:
+        self.local = local
+        self.peers = peers
+
+    @property
+    def window_s(self) -> float:
+        return self.local.window_s
+
+    async def lookup(self, event_id: str) -> StatusLookup:
+        own = await self.local.lookup(event_id)
+        if own.found == "known":
+            return own
+        answers = await self.peers.gather("GET", f"/event-status?id={quote(event_id, safe='')}")
+        found = [lookup_from_json(a) for _, a in sorted(answers.items())]
+        known = [f for f in found if f.found == "known"]
+        if known:
+            return known[0]
+        if own.found == "expired" or any(f.found == "expired" for f in found):
+            return StatusLookup("expired")
+        return own
+
+    async def wait(self, event_id: str, timeout_s: float, gone: asyncio.Future[None] | None = None) -> WaitOutcome:
+        return await self.local.wait(event_id, timeout_s, gone)  # the publish was committed by this worker
+
+
 class PeerServer:
     """This worker's own part on ``slot.socket(slot.index)``, for its siblings: ``GET /dead-letters``,
-    ``POST /replay``, ``GET /status``, ``GET /metrics``."""
+    ``POST /replay``, ``GET /status``, ``GET /metrics``, ``GET /event-status?id=``."""
 
-    def __init__(self, admin: FleetAdmin) -> None:
+    def __init__(self, admin: FleetAdmin, status: StatusReader) -> None:
         self.admin = admin
+        self.status = status
 
     async def run(self) -> None:
         admin = self.admin
@@ -241,7 +276,11 @@ class PeerServer:
             render = admin.own_metrics
             return web.Response(body=render() if render is not None else b"", content_type="text/plain")
 
+        async def event_status(request: web.Request) -> web.Response:
+            return web.json_response(lookup_to_json(await self.status.lookup(request.query.get("id", ""))))
+
         app = web.Application()
+        app.router.add_get("/event-status", event_status)
         app.router.add_get("/dead-letters", dead_letters)
         app.router.add_post("/replay", replay)
         app.router.add_get("/status", status)
@@ -269,22 +308,26 @@ class WorkerDaemon(Daemon):
         self.slot = slot
         # Daemon builds its units with its own admin and metrics endpoint: swap both, in the listeners
         # built already and for those a reload builds (from these attributes).
-        local, endpoint = self._admin, self.metrics_endpoint
+        local, endpoint, own_status = self._admin, self.metrics_endpoint, self.status_reader
         self.fleet = FleetAdmin(self, slot)
         self._admin = self.fleet
+        self.fleet_status = FleetStatus(own_status, self.fleet.peers)
+        self.status_reader = self.fleet_status  # listeners a reload builds read it (their inbounds wait locally)
         if endpoint is not None:
             self.fleet.own_metrics = endpoint.render
             self.metrics_endpoint = dataclasses.replace(endpoint, render=self.fleet.render_metrics)
         for service in self.services:
             if getattr(service, "admin", None) is local:
                 service.admin = self.fleet  # type: ignore[attr-defined]
+            if getattr(service, "status", None) is own_status:
+                service.status = self.fleet_status  # type: ignore[attr-defined]
             if endpoint is not None and getattr(service, "metrics", None) is endpoint:
                 service.metrics = self.metrics_endpoint  # type: ignore[attr-defined]
 
     async def run(self) -> None:
         log.info("worker.starting", worker=self.slot.index, workers=self.slot.count, outbox=self.config.outbox.path)
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(PeerServer(self.fleet).run(), name="worker:peers")]
+            tasks = [tg.create_task(PeerServer(self.fleet, self.fleet_status.local).run(), name="worker:peers")]
             if self.fleet.own_metrics is not None:
                 tasks.append(tg.create_task(self.fleet.refresh_metrics(), name="worker:peer-metrics"))
             try:

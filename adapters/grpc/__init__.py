@@ -1,4 +1,4 @@
-"""gRPC adapter: the Mediator service (Publish, PublishStream, Subscribe), health checking and reflection."""
+"""gRPC adapter: the Mediator service (Publish, PublishStream, Subscribe, GetStatus), health checking and reflection."""
 
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
                 stream_max_in_flight=listener.cfg.stream_max_in_flight,
                 credential_headers=rt.credential_headers,
                 certificates=listener.cfg.tls is not None and listener.cfg.tls.client_cert != "none",
+                status=rt.status,
+                max_wait_s=listener.cfg.max_wait_s,
                 requests=rt.requests,
                 request_timeout_s=icfg.request_timeout_s,
                 max_request_timeout_s=icfg.max_request_timeout_s,

@@ -35,6 +35,9 @@ class GrpcListenerConfig(ListenerConfigBase):
         description="events of one PublishStream accepted but not yet acknowledged; reading pauses when full",
     )
     grace_s: float = Field(default=5.0, ge=0, description="on stop: time in-flight calls get before cancellation")
+    max_wait_s: float = Field(
+        default=30.0, ge=0, description="the longest a Publish with metadata 'prefer: wait=N' waits for delivery"
+    )
     max_concurrent_streams: int = Field(
         default=100,
         ge=1,

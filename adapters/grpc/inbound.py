@@ -15,10 +15,12 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from adapters.grpc.codec import Undecodable, code_number, pushback, rejected_trailers, status_for, to_envelope
+from adapters.grpc.status import to_message
 from mediator.core.envelope import SPEC_VERSION, Envelope
 from mediator.core.errors import NotReady, Overloaded, Rejected, RequestTimeout, RequestUndeliverable
 from mediator.core.ingress import Origin, PeerCertificate
-from mediator.core.seams import Requests, Sink
+from mediator.core.prefer import applied, prefer_wait
+from mediator.core.seams import Requests, Sink, StatusReader
 from mediator.core.tracecontext import TRACEPARENT, TRACESTATE
 from mediator.v1.service_pb2 import PublishAck, PublishReply
 
@@ -101,12 +103,16 @@ class GrpcInbound:
         stream_max_in_flight: int,
         credential_headers: frozenset[str] = frozenset({"authorization"}),
         certificates: bool = False,
+        status: StatusReader | None = None,
+        max_wait_s: float = 30.0,
         requests: Requests | None = None,
         request_timeout_s: float = 5.0,
         max_request_timeout_s: float = 30.0,
     ) -> None:
         self.name = name
         self._sink = sink
+        self._status = status  # this daemon's own: Publish with "prefer: wait=N" waits on it
+        self._max_wait_s = max_wait_s
         self._requests = requests
         self._request_timeout_s = request_timeout_s
         self._max_request_timeout_s = max_request_timeout_s
@@ -137,7 +143,32 @@ class GrpcInbound:
         except NotReady as exc:
             await abort(context, not_ready_status(exc), exc.reason, (pushback(exc.retry_after_s),))
         self._log.debug("envelope.accepted", event_id=env.id, size=env.ByteSize())
-        return PublishReply(id=env.id, duplicate=bool(duplicates))
+        reply = PublishReply(id=env.id, duplicate=bool(duplicates))
+        wait = self._wait_asked(context)
+        if wait is not None and self._status is not None:
+            await self._wait(env.id, min(wait, self._max_wait_s), reply, context)
+        return reply
+
+    @staticmethod
+    def _wait_asked(context: Any) -> float | None:
+        for key, value in context.invocation_metadata() or ():
+            if key == "prefer" and isinstance(value, str):
+                return prefer_wait(value)
+        return None
+
+    async def _wait(self, event_id: str, wait_s: float, reply: PublishReply, context: Any) -> None:
+        """Metadata ``prefer: wait=N`` (HTTP's ``Prefer: wait``): the reply carries the status once every
+        destination confirmed or one was dead-lettered within N s (capped by the listener's max_wait_s);
+        otherwise it comes without one. Trailing metadata ``preference-applied`` says the wait was honoured."""
+        status = self._status
+        assert status is not None
+        outcome = await status.wait(event_id, wait_s)
+        if outcome == "final":
+            found = await status.lookup(event_id)
+            if found.document is not None:
+                reply.status.CopyFrom(to_message(found.document))
+        if outcome in ("final", "timeout"):
+            context.set_trailing_metadata((("preference-applied", applied(wait_s)),))
 
     async def request(self, request: Envelope | Undecodable, context: Any) -> Envelope:
         """Unary Request: like Publish up to the routing, then the consumer's reply as an envelope (see

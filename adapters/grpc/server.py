@@ -20,15 +20,18 @@ from adapters.grpc.codec import Undecodable, lenient, rejected_trailers, status_
 from adapters.grpc.config import GrpcListenerConfig
 from adapters.grpc.inbound import GrpcInbound, abort, origin_of
 from adapters.grpc.outbound import SubscriberHub
+from adapters.grpc.status import to_message
 from mediator.core.envelope import Envelope
 from mediator.core.errors import ConfigError, Rejected
 from mediator.core.seams import Runtime, TlsConfig
 from mediator.v1 import service_pb2, service_pb2_grpc
-from mediator.v1.service_pb2 import PublishAck, PublishReply, SubscribeRequest
+from mediator.v1.service_pb2 import EventStatus, PublishAck, PublishReply, StatusRequest, SubscribeRequest
 
 SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["Mediator"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+_DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
 class MediatorServicer(service_pb2_grpc.MediatorServicer):
@@ -39,10 +42,19 @@ class MediatorServicer(service_pb2_grpc.MediatorServicer):
         inbound: GrpcInbound | None,
         hub: SubscriberHub,
         admit_subscriber: Callable[[Any], Awaitable[None]] | None = None,
+        get_status: Callable[[StatusRequest, Any], Awaitable[EventStatus]] | None = None,
     ) -> None:
         self._inbound = inbound
         self._hub = hub
         self._admit_subscriber = admit_subscriber
+        self._get_status = get_status
+
+    async def GetStatus(self, request: StatusRequest | Undecodable, context: Any) -> EventStatus:
+        if self._get_status is None:
+            await abort(context, grpc.StatusCode.UNIMPLEMENTED, "delivery status is not served here")
+        if isinstance(request, Undecodable):
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        return await self._get_status(request, context)
 
     async def Publish(self, request: Envelope | Undecodable, context: Any) -> PublishReply:
         if self._inbound is None:
@@ -94,6 +106,11 @@ def add_mediator_service(servicer: MediatorServicer, server: Any) -> None:
             servicer.Subscribe,
             request_deserializer=lenient(SubscribeRequest),
             response_serializer=Envelope.SerializeToString,
+        ),
+        "GetStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStatus,
+            request_deserializer=lenient(StatusRequest),
+            response_serializer=EventStatus.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -181,6 +198,7 @@ class GrpcListener:
         self.cfg = cfg
         self.hub = SubscriberHub(name)
         self.inbound: GrpcInbound | None = None
+        self.status = rt.status  # GetStatus (a worker of workers = N swaps in its fleet's)
         self.port: int | None = None  # the bound port, once started
         self.started = asyncio.Event()
         self._rt = rt
@@ -250,6 +268,37 @@ class GrpcListener:
         if principal.anonymous:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, "Subscribe needs credentials on this listener")
 
+    async def _status_of(self, request: StatusRequest, context: Any) -> EventStatus:
+        """``GetStatus``: the caller is authenticated by the authenticators of the inbound that took the
+        event (this listener's for an event not known here); only its publisher or an admin reads it."""
+        status = self.status
+        assert status is not None
+        found = await status.lookup(request.id)
+        inbound = found.inbound if found.found == "known" and found.inbound else self._component
+        origin = origin_of(context, inbound, self._rt.credential_headers, certificates=self.cfg.tls is not None)
+        try:
+            principal = await self._rt.sink.authenticate(origin)
+        except Rejected as exc:
+            await abort(context, status_for(exc.code), exc.reason, rejected_trailers(exc))
+        owner = found.principal
+        if owner and owner != principal.id and not principal.roles & self._rt.admin_roles:
+            if principal.anonymous:
+                await abort(
+                    context, grpc.StatusCode.UNAUTHENTICATED, "this event's status needs its publisher's credential"
+                )
+            await abort(
+                context, grpc.StatusCode.PERMISSION_DENIED, "only the event's publisher or an admin may read it"
+            )
+        if found.document is None:
+            if found.found == "expired":
+                detail = (
+                    f"the delivery status of event {request.id!r} expired (kept {status.window_s:g} s after delivery)"
+                )
+            else:
+                detail = f"no event {request.id!r} is known here (never accepted, or its status expired long ago)"
+            await abort(context, grpc.StatusCode.NOT_FOUND, detail)
+        return to_message(found.document)
+
     def _components(self) -> list[str]:
         names = [self._component]
         if self.inbound is not None:
@@ -261,7 +310,8 @@ class GrpcListener:
         cfg = self.cfg
         server = grpc.aio.server(options=cfg.server_options())
         admit = self._admit_subscriber if cfg.auth else None
-        add_mediator_service(MediatorServicer(self.inbound, self.hub, admit), server)
+        getter = self._status_of if self.status is not None else None
+        add_mediator_service(MediatorServicer(self.inbound, self.hub, admit, getter), server)
         health_servicer = health.aio.HealthServicer()
         # The servicer starts with "" SERVING; nothing is known yet, so say NOT_SERVING until the first poll.
         await health_servicer.set(health.OVERALL_HEALTH, _NOT_SERVING)

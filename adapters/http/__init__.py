@@ -56,7 +56,9 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
         if target is None:
             problems.append(f"inbound.{name}.listener: no http listener named {icfg.listener!r}")
             continue
-        by_listener[icfg.listener].append(HttpInbound(name, icfg, target, rt.sink, rt.credential_headers, rt.requests))
+        by_listener[icfg.listener].append(
+            HttpInbound(name, icfg, target, rt.sink, rt.credential_headers, rt.requests, status=rt.status)
+        )
     for inbounds in by_listener.values():
         problems.extend(paths_conflict(inbounds))
     if problems:
@@ -80,6 +82,7 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
             admin_roles=rt.admin_roles,
             credential_headers=rt.credential_headers,
             metrics=rt.metrics if rt.metrics is not None and rt.metrics.listener in (None, name) else None,
+            status=rt.status,
             mounts=rt.mounts,
         )
         rt.health.register(listener.name)

@@ -100,6 +100,9 @@ class HttpListenerConfig(ListenerConfigBase):
     )
     reuse_port: bool = False
     backlog: int = Field(default=1024, ge=1)
+    max_wait_s: float = Field(
+        default=30.0, ge=0, description="the longest a publish with 'Prefer: wait=N' waits for delivery (N is capped)"
+    )
     query_token: str | None = Field(
         default=None,
         description="a query parameter (e.g. 'access_token') that may carry the bearer token of a subscription "

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 from aiohttp import web
@@ -34,7 +35,8 @@ from mediator.core.errors import (
 )
 from mediator.core.ingress import Origin, PeerCertificate
 from mediator.core.patterns import Template, TemplateError
-from mediator.core.seams import Reply, Requests, Sink
+from mediator.core.prefer import applied, prefer_wait
+from mediator.core.seams import Reply, Requests, Sink, StatusReader
 from mediator.core.tracecontext import TRACEPARENT, TRACESTATE
 
 STATUS_BY_CODE: dict[RejectCode, int] = {
@@ -64,10 +66,17 @@ _PROBLEM_TITLES = {
 # Read as CloudEvents on a plain inbound too: never forwarded as opaque data.
 _CLOUDEVENTS_MEDIA = frozenset({formats.JSON_CONTENT_TYPE, formats.BATCH_CONTENT_TYPE, formats.PROTOBUF_CONTENT_TYPE})
 _CLOUDEVENTS_ACCEPT_POST = ", ".join(sorted(_CLOUDEVENTS_MEDIA))
+STATUS_PATH = "/events/{id}/status"
+"""Where a listener serves an event's delivery status; every 202 for one event names it in ``Location``."""
 # CloudEvents http-webhook.md section 4, the abuse-protection handshake.
 REQUEST_ORIGIN = "WebHook-Request-Origin"
 ALLOWED_ORIGIN = "WebHook-Allowed-Origin"
 ALLOWED_RATE = "WebHook-Allowed-Rate"
+
+
+def status_url(event_id: str) -> str:
+    """The status URL of ``event_id`` (relative: on the listener that answered)."""
+    return STATUS_PATH.replace("{id}", quote(event_id, safe=""))
 
 
 class _ReadTimeout(Exception):
@@ -294,12 +303,15 @@ class HttpInbound:
         sink: Sink,
         credential_headers: Collection[str] = DEFAULT_CREDENTIAL_HEADERS,
         requests: Requests | None = None,
+        status: StatusReader | None = None,
     ) -> None:
         self.name = name
         self._request = cfg.request
         self._requests = requests
         self._request_timeout_s = cfg.request_timeout_s
         self.path = cfg.path
+        self._status = status  # this daemon's own: the event it waits for was committed here
+        self._max_wait_s = listener.max_wait_s
         self._sink = sink
         # (type, source) for plain mode; the config validator guarantees both there.
         self._templates: tuple[Template, Template] | None = (
@@ -366,14 +378,21 @@ class HttpInbound:
             event_id = events[0].id
             duplicate = event_id in duplicates
             self._log.debug("envelope.accepted", event_id=event_id, size=len(body), duplicate=duplicate or None)
-            response = web.Response(status=202, body=_id_body(event_id, duplicate), content_type=_JSON)
-            if duplicate:
-                response.headers[REPLAYED] = "true"
-            return response
+            headers = {REPLAYED: "true"} if duplicate else {}
+            if self._status is not None:
+                headers["Location"] = status_url(event_id)
+                wait = prefer_wait(request.headers.get("Prefer"))
+                if wait is not None:
+                    return await self._wait(request, event_id, duplicate, min(wait, self._max_wait_s), headers)
+            return web.Response(status=202, body=_id_body(event_id, duplicate), content_type=_JSON, headers=headers)
         self._log.debug("batch.accepted", count=len(events), size=len(body), duplicates=len(duplicates) or None)
         ids = [e.id for e in events]
         flags = [i in duplicates for i in ids]
-        reply = json.dumps({"ids": ids, "duplicate": flags}, ensure_ascii=False).encode("utf-8")
+        answer: dict[str, object] = {"ids": ids, "duplicate": flags}
+        if self._status is not None:
+            # One status URL per event (a Location names one resource); Prefer: wait is for single events.
+            answer["status"] = [status_url(i) for i in ids]
+        reply = json.dumps(answer, ensure_ascii=False).encode("utf-8")
         response = web.Response(status=202, body=reply, content_type=_JSON)
         if flags and all(flags):
             response.headers[REPLAYED] = "true"  # the whole batch was a repeat
@@ -396,6 +415,34 @@ class HttpInbound:
         self._log.info("handshake.accepted", origin=asked[:100], rate=rate)
         headers = {"Allow": "OPTIONS, POST", ALLOWED_ORIGIN: asked, ALLOWED_RATE: rate}
         return web.Response(status=200, headers=headers)
+
+    async def _wait(
+        self, request: web.BaseRequest, event_id: str, duplicate: bool, wait_s: float, headers: dict[str, str]
+    ) -> web.Response:
+        """``Prefer: wait``: 200 with the status document once every destination confirmed or one was
+        dead-lettered, else (after ``wait_s``) 202 as without the header. ``Preference-Applied`` says the
+        wait (capped by the listener's ``max_wait_s``) was honoured; it is left out when it was not (too
+        many requests waiting already: answered at once). A client that disconnects stops the wait (the
+        listener's connections tell: ``disconnected``)."""
+        status = self._status
+        assert status is not None
+        disconnected = getattr(request.protocol, "disconnected", None)
+        gone = disconnected() if disconnected is not None else None
+        try:
+            outcome = await status.wait(event_id, wait_s, gone)
+        finally:
+            if gone is not None:
+                gone.cancel()  # done with it: the connection drops it
+        preference = applied(wait_s)
+        if outcome == "final":
+            found = await status.lookup(event_id)
+            if found.document is not None:
+                headers["Preference-Applied"] = preference
+                body = json.dumps(found.document, ensure_ascii=False).encode("utf-8")
+                return web.Response(status=200, body=body, content_type=_JSON, headers=headers)
+        elif outcome == "timeout":
+            headers["Preference-Applied"] = preference
+        return web.Response(status=202, body=_id_body(event_id, duplicate), content_type=_JSON, headers=headers)
 
     async def _ask(self, events: list[Envelope], batch: bool, origin: Origin) -> web.Response:
         """Request mode: the consumer's reply as the response (200), its error reply as 502, no reply in

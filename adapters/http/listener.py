@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, cast
+from urllib.parse import unquote
 
 import structlog
 from aiohttp import hdrs, http_parser, web, web_protocol
@@ -25,6 +26,7 @@ from adapters.http.config import CorsConfig, HttpListenerConfig
 from adapters.http.inbound import (
     DEFAULT_CHALLENGE,
     DEFAULT_CREDENTIAL_HEADERS,
+    STATUS_PATH,
     HttpInbound,
     error_response,
     make_origin,
@@ -32,7 +34,17 @@ from adapters.http.inbound import (
 )
 from mediator.core.errors import RejectCode, Rejected
 from mediator.core.health import Health
-from mediator.core.seams import LOOPBACK_HOSTS, Admin, HttpMount, MetricsEndpoint, MountRequest, Mounts, Sink, TlsConfig
+from mediator.core.seams import (
+    LOOPBACK_HOSTS,
+    Admin,
+    HttpMount,
+    MetricsEndpoint,
+    MountRequest,
+    Mounts,
+    Sink,
+    StatusReader,
+    TlsConfig,
+)
 
 # Bounded grace for in-flight requests when the listener stops (the daemon's drain happens before).
 SHUTDOWN_GRACE_S = 5.0
@@ -150,13 +162,17 @@ class _EdgeHandler(web_protocol.RequestHandler):
 
     def disconnected(self) -> asyncio.Future[None]:
         """A future resolved when this connection is lost (a streamed answer's way to notice a client that
-        went away without writing to it)."""
+        went away without writing to it; a publish waiting for delivery stops waiting then). A caller done
+        with it cancels it: the ones already done are dropped here, so a keep-alive connection that asks
+        again and again holds only the live ones."""
         future: asyncio.Future[None] = self._loop.create_future()
         if self.transport is None:
             future.set_result(None)
         else:
             if self._close_waiters is None:
                 self._close_waiters = []
+            elif len(self._close_waiters) >= 8:
+                self._close_waiters = [f for f in self._close_waiters if not f.done()]
             self._close_waiters.append(future)
         return future
 
@@ -347,6 +363,26 @@ class _Cors:
         return response
 
 
+def _status_problem(event_id: str, expired: bool, status: StatusReader) -> web.Response:
+    """404 as RFC 9457 problem details: the status of ``event_id`` expired, or was never known here."""
+    if expired:
+        kept = f" (kept {status.window_s:g} s after delivery)"
+        title, detail, code = "Status expired", f"the delivery status of event {event_id!r} expired{kept}", "expired"
+    else:
+        title = "Unknown event"
+        detail = f"no event {event_id!r} is known here (never accepted, or its status expired long ago)"
+        code = "not_found"
+    problem = {
+        "type": f"urn:mediator:problem:{code}",
+        "title": title,
+        "status": 404,
+        "detail": detail,
+        "error": code,
+        "reason": detail,
+    }
+    return web.json_response(problem, status=404, content_type="application/problem+json")
+
+
 class HttpListener:
     """A ``Service``: serves until cancelled. A port that cannot be bound, or TLS files that cannot be
     loaded, are start-up errors (raise)."""
@@ -364,9 +400,12 @@ class HttpListener:
         admin_roles: Collection[str] = frozenset({"admin"}),
         credential_headers: Collection[str] = DEFAULT_CREDENTIAL_HEADERS,
         metrics: MetricsEndpoint | None = None,
+        status: StatusReader | None = None,
         mounts: Mounts | None = None,
     ) -> None:
         self.name = f"listener:{name}"
+        self.status = status  # GET /events/{id}/status (a worker of workers = N swaps in its fleet's)
+        self._sink = sink
         self._short_name = name
         self._mounts = mounts if mounts is not None else Mounts()
         self.cfg = cfg
@@ -408,6 +447,8 @@ class HttpListener:
             app.router.add_get("/admin/dead-letters", self._dead_letters)
             app.router.add_post("/admin/dead-letters/replay", self._replay)
             app.router.add_get("/admin/status", self._status)
+        if self.status is not None:
+            app.router.add_get(STATUS_PATH, self._event_status)
         for inbound in self.inbounds:
             # Only POST is routed, so aiohttp answers any other method on the path with 405 and Allow.
             # No route name: aiohttp refuses one with a Python keyword (an inbound named "in" or "class").
@@ -683,6 +724,41 @@ class HttpListener:
             return refusal
         assert self.admin is not None
         return web.json_response(await self.admin.status())
+
+    async def _event_status(self, request: web.BaseRequest) -> web.Response:
+        """An event's delivery status (``mediator/status.py``), for its publisher or an admin.
+
+        The caller is authenticated by the authenticators of the inbound that took the event (those of
+        this listener for an event not known here), so the credential that published it reads it: 401
+        without one when that inbound authenticates, 403 for another principal (admins excepted: the admin
+        token or an admin role). 404 with a problem body for an expired or unknown event."""
+        status = self.status
+        assert status is not None
+        # From the raw path (the low-level dispatch has no match info); the id was percent-encoded in Location.
+        event_id = unquote(request.rel_url.raw_path.removeprefix("/events/").removesuffix("/status"))
+        found = await status.lookup(event_id)
+        admin_token = self._admin_auth is not None and hmac.compare_digest(
+            request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape"), self._admin_auth
+        )
+        if not admin_token and self._sink is not None:
+            inbound = found.inbound if found.found == "known" and found.inbound else self.name
+            origin = make_origin(request, inbound, self._credential_names, self.cfg.tls is not None)
+            try:
+                principal = await self._sink.authenticate(origin)
+            except Rejected as exc:
+                return rejection_response(exc)
+            owner = found.principal
+            if owner and owner != principal.id and not principal.roles & self._admin_roles:
+                if principal.anonymous:
+                    return error_response(
+                        401, "unauthenticated", "this event's status needs its publisher's credential",
+                        {"WWW-Authenticate": DEFAULT_CHALLENGE},
+                    )  # fmt: skip
+                self._log.info("status.refused", principal=principal.id, event_id=event_id)
+                return error_response(403, "forbidden", "only the event's publisher or an admin may read its status")
+        if found.document is None:
+            return _status_problem(event_id, found.found == "expired", status)
+        return web.json_response(found.document)
 
     async def _dead_letters(self, request: web.BaseRequest) -> web.Response:
         refusal = await self._admin_refusal(request)

@@ -157,6 +157,37 @@ class Admin(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class StatusLookup:
+    """The answer to a delivery-status read: ``found`` ("known", "expired" or "unknown") and, for a known
+    event, its status document (JSON-ready), the inbound that took it (whose authenticators guard the
+    read) and its verified publisher (``principal``, "" for an anonymous one)."""
+
+    found: Literal["known", "expired", "unknown"]
+    document: dict[str, object] | None = None
+    inbound: str = ""
+    principal: str = ""
+
+
+WaitOutcome = Literal["final", "timeout", "unknown", "busy", "gone"]
+
+
+class StatusReader(Protocol):
+    """Delivery status (``mediator/status.py``), for listeners: what became of an event, and waiting for it.
+    ``window_s``: how long a status is kept after the event settled."""
+
+    @property
+    def window_s(self) -> float: ...
+
+    async def lookup(self, event_id: str) -> StatusLookup: ...
+
+    async def wait(self, event_id: str, timeout_s: float, gone: asyncio.Future[None] | None = None) -> WaitOutcome:
+        """Wait until the event is final (every destination settled, or one dead-lettered), at most
+        ``timeout_s``: "final", "timeout", "unknown" (no such event here), "busy" (too many wait
+        already: not waited at all) or "gone" (``gone`` resolved first: the caller disconnected)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsEndpoint:
     """How HTTP listeners serve the Prometheus metrics (``[metrics]``): ``render`` gives the exposition
     (``content_type``) at ``path``, on ``listener`` only or on every HTTP listener when None; ``public``
@@ -420,6 +451,7 @@ class Runtime:
     that the daemon calls on SIGHUP; each must be quick or schedule its own work, and must not raise.
     ``admin_roles``: a principal with one of these may use admin endpoints when authentication is on.
     ``metrics``: what HTTP listeners serve at ``/metrics`` (None: nothing).
+    ``status``: delivery status for listeners (None: none served).
     ``replies`` / ``requests``: the correlator and the pipeline's request path (request-reply).
     ``max_pending``: the outbox's back-pressure threshold (``[outbox] max_pending``; None: unbounded), which
     bounds what a broker inbound asks its broker for (``window``).
@@ -437,6 +469,7 @@ class Runtime:
     admin_roles: frozenset[str] = frozenset({"admin"})
     metrics: MetricsEndpoint | None = None
     max_pending: int | None = None
+    status: StatusReader | None = None
     replies: Replies | None = None  # the correlator outbounds hand replies to (None: no request-reply)
     requests: Requests | None = None  # what request-mode inbounds call (None: request mode refused)
     mounts: Mounts = field(default_factory=Mounts)

@@ -665,6 +665,23 @@ class StateCollector(Collector):
             for outcome, count in (("exported", spans.exported), ("failed", spans.failed), ("dropped", spans.dropped)):
                 outcomes.add_metric([outcome], float(count))
             yield outcomes
+        book = getattr(d, "status", None)  # the delivery status (mediator/status.py), when the daemon keeps one
+        if book is not None:
+            yield GaugeMetricFamily(
+                f"{NAMESPACE}_status_events",
+                "Events whose delivery status is held (pending, or settled within the status window).",
+                value=float(len(book)),
+            )
+            yield GaugeMetricFamily(
+                f"{NAMESPACE}_status_waiting_requests",
+                "Publishes waiting for delivery (Prefer: wait, gRPC prefer metadata) now.",
+                value=float(book.waiting),
+            )
+            yield CounterMetricFamily(
+                f"{NAMESPACE}_status_expired",
+                "Delivery statuses dropped past the status window or count.",
+                value=float(book.expired),
+            )
         yield from adapter_families(d.reports)
         build = InfoMetricFamily(f"{NAMESPACE}_build", "The running mediator's version.")
         build.add_metric([], {"version": __version__})

@@ -52,6 +52,19 @@ CREATE TABLE IF NOT EXISTS deliveries (
     format TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS delivered (
+    -- one row per completed delivery, for the delivery status (mediator/status.py), written in the same
+    -- transaction that deletes the delivery row; rowid order is completion order, so expiry deletes a prefix
+    event_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    inbound TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    route TEXT NOT NULL,
+    outbound TEXT NOT NULL,
+    address TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS seen (
     key TEXT PRIMARY KEY,
     at REAL NOT NULL
@@ -89,6 +102,8 @@ DROP TABLE events;
 statements per single-destination delivery instead of two."""
 
 _Work = Callable[[sqlite3.Connection], Any]
+DeliveredRow = tuple[str, str, str, str, str, str, str, int, float]
+"""A ``delivered`` row: event id, source, inbound, principal, route, outbound, address, attempts, when."""
 
 LAZY_FLUSH_S = 0.2
 """The longest a lazy write (a delivery done, an attempt counted) waits for a commit to ride along with."""
@@ -101,6 +116,10 @@ MAX_UNSYNCED = 2
 """Transactions written and not yet fsynced: the one being synced and the one the next fsync covers.
 Past that, new operations are held until an fsync completes (see the module docstring)."""
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
+DELIVERED_PRUNE_INTERVAL_S = 1.0
+"""How often the ``delivered`` rows past the status window (or past its count) are deleted, at most."""
+DELIVERED_PRUNE_BATCH = 4096
+"""Rows one prune looks at (the oldest): a bounded statement, riding a lazy transaction."""
 """The WAL file is truncated back to this size when a checkpoint lets it restart."""
 
 
@@ -220,6 +239,12 @@ class SqliteOutbox:
         self._operations = 0
         self._next_id = 1  # the next delivery id (set by open: one past the largest stored)
         self._done_ids: list[tuple[int]] = []  # deliveries done, deleted with the next transaction
+        # Set (by the daemon) to keep a ``delivered`` row per completed delivery for status_window_s, at most
+        # status_max_events rows; 0: none kept.
+        self.status_window_s = 0.0
+        self.status_max_events = 0
+        self._delivered: list[DeliveredRow] = []  # beside _done_ids
+        self._last_delivered_prune = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> list[Pending]:
@@ -248,7 +273,7 @@ class SqliteOutbox:
     async def close(self) -> None:
         if self._conn is None:
             return
-        if self._ops or self._lazy or self._done_ids:
+        if self._ops or self._lazy or self._done_ids or self._delivered:
             self._flush()
         if self._lazy_timer is not None:
             self._lazy_timer.cancel()
@@ -289,7 +314,39 @@ class SqliteOutbox:
         """Lazy: the next transaction deletes every delivery done since the last one, in one statement.
         An id stays listed until a transaction that deleted it committed."""
         self._done_ids.append((delivery.id,))
+        if self.status_window_s > 0:
+            e = delivery.event
+            prov = e.provenance
+            self._delivered.append(
+                (e.id, e.source, prov.inbound, prov.principal, delivery.route, delivery.outbound, delivery.address,
+                 delivery.attempts, time.time())
+            )  # fmt: skip
         self._arm_lazy_timer()
+
+    def _prune_delivered(self, conn: sqlite3.Connection) -> None:
+        """Delete the ``delivered`` rows past the status window or count, among the oldest
+        DELIVERED_PRUNE_BATCH (rowid order is completion order: the expired rows are a prefix), at most
+        once a DELIVERED_PRUNE_INTERVAL_S, inside the transaction being written."""
+        now = time.monotonic()
+        if now - self._last_delivered_prune < DELIVERED_PRUNE_INTERVAL_S:
+            return
+        self._last_delivered_prune = now
+        conn.execute(
+            "DELETE FROM delivered WHERE rowid IN (SELECT rowid FROM delivered ORDER BY rowid LIMIT ?)"
+            " AND (at < ? OR rowid <= (SELECT MAX(rowid) FROM delivered) - ?)",
+            (DELIVERED_PRUNE_BATCH, time.time() - self.status_window_s, self.status_max_events),
+        )
+
+    async def recent(self, window_s: float, limit: int) -> tuple[list[DeliveredRow], list[DeadLetter]]:
+        """The completed deliveries and the dead letters of the last ``window_s`` (at most ``limit`` of each,
+        the newest), oldest first: what the delivery status is rebuilt from at start. On a thread, with a
+        connection of its own."""
+        if self._conn is None:
+            raise StorageError("outbox is not open")
+        try:
+            return await asyncio.to_thread(_recent, self._path, time.time() - window_s, limit)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the outbox: {exc}") from exc
 
     def failed(self, delivery: Pending) -> None:
         attempts, row = delivery.attempts, delivery.id
@@ -353,7 +410,7 @@ class SqliteOutbox:
         batch = self._lazy + self._ops[: self._max_batch]
         self._lazy = []
         del self._ops[: self._max_batch]
-        if batch or self._done_ids:
+        if batch or self._done_ids or self._delivered:
             self._execute(batch)
         self._schedule_flush()
 
@@ -372,12 +429,17 @@ class SqliteOutbox:
             conn.execute("BEGIN IMMEDIATE")
             if done:
                 conn.executemany("DELETE FROM deliveries WHERE id=?", self._done_ids)
+            kept = len(self._delivered)
+            if kept:
+                conn.executemany("INSERT INTO delivered VALUES (?,?,?,?,?,?,?,?,?)", self._delivered)
+                self._prune_delivered(conn)
             for op in batch:
                 results.append((op, op.work(conn)))
             conn.execute("COMMIT")
             self._transactions += 1
             self._operations += len(batch) + done
             del self._done_ids[:done]  # deleted for good; on a failure they stay for the next transaction
+            del self._delivered[:kept]
             if self.on_transaction is not None:
                 self.on_transaction(len(batch) + done, time.perf_counter() - started)
         except Exception as exc:  # sqlite3.Error (disk full, I/O), or a bug in a unit of work
@@ -394,7 +456,7 @@ class SqliteOutbox:
                     op.failures += 1
                     if op.failures < LAZY_RETRIES:
                         self._lazy.append(op)
-            if self._lazy or self._done_ids:
+            if self._lazy or self._done_ids or self._delivered:
                 self._arm_lazy_timer()
             return
         waiting = [(op, value) for op, value in results if op.future is not None]
@@ -561,6 +623,28 @@ def _stats(path: Path) -> OutboxStats:
         return OutboxStats(pending, dead)
     did, blob, route, outbound = row
     return OutboxStats(pending, dead, did, route, outbound, _received(Envelope.FromString(blob)))
+
+
+def _recent(path: Path, horizon: float, limit: int) -> tuple[list[DeliveredRow], list[DeadLetter]]:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=1.0)
+    try:
+        delivered = conn.execute(
+            "SELECT event_id, source, inbound, principal, route, outbound, address, attempts, at FROM delivered"
+            " WHERE rowid > (SELECT IFNULL(MAX(rowid), 0) FROM delivered) - ? AND at >= ? ORDER BY rowid",
+            (limit, horizon),
+        ).fetchall()
+        rows = conn.execute(
+            "SELECT id, envelope, route, outbound, address, format, reason, attempts, at FROM dead_letters"
+            " WHERE id > (SELECT IFNULL(MAX(id), 0) FROM dead_letters) - ? AND at >= ? ORDER BY id",
+            (limit, horizon),
+        ).fetchall()
+    finally:
+        conn.close()
+    dead = [
+        DeadLetter(i, Envelope.FromString(blob), route, outbound, address, fmt, reason, attempts, at)
+        for i, blob, route, outbound, address, fmt, reason, attempts, at in rows
+    ]
+    return delivered, dead
 
 
 def _received(event: Envelope) -> float | None:

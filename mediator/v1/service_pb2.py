@@ -22,22 +22,29 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from mediator.v1 import envelope_pb2 as mediator_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mediator/v1/service.proto\x12\x0bmediator.v1\x1a\x1amediator/v1/envelope.proto\"-\n\x0cPublishReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"[\n\nPublishAck\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"S\n\x10SubscribeRequest\x12\x10\n\x08outbound\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t2\x8a\x02\n\x08Mediator\x12;\n\x07Publish\x12\x15.mediator.v1.Envelope\x1a\x19.mediator.v1.PublishReply\x12\x43\n\rPublishStream\x12\x15.mediator.v1.Envelope\x1a\x17.mediator.v1.PublishAck(\x01\x30\x01\x12\x43\n\tSubscribe\x12\x1d.mediator.v1.SubscribeRequest\x1a\x15.mediator.v1.Envelope0\x01\x12\x37\n\x07Request\x12\x15.mediator.v1.Envelope\x1a\x15.mediator.v1.Envelopeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mediator/v1/service.proto\x12\x0bmediator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amediator/v1/envelope.proto\"W\n\x0cPublishReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12(\n\x06status\x18\x03 \x01(\x0b\x32\x18.mediator.v1.EventStatus\"\x1b\n\rStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xfe\x01\n\x0b\x45ventStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0f\n\x07inbound\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07settled\x18\x05 \x01(\x08\x12,\n\x08received\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nsettled_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x34\n\x0c\x64\x65stinations\x18\t \x03(\x0b\x32\x1e.mediator.v1.DestinationStatus\"\x9e\x01\n\x11\x44\x65stinationStatus\x12\r\n\x05route\x18\x01 \x01(\t\x12\x10\n\x08outbound\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x07 \x01(\t\"[\n\nPublishAck\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"S\n\x10SubscribeRequest\x12\x10\n\x08outbound\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t2\xcd\x02\n\x08Mediator\x12;\n\x07Publish\x12\x15.mediator.v1.Envelope\x1a\x19.mediator.v1.PublishReply\x12\x43\n\rPublishStream\x12\x15.mediator.v1.Envelope\x1a\x17.mediator.v1.PublishAck(\x01\x30\x01\x12\x43\n\tSubscribe\x12\x1d.mediator.v1.SubscribeRequest\x1a\x15.mediator.v1.Envelope0\x01\x12\x41\n\tGetStatus\x12\x1a.mediator.v1.StatusRequest\x1a\x18.mediator.v1.EventStatus\x12\x37\n\x07Request\x12\x15.mediator.v1.Envelope\x1a\x15.mediator.v1.Envelopeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mediator.v1.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUBLISHREPLY']._serialized_start=70
-  _globals['_PUBLISHREPLY']._serialized_end=115
-  _globals['_PUBLISHACK']._serialized_start=117
-  _globals['_PUBLISHACK']._serialized_end=208
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=210
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=293
-  _globals['_MEDIATOR']._serialized_start=296
-  _globals['_MEDIATOR']._serialized_end=562
+  _globals['_PUBLISHREPLY']._serialized_start=103
+  _globals['_PUBLISHREPLY']._serialized_end=190
+  _globals['_STATUSREQUEST']._serialized_start=192
+  _globals['_STATUSREQUEST']._serialized_end=219
+  _globals['_EVENTSTATUS']._serialized_start=222
+  _globals['_EVENTSTATUS']._serialized_end=476
+  _globals['_DESTINATIONSTATUS']._serialized_start=479
+  _globals['_DESTINATIONSTATUS']._serialized_end=637
+  _globals['_PUBLISHACK']._serialized_start=639
+  _globals['_PUBLISHACK']._serialized_end=730
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=732
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=815
+  _globals['_MEDIATOR']._serialized_start=818
+  _globals['_MEDIATOR']._serialized_end=1151
 # @@protoc_insertion_point(module_scope)

@@ -3,8 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,22 +25,143 @@ class PublishReply(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     duplicate: _builtins.bool
     """safe, but a repeat of an event (same source and id) within the dedup window: not delivered again"""
+    @_builtins.property
+    def status(self) -> Global___EventStatus:
+        """Set when the call asked to wait for delivery (metadata "prefer: wait=N", as HTTP's Prefer header) and
+        every destination confirmed, or one was dead-lettered, within N seconds (capped by the listener).
+        """
+
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         duplicate: _builtins.bool = ...,
+        status: Global___EventStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "id", b"id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishReply: _TypeAlias = PublishReply  # noqa: Y015
+
+@_typing.final
+class StatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """the event id Publish answered"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusRequest: _TypeAlias = StatusRequest  # noqa: Y015
+
+@_typing.final
+class EventStatus(_message.Message):
+    """The delivery status of one event (the JSON document of GET /events/{id}/status)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    INBOUND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SETTLED_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    SETTLED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DESTINATIONS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    source: _builtins.str
+    inbound: _builtins.str
+    state: _builtins.str
+    """pending, delivered, partially-dead, dead"""
+    settled: _builtins.bool
+    """no destination pending any more"""
+    reason: _builtins.str
+    """the event as a whole was dead-lettered (no route matched it)"""
+    @_builtins.property
+    def received(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def settled_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def destinations(self) -> _containers.RepeatedCompositeFieldContainer[Global___DestinationStatus]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        inbound: _builtins.str = ...,
+        state: _builtins.str = ...,
+        settled: _builtins.bool = ...,
+        received: _timestamp_pb2.Timestamp | None = ...,
+        settled_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        destinations: _abc.Iterable[Global___DestinationStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["received", b"received", "settled_at", b"settled_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destinations", b"destinations", "id", b"id", "inbound", b"inbound", "reason", b"reason", "received", b"received", "settled", b"settled", "settled_at", b"settled_at", "source", b"source", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventStatus: _TypeAlias = EventStatus  # noqa: Y015
+
+@_typing.final
+class DestinationStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTE_FIELD_NUMBER: _builtins.int
+    OUTBOUND_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    route: _builtins.str
+    outbound: _builtins.str
+    address: _builtins.str
+    state: _builtins.str
+    """pending, delivered, dead"""
+    attempts: _builtins.int
+    reason: _builtins.str
+    """why it was dead-lettered"""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """when it was confirmed or dead-lettered"""
+
+    def __init__(
+        self,
+        *,
+        route: _builtins.str = ...,
+        outbound: _builtins.str = ...,
+        address: _builtins.str = ...,
+        state: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "at", b"at", "attempts", b"attempts", "outbound", b"outbound", "reason", b"reason", "route", b"route", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DestinationStatus: _TypeAlias = DestinationStatus  # noqa: Y015
 
 @_typing.final
 class PublishAck(_message.Message):

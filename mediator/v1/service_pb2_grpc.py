@@ -52,6 +52,11 @@ class MediatorStub:
                 request_serializer=mediator_dot_v1_dot_service__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=mediator_dot_v1_dot_envelope__pb2.Envelope.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/mediator.v1.Mediator/GetStatus',
+                request_serializer=mediator_dot_v1_dot_service__pb2.StatusRequest.SerializeToString,
+                response_deserializer=mediator_dot_v1_dot_service__pb2.EventStatus.FromString,
+                _registered_method=True)
         self.Request = channel.unary_unary(
                 '/mediator.v1.Mediator/Request',
                 request_serializer=mediator_dot_v1_dot_envelope__pb2.Envelope.SerializeToString,
@@ -88,6 +93,14 @@ class MediatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """What became of an event (its delivery status), for its publisher or an admin: NOT_FOUND once the
+        status expired or for an event never known, PERMISSION_DENIED for another principal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Request(self, request, context):
         """Request-reply: the envelope is published (with the same ingress stages as Publish, never committed)
         to the one request-capable destination its route names, and the consumer's reply is returned as an
@@ -118,6 +131,11 @@ def add_MediatorServicer_to_server(servicer, server):
                     servicer.Subscribe,
                     request_deserializer=mediator_dot_v1_dot_service__pb2.SubscribeRequest.FromString,
                     response_serializer=mediator_dot_v1_dot_envelope__pb2.Envelope.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=mediator_dot_v1_dot_service__pb2.StatusRequest.FromString,
+                    response_serializer=mediator_dot_v1_dot_service__pb2.EventStatus.SerializeToString,
             ),
             'Request': grpc.unary_unary_rpc_method_handler(
                     servicer.Request,
@@ -208,6 +226,33 @@ class Mediator:
             '/mediator.v1.Mediator/Subscribe',
             mediator_dot_v1_dot_service__pb2.SubscribeRequest.SerializeToString,
             mediator_dot_v1_dot_envelope__pb2.Envelope.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mediator.v1.Mediator/GetStatus',
+            mediator_dot_v1_dot_service__pb2.StatusRequest.SerializeToString,
+            mediator_dot_v1_dot_service__pb2.EventStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class MediatorStub:
     metadata ("mediator-subscribed": "1") once the subscription is registered: every event routed after
     that reaches this stream (await the call's initial metadata before relying on it).
     """
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_service_pb2.StatusRequest, _service_pb2.EventStatus]
+    """What became of an event (its delivery status), for its publisher or an admin: NOT_FOUND once the
+    status expired or for an event never known, PERMISSION_DENIED for another principal.
+    """
     Request: _grpc.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _envelope_pb2.Envelope]
     """Request-reply: the envelope is published (with the same ingress stages as Publish, never committed)
     to the one request-capable destination its route names, and the consumer's reply is returned as an
@@ -74,6 +78,10 @@ class MediatorAsyncStub(MediatorStub):
     """Live stream of the events routed to a gRPC outbound that match the filter. The server sends initial
     metadata ("mediator-subscribed": "1") once the subscription is registered: every event routed after
     that reaches this stream (await the call's initial metadata before relying on it).
+    """
+    GetStatus: _aio.UnaryUnaryMultiCallable[_service_pb2.StatusRequest, _service_pb2.EventStatus]  # type: ignore[assignment]
+    """What became of an event (its delivery status), for its publisher or an admin: NOT_FOUND once the
+    status expired or for an event never known, PERMISSION_DENIED for another principal.
     """
     Request: _aio.UnaryUnaryMultiCallable[_envelope_pb2.Envelope, _envelope_pb2.Envelope]  # type: ignore[assignment]
     """Request-reply: the envelope is published (with the same ingress stages as Publish, never committed)
@@ -117,6 +125,16 @@ class MediatorServicer(metaclass=_abc_1.ABCMeta):
         """Live stream of the events routed to a gRPC outbound that match the filter. The server sends initial
         metadata ("mediator-subscribed": "1") once the subscription is registered: every event routed after
         that reaches this stream (await the call's initial metadata before relying on it).
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _service_pb2.StatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.EventStatus, _abc.Awaitable[_service_pb2.EventStatus]]:
+        """What became of an event (its delivery status), for its publisher or an admin: NOT_FOUND once the
+        status expired or for an event never known, PERMISSION_DENIED for another principal.
         """
 
     @_abc_1.abstractmethod

@@ -94,10 +94,11 @@ async def test_http_repeats_are_answered_as_duplicates_and_not_delivered_again(
             {"specversion": "1.0", "id": fresh, "source": "/dup-test", "type": TYPE},
         ]
         headers = {"Content-Type": "application/cloudevents-batch+json"}
+        status = [f"/events/{ce_id}/status", f"/events/{fresh}/status"]  # one status URL per event (issue 21)
         reply = await post(http, base + "/events", json.dumps(batch).encode(), headers)
-        assert reply == (202, {"ids": [ce_id, fresh], "duplicate": [True, False]}, None)
+        assert reply == (202, {"ids": [ce_id, fresh], "duplicate": [True, False], "status": status}, None)
         reply = await post(http, base + "/events", json.dumps(batch).encode(), headers)
-        assert reply == (202, {"ids": [ce_id, fresh], "duplicate": [True, True]}, "true")
+        assert reply == (202, {"ids": [ce_id, fresh], "duplicate": [True, True], "status": status}, "true")
 
         sentinel = uuid.uuid4().hex
         assert (await post(http, base + "/events", b"{}", binary(sentinel)))[:2] == (
