@@ -140,19 +140,17 @@ def publish_frames(
         raise ValueError(f"routing key longer than 255 bytes: {routing_key[:64]!r}...")
     method = b"%s%c%s\x01" % (prefix, len(key), key)  # last octet: the bits, mandatory set
     props = properties.marshal()
-    return b"".join(
-        (
-            _FRAME_HEAD.pack(_METHOD, channel_number, len(method)),
-            method,
-            _FRAME_END,
-            _CONTENT_HEAD.pack(_HEADER, channel_number, 12 + len(props), Basic.frame_id, 0, len(body)),
-            props,
-            _FRAME_END,
-            _FRAME_HEAD.pack(_BODY, channel_number, len(body)),
-            body,
-            _FRAME_END,
-        )
-    )
+    frames = [
+        _FRAME_HEAD.pack(_METHOD, channel_number, len(method)),
+        method,
+        _FRAME_END,
+        _CONTENT_HEAD.pack(_HEADER, channel_number, 12 + len(props), Basic.frame_id, 0, len(body)),
+        props,
+        _FRAME_END,
+    ]
+    if body:  # AMQP 0-9-1 4.2.6: an empty body has no body frame (RabbitMQ closes on one: UNEXPECTED_FRAME)
+        frames += (_FRAME_HEAD.pack(_BODY, channel_number, len(body)), body, _FRAME_END)
+    return b"".join(frames)
 
 
 # What ``publish`` reads and writes on an aiormq channel (aiormq 7.x).

@@ -637,6 +637,17 @@ async def test_outbound_binary(rabbitmq: str, prefix: str) -> None:
     }
 
 
+async def test_outbound_event_without_data_reaches_the_consumer(rabbitmq: str) -> None:
+    # An empty body is sent with no body frame: RabbitMQ closes the channel on an empty one (UNEXPECTED_FRAME).
+    out = _Outbound(rabbitmq)
+    async with out.started() as queue:
+        empty = new_event(type="com.example.ping", source="/p", data=b"", id="no-data")
+        await out.outbound.send(empty, "orders.created", "binary")
+        await out.outbound.send(order_event("after"), "orders.created", "binary")  # the channel still works
+        got = [await get_one(queue), await get_one(queue)]
+    assert [(m.message_id, m.body) for m in got] == [("no-data", b""), ("after", b'{"order":42}')]
+
+
 async def test_outbound_structured_and_protobuf(rabbitmq: str) -> None:
     out = _Outbound(rabbitmq, persistent=False)
     async with out.started() as queue:

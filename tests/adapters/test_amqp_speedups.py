@@ -100,7 +100,7 @@ def _pamqp_publish_frames(channel: int, exchange: str, routing_key: str, props: 
         frames=[
             Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True),
             header.ContentHeader(properties=props, body_size=len(body)),
-            ContentBody(body),
+            *([ContentBody(body)] if body else []),  # no body frame for an empty body (aiormq sends none)
         ],
     ).payload
 
