@@ -21,6 +21,7 @@ import structlog
 from aiohttp import hdrs, http_parser, web, web_protocol
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import StreamReader
+from aiohttp.web_urldispatcher import AbstractRoute
 
 from adapters.http.config import CorsConfig, HttpListenerConfig
 from adapters.http.inbound import (
@@ -423,6 +424,7 @@ class HttpListener:
         self._log = structlog.get_logger(__name__).bind(listener=name, protocol="http")
         self._router = web.UrlDispatcher()  # the Application's, once running
         self._fast: dict[tuple[str, str], Handler] = {}
+        self._inbound_routes: set[AbstractRoute] = set()  # the POST routes of the inbounds (CORS preflights)
         self._cors = _Cors(cfg.cors) if cfg.cors is not None else None
         self._server: _EdgeServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -452,7 +454,7 @@ class HttpListener:
         for inbound in self.inbounds:
             # Only POST is routed, so aiohttp answers any other method on the path with 405 and Allow.
             # No route name: aiohttp refuses one with a Python keyword (an inbound named "in" or "class").
-            app.router.add_post(inbound.path, self._inbound_handler(inbound))
+            self._inbound_routes.add(app.router.add_post(inbound.path, self._inbound_handler(inbound)))
             if inbound.handshake is not None:  # CloudEvents webhook abuse protection (a CORS preflight goes first)
                 app.router.add_route(hdrs.METH_OPTIONS, inbound.path, inbound.answer_handshake)
         return app
@@ -541,8 +543,7 @@ class HttpListener:
         """The answer to a CORS preflight for an inbound's path; None for any other path (the router
         answers it: 404 or 405)."""
         match = await self._router.resolve(request.clone(method=hdrs.METH_POST))  # type: ignore[arg-type]
-        route = match.route.name if match.http_exception is None else None
-        if route is None or not route.startswith("inbound:"):
+        if match.http_exception is not None or match.route not in self._inbound_routes:
             return None
         if self._cors is None:
             return error_response(403, "forbidden", "cross-origin requests are not enabled on this listener")
