@@ -52,3 +52,12 @@ else
   echo "services: Redis is not installed. As root: make install-brokers (apt-get install redis-server)" >&2
   exit 1
 fi
+
+# The clients the README's quickstart (and tests/firsthour/test_readme_docs.py, which runs it) and the
+# request-reply tests call: a missing one fails here with what to install, not as a test's exit status 127.
+for tool in curl amqp-consume amqp-publish mosquitto_sub mosquitto_pub mosquitto_rr; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "services: $tool is not installed. As root: make install-brokers (apt-get install curl amqp-tools mosquitto-clients)" >&2
+    exit 1
+  fi
+done
