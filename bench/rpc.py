@@ -4,6 +4,8 @@
 
 - **plain**: wrk (2 threads, 64 connections, the suite's 1 KiB bodies) POSTs to ``/plain``, published (through
   the outbox) to a queue an aio-pika consumer drains; rate = the deliveries / (the last delivery - wrk's start).
+- **Prefer: wait**: the same wrk POSTs to ``/plain`` with ``Prefer: wait=10``: each answer comes once the
+  consumer's queue confirmed the delivery; rate = wrk's 2xx / its duration, beside plain's in the round.
 - **request-reply**: the same wrk POSTs to ``/rpc`` (``request = true``), published to a queue an aio-pika
   responder (its own process) answers by direct reply-to; rate = wrk's 200s / its duration (a 200 is a whole
   round trip).
@@ -38,6 +40,9 @@ from bench.runner import run_wrk
 
 ROOT = Path(__file__).resolve().parents[1]
 RABBIT = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+WAIT = {"Prefer": "wait=10"}  # RFC 7240: answered once every destination confirmed (or after 10 s, 202)
 
 
 def config(port: int, outbox: Path, plain_q: str, rpc_q: str) -> str:
@@ -291,12 +296,24 @@ def main() -> int:
                     time.sleep(0.05)
                 delivered = int(count[0]) - before
                 plain_rate = delivered / (count[1] - t0)
+                # Prefer: wait on the same plain path: each answer comes once the consumer's queue confirmed.
+                before_wait = int(count[0])
+                wait = run_wrk(f"http://127.0.0.1:{port}/plain", 3 * args.rounds + r, args.seconds, WAIT)
+                wait_rate = wait["accepted"] / (wait["duration_us"] / 1e6)
+                deadline = time.monotonic() + 60
+                while count[0] < before_wait + wait["accepted"] and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 rpc = run_wrk(f"http://127.0.0.1:{port}/rpc", 2 * r + 1, args.seconds)
                 rpc_rate = rpc["accepted"] / (rpc["duration_us"] / 1e6)
                 ceil = asyncio.run(ceiling(rpc_q, args.seconds))
                 row = {
                     "plain_msgs_s": round(plain_rate),
                     "plain_lost": plain["accepted"] - delivered,
+                    "plain_accept_p99_ms": round(plain["p99_us"] / 1e3, 1),
+                    "wait_msgs_s": round(wait_rate),
+                    "wait_non2xx": wait["non2xx"],
+                    "wait_ratio": round(wait_rate / plain_rate, 2),
+                    "wait_p99_ms": round(wait["p99_us"] / 1e3, 1),
                     "rpc_msgs_s": round(rpc_rate),
                     "rpc_non2xx": rpc["non2xx"],
                     "ratio": round(rpc_rate / plain_rate, 2),
@@ -317,6 +334,8 @@ def main() -> int:
             _delete_queues([plain_q, rpc_q])
     summary = {
         "plain_msgs_s": statistics.median(r["plain_msgs_s"] for r in rounds),
+        "wait_msgs_s": statistics.median(r["wait_msgs_s"] for r in rounds),
+        "wait_ratio": statistics.median(r["wait_ratio"] for r in rounds),
         "rpc_msgs_s": statistics.median(r["rpc_msgs_s"] for r in rounds),
         "ratio": statistics.median(r["ratio"] for r in rounds),
         "ceiling_msgs_s": statistics.median(r["ceiling_msgs_s"] for r in rounds),
