@@ -87,6 +87,16 @@ class PushOutboundConfig(OutboundConfigBase):
         ge=4096,
         description="the kernel send buffer of a subscriber's socket (SO_SNDBUF): how much a stalled reader holds",
     )
+    coalesce_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=1000,
+        description=(
+            "SSE: live events are written to a subscriber that keeps up at most once per this interval, those"
+            " that arrive meanwhile together (0: each at once); bounds the writes per subscriber per second, adds"
+            " at most this much latency"
+        ),
+    )
     heartbeat_s: float = Field(default=15.0, gt=0, description="SSE comment / WebSocket ping interval")
     retry_ms: int = Field(default=3000, ge=0, description="the SSE retry: hint sent on connect")
     max_subscribers: int = Field(default=10_000, ge=1, description="subscribers at once (more: 503 / close 1013)")
