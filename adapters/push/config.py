@@ -92,9 +92,10 @@ class PushOutboundConfig(OutboundConfigBase):
         ge=0,
         le=1000,
         description=(
-            "SSE: live events are written to a subscriber that keeps up at most once per this interval, those"
-            " that arrive meanwhile together (0: each at once); bounds the writes per subscriber per second, adds"
-            " at most this much latency"
+            "SSE: the longest a live event waits to be written with the ones that follow it, one write per"
+            " subscriber for all of them; the wait after a fan-out is three times what writing it took, so it"
+            " matters with many subscribers (1,000: about one write per 20 ms instead of one per event), not few;"
+            " 0: every event written at once"
         ),
     )
     heartbeat_s: float = Field(default=15.0, gt=0, description="SSE comment / WebSocket ping interval")

@@ -6,6 +6,12 @@ waits: a subscriber whose buffer is full is disconnected (``slow_consumer``) ins
 never holds the dispatcher or the other subscribers, and memory stays bounded. It can resume from the
 last cursor it received; the ring still has what it missed.
 
+An SSE stream whose writer has caught up is written by the fan-out itself (``Subscriber.direct``): the
+entries of one ``coalesce_ms`` window go to its transport in one write, the same bytes for every stream on
+the address, with no task woken per subscriber per event. Only while nothing is queued for it (in its buffer
+or in the transport): a socket that is behind gets its entries through the buffer and the writer task, so
+the order, the bound and the ``slow_consumer`` cut-off are the same as before.
+
 No gap, no duplicate at the seam between backlog and live: ``attach`` registers the subscriber (live
 entries queue up for it from then on) and takes the backlog from the ring in the same synchronous step,
 so an entry is either in the backlog or in the buffer, never both and never neither; the writer skips any
@@ -29,6 +35,11 @@ from mediator.core.patterns import TopicPattern, compile_glob
 from mediator.core.seams import Sample
 
 DEFAULT_DENY = "default-deny"
+
+COALESCE_FACTOR = 3.0
+"""After a fan-out write that took t, the next one waits up to ``COALESCE_FACTOR * t`` (at most
+``coalesce_ms``) for more events: writing a fan-out takes at most about a quarter of the loop while events
+come faster than it can write them one by one, and a cheap fan-out (few subscribers) is never held."""
 
 
 def covers(rule: str, pattern: str) -> bool:
@@ -145,7 +156,8 @@ class Hub:
         self.coalesce_s = coalesce_s
         self._pending: list[Entry] = []  # published, for the caught-up SSE streams at the next ``_flush``
         self._flush_handle: asyncio.TimerHandle | None = None
-        self._flushed = -coalesce_s  # loop time of the last flush
+        self._flushed = 0.0  # when the last flush ended (time.monotonic)
+        self._flush_cost = 0.0  # how long it took
         self._exact: dict[str, list[Subscriber]] = {}
         self._wild: list[Subscriber] = []
         self._count = 0
@@ -231,10 +243,11 @@ class Hub:
 
         A subscriber whose writer is busy (``direct`` None: its backlog, a socket that was behind, a
         WebSocket) has it in its buffer at once. The caught-up SSE streams get it from ``_flush``: at once
-        when nothing was flushed within ``coalesce_s``, else with what else arrives until then, all in
-        one write per subscriber (the bytes shared by every stream on the address). So a fan-out costs at
-        most one write per subscriber per ``coalesce_s`` however fast events come, for at most that much
-        latency."""
+        when the last flush ended long enough ago (``COALESCE_FACTOR`` times what it took, at most
+        ``coalesce_s``), else with what else arrives until then, all in one write per subscriber (the
+        bytes shared by every stream on the address). So a large fan-out costs at most one write per
+        subscriber per ``coalesce_s`` however fast events come, for at most that much latency, and a small
+        one is written at once."""
         deferred = False
         exact = self._exact.get(entry.address)
         if exact:
@@ -256,20 +269,26 @@ class Hub:
             return
         self._pending.append(entry)
         if self._flush_handle is None:
-            loop = asyncio.get_running_loop()
-            due = self._flushed + self.coalesce_s
-            if loop.time() >= due:
+            wait = self._flushed + min(self.coalesce_s, COALESCE_FACTOR * self._flush_cost) - time.monotonic()
+            if wait <= 0:
                 self._flush()
             else:
-                self._flush_handle = loop.call_at(due, self._flush)
+                self._flush_handle = asyncio.get_running_loop().call_later(wait, self._flush)
 
     def _flush(self) -> None:
         """Write the pending entries to the caught-up SSE streams (see ``publish``)."""
         self._flush_handle = None
-        self._flushed = asyncio.get_running_loop().time()
         batch, self._pending = self._pending, []
         if not batch:
             return
+        start = time.monotonic()
+        try:
+            self._fan_out(batch)
+        finally:
+            self._flushed = time.monotonic()
+            self._flush_cost = self._flushed - start
+
+    def _fan_out(self, batch: list[Entry]) -> None:
         by_address: dict[str, list[Entry]] = {}
         for entry in batch:
             by_address.setdefault(entry.address, []).append(entry)
