@@ -135,7 +135,7 @@ def build(cfg: AdapterConfig, rt: Runtime) -> Built:
             )
         path = ring_path(rt.outbox_path, name) if rt.outbox_path is not None else None
         ring = Ring(name, path, ocfg.max_events, ocfg.max_age_s)
-        hub = Hub(name, ring, ocfg.max_subscribers, ocfg.max_subscribers_per_principal)
+        hub = Hub(name, ring, ocfg.max_subscribers, ocfg.max_subscribers_per_principal, ocfg.coalesce_ms / 1000)
         ring.on_append = hub.publish
         mount = PushMount(name, ocfg, hub, rt.sink)
         rt.health.register(f"outbound:{name}")

@@ -87,6 +87,17 @@ class PushOutboundConfig(OutboundConfigBase):
         ge=4096,
         description="the kernel send buffer of a subscriber's socket (SO_SNDBUF): how much a stalled reader holds",
     )
+    coalesce_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=1000,
+        description=(
+            "SSE: the longest a live event waits to be written with the ones that follow it, one write per"
+            " subscriber for all of them; the wait after a fan-out is three times what writing it took, so it"
+            " matters with many subscribers (1,000: about one write per 20 ms instead of one per event), not few;"
+            " 0: every event written at once"
+        ),
+    )
     heartbeat_s: float = Field(default=15.0, gt=0, description="SSE comment / WebSocket ping interval")
     retry_ms: int = Field(default=3000, ge=0, description="the SSE retry: hint sent on connect")
     max_subscribers: int = Field(default=10_000, ge=1, description="subscribers at once (more: 503 / close 1013)")

@@ -71,14 +71,15 @@ def ring_path(outbox_path: str, outbound: str) -> str:
 class Entry:
     """One retained event. Its encodings are made once, when a first subscriber needs them, and shared."""
 
-    __slots__ = ("_json", "_proto", "_sse", "_text", "address", "at", "cursor", "event")
+    __slots__ = ("_json", "_proto", "_sse", "_sse_at", "_text", "address", "at", "cursor", "event")
 
     def __init__(self, cursor: int, address: str, at: float, event: Envelope) -> None:
         self.cursor = cursor
         self.address = address
         self.at = at
         self.event = event  # without provenance; never modified
-        self._sse: bytes | None = None
+        self._sse: bytes | None = None  # the SSE message framed as one HTTP/1.1 chunk
+        self._sse_at = 0  # where the message starts in it
         self._text: str | None = None
         self._proto: bytes | None = None
 
@@ -86,13 +87,23 @@ class Entry:
     def type(self) -> str:
         return self.event.type
 
-    def sse(self) -> bytes:
+    def sse(self) -> memoryview:
         """One SSE message (WHATWG HTML 9.2): ``id:`` the cursor, ``event:`` the type, ``data:`` the event
         as CloudEvents structured JSON on one line (JSON escapes every line break inside strings)."""
+        chunk = self.sse_chunk()
+        return memoryview(chunk)[self._sse_at : len(chunk) - 2]
+
+    def sse_chunk(self) -> bytes:
+        """The SSE message as one HTTP/1.1 chunk (RFC 9112 7.1: size in hex, CRLF, the message, CRLF), for
+        writing straight to the transport of a chunked response. One buffer holds both forms: ``sse`` is a
+        view into it."""
         if self._sse is None:
             data = json.dumps(to_json_dict(self.event), separators=(",", ":"), ensure_ascii=False)
             kind = self.event.type.replace("\r", " ").replace("\n", " ")
-            self._sse = f"id: {self.cursor}\nevent: {kind}\ndata: {data}\n\n".encode()
+            message = f"id: {self.cursor}\nevent: {kind}\ndata: {data}\n\n".encode()
+            size = b"%x\r\n" % len(message)
+            self._sse_at = len(size)
+            self._sse = b"".join((size, message, b"\r\n"))
         return self._sse
 
     def text(self) -> str:

@@ -100,6 +100,16 @@ def _wants_sse(request: web.BaseRequest) -> bool:
     return bool(media & {"text/event-stream", "*/*", "text/*"})
 
 
+def _direct_transport(request: web.BaseRequest, response: web.StreamResponse) -> asyncio.Transport | None:
+    """The transport ``Hub.publish`` may write a prepared SSE response's events to directly, or None when
+    the response's body is not written as is (compressed). (No isinstance check: uvloop's transports are
+    not subclasses of asyncio's.)"""
+    transport = request.transport
+    if transport is None or response.compression:
+        return None
+    return transport
+
+
 def _small_send_buffer(request: web.BaseRequest, size: int) -> None:
     """Bound what a stalled reader holds in our kernel: with Linux's autotuning a socket's send buffer grows
     to megabytes, which a subscriber that stops reading would fill before its own buffer ever did."""
@@ -236,7 +246,8 @@ class PushMount:
         try:
             await response.write("".join(head).encode("utf-8"))
             sub.task = asyncio.create_task(
-                self._pump_sse(sub, response, attached.backlog), name=f"{self.component}:sse"
+                self._pump_sse(sub, response, attached.backlog, _direct_transport(request, response)),
+                name=f"{self.component}:sse",
             )
             await asyncio.wait((sub.task, call.disconnected), return_when=asyncio.FIRST_COMPLETED)
             if sub.task.done() and not sub.task.cancelled() and sub.task.exception() is not None:
@@ -266,10 +277,19 @@ class PushMount:
             if transport is not None:
                 transport.abort()  # a reader that stopped reading cannot take even the farewell
 
-    async def _pump_sse(self, sub: Subscriber, response: web.StreamResponse, backlog: list[Entry]) -> None:
+    async def _pump_sse(
+        self,
+        sub: Subscriber,
+        response: web.StreamResponse,
+        backlog: list[Entry],
+        direct: asyncio.Transport | None,
+    ) -> None:
+        """Writes the backlog, then whatever queues in the subscriber's buffer; whenever it has caught up,
+        it hands the stream to ``Hub.publish`` (``sub.direct``), which writes live entries straight to the
+        transport while the socket keeps up, so a fan-out wakes no task per subscriber per event."""
         pushed = self.hub.pushed
         write = response.write
-        chunk: list[bytes] = []
+        chunk: list[memoryview] = []
         for entry in backlog:
             if entry.cursor > sub.cursor:
                 chunk.append(entry.sse())
@@ -281,6 +301,8 @@ class PushMount:
         if chunk:
             await write(b"".join(chunk))
             pushed["sse"] += len(chunk)
+        if direct is not None:
+            sub.chunked = response.headers.get(hdrs.TRANSFER_ENCODING, "").lower() == "chunked"
         buffer = sub.buffer
         wake = sub.wake
         while True:
@@ -301,8 +323,11 @@ class PushMount:
                 await write(b": heartbeat\n\n")
                 sub.written = time.monotonic()
                 continue
+            # Caught up: the head (and with it the HTTP headers) went out through ``write`` above, so
+            # what ``Hub.publish`` writes to the transport from here follows them.
+            sub.direct = direct
             wake.clear()
-            await wake.wait()  # live entries, the heartbeat ticker (Hub.heartbeat) or a kick
+            await wake.wait()  # queued entries (the socket was behind), the heartbeat ticker or a kick
 
     # ---------------------------------------------------------------- WebSocket
 

@@ -308,6 +308,68 @@ async def test_a_cursor_older_than_the_ring_gets_the_oldest_retained_and_a_gap_n
     live.response.close()
 
 
+# ---------------------------------------------------------------- the wire
+
+
+async def _raw_sse(port: int, path: str, version: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """An SSE request on a raw socket; returns the reader, the writer and the response head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/{version}\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    return reader, writer, head
+
+
+async def test_sse_is_chunked_for_http_1_1_and_plain_for_http_1_0_also_when_events_are_coalesced(push: Push) -> None:
+    """Live events reach a caught-up stream straight from the fan-out, several per write when they come
+    together: on HTTP/1.1 each write is one well-formed chunk holding whole SSE messages; on HTTP/1.0 the
+    body is the event stream itself, ended by the connection's close."""
+    port = push.qs.http_port
+    r11, w11, head11 = await _raw_sse(port, "/subscribe/orders", "1.1")
+    r10, w10, head10 = await _raw_sse(port, "/subscribe/orders", "1.0")
+    try:
+        assert head11.startswith(b"HTTP/1.1 200"), head11
+        assert b"transfer-encoding: chunked" in head11.lower(), head11
+        assert head10.startswith(b"HTTP/1.0 200") or head10.startswith(b"HTTP/1.1 200"), head10
+        assert b"transfer-encoding" not in head10.lower(), head10
+        assert b"content-length" not in head10.lower(), head10
+        chunks: list[bytes] = []
+        plain = b""
+        async with asyncio.timeout(10):
+            while b": subscribed" not in b"".join(chunks):  # the head: the stream is registered
+                size = int((await r11.readuntil(b"\r\n")).strip(), 16)
+                chunks.append(await r11.readexactly(size))
+                assert await r11.readexactly(2) == b"\r\n"
+            while b": subscribed" not in plain:
+                plain += await r10.read(65536)
+        ids = await asyncio.gather(*(push.post_order({"wire": i}) for i in range(30)))  # arrive together
+
+        def ids_in(body: bytes) -> list[str]:
+            return [json.loads(line[6:])["id"] for line in body.split(b"\n") if line.startswith(b"data: ")]
+
+        live: list[bytes] = []
+        async with asyncio.timeout(20):
+            while len(ids_in(b"".join(live))) < 30:
+                size = int((await r11.readuntil(b"\r\n")).strip(), 16)
+                assert size > 0, "the stream ended"
+                live.append(await r11.readexactly(size))
+                assert await r11.readexactly(2) == b"\r\n", "a chunk longer than its size line says"
+            while len(ids_in(plain)) < 30:
+                more = await r10.read(65536)
+                assert more, "the HTTP/1.0 stream ended"
+                plain += more
+        assert sorted(ids_in(b"".join(live))) == sorted(ids)  # every one, once
+        cursors = [int(line[4:]) for line in b"".join(live).split(b"\n") if line.startswith(b"id: ")]
+        assert cursors == sorted(cursors)
+        assert len(set(cursors)) == 30
+        for chunk in live:  # a chunk is whole messages: it never splits one
+            assert chunk.startswith(b"id: "), chunk[:80]
+            assert chunk.endswith(b"\n\n"), chunk[-80:]
+        assert ids_in(plain[plain.index(b": subscribed") :]) == ids_in(b"".join(live))  # the same stream
+    finally:
+        for w in (w11, w10):
+            w.close()
+
+
 # ---------------------------------------------------------------- slow subscribers
 
 
