@@ -30,8 +30,8 @@ import structlog
 
 from adapters.push.config import SubscribeRuleConfig
 from adapters.push.ring import Entry, Ring
-from mediator.core.ingress import Principal
-from mediator.core.patterns import TopicPattern, compile_glob
+from mediator.core.ingress import Principal, Who
+from mediator.core.patterns import TopicPattern
 from mediator.core.seams import Sample
 
 DEFAULT_DENY = "default-deny"
@@ -60,20 +60,13 @@ def covers(rule: str, pattern: str) -> bool:
 class SubscribeRule:
     name: str
     allow: bool
-    principals: tuple[Callable[[str], bool], ...]
-    roles: frozenset[str]
-    anonymous: bool
+    who: Who
     addresses: tuple[str, ...]
 
     @classmethod
     def compile(cls, cfg: SubscribeRuleConfig) -> SubscribeRule:
         return cls(
-            cfg.name,
-            cfg.effect == "allow",
-            tuple(compile_glob(p) for p in cfg.principals),
-            frozenset(cfg.roles),
-            cfg.anonymous,
-            tuple(cfg.addresses),
+            cfg.name, cfg.effect == "allow", Who.compile(cfg.principals, cfg.roles, cfg.anonymous), tuple(cfg.addresses)
         )
 
     def matches(self, principal: Principal, pattern: str) -> bool:
@@ -82,11 +75,7 @@ class SubscribeRule:
         # A deny rule refuses a subscription that reaches into any address it names.
         if not self.allow and not any(covers(a, pattern) or covers(pattern, a) for a in self.addresses):
             return False
-        if principal.anonymous:
-            return self.anonymous
-        if self.principals and not any(m(principal.id) for m in self.principals):
-            return False
-        return not self.roles or not self.roles.isdisjoint(principal.roles)
+        return self.who.admits(principal)
 
 
 def refusing_rule(rules: Sequence[SubscribeRule], principal: Principal, pattern: str, auth: bool) -> str | None:

@@ -8,13 +8,14 @@ decides anything about it; the stages (``mediator.stages``) decide. Protocol-neu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
 from mediator.core.content import DataCache
 from mediator.core.envelope import Envelope
+from mediator.core.patterns import compile_glob
 
 ANONYMOUS = "unauthenticated"
 """The CloudEvents ``authtype`` of a caller no authenticator vouched for."""
@@ -48,6 +49,28 @@ class Principal:
     @property
     def anonymous(self) -> bool:
         return not self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Whom a rule names (an authorization rule, a push outbound's subscribe rule): principal globs, roles,
+    anonymous callers. Empty ``principals`` and ``roles`` name every authenticated principal, and
+    ``anonymous`` adds anonymous callers without narrowing the rule to them."""
+
+    principals: tuple[Callable[[str], bool], ...]
+    roles: frozenset[str]
+    anonymous: bool
+
+    @classmethod
+    def compile(cls, principals: Sequence[str], roles: Sequence[str], anonymous: bool) -> Who:
+        return cls(tuple(compile_glob(p) for p in principals), frozenset(roles), anonymous)
+
+    def admits(self, principal: Principal) -> bool:
+        if principal.anonymous:
+            return self.anonymous
+        if self.principals and not any(m(principal.id) for m in self.principals):
+            return False
+        return not self.roles or not self.roles.isdisjoint(principal.roles)
 
 
 @dataclass(slots=True)

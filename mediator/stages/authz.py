@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mediator.core.errors import RejectCode, Rejected
-from mediator.core.ingress import Batch, Principal
+from mediator.core.ingress import Batch, Principal, Who
 from mediator.core.patterns import compile_glob
 from mediator.stages.config import AuthorizationRuleConfig
 
@@ -22,9 +22,7 @@ DEFAULT_DENY = "default-deny"
 class Rule:
     name: str
     allow: bool
-    principals: tuple[Callable[[str], bool], ...]
-    roles: frozenset[str]
-    anonymous: bool
+    who: Who
     inbounds: frozenset[str]
     types: tuple[Callable[[str], bool], ...]
 
@@ -33,9 +31,7 @@ class Rule:
         return cls(
             cfg.name,
             cfg.effect == "allow",
-            tuple(compile_glob(p) for p in cfg.principals),
-            frozenset(cfg.roles),
-            cfg.anonymous,
+            Who.compile(cfg.principals, cfg.roles, cfg.anonymous),
             frozenset(cfg.inbounds),
             tuple(compile_glob(t) for t in cfg.types),
         )
@@ -45,11 +41,7 @@ class Rule:
             return False
         if self.types and not any(m(type_) for m in self.types):
             return False
-        if principal.anonymous:
-            return self.anonymous
-        if self.principals and not any(m(principal.id) for m in self.principals):
-            return False
-        return not self.roles or not self.roles.isdisjoint(principal.roles)
+        return self.who.admits(principal)
 
 
 class Authorize:
