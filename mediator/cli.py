@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mediator import __version__
 from mediator.core.errors import ConfigError
@@ -318,8 +318,33 @@ async def _admin_failed(resp: object, origin: str) -> int:
     return 1
 
 
-async def _status(config: Config, args: argparse.Namespace) -> int:
+async def _admin_get(
+    url: str, headers: dict[str, str], origin: str, not_found: str | None = None
+) -> dict[str, Any] | int:
+    """GET an admin document: its JSON, or the exit status (1) once the refusal is printed. With
+    ``not_found``, a 404 prints the problem's detail (or that text) instead of the generic refusal."""
     import aiohttp
+
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+            http.get(url, headers=headers) as resp,
+        ):
+            if resp.status == 404 and not_found is not None:
+                body = await resp.json(content_type=None)
+                detail = body.get("detail") if isinstance(body, dict) else None
+                print(f"mediator: {detail or not_found}", file=sys.stderr)
+                return 1
+            if resp.status != 200:
+                return await _admin_failed(resp, origin)
+            doc: dict[str, Any] = await resp.json()
+            return doc
+    except aiohttp.ClientConnectionError as exc:
+        print(f"mediator: no running daemon answers at {url}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _status(config: Config, args: argparse.Namespace) -> int:
 
     from mediator.observability.status import render
 
@@ -329,18 +354,9 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
         print("mediator: the config has no HTTP listener serving the admin endpoints", file=sys.stderr)
         return 1
     url, headers, origin = target
-    url = url.removesuffix("/dead-letters") + "/status"
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
-            http.get(url, headers=headers) as resp,
-        ):
-            if resp.status != 200:
-                return await _admin_failed(resp, origin)
-            doc = await resp.json()
-    except aiohttp.ClientConnectionError as exc:
-        print(f"mediator: no running daemon answers at {url}: {exc}", file=sys.stderr)
-        return 1
+    doc = await _admin_get(url.removesuffix("/dead-letters") + "/status", headers, origin)
+    if isinstance(doc, int):
+        return doc
     if as_json is None:
         as_json = not sys.stdout.isatty()
     print(json.dumps(doc, indent=2) if as_json else render(doc))
@@ -352,8 +368,6 @@ async def _event_status(config: Config, args: argparse.Namespace) -> int:
     the flags name (the admin token, or the publisher's or an admin's key or token)."""
     from urllib.parse import quote
 
-    import aiohttp
-
     from mediator.client import table
 
     event_id: str = args.event_id
@@ -364,22 +378,9 @@ async def _event_status(config: Config, args: argparse.Namespace) -> int:
         return 1
     url, headers, origin = target
     url = url.removesuffix("/admin/dead-letters") + f"/events/{quote(event_id, safe='')}/status"
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
-            http.get(url, headers=headers) as resp,
-        ):
-            if resp.status == 404:
-                body = await resp.json(content_type=None)
-                detail = body.get("detail") if isinstance(body, dict) else None
-                print(f"mediator: {detail or 'no such event'}", file=sys.stderr)
-                return 1
-            if resp.status != 200:
-                return await _admin_failed(resp, origin)
-            doc = await resp.json()
-    except aiohttp.ClientConnectionError as exc:
-        print(f"mediator: no running daemon answers at {url}: {exc}", file=sys.stderr)
-        return 1
+    doc = await _admin_get(url, headers, origin, not_found="no such event")
+    if isinstance(doc, int):
+        return doc
     if as_json is None:
         as_json = not sys.stdout.isatty()
     if as_json:
