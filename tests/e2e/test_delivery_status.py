@@ -26,6 +26,7 @@ import pytest
 
 from mediator.core.envelope import Envelope
 from mediator.v1 import service_pb2, service_pb2_grpc
+from tests.e2e.test_quickstart import get_one
 from tests.support.brokers import MosquittoInstance
 from tests.support.daemon import ROOT, DaemonProcess, Quickstart
 from tests.support.net import RABBIT_URL, free_port
@@ -163,9 +164,7 @@ async def test_status_pending_then_delivered_to_three_real_consumers(running: Ru
             assert "settled_at" in doc
 
         # Every consumer has it.
-        async with asyncio.timeout(20):
-            while (msg := await queue.get(fail=False)) is None:
-                await asyncio.sleep(0.05)
+        msg = await get_one(queue, timeout_s=20)
         assert msg.message_id == event_id
         async with asyncio.timeout(20):
             event = await call.read()
@@ -225,9 +224,7 @@ async def test_prefer_wait_answers_200_once_consumers_confirm(running: Running) 
             async with http.post(f"{running.base}/orders", json={"order": 10}, headers={"Prefer": "wait=999"}) as resp:
                 assert resp.status == 200
                 assert resp.headers["Preference-Applied"] == "wait=30"
-        async with asyncio.timeout(20):
-            while (msg := await queue.get(fail=False)) is None:
-                await asyncio.sleep(0.05)
+        msg = await get_one(queue, timeout_s=20)
         assert msg.message_id == doc["id"]
     finally:
         await conn.close()
