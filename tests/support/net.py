@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 import uuid
@@ -13,11 +14,39 @@ MQTT_HOST = "127.0.0.1"
 MQTT_PORT = 1883
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on, picked below the kernel's ephemeral range. A port the kernel hands out
+    (bind to 0) comes from that range, which every outgoing connection also takes its local port from: one
+    of the tests' own client sockets took a daemon's HTTP port between the pick and the daemon's bind (seen
+    once in a clean-clone run, exit 4 "address already in use"). Never the same port twice in a session."""
+    if _EPHEMERAL_LOW > 12000:
+        for _ in range(500):
+            port = random.randrange(10000, _EPHEMERAL_LOW)
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    with socket.socket() as s:  # no room below the range: the kernel's pick
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        picked: int = s.getsockname()[1]
+        return picked
 
 
 def reachable(host: str, port: int, timeout_s: float = 1.0) -> bool:
