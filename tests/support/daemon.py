@@ -86,9 +86,6 @@ class Quickstart:
         text = (ROOT / "config.toml").read_text()
         u = self.uid
         replacements = [
-            ("port = 8080", f"port = {self.http_port}"),
-            ("port = 50051", f"port = {self.grpc_port}"),
-            ("port = 1883", f"port = {self.mqtt_port}"),
             ("127.0.0.1:5672/", f"127.0.0.1:{self.amqp_port}/"),
             ('path = "var/outbox.sqlite"', f'path = "{self.tmp / "outbox.sqlite"}"'),
             ('kind = "sqlite"', f'kind = "{self.outbox}"'),
@@ -106,6 +103,13 @@ class Quickstart:
             ('address = "rpc/price"', f'address = "{self.rpc_topic}"'),
             ('topics = ["rpc/echo"]', f'topics = ["{self.rpc_request_topic}"]'),
         ]
+        # The ports in one pass, whole numbers only: a port put in by one replacement must never be matched
+        # by the next (an HTTP port 18834 read as "port = 1883" then "4" became the test Mosquitto's + "4").
+        ports = {"8080": self.http_port, "50051": self.grpc_port, "1883": self.mqtt_port}
+        for shipped in ports:
+            if not re.search(rf"port = {shipped}\b", text):
+                raise AssertionError(f"config.toml has no 'port = {shipped}'; update tests/support/daemon.py")
+        text = re.sub(r"port = (8080|50051|1883)\b", lambda m: f"port = {ports[m.group(1)]}", text)
         for old, new in replacements:
             if old not in text:
                 raise AssertionError(f"config.toml no longer contains {old!r}; update tests/support/daemon.py")
