@@ -53,6 +53,38 @@ else
   exit 1
 fi
 
+# PostgreSQL: the event store's and the schema registry's shared backend (tests create a database of their own).
+if up 5432; then
+  echo "services: PostgreSQL is up on 127.0.0.1:5432"
+elif command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+  version=$(ls /etc/postgresql | sort -V | tail -1)
+  echo "services: PostgreSQL is not running; starting it (pg_ctlcluster $version main start)"
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  for _ in $(seq 1 100); do up 5432 && break; sleep 0.1; done
+  up 5432 || { echo "services: PostgreSQL did not come up" >&2; exit 1; }
+  echo "services: PostgreSQL started"
+else
+  echo "services: PostgreSQL is not installed. As root: make install-brokers (apt-get install postgresql)" >&2
+  exit 1
+fi
+
+# NATS with JetStream: the nats adapter's tests.
+if up 4222; then
+  echo "services: NATS is up on 127.0.0.1:4222"
+elif command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; then
+  server=$(command -v nats-server || echo /usr/sbin/nats-server)
+  echo "services: NATS is not running; starting it ($server -a 127.0.0.1 -p 4222 -js)"
+  store=${NATS_STORE_DIR:-/var/lib/nats-server}
+  mkdir -p "$store" 2>/dev/null || store=$(mktemp -d)
+  nohup "$server" -a 127.0.0.1 -p 4222 -js -sd "$store" >/tmp/mediator-nats-server.log 2>&1 &
+  for _ in $(seq 1 100); do up 4222 && break; sleep 0.1; done
+  up 4222 || { echo "services: NATS did not come up (log: /tmp/mediator-nats-server.log)" >&2; exit 1; }
+  echo "services: NATS started"
+else
+  echo "services: NATS is not installed. As root: make install-brokers (apt-get install nats-server)" >&2
+  exit 1
+fi
+
 # The clients the README's quickstart (and tests/firsthour/test_readme_docs.py, which runs it) and the
 # request-reply tests call: a missing one fails here with what to install, not as a test's exit status 127.
 for tool in curl amqp-consume amqp-publish mosquitto_sub mosquitto_pub mosquitto_rr; do

@@ -34,3 +34,14 @@ def mosquitto() -> tuple[str, int]:
     if not reachable(MQTT_HOST, MQTT_PORT):
         pytest.fail(f"Mosquitto is not reachable on {MQTT_HOST}:{MQTT_PORT}; `make test` starts it (see README)")
     return MQTT_HOST, MQTT_PORT
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """The shared PostgreSQL's admin DSN. A test that needs it fails (never skips) when it is not reachable;
+    use ``tests.support.postgres.fresh_database`` for a database of the test's own."""
+    from tests.support.postgres import ADMIN_DSN, pg_reachable
+
+    if not pg_reachable():
+        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432; `make test` starts it (see README)")
+    return ADMIN_DSN
