@@ -95,6 +95,13 @@ class HttpListenerConfig(ListenerConfigBase):
         ge=1,
         description="open connections on this listener; one more is answered 503 (Retry-After: 1) and closed",
     )
+    max_subscribers: int | None = Field(
+        default=None,
+        ge=1,
+        description="streams held open at once on this listener by every push outbound and WebSocket inbound "
+        "together (SSE subscriptions, WebSockets); one more is answered 503 (Retry-After: 1) before it starts. "
+        "None: three quarters of max_connections, so subscribers never take the connections publishes need",
+    )
     cors: CorsConfig | None = Field(
         default=None, description="CORS for browsers; None: no CORS headers, every preflight refused (403)"
     )

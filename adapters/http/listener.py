@@ -409,6 +409,9 @@ class HttpListener:
         self._sink = sink
         self._short_name = name
         self._mounts = mounts if mounts is not None else Mounts()
+        self.max_streams = cfg.max_subscribers or max(1, cfg.max_connections * 3 // 4)
+        self.streams = 0  # requests a mount (a push outbound, a WebSocket inbound) is answering now
+        self.streams_refused = 0  # refused over max_streams since start
         self.cfg = cfg
         self.metrics = metrics
         self.inbounds = inbounds
@@ -531,10 +534,23 @@ class HttpListener:
             disconnected = protocol.disconnected()
         else:  # not served by our server (a test's own): never resolved
             disconnected = asyncio.get_running_loop().create_future()
+        if self.streams >= self.max_streams:
+            # Every mounted request counts while it is answered: a subscription for as long as it is open, a
+            # refusal for the moment it takes. Refused here, before any upgrade, so a WebSocket client sees
+            # the 503 of its handshake.
+            self.streams_refused += 1
+            return error_response(
+                503,
+                "not_ready",
+                f"listener {self._short_name!r} has its {self.max_streams} subscribers (max_subscribers)",
+                {"Retry-After": "1", **cors},
+            )
         call = MountRequest(request, origin, self._short_name, bool(self.cfg.auth), cors, allowed, disconnected)
+        self.streams += 1
         try:
             response: web.StreamResponse = await mount.handle(call)
         finally:
+            self.streams -= 1
             if not disconnected.done():
                 disconnected.cancel()
         return response

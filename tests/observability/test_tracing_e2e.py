@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mediator.v1 import envelope_pb2, service_pb2_grpc
 from tests.e2e.test_quickstart import bound_queue, get_one, user_props
+from tests.push.clients import open_sse
 from tests.support.daemon import DaemonProcess, Quickstart
 from tests.support.net import RABBIT_URL, free_port
 
@@ -259,6 +260,34 @@ async def test_http_to_amqp_and_mqtt5_one_trace_parented_on_the_send_spans(
             await asyncio.sleep(0.05)
     assert outcomes["exported"] >= len(spans) >= 4
     assert outcomes["dropped"] == outcomes["failed"] == 0
+
+
+async def test_a_pushed_event_continues_the_callers_trace(traced: Traced) -> None:
+    """The shipped orders route also pushes to ``browsers`` at ``orders``: the subscriber's event carries the
+    creation context (the CloudEvents ``traceparent`` extension, the caller's), and the daemon's push is a
+    PRODUCER span of that trace, parented on the receive span, naming the address."""
+    qs, receiver = traced.quickstart, traced.receiver
+    trace_id, client_span = new_trace()
+    caller = f"00-{trace_id}-{client_span}-01"
+    base = f"http://127.0.0.1:{qs.http_port}"
+    async with aiohttp.ClientSession() as http:
+        stream = await open_sse(http, f"{base}/subscribe/orders")
+        async with http.post(f"{base}/orders", json={"order": "traced"}, headers={"traceparent": caller}) as resp:
+            assert resp.status == 202, await resp.text()
+            event_id = (await resp.json())["id"]
+        pushed = await stream.next()
+        stream.response.close()
+    assert pushed is not None
+    event = pushed.json()
+    assert (event["id"], event["traceparent"]) == (event_id, caller)
+    spans = await receiver.wait(trace_id, lambda s: bool(named(s, "POST /orders") and named(s, "send browsers")))
+    server, push = one(spans, "POST /orders"), one(spans, "send browsers")
+    assert push.kind == Span.SPAN_KIND_PRODUCER
+    assert push.parent_span_id == server.span_id
+    assert attrs(push)["messaging.system"] == "push"
+    assert attrs(push)["messaging.destination.name"] == "orders"
+    assert attrs(push)["messaging.message.id"] == event_id
+    assert push.status.code == Status.STATUS_CODE_UNSET
 
 
 async def test_grpc_to_amqp(traced: Traced, amqp: aio_pika.abc.AbstractChannel) -> None:

@@ -68,6 +68,7 @@ port = {secure_port}
 auth = ["keys"]
 admin = false
 query_token = "access_token"
+max_subscribers = 3
 cors = {{ allow_origins = ["{ALLOWED_ORIGIN}"], allow_methods = ["GET"] }}
 
 [auth.keys]
@@ -579,6 +580,38 @@ async def test_subscriptions_on_a_listener_with_auth_are_authenticated_and_autho
     via_query.response.close()
     logs = push.daemon.logs()
     assert KEY_DASH not in logs  # the token in the query string is never logged
+
+
+async def test_a_listener_admits_max_subscribers_streams_across_its_outbounds(push: Push) -> None:
+    """[listeners.secure] max_subscribers = 3: the fourth stream is refused 503 before it starts (a
+    WebSocket sees it as the status of its handshake), whatever the per-outbound and per-principal limits
+    allow; once one closes, a new one is admitted."""
+    url = f"{push.secure}/subscribe/orders.eu"
+    held = [await open_sse(push.http, url, headers={"X-API-Key": KEY_DASH}) for _ in range(3)]
+    try:
+        async with push.http.get(url, headers={"Accept": "text/event-stream", "X-API-Key": KEY_DASH}) as resp:
+            assert resp.status == 503, await resp.text()
+            assert resp.headers["Retry-After"] == "1"
+            assert "max_subscribers" in (await resp.json())["reason"]
+        ws_url = f"ws://{push.secure.removeprefix('http://')}/subscribe/orders.eu"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await push.http.ws_connect(ws_url, headers={"X-API-Key": KEY_DASH})
+        assert refused.value.status == 503
+        order = await push.post_order({"held": 3})
+        for stream in held:  # the admitted ones keep flowing
+            pushed = await stream.next()
+            assert pushed is not None
+            assert pushed.json()["id"] == order
+    finally:
+        for stream in held:
+            stream.response.close()
+    async with asyncio.timeout(10):  # the listener notices the closed streams at their next read or write
+        while True:
+            async with push.http.get(url, headers={"Accept": "text/event-stream", "X-API-Key": KEY_DASH}) as resp:
+                if resp.status == 200:
+                    break
+                assert resp.status == 503, await resp.text()
+            await asyncio.sleep(0.05)
 
 
 def own_address() -> str:
