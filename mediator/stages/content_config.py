@@ -21,7 +21,9 @@ class ValidationConfig(ConfigModel):
     enabled: bool = True
     max_depth: int = Field(default=64, ge=1, le=1000, description="JSON nesting, arrays and objects (orjson: 1024)")
     max_data_bytes: int = Field(default=4_194_304, ge=1, description="an event's data; more: 413 / INVALID_ARGUMENT")
-    max_attribute_bytes: int = Field(default=4096, ge=16, description="one attribute value (UTF-8 bytes)")
+    max_attribute_bytes: int = Field(
+        default=4096, ge=16, description="one attribute value, the required id, source and type too (UTF-8 bytes)"
+    )
     max_attributes: int = Field(default=64, ge=4, description="context attributes per event, the required four too")
     max_context_bytes: int = Field(
         default=16_384, ge=64, description="all the attributes' names and values together (UTF-8 bytes)"
