@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from mediator.core.errors import RejectCode, Rejected
 from mediator.core.ingress import Batch
+from mediator.core.jwe import KeyRing
 from mediator.core.seams import AdapterConfig
 from mediator.core.transform import Transform, TransformError
 
@@ -43,10 +44,10 @@ class IngressTransform:
                 events[i] = out
 
 
-def build(adapters: Mapping[str, AdapterConfig]) -> IngressTransform:
+def build(adapters: Mapping[str, AdapterConfig], keyrings: Mapping[str, KeyRing] | None = None) -> IngressTransform:
     return IngressTransform(
         {
-            name: Transform(icfg.transform)
+            name: Transform(icfg.transform, keyrings)
             for adapter in adapters.values()
             for name, icfg in adapter.inbounds.items()
             if icfg.transform is not None
