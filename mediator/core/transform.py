@@ -423,6 +423,33 @@ class Transform:
         self._promote = [(_Path.parse(a), _Path.parse(b)) for a, b in cfg.promote.items()]
         self._jsonata = JsonataProgram(cfg.jsonata, cfg.jsonata_timeout_s) if cfg.jsonata else None
 
+    @property
+    def encrypted_pointers(self) -> tuple[str, ...]:
+        """The JSON pointers (RFC 6901) of the fields ``encrypt`` names: what a reason must not quote."""
+        return tuple(
+            "/" + "/".join(k.replace("~", "~0").replace("/", "~1") for k in path.keys) for path in self._encrypt
+        )
+
+    def seal(self, env: Envelope, data: DataGetter = parsed) -> Envelope:
+        """``env`` with only the ``encrypt`` operations applied (an event kept before the transform ran, as
+        a schema's dead letter is, must not hold the clear values either). Raises TransformError."""
+        work = _Work(env, data)
+        self._encrypt_fields(work)
+        if work.changed:
+            work.event().binary_data = orjson.dumps(work.data)
+        return work.env if work.env is not None else env
+
+    def _encrypt_fields(self, work: _Work) -> None:
+        ring = self._ring
+        for path in self._encrypt:
+            assert ring is not None
+            value = work.get(path)
+            if value is not _ABSENT:
+                try:
+                    work.put(path, ring.encrypt(value))
+                except JweError as exc:
+                    raise TransformError(f"encrypt {path}: {exc}") from None
+
     def apply(self, env: Envelope, data: DataGetter = parsed) -> Envelope:
         """The transformed event: a copy, or ``env`` itself when nothing changed. Raises TransformError."""
         work = _Work(env, data)
@@ -460,14 +487,7 @@ class Transform:
                 raise TransformError("the jsonata expression gave no value")
             work.data = _plain(result)
             work.changed = True
-        for path in self._encrypt:  # last: nothing after it sees the clear value
-            assert ring is not None
-            value = work.get(path)
-            if value is not _ABSENT:
-                try:
-                    work.put(path, ring.encrypt(value))
-                except JweError as exc:
-                    raise TransformError(f"encrypt {path}: {exc}") from None
+        self._encrypt_fields(work)  # last: nothing after it sees the clear value
         if work.changed:
             out = work.event()
             try:

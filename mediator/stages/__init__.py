@@ -264,13 +264,13 @@ def build(
     # Content after the callers are known and within their limits: no parse for a refused caller.
     if validation is None or validation.enabled:
         stages.append(WellFormed(validation or ValidationConfig()))
-    schema_stage = SchemaStage(tuple(schemas))
+    ingress_transform = build_ingress_transform(adapters, keyrings)
+    schema_stage = SchemaStage(tuple(schemas), sealed=ingress_transform.encrypting())
     if schema_stage.enabled:
         stages.append(schema_stage)
     enrichers = build_enrichers(enrich or [])  # after the limits: no lookup for a caller refused anyway
     stages += enrichers
-    ingress_transform = build_ingress_transform(adapters, keyrings)  # last: it reshapes what the checks passed
-    if ingress_transform.enabled:
+    if ingress_transform.enabled:  # last: it reshapes what the checks passed
         stages.append(ingress_transform)
     return Stages(
         authenticate, tuple(stages), frozenset(headers), frozenset(security.admin_roles), enrichers=tuple(enrichers)

@@ -26,6 +26,10 @@ class IngressTransform:
     def enabled(self) -> bool:
         return bool(self._by_inbound)
 
+    def encrypting(self) -> dict[str, Transform]:
+        """The inbounds whose transform encrypts fields, with it."""
+        return {name: t for name, t in self._by_inbound.items() if t.config.encrypt}
+
     async def run(self, batch: Batch) -> None:
         by_inbound = self._by_inbound
         events = batch.events

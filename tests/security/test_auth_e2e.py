@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -181,7 +182,7 @@ async def secured(tmp_path: Path, rabbitmq: str, mosquitto: tuple[str, int]) -> 
         assert "eyJ" not in logs, "a token reached the log"
 
 
-BAD_NUMERIC_DATES: list[tuple[str, object, str]] = [
+BAD_NUMERIC_DATES: list[tuple[str, Any, str]] = [
     ("exp", "9999999999", "a string"),
     ("exp", True, "a boolean"),
     ("exp", None, "null"),
