@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from typing import Any
 import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from mediator.core.envelope import shown
 
 KEY_BYTES = 32
 IV_BYTES = 12
@@ -82,8 +85,6 @@ class KeyRing:
     @property
     def fingerprint(self) -> str:
         """What tells two rings apart (a reload compares them), without holding the key bytes."""
-        import hashlib
-
         digest = hashlib.sha256()
         for kid in sorted(self.keys):
             digest.update(kid.encode() + b"\0" + self.keys[kid])
@@ -122,20 +123,23 @@ class KeyRing:
             raise JweError("is not a JWE: the protected header is not a JSON object")
         if header.get("alg") != ALG or header.get("enc") != ENC or encrypted_key:
             raise JweError(
-                f"is not alg 'dir' + enc 'A256GCM' (header says alg {header.get('alg')!r}, enc {header.get('enc')!r})"
+                f"is not alg 'dir' + enc 'A256GCM' (header says alg {_said(header.get('alg'))}, "
+                f"enc {_said(header.get('enc'))})"
             )
         if "crit" in header or "zip" in header:
             raise JweError("uses a header parameter this gateway does not implement (crit or zip)")
         kid = header.get("kid")
         key = self.keys.get(kid) if isinstance(kid, str) else None
         if key is None:
-            raise JweError(f"names kid {kid!r}, which keyring {self.name!r} does not hold")
+            raise JweError(f"names kid {_said(kid)}, which keyring {self.name!r} does not hold")
         if len(iv) != IV_BYTES or len(tag) != TAG_BYTES:
             raise JweError("is not a JWE: a 96-bit IV and a 128-bit tag are expected")
         try:
             plaintext = AESGCM(key).decrypt(iv, ciphertext + tag, protected.encode("ascii"))
         except InvalidTag:
-            raise JweError(f"fails authentication under kid {kid!r}: a wrong key, or the value was altered") from None
+            raise JweError(
+                f"fails authentication under kid {_said(kid)}: a wrong key, or the value was altered"
+            ) from None
         cty = header.get("cty")
         if cty is not None and str(cty).lower() in (JSON_CTY, "application/json"):
             try:
@@ -146,3 +150,8 @@ class KeyRing:
             return plaintext.decode("utf-8")
         except UnicodeDecodeError:
             raise JweError("holds a plaintext that is not UTF-8 text") from None
+
+
+def _said(value: object) -> str:
+    """A header parameter as a reason quotes it: bounded, whatever the sender put there."""
+    return shown(value) if isinstance(value, str) else shown(str(value))
