@@ -21,6 +21,7 @@ from mediator.core.convert import ConvertConfig, Converter
 from mediator.core.egress import Egress
 from mediator.core.errors import ConfigError
 from mediator.core.formats import FORMATS
+from mediator.core.jwe import KeyRing
 from mediator.core.patterns import Template, TopicPattern, validate_topic_pattern
 from mediator.core.predicate import Predicate
 from mediator.core.router import DestinationSpec, RouteSpec
@@ -31,7 +32,7 @@ from mediator.core.seams import (
     InboundConfigBase,
     OutboundConfigBase,
 )
-from mediator.core.transform import Transform, TransformConfig
+from mediator.core.transform import Transform, TransformConfig, resolve_keyring
 from mediator.observability.metrics_config import MetricsConfig
 from mediator.observability.tracing_config import TracingConfig
 from mediator.stages import problems as stage_problems
@@ -44,10 +45,11 @@ from mediator.stages.config import (
     RateLimitConfig,
     SecurityConfig,
 )
-from mediator.stages.content_config import SchemaConfig, ValidationConfig
+from mediator.stages.content_config import EncryptionConfig, SchemaConfig, ValidationConfig
 from mediator.stages.content_schema import CompiledSchema, load_schemas
 from mediator.stages.enrich import EnrichConfig
 from mediator.stages.enrich import problems as enrich_problems
+from mediator.stages.keyring import load_keyrings
 
 
 class DaemonConfig(ConfigModel):
@@ -188,6 +190,7 @@ class RootConfig(ConfigModel):
     schemas: list[SchemaConfig] = []
     enrich: list[EnrichConfig] = []
     aggregate: list[AggregateConfig] = []
+    encryption: dict[str, EncryptionConfig] = {}
     tracing: TracingConfig = TracingConfig()
     metrics: MetricsConfig = MetricsConfig()
     listeners: dict[str, dict[str, Any]] = {}
@@ -219,6 +222,10 @@ class Config:
     # [[schemas]], read and compiled by ``load`` (in the reload's thread on a reload, never on the loop).
     schemas: tuple[CompiledSchema, ...] = ()
     sha256: str = ""  # of the file's text, as loaded (the config's version: its first 12 hex digits)
+    # [encryption.NAME] key rings, read by ``load`` like the schemas; ``environment``: the variables they
+    # name that are not set (``mediator check`` warns, ``mediator run`` refuses: mediator/daemon.py).
+    keyrings: Mapping[str, KeyRing] = field(default_factory=dict)
+    environment: tuple[str, ...] = ()
 
     @property
     def daemon(self) -> DaemonConfig:
@@ -318,7 +325,9 @@ def _article(kind: str) -> str:
     return "an" if kind[:1].lower() in "aefhilmnorsx" else "a"
 
 
-def _egress(dest: DestinationConfig, base_dir: Path, where: str, problems: list[str]) -> Egress | None:
+def _egress(
+    dest: DestinationConfig, base_dir: Path, where: str, problems: list[str], keyrings: Mapping[str, KeyRing]
+) -> Egress | None:
     """A destination's transform and conversion, compiled; a file that cannot be used is a problem."""
     if dest.transform is None and dest.convert is None:
         return None
@@ -328,7 +337,13 @@ def _egress(dest: DestinationConfig, base_dir: Path, where: str, problems: list[
             converter = Converter(dest.convert, base_dir)
         except ValueError as exc:
             problems.append(f"{where}.convert: {exc}")
-    return Egress(Transform(dest.transform) if dest.transform is not None else None, converter)
+    transform = None
+    if dest.transform is not None:
+        try:
+            transform = Transform(dest.transform, keyrings)
+        except ValueError as exc:
+            problems.append(f"{where}.transform.{exc}")
+    return Egress(transform, converter)
 
 
 def load(path: str | Path, specs: Mapping[str, AdapterSpec]) -> Config:
@@ -413,6 +428,15 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
     inbound_models = {n: m for by_section in typed.values() for n, m in by_section.get("inbound", {}).items()}
     outbound_names = set(root.outbound)
     inbound_names = set(root.inbound)
+    keys = load_keyrings(root.encryption, Path(file).parent)
+    problems += keys.problems
+    for name, model in inbound_models.items():
+        transform = getattr(model, "transform", None)
+        if isinstance(transform, TransformConfig) and transform.crypto:
+            try:
+                resolve_keyring(transform, keys.rings)
+            except ValueError as exc:
+                problems.append(f"inbound.{name}.transform.{exc}")
     routes: list[RouteSpec] = []
     for i, route in enumerate(root.routes):
         where = route_key(i, route.name)
@@ -439,7 +463,7 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
             if dest.outbound not in outbound_names:
                 problems.append(f"{where}.to[{j}].outbound: no outbound named {dest.outbound!r}")
             fmt = dest.format or str(getattr(outbound_models.get(dest.outbound), "format", "binary"))
-            egress = _egress(dest, Path(file).parent, f"{where}.to[{j}]", problems)
+            egress = _egress(dest, Path(file).parent, f"{where}.to[{j}]", problems, keys.rings)
             dests.append(DestinationSpec(dest.outbound, Template.compile(dest.address), fmt, egress))
         routes.append(
             RouteSpec(
@@ -494,6 +518,8 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
         routes=tuple(routes),
         dead_letter_forward=dead_forward,
         schemas=tuple(schemas),
+        keyrings=keys.rings,
+        environment=tuple(keys.environment),
     )
 
 

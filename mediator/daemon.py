@@ -76,7 +76,7 @@ latest reload (``mediator reload`` waits for it to change and prints it)."""
 
 SECURITY_SECTIONS = (
     *("security", "auth", "authorization", "rate_limits"),
-    *("validation", "schemas", "enrich", "aggregate"),
+    *("validation", "schemas", "enrich", "aggregate", "encryption"),
 )
 """The root sections the ingress stages are built from."""
 
@@ -220,9 +220,12 @@ def build_adapters(config: Config, runtime: Runtime) -> tuple[Built, list[str], 
     return built, problems, environment
 
 
-def make_stages(config: Config) -> Stages:
-    """The ingress stages of ``config``; raises ConfigError when a key file or secret is missing or bad."""
+def make_stages(config: Config, *, environment: bool = True) -> Stages:
+    """The ingress stages of ``config``; raises ConfigError when a key file or secret is missing or bad
+    (with ``environment``, also when a variable an [encryption] key ring names is not set)."""
     root = config.root
+    if environment and config.environment:
+        raise ConfigError("environment", list(config.environment))
     return build_stages(
         config.adapters,
         root.auth,
@@ -233,6 +236,7 @@ def make_stages(config: Config) -> Stages:
         enrich=root.enrich,
         validation=root.validation,
         schemas=config.schemas,
+        keyrings=config.keyrings,
     )
 
 
@@ -240,9 +244,9 @@ async def dry_build(config: Config) -> tuple[list[str], list[str]]:
     """Build every adapter without running anything (for ``check``): (problems, environment problems).
     Environment problems are reported apart because ``check`` may run where the secrets are not."""
     problems: list[str] = []
-    environment: list[str] = []
+    environment: list[str] = list(config.environment)
     try:
-        stages = make_stages(config)
+        stages = make_stages(config, environment=False)
     except ConfigError as exc:
         (environment if exc.file == "environment" else problems).extend(
             exc.problems if exc.file == "environment" else [f"{exc.file}: {p}" for p in exc.problems]
@@ -253,6 +257,10 @@ async def dry_build(config: Config) -> tuple[list[str], list[str]]:
     runtime = Runtime(sink=_NullSink(), health=Health(), credential_headers=headers)
     _, more, env = build_adapters(config, runtime)
     return problems + more, environment + env
+
+
+def _rings(config: Config) -> dict[str, str]:
+    return {name: ring.fingerprint for name, ring in config.keyrings.items()}
 
 
 class Daemon:
@@ -651,9 +659,12 @@ class Daemon:
         restart = restart_required(self._started_root, new.root)
         if restart:
             log.warning("config.restart_required", sections=restart, applied="everything else")
-        stages_changed = any(getattr(old.root, k) != getattr(new.root, k) for k in SECURITY_SECTIONS) or [
-            s.digest for s in new.schemas
-        ] != [s.digest for s in old.schemas]
+        stages_changed = (
+            any(getattr(old.root, k) != getattr(new.root, k) for k in SECURITY_SECTIONS)
+            or [s.digest for s in new.schemas] != [s.digest for s in old.schemas]
+            or _rings(new) != _rings(old)
+            or bool(new.environment)
+        )
         stages: Stages | None = None
         if stages_changed:
             try:

@@ -176,7 +176,7 @@ def set_attribute(env: Envelope, name: str, value: str) -> None:
     elif name == "type":
         env.type = value
     elif not valid_attribute_name(name) or name in _RESERVED:
-        raise Rejected(RejectCode.INVALID, f"invalid attribute name {name!r}: lower-case letters and digits only")
+        raise Rejected(RejectCode.INVALID, f"invalid attribute name {shown(name)}: lower-case letters and digits only")
     elif name in _TIMESTAMP_ATTRS:
         ts = Timestamp()
         try:
@@ -216,16 +216,27 @@ def data_bytes(env: Envelope) -> bytes:
     return b""
 
 
+SHOWN_CHARS = 64
+"""How much of a refused value a reason quotes: enough to recognise it, never all of a huge one."""
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for a reason: whole when short, else its start and its size."""
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:SHOWN_CHARS]!r}... ({len(text.encode('utf-8', 'surrogatepass'))} bytes)"
+
+
 def validate(env: Envelope) -> None:
     """Raise Rejected unless the event carries the four required attributes and a supported spec version."""
     missing = [n for n in REQUIRED if not attribute(env, n)]
     if missing:
         raise Rejected(RejectCode.INVALID, "missing required attribute(s): " + ", ".join(missing))
     if env.spec_version != SPEC_VERSION:
-        raise Rejected(RejectCode.INVALID, f"unsupported specversion {env.spec_version!r}, expected 1.0")
+        raise Rejected(RejectCode.INVALID, f"unsupported specversion {shown(env.spec_version)}, expected 1.0")
     for name in env.attributes:
         if not valid_attribute_name(name) or name in _RESERVED:
-            raise Rejected(RejectCode.INVALID, f"invalid attribute name {name!r}")
+            raise Rejected(RejectCode.INVALID, f"invalid attribute name {shown(name)}")
 
 
 def from_context_attributes(attrs: Mapping[str, str], data: bytes) -> Envelope:

@@ -3,6 +3,9 @@
 The operations run in the order Kong's request-transformer applies them, each kind in the order written:
 ``remove``, ``rename``, ``replace`` (only where present), ``add`` (only where absent), then ``promote``
 (copy a data field into an attribute), then the ``jsonata`` expression, whose result becomes the data.
+``decrypt`` runs before all of them and ``encrypt`` after all of them (``mediator.core.jwe``: each named
+data field's value becomes, or is read back from, a JWE compact serialization under an
+``[encryption.NAME]`` key ring).
 A path is ``data.a.b`` (a field of the JSON data) or an attribute name (``subject``, ``authid``); a
 string value is a ``Template`` (``{subject}``, ``{topic.1}``, ``{inbound}``, any attribute), any other
 TOML value is put into the data as JSON. An attribute written from the data gets the value's string form.
@@ -28,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mediator.core.content import NOT_JSON, parsed
 from mediator.core.envelope import Envelope, attribute, data_bytes, set_attribute, valid_attribute_name, value_to_str
 from mediator.core.errors import Rejected
+from mediator.core.jwe import JweError, KeyRing
 from mediator.core.patterns import Template, TemplateError
 
 REQUIRED = frozenset({"id", "source", "type", "specversion"})
@@ -71,6 +75,24 @@ class TransformConfig(BaseModel):
     promote: dict[str, str] = Field(default_factory=dict, description="data field = attribute to copy it into")
     jsonata: str | None = Field(default=None, description="JSONata over the data; its result becomes the data")
     jsonata_timeout_s: float = Field(default=0.05, gt=0, le=10.0, description="bound of one JSONata evaluation")
+    decrypt: list[str] = Field(
+        default_factory=list, description="data fields ($.a.b or data.a.b) holding JWE values to decrypt (first)"
+    )
+    encrypt: list[str] = Field(
+        default_factory=list, description="data fields ($.a.b or data.a.b) to encrypt as JWE values (last)"
+    )
+    keyring: str | None = Field(
+        default=None, description="the [encryption.NAME] ring of encrypt/decrypt (default: the only one)"
+    )
+
+    @field_validator("encrypt", "decrypt")
+    @classmethod
+    def _fields(cls, value: list[str]) -> list[str]:
+        out = [data_path(p) for p in value]
+        dupes = sorted({p for p in out if out.count(p) > 1})
+        if dupes:
+            raise ValueError(f"{dupes[0]!r} is listed twice")
+        return out
 
     @field_validator("remove")
     @classmethod
@@ -122,9 +144,26 @@ class TransformConfig(BaseModel):
 
     @model_validator(mode="after")
     def _something(self) -> TransformConfig:
-        if not (self.remove or self.rename or self.replace or self.add or self.promote or self.jsonata):
-            raise ValueError("an empty transform: give remove, rename, replace, add, promote or jsonata")
+        ops = (self.remove, self.rename, self.replace, self.add, self.promote, self.jsonata, self.encrypt, self.decrypt)
+        if not any(ops):
+            raise ValueError(
+                "an empty transform: give remove, rename, replace, add, promote, jsonata, encrypt or decrypt"
+            )
+        if self.keyring is not None and not (self.encrypt or self.decrypt):
+            raise ValueError("keyring is for encrypt and decrypt")
         return self
+
+    @property
+    def crypto(self) -> bool:
+        return bool(self.encrypt or self.decrypt)
+
+
+def data_path(text: str) -> str:
+    """``$.a.b`` (a JSONPath into the data, dotted names only) or ``data.a.b``, as ``data.a.b``."""
+    path = "data." + text[2:] if text.startswith("$.") else text
+    if not path.startswith("data.") or any(not k or c in k for k in path[5:].split(".") for c in "[]*$"):
+        raise ValueError(f"{text!r}: name a data field, $.a.b or data.a.b (dotted names, no [] or *)")
+    return path
 
 
 # --------------------------------------------------------------------------- JSONata, bounded
@@ -367,10 +406,16 @@ class _Value:
 
 
 class Transform:
-    """A compiled ``TransformConfig``."""
+    """A compiled ``TransformConfig``. ``keyrings`` are the loaded ``[encryption.NAME]`` rings; the one
+    ``encrypt``/``decrypt`` use must be there (``mediator.config`` checks the name first)."""
 
-    def __init__(self, cfg: TransformConfig) -> None:
+    def __init__(self, cfg: TransformConfig, keyrings: Mapping[str, KeyRing] | None = None) -> None:
         self.config = cfg
+        self._ring: KeyRing | None = None
+        if cfg.crypto:
+            self._ring = resolve_keyring(cfg, keyrings or {})
+        self._decrypt = [_Path.parse(p) for p in cfg.decrypt]
+        self._encrypt = [_Path.parse(p) for p in cfg.encrypt]
         self._remove = [_Path.parse(p) for p in cfg.remove]
         self._rename = [(_Path.parse(a), _Path.parse(b)) for a, b in cfg.rename.items()]
         self._replace = [(_Path.parse(p), _Value(v)) for p, v in cfg.replace.items()]
@@ -378,9 +423,45 @@ class Transform:
         self._promote = [(_Path.parse(a), _Path.parse(b)) for a, b in cfg.promote.items()]
         self._jsonata = JsonataProgram(cfg.jsonata, cfg.jsonata_timeout_s) if cfg.jsonata else None
 
+    @property
+    def encrypted_pointers(self) -> tuple[str, ...]:
+        """The JSON pointers (RFC 6901) of the fields ``encrypt`` names: what a reason must not quote."""
+        return tuple(
+            "/" + "/".join(k.replace("~", "~0").replace("/", "~1") for k in path.keys) for path in self._encrypt
+        )
+
+    def seal(self, env: Envelope, data: DataGetter = parsed) -> Envelope:
+        """``env`` with only the ``encrypt`` operations applied (an event kept before the transform ran, as
+        a schema's dead letter is, must not hold the clear values either). Raises TransformError."""
+        work = _Work(env, data)
+        self._encrypt_fields(work)
+        if work.changed:
+            work.event().binary_data = orjson.dumps(work.data)
+        return work.env if work.env is not None else env
+
+    def _encrypt_fields(self, work: _Work) -> None:
+        ring = self._ring
+        for path in self._encrypt:
+            assert ring is not None
+            value = work.get(path)
+            if value is not _ABSENT:
+                try:
+                    work.put(path, ring.encrypt(value))
+                except JweError as exc:
+                    raise TransformError(f"encrypt {path}: {exc}") from None
+
     def apply(self, env: Envelope, data: DataGetter = parsed) -> Envelope:
         """The transformed event: a copy, or ``env`` itself when nothing changed. Raises TransformError."""
         work = _Work(env, data)
+        ring = self._ring
+        for path in self._decrypt:  # first: the other operations see the clear value
+            assert ring is not None
+            value = work.get(path)
+            if value is not _ABSENT:
+                try:
+                    work.put(path, ring.decrypt(value))
+                except JweError as exc:
+                    raise TransformError(f"decrypt {path}: {exc}") from None
         for path in self._remove:
             work.delete(path)
         for src, dst in self._rename:
@@ -406,6 +487,7 @@ class Transform:
                 raise TransformError("the jsonata expression gave no value")
             work.data = _plain(result)
             work.changed = True
+        self._encrypt_fields(work)  # last: nothing after it sees the clear value
         if work.changed:
             out = work.event()
             try:
@@ -413,6 +495,19 @@ class Transform:
             except TypeError as exc:
                 raise TransformError(f"the result is not JSON: {exc}") from None
         return work.env if work.env is not None else env
+
+
+def resolve_keyring(cfg: TransformConfig, keyrings: Mapping[str, KeyRing]) -> KeyRing:
+    """The ring a transform's encrypt/decrypt use; raises ValueError naming what is missing."""
+    if cfg.keyring is not None:
+        ring = keyrings.get(cfg.keyring)
+        if ring is None:
+            raise ValueError(f"keyring: no [encryption.{cfg.keyring}]")
+        return ring
+    if len(keyrings) != 1:
+        names = ", ".join(sorted(keyrings)) or "none"
+        raise ValueError(f"encrypt/decrypt: name the keyring ([encryption.NAME] rings: {names})")
+    return next(iter(keyrings.values()))
 
 
 def _plain(value: Any) -> Any:

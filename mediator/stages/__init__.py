@@ -15,6 +15,7 @@ from pathlib import Path
 import structlog
 
 from mediator.core.ingress import Stage
+from mediator.core.jwe import KeyRing
 from mediator.core.seams import AdapterConfig, InboundConfigBase, ListenerConfigBase
 from mediator.stages.authn import (
     ApiKeyAuthenticator,
@@ -217,6 +218,7 @@ def build(
     enrich: list[EnrichConfig] | None = None,
     validation: ValidationConfig | None = None,
     schemas: Sequence[CompiledSchema] = (),
+    keyrings: Mapping[str, KeyRing] | None = None,
 ) -> Stages:
     """The stages for a config that ``problems`` found nothing wrong with. Reads API key files and HS
     secrets (small, once, before the daemon serves); raises ConfigError when one is missing or bad."""
@@ -262,13 +264,13 @@ def build(
     # Content after the callers are known and within their limits: no parse for a refused caller.
     if validation is None or validation.enabled:
         stages.append(WellFormed(validation or ValidationConfig()))
-    schema_stage = SchemaStage(tuple(schemas))
+    ingress_transform = build_ingress_transform(adapters, keyrings)
+    schema_stage = SchemaStage(tuple(schemas), sealed=ingress_transform.encrypting())
     if schema_stage.enabled:
         stages.append(schema_stage)
     enrichers = build_enrichers(enrich or [])  # after the limits: no lookup for a caller refused anyway
     stages += enrichers
-    ingress_transform = build_ingress_transform(adapters)  # last: it reshapes what the checks passed
-    if ingress_transform.enabled:
+    if ingress_transform.enabled:  # last: it reshapes what the checks passed
         stages.append(ingress_transform)
     return Stages(
         authenticate, tuple(stages), frozenset(headers), frozenset(security.admin_roles), enrichers=tuple(enrichers)

@@ -256,6 +256,9 @@ class JwtAuthenticator:
         if "crit" in header or header.get("b64") is False:
             # RFC 7515 4.1.11: a critical extension the recipient does not understand must be refused.
             raise _unauthenticated("unsupported critical header", self.name, token=True)
+        problem = _numeric_date_problem(token)
+        if problem is not None:
+            raise _unauthenticated(problem, self.name, token=True)
         key: Any
         if alg in HMAC_ALGORITHMS:
             key = self._secret
@@ -340,6 +343,32 @@ def _peek_header(token: str) -> dict[str, Any] | None:
     except (ValueError, binascii.Error):
         return None
     return header if isinstance(header, dict) else None
+
+
+NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
+_JSON_KINDS = {bool: "a boolean", str: "a string", list: "an array", dict: "an object"}
+
+
+def _numeric_date_problem(token: str) -> str | None:
+    """Why a time claim of the token is no NumericDate, or None. RFC 7519 2 and 4.1.4-4.1.6: a NumericDate
+    is a JSON number; PyJWT reads them with ``int()``, which takes the string "9999999999" (a token that
+    never expires) and ``true`` (a bool is an int in Python). Checked before the signature: a refusal
+    needs no trust, and a payload that does not parse here is left to PyJWT's own refusal."""
+    try:
+        segment = token.split(".", 2)[1]
+        payload = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return None
+    if not isinstance(payload, dict):
+        return None
+    for name in NUMERIC_DATE_CLAIMS:
+        if name not in payload:
+            continue
+        value = payload[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            kind = "null" if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
+            return f"token claim {name!r} must be a NumericDate (a JSON number), not {kind}"
+    return None
 
 
 def unverified_issuer(token: str) -> str | None:

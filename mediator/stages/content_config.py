@@ -21,7 +21,9 @@ class ValidationConfig(ConfigModel):
     enabled: bool = True
     max_depth: int = Field(default=64, ge=1, le=1000, description="JSON nesting, arrays and objects (orjson: 1024)")
     max_data_bytes: int = Field(default=4_194_304, ge=1, description="an event's data; more: 413 / INVALID_ARGUMENT")
-    max_attribute_bytes: int = Field(default=4096, ge=16, description="one attribute value (UTF-8 bytes)")
+    max_attribute_bytes: int = Field(
+        default=4096, ge=16, description="one attribute value, the required id, source and type too (UTF-8 bytes)"
+    )
     max_attributes: int = Field(default=64, ge=4, description="context attributes per event, the required four too")
     max_context_bytes: int = Field(
         default=16_384, ge=64, description="all the attributes' names and values together (UTF-8 bytes)"
@@ -83,4 +85,35 @@ class SchemaConfig(ConfigModel):
             raise ValueError("confluent and schema_id are for kind = 'avro'")
         if self.schema_id is not None and not self.confluent:
             raise ValueError("schema_id needs confluent = true")
+        return self
+
+
+class KeyEnvConfig(ConfigModel):
+    kid: str = Field(min_length=1, max_length=128, description="the key id written in each JWE's header")
+    env: str = Field(min_length=1, description="environment variable holding the key: 32 bytes in base64url")
+
+
+class EncryptionConfig(ConfigModel):
+    """``[encryption.NAME]``: a key ring for the ``encrypt`` and ``decrypt`` transform operations
+    (AES-256-GCM, each value a JWE compact serialization, ``alg: dir``, ``enc: A256GCM``, ``kid``).
+
+    Keys come from environment variables (``keys = [{ kid = "2026-02", env = "CARD_KEY_2026_02" }, ...]``)
+    or from ``keys_file``, a JWK Set (JSON) of ``kty: "oct"`` keys with ``kid`` and ``k``, relative to the
+    config file (re-read on a reload). Several at once for rotation: ``encrypt_kid`` encrypts (default: the
+    first listed), any key of the ring decrypts what names its ``kid``."""
+
+    keys: list[KeyEnvConfig] = Field(default_factory=list, description="keys from environment variables")
+    keys_file: str | None = Field(default=None, description="a JWK Set file of oct keys (kid, k)")
+    encrypt_kid: str | None = Field(default=None, description="the key that encrypts (default: the first)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EncryptionConfig:
+        if bool(self.keys) == (self.keys_file is not None):
+            raise ValueError("give exactly one of keys (environment variables) and keys_file")
+        kids = [k.kid for k in self.keys]
+        dupes = sorted({k for k in kids if kids.count(k) > 1})
+        if dupes:
+            raise ValueError(f"kid {dupes[0]!r} is listed twice")
+        if self.keys and self.encrypt_kid is not None and self.encrypt_kid not in kids:
+            raise ValueError(f"encrypt_kid {self.encrypt_kid!r} is none of the keys' kid")
         return self

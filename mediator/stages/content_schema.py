@@ -15,11 +15,12 @@ commits it as a dead letter with the reasons instead of routing it; ``warn`` rou
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ from mediator.core.envelope import Envelope, data_bytes
 from mediator.core.errors import ConfigError, ContentError, RejectCode, Rejected
 from mediator.core.ingress import Batch
 from mediator.core.patterns import compile_glob
+from mediator.core.transform import Transform, TransformError
 from mediator.stages.content_config import SchemaConfig
 
 log = structlog.get_logger(__name__)
@@ -286,6 +288,20 @@ def load_schemas(schemas: Sequence[SchemaConfig], base_dir: Path, file: str = "c
     return out
 
 
+WITHHELD = "(withheld: an encrypted field)"
+
+
+def withheld(errors: Sequence[ContentError], pointers: Sequence[str]) -> list[ContentError]:
+    """``errors`` with the message of each at or under one of ``pointers`` replaced: a validator's message
+    may quote the value (``'4111...' is not of type 'integer'``)."""
+    out = []
+    for e in errors:
+        p = e.pointer
+        hidden = p is not None and any(p == q or p.startswith(q + "/") for q in pointers)
+        out.append(dataclasses.replace(e, message=WITHHELD) if hidden else e)
+    return out
+
+
 def _reason(schema: CompiledSchema, errors: Sequence[ContentError]) -> str:
     listed = "; ".join(f"{e.pointer or '/'}: {e.message}" if e.pointer is not None else e.message for e in errors)
     return f"data does not match schema {schema.name!r} ({schema.kind}): {listed}"
@@ -302,6 +318,9 @@ class SchemaStage:
     """The ``schema`` stage: after ``wellformed``, before transforms and routing."""
 
     schemas: tuple[CompiledSchema, ...]
+    # Inbounds whose transform encrypts fields: their errors under those fields quote no value, and a
+    # dead-lettered event is kept with those fields encrypted (it is kept before the transform runs).
+    sealed: Mapping[str, Transform] = field(default_factory=dict)
     name: str = "schema"
     counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (schema, outcome) -> events
     _match: dict[tuple[str, str, str | None], tuple[CompiledSchema, ...]] = field(default_factory=dict)
@@ -332,6 +351,9 @@ class SchemaStage:
                 if not errors:
                     continue
                 self._count(schema.name, schema.on_invalid)
+                sealing = self.sealed.get(env.provenance.inbound)
+                if sealing is not None:
+                    errors = withheld(errors, sealing.encrypted_pointers)
                 reason = _reason(schema, errors)
                 if schema.on_invalid == "reject":
                     where = f"event [{i}]: " if len(events) > 1 else ""
@@ -344,10 +366,22 @@ class SchemaStage:
             # Out of the routed events, into the batch's dead letters (committed with the rest, the
             # sender answered as for the others); the principals stay aligned with the events.
             for i, reason in reversed(dead):
-                batch.dead_letters.append((events[i], reason))
+                batch.dead_letters.append((self._sealed(events[i], batch), reason))
                 del events[i]
                 if len(batch.principals) > i:
                     del batch.principals[i]
+
+    def _sealed(self, env: Envelope, batch: Batch) -> Envelope:
+        sealing = self.sealed.get(env.provenance.inbound)
+        if sealing is None:
+            return env
+        try:
+            return sealing.seal(env, batch.data.get)
+        except TransformError:
+            kept = Envelope()
+            kept.CopyFrom(env)
+            kept.ClearField("data")  # cannot be encrypted (not a JSON object): kept without its data
+            return kept
 
     def _count(self, name: str, outcome: str) -> None:
         key = (name, outcome)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from mediator.core.errors import RejectCode, Rejected
 from mediator.core.ingress import Batch
+from mediator.core.jwe import KeyRing
 from mediator.core.seams import AdapterConfig
 from mediator.core.transform import Transform, TransformError
 
@@ -24,6 +25,10 @@ class IngressTransform:
     @property
     def enabled(self) -> bool:
         return bool(self._by_inbound)
+
+    def encrypting(self) -> dict[str, Transform]:
+        """The inbounds whose transform encrypts fields, with it."""
+        return {name: t for name, t in self._by_inbound.items() if t.config.encrypt}
 
     async def run(self, batch: Batch) -> None:
         by_inbound = self._by_inbound
@@ -43,10 +48,10 @@ class IngressTransform:
                 events[i] = out
 
 
-def build(adapters: Mapping[str, AdapterConfig]) -> IngressTransform:
+def build(adapters: Mapping[str, AdapterConfig], keyrings: Mapping[str, KeyRing] | None = None) -> IngressTransform:
     return IngressTransform(
         {
-            name: Transform(icfg.transform)
+            name: Transform(icfg.transform, keyrings)
             for adapter in adapters.values()
             for name, icfg in adapter.inbounds.items()
             if icfg.transform is not None

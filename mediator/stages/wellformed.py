@@ -10,9 +10,9 @@ Checks (CloudEvents 1.0.2, spec.md "Type System" and "Context Attributes"):
 - String values hold no control characters (U+0000-U+001F, U+007F-U+009F) and no noncharacters; ``time``
   is an RFC 3339 date-time (a Timestamp in range, or a string of that form), ``dataschema`` an absolute
   URI, ``datacontenttype`` a media type (``type/subtype[;params]``);
-- bounded: one value at most ``max_attribute_bytes``, at most ``max_attributes`` attributes and
-  ``max_context_bytes`` of names and values together (the gateway's own ``authcontext`` attributes are
-  not counted), the data at most ``max_data_bytes``;
+- bounded: one value at most ``max_attribute_bytes`` (the required ``id``, ``source`` and ``type``
+  too), at most ``max_attributes`` attributes and ``max_context_bytes`` of names and values together (the
+  gateway's own ``authcontext`` attributes are not counted), the data at most ``max_data_bytes``;
 - data that says JSON (``application/json``, ``text/json``, ``*+json``, or no datacontenttype with data
   present, as CloudEvents reads it: per ``absent_content_type``) parses as strict JSON within
   ``max_depth`` (``batch.data``, so the parse is shared with the stages and routes after this one);
@@ -29,7 +29,7 @@ import re
 from datetime import date
 
 from mediator.core.content import MAX_DEPTH, DataCache, content_type
-from mediator.core.envelope import Envelope
+from mediator.core.envelope import SHOWN_CHARS, Envelope, shown
 from mediator.core.errors import ContentError, RejectCode, Rejected
 from mediator.core.formats import is_json
 from mediator.core.ingress import AUTH_ATTRIBUTES, Batch
@@ -64,6 +64,10 @@ def _forbidden(text: str) -> bool:
 
 def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _shown_name(name: str) -> str:
+    return name if len(name) <= SHOWN_CHARS else f"{name[:SHOWN_CHARS]}..."
 
 
 def rfc3339_problem(text: str) -> str | None:
@@ -151,13 +155,17 @@ class WellFormed:
 
     def _attribute_errors(self, env: Envelope) -> list[ContentError]:
         errors: list[ContentError] = []
+        max_value = self._max_value
         for name, required in (("id", env.id), ("source", env.source), ("type", env.type)):
+            # The required attributes are bounded like every other value (a 10,000-character id was accepted).
             if not required:
                 errors.append(ContentError("is required", attribute=name))
+            elif (size := _utf8_len(required)) > max_value:
+                errors.append(ContentError(f"is {size} bytes, over the limit of {max_value}", attribute=name))
             elif _forbidden(required):
                 errors.append(ContentError("holds a control character or noncharacter", attribute=name))
         if env.spec_version != "1.0":
-            what = f"is {env.spec_version!r}, expected '1.0'" if env.spec_version else "is required"
+            what = f"is {shown(env.spec_version)}, expected '1.0'" if env.spec_version else "is required"
             errors.append(ContentError(what, attribute="specversion"))
         count = 4
         total = _utf8_len(env.id) + _utf8_len(env.source) + _utf8_len(env.type) + 26  # + the names and "1.0"
@@ -176,7 +184,9 @@ class WellFormed:
             size = _utf8_len(text) if text else (len(value.ce_bytes) if kind == "ce_bytes" else 12)
             total += len(name) + size
             if _NAME.fullmatch(name) is None:
-                errors.append(ContentError("is not a valid name: lower-case a-z and 0-9 only, 1-64", attribute=name))
+                errors.append(
+                    ContentError("is not a valid name: lower-case a-z and 0-9 only, 1-64", attribute=_shown_name(name))
+                )
                 continue
             if name in _REQUIRED or name in _RESERVED:
                 errors.append(ContentError("cannot be an extension attribute: the name is reserved", attribute=name))
@@ -184,8 +194,8 @@ class WellFormed:
             if kind is None:
                 errors.append(ContentError("has no value", attribute=name))
                 continue
-            if size > self._max_value:
-                errors.append(ContentError(f"is {size} bytes, over the limit of {self._max_value}", attribute=name))
+            if size > max_value:
+                errors.append(ContentError(f"is {size} bytes, over the limit of {max_value}", attribute=name))
                 continue
             if text and _forbidden(text):
                 errors.append(ContentError("holds a control character or noncharacter", attribute=name))
@@ -214,17 +224,17 @@ def _typed_problem(name: str, kind: str, text: str, ts: object) -> str | None:
         if kind != "ce_string":
             return "must be a Timestamp"
         problem = rfc3339_problem(text)
-        return f"{text!r} {problem}" if problem else None
+        return f"{shown(text)} {problem}" if problem else None
     if name == "dataschema":
         if kind not in ("ce_string", "ce_uri"):
             return "must be a URI"
-        return None if _ABSOLUTE_URI.fullmatch(text) else f"{text!r} is not an absolute URI"
+        return None if _ABSOLUTE_URI.fullmatch(text) else f"{shown(text)} is not an absolute URI"
     if name == "datacontenttype":
         if kind != "ce_string":
             return "must be a String"
-        return None if _MEDIA_TYPE.fullmatch(text) else f"{text!r} is not a media type (type/subtype)"
+        return None if _MEDIA_TYPE.fullmatch(text) else f"{shown(text)} is not a media type (type/subtype)"
     if name == "subject" and kind != "ce_string":
         return "must be a String"
     if kind == "ce_uri" and _ABSOLUTE_URI.fullmatch(text) is None:
-        return f"{text!r} is not an absolute URI"
+        return f"{shown(text)} is not an absolute URI"
     return None

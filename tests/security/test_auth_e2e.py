@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -181,6 +182,17 @@ async def secured(tmp_path: Path, rabbitmq: str, mosquitto: tuple[str, int]) -> 
         assert "eyJ" not in logs, "a token reached the log"
 
 
+BAD_NUMERIC_DATES: list[tuple[str, Any, str]] = [
+    ("exp", "9999999999", "a string"),
+    ("exp", True, "a boolean"),
+    ("exp", None, "null"),
+    ("nbf", "0", "a string"),
+    ("nbf", False, "a boolean"),
+    ("iat", None, "null"),
+    ("iat", [1], "an array"),
+]
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -229,6 +241,15 @@ async def test_tokens_that_must_be_refused(secured: Secured) -> None:
             assert resp.headers["WWW-Authenticate"].startswith("Bearer"), what
         ok = await secured.post(session, headers=bearer(iss.token(roles=["publisher"])))
         assert ok.status == 202, "a valid token must still pass"
+        # RFC 7519: a NumericDate is a JSON number. PyJWT alone reads "9999999999" with int() and accepts it.
+        for claim, value, kind in BAD_NUMERIC_DATES:
+            h = {**bearer(iss.token(roles=["publisher"], **{claim: value})), "Content-Type": "application/json"}
+            async with session.post(secured.base + "/orders", data=b"{}", headers=h) as resp:
+                reply = await resp.json(content_type=None)
+            assert resp.status == 401, (claim, value, resp.status, reply)
+            assert reply["reason"] == f"token claim {claim!r} must be a NumericDate (a JSON number), not {kind}"
+        fractional = iss.token(roles=["publisher"], exp=now + 600.5, iat=now - 0.5, nbf=now - 1)
+        assert (await secured.post(session, headers=bearer(fractional))).status == 202, "a fraction is a number"
 
 
 async def test_missing_wrong_expired_rotated_api_keys_and_two_credentials(secured: Secured) -> None:
@@ -433,6 +454,14 @@ async def test_grpc_credentials_refusals_and_per_principal_limits(secured: Secur
         assert none.value.code() is grpc.StatusCode.UNAUTHENTICATED
         reply = await stub.Publish(event(), metadata=(("x-api-key", KEY_BILLING_1),))
         assert reply.id
+        for claim, value, kind in BAD_NUMERIC_DATES:
+            token = iss.token("alice", roles=["publisher"], **{claim: value})
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Publish(event(), metadata=(("authorization", f"Bearer {token}"),))
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED, (claim, value)
+            assert f"token claim {claim!r} must be a NumericDate (a JSON number), not {kind}" in (
+                refused.value.details() or ""
+            )
         alice = (("authorization", f"Bearer {iss.token('alice', roles=['publisher'])}"),)
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await stub.Publish(event(AUDIT), metadata=alice)
