@@ -42,8 +42,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# Two processes (pytest-xdist, a test module per process at a time): most of a test is waiting on sockets,
+# daemons and brokers, so two of them share the 2 cores well. TEST_WORKERS=0 runs in this process alone.
+TEST_WORKERS ?= 2
 test: $(STAMP) services lint typecheck
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 check: $(STAMP)
 	$(VENV)/bin/mediator check --config config.toml

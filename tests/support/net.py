@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 import time
@@ -23,6 +24,10 @@ def _ephemeral_low() -> int:
 
 
 _EPHEMERAL_LOW = _ephemeral_low()
+# Under pytest-xdist each worker process picks from its own residue class, so two workers never hand out
+# the same port (each one's ``_handed_out`` only knows its own).
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_WORKERS = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 _handed_out: set[int] = set()
 
 
@@ -34,7 +39,7 @@ def free_port() -> int:
     if _EPHEMERAL_LOW > 12000:
         for _ in range(500):
             port = random.randrange(10000, _EPHEMERAL_LOW)
-            if port in _handed_out:
+            if port % _WORKERS != _WORKER or port in _handed_out:
                 continue
             with socket.socket() as s:
                 try:
