@@ -34,6 +34,7 @@ from mediator.core.seams import (
 from mediator.core.transform import Transform, TransformConfig
 from mediator.observability.metrics_config import MetricsConfig
 from mediator.observability.tracing_config import TracingConfig
+from mediator.schemaregistry.config import RegistryConfig
 from mediator.stages import problems as stage_problems
 from mediator.stages.aggregate import AggregateConfig
 from mediator.stages.aggregate import problems as aggregate_problems
@@ -190,6 +191,7 @@ class RootConfig(ConfigModel):
     aggregate: list[AggregateConfig] = []
     tracing: TracingConfig = TracingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    registry: RegistryConfig = RegistryConfig()
     listeners: dict[str, dict[str, Any]] = {}
     brokers: dict[str, dict[str, Any]] = {}
     inbound: dict[str, dict[str, Any]] = {}
@@ -464,6 +466,11 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
     served_by = root.metrics.listener
     if served_by is not None and conn_kind.get(served_by) != "http":
         problems.append(f"metrics.listener: no http listener named {served_by!r}")
+    if root.registry.enabled and conn_kind.get(root.registry.listener) != "http":
+        problems.append(f"registry.listener: no http listener named {root.registry.listener!r}")
+    for i, schema in enumerate(root.schemas):
+        if schema.registry is not None and not root.registry.enabled:
+            problems.append(f"schemas[{i}].schema: names a registry subject, but [registry] is not enabled")
     adapters = {
         kind: AdapterConfig(
             listeners=by_section.get("listeners", {}),

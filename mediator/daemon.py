@@ -49,11 +49,14 @@ from mediator.observability.tracing import SpanTotals, Tracing
 from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox, StorageError
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
+from mediator.schemaregistry.http import RegistryServer, StoreError as SchemaStoreError, make_registry
+from mediator.schemaregistry.service import Registry
 from mediator.reloadable import in_force, restart_required
 from mediator.stages import Stages
 from mediator.stages import build as build_stages
 from mediator.stages.aggregate import Aggregator
 from mediator.stages.aggstore import store_path
+from mediator.stages.content_schema import SchemaResolver, SchemaStage
 from mediator.status import LocalStatus, StatusBook, StatusOutbox
 from mediator.systemd import Notifier
 from mediator.units import Unit, UnitSpec, build_unit, plan, settled_text
@@ -220,10 +223,11 @@ def build_adapters(config: Config, runtime: Runtime) -> tuple[Built, list[str], 
     return built, problems, environment
 
 
-def make_stages(config: Config) -> Stages:
-    """The ingress stages of ``config``; raises ConfigError when a key file or secret is missing or bad."""
+def make_stages(config: Config, registry: SchemaResolver | None = None) -> Stages:
+    """The ingress stages of ``config``; raises ConfigError when a key file or secret is missing or bad.
+    ``registry``: what schemas naming a registry subject resolve it with."""
     root = config.root
-    return build_stages(
+    stages = build_stages(
         config.adapters,
         root.auth,
         root.authorization,
@@ -234,6 +238,10 @@ def make_stages(config: Config) -> Stages:
         validation=root.validation,
         schemas=config.schemas,
     )
+    for stage in stages.stages:
+        if isinstance(stage, SchemaStage):
+            stage.resolver = registry
+    return stages
 
 
 async def dry_build(config: Config) -> tuple[list[str], list[str]]:
@@ -276,7 +284,9 @@ class Daemon:
             inner.status_max_events = config.outbox.status_max_events
             if self.metrics.counting:
                 inner.on_transaction = self.metrics.transaction
-        self.stages = make_stages(config)
+        # [registry]: the schema registry (mediator/schemaregistry/), a unit started and stopped with the daemon.
+        self.registry = self._make_registry(config)
+        self.stages = make_stages(config, self.registry)
         # Aggregation is the last stage; its store lives beside the outbox (in memory with a memory outbox).
         outbox_cfg = config.outbox
         self.aggregator = Aggregator(
@@ -320,6 +330,11 @@ class Daemon:
         # the counts adapters keep of their own (its subscribers), for /metrics and /admin/status.
         self.mounts = Mounts()
         self.reports = Reports()
+        self.registry_server = (
+            RegistryServer(config.root.registry, self.registry, self.mounts, self.sink, self.health)
+            if self.registry is not None
+            else None
+        )
         problems, environment = self._adapter_problems(config, self.stages)
         if problems or environment:
             raise ConfigError(config.file if problems else "environment", problems + environment)
@@ -339,6 +354,18 @@ class Daemon:
         self.lock: DaemonLock | None = None  # held by `mediator run`, which sets it (mediator/lock.py)
         self._started_root = config.root  # what the restart-only keys stay at (mediator/reloadable.py)
         self._loaded(config)
+
+    @staticmethod
+    def _make_registry(config: Config) -> Registry | None:
+        cfg = config.root.registry
+        if not cfg.enabled:
+            return None
+        listener = config.adapters["http"].listeners[cfg.listener]  # the config checked it is an HTTP one
+        outbox_path = config.outbox.path if config.outbox.kind == "sqlite" else None
+        try:
+            return make_registry(cfg, listener, outbox_path)
+        except ValueError as exc:
+            raise ConfigError("environment", [str(exc)]) from None
 
     @property
     def spans(self) -> SpanTotals | None:
@@ -657,7 +684,7 @@ class Daemon:
         stages: Stages | None = None
         if stages_changed:
             try:
-                stages = make_stages(new)
+                stages = make_stages(new, self.registry)
             except ConfigError as exc:
                 self._refused(exc.file, exc.problems)
                 return
@@ -784,9 +811,17 @@ class Daemon:
         await self.aggregator.open()
         self.stages.start()
         try:
+            if self.registry_server is not None:
+                try:
+                    await self.registry_server.open()
+                except SchemaStoreError as exc:
+                    log.error("registry.open_failed", error=str(exc))
+                    raise
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tasks = [tg.create_task(self.aggregator.run(), name="aggregate")]
+                if self.registry_server is not None:
+                    tasks.append(tg.create_task(self.registry_server.run(), name="registry"))
                 for unit in self._units.values():
                     self._run_unit(unit, guard=False)  # a bind failure at start-up stops the daemon
                 reload_task = tg.create_task(self._reload_loop(), name="config-reload")
@@ -837,6 +872,8 @@ class Daemon:
             self._remove_pid()
             await self.stages.close()
             await self.aggregator.close()
+            if self.registry_server is not None:
+                await self.registry_server.close()
             await self.outbox.close()
             if self.tracing is not None:  # the last spans, exported within the drain's budget
                 await self.tracing.close(self.config.daemon.drain_timeout_s)
