@@ -130,13 +130,27 @@ def _protobuf(text: str, refs: tuple[Reference, ...]) -> ParsedSchema:
 
     normalised = text.replace("\r\n", "\n").strip() + "\n"
     try:
-        file = Parser().parse(normalised)
-    except Exception as exc:  # the parser raises ValueError / its ANTLR errors for bad syntax
-        raise InvalidSchema(f"Invalid schema: {exc}") from None
+        # ANTLR recovers from syntax errors and prints them: a listener that raises makes them refusals.
+        file = Parser(setup_lexer=_strict, setup_parser=_strict).parse(normalised)
+    except InvalidSchema:
+        raise
+    except Exception as exc:  # what the AST builder raises for what the grammar let through
+        raise InvalidSchema(f"Invalid schema: {type(exc).__name__}: {exc}") from None
     if not isinstance(file, ast.File):
         raise InvalidSchema("Invalid schema: not a .proto file")
     ProtoIndex(file).validate()
     return ParsedSchema("PROTOBUF", normalised, refs, file)
+
+
+def _strict(recognizer: Any) -> None:
+    from antlr4.error.ErrorListener import ErrorListener
+
+    class Refuse(ErrorListener):  # type: ignore[misc]  # antlr4 ships no type hints
+        def syntaxError(self, recognizer: Any, symbol: Any, line: int, column: int, msg: str, e: Any) -> None:
+            raise InvalidSchema(f"Invalid schema: line {line}:{column}: {msg}")
+
+    recognizer.removeErrorListeners()
+    recognizer.addErrorListener(Refuse())
 
 
 class ProtoIndex:
