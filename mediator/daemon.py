@@ -49,9 +49,10 @@ from mediator.observability.tracing import SpanTotals, Tracing
 from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox, StorageError
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
-from mediator.schemaregistry.http import RegistryServer, StoreError as SchemaStoreError, make_registry
-from mediator.schemaregistry.service import Registry
 from mediator.reloadable import in_force, restart_required
+from mediator.schemaregistry.http import RegistryServer, make_registry
+from mediator.schemaregistry.http import StoreError as SchemaStoreError
+from mediator.schemaregistry.service import Registry
 from mediator.stages import Stages
 from mediator.stages import build as build_stages
 from mediator.stages.aggregate import Aggregator

@@ -87,7 +87,8 @@ def can_read(reader: ParsedSchema, writer: ParsedSchema) -> list[str]:
 def _avro(reader: Any, writer: Any) -> list[str]:
     from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
-    result = ReaderWriterCompatibilityChecker().get_compatibility(reader, writer)
+    checker = ReaderWriterCompatibilityChecker()  # type: ignore[no-untyped-call]  # avro ships no hints
+    result = checker.get_compatibility(reader, writer)
     if result.compatibility is SchemaCompatibilityType.compatible:
         return []
     kinds = ", ".join(sorted(i.value.upper() for i in result.incompatibilities)) or "INCOMPATIBLE"
@@ -99,29 +100,73 @@ def _avro(reader: Any, writer: Any) -> list[str]:
 # --------------------------------------------------------------------------------------- JSON Schema
 
 JSON_COMPATIBLE = frozenset(
-    """ID_CHANGED DESCRIPTION_CHANGED TITLE_CHANGED DEFAULT_CHANGED SCHEMA_REMOVED TYPE_EXTENDED
-    MAX_LENGTH_INCREASED MAX_LENGTH_REMOVED MIN_LENGTH_DECREASED MIN_LENGTH_REMOVED PATTERN_REMOVED
-    MAXIMUM_INCREASED MAXIMUM_REMOVED MINIMUM_DECREASED MINIMUM_REMOVED EXCLUSIVE_MAXIMUM_INCREASED
-    EXCLUSIVE_MAXIMUM_REMOVED EXCLUSIVE_MINIMUM_DECREASED EXCLUSIVE_MINIMUM_REMOVED MULTIPLE_OF_REDUCED
-    MULTIPLE_OF_REMOVED REQUIRED_ATTRIBUTE_WITH_DEFAULT_ADDED REQUIRED_ATTRIBUTE_REMOVED
-    DEPENDENCY_ARRAY_NARROWED DEPENDENCY_ARRAY_REMOVED DEPENDENCY_SCHEMA_REMOVED MAX_PROPERTIES_INCREASED
-    MAX_PROPERTIES_REMOVED MIN_PROPERTIES_DECREASED MIN_PROPERTIES_REMOVED ADDITIONAL_PROPERTIES_ADDED
-    ADDITIONAL_PROPERTIES_EXTENDED PROPERTY_WITH_EMPTY_SCHEMA_ADDED_TO_OPEN_CONTENT_MODEL
-    REQUIRED_PROPERTY_WITH_DEFAULT_ADDED_TO_UNOPEN_CONTENT_MODEL OPTIONAL_PROPERTY_ADDED_TO_UNOPEN_CONTENT_MODEL
-    PROPERTY_REMOVED_FROM_OPEN_CONTENT_MODEL PROPERTY_ADDED_IS_COVERED_BY_PARTIALLY_OPEN_CONTENT_MODEL
-    PROPERTY_REMOVED_IS_COVERED_BY_PARTIALLY_OPEN_CONTENT_MODEL MAX_ITEMS_INCREASED MAX_ITEMS_REMOVED
-    MIN_ITEMS_DECREASED MIN_ITEMS_REMOVED UNIQUE_ITEMS_REMOVED ADDITIONAL_ITEMS_ADDED ADDITIONAL_ITEMS_EXTENDED
-    ITEM_WITH_EMPTY_SCHEMA_ADDED_TO_OPEN_CONTENT_MODEL ITEM_ADDED_TO_CLOSED_CONTENT_MODEL
-    ITEM_REMOVED_FROM_OPEN_CONTENT_MODEL ENUM_ARRAY_EXTENDED COMBINED_TYPE_EXTENDED PRODUCT_TYPE_NARROWED
-    SUM_TYPE_EXTENDED NOT_TYPE_NARROWED""".split()
+    [
+        "ID_CHANGED",
+        "DESCRIPTION_CHANGED",
+        "TITLE_CHANGED",
+        "DEFAULT_CHANGED",
+        "SCHEMA_REMOVED",
+        "TYPE_EXTENDED",
+        "MAX_LENGTH_INCREASED",
+        "MAX_LENGTH_REMOVED",
+        "MIN_LENGTH_DECREASED",
+        "MIN_LENGTH_REMOVED",
+        "PATTERN_REMOVED",
+        "MAXIMUM_INCREASED",
+        "MAXIMUM_REMOVED",
+        "MINIMUM_DECREASED",
+        "MINIMUM_REMOVED",
+        "EXCLUSIVE_MAXIMUM_INCREASED",
+        "EXCLUSIVE_MAXIMUM_REMOVED",
+        "EXCLUSIVE_MINIMUM_DECREASED",
+        "EXCLUSIVE_MINIMUM_REMOVED",
+        "MULTIPLE_OF_REDUCED",
+        "MULTIPLE_OF_REMOVED",
+        "REQUIRED_ATTRIBUTE_WITH_DEFAULT_ADDED",
+        "REQUIRED_ATTRIBUTE_REMOVED",
+        "DEPENDENCY_ARRAY_NARROWED",
+        "DEPENDENCY_ARRAY_REMOVED",
+        "DEPENDENCY_SCHEMA_REMOVED",
+        "MAX_PROPERTIES_INCREASED",
+        "MAX_PROPERTIES_REMOVED",
+        "MIN_PROPERTIES_DECREASED",
+        "MIN_PROPERTIES_REMOVED",
+        "ADDITIONAL_PROPERTIES_ADDED",
+        "ADDITIONAL_PROPERTIES_EXTENDED",
+        "PROPERTY_WITH_EMPTY_SCHEMA_ADDED_TO_OPEN_CONTENT_MODEL",
+        "REQUIRED_PROPERTY_WITH_DEFAULT_ADDED_TO_UNOPEN_CONTENT_MODEL",
+        "OPTIONAL_PROPERTY_ADDED_TO_UNOPEN_CONTENT_MODEL",
+        "PROPERTY_REMOVED_FROM_OPEN_CONTENT_MODEL",
+        "PROPERTY_ADDED_IS_COVERED_BY_PARTIALLY_OPEN_CONTENT_MODEL",
+        "PROPERTY_REMOVED_IS_COVERED_BY_PARTIALLY_OPEN_CONTENT_MODEL",
+        "MAX_ITEMS_INCREASED",
+        "MAX_ITEMS_REMOVED",
+        "MIN_ITEMS_DECREASED",
+        "MIN_ITEMS_REMOVED",
+        "UNIQUE_ITEMS_REMOVED",
+        "ADDITIONAL_ITEMS_ADDED",
+        "ADDITIONAL_ITEMS_EXTENDED",
+        "ITEM_WITH_EMPTY_SCHEMA_ADDED_TO_OPEN_CONTENT_MODEL",
+        "ITEM_ADDED_TO_CLOSED_CONTENT_MODEL",
+        "ITEM_REMOVED_FROM_OPEN_CONTENT_MODEL",
+        "ENUM_ARRAY_EXTENDED",
+        "COMBINED_TYPE_EXTENDED",
+        "PRODUCT_TYPE_NARROWED",
+        "SUM_TYPE_EXTENDED",
+        "NOT_TYPE_NARROWED",
+    ]
 )
 """Confluent's ``SchemaDiff.COMPATIBLE_CHANGES_STRICT`` (json-schema-provider): the difference types
 a reader ("update") tolerates in data its writer ("original") produced."""
 
-_UPPER = ("maxLength", "MAX_LENGTH"), ("maximum", "MAXIMUM"), ("exclusiveMaximum", "EXCLUSIVE_MAXIMUM")
-_UPPER += (("maxProperties", "MAX_PROPERTIES"), ("maxItems", "MAX_ITEMS"))
-_LOWER = ("minLength", "MIN_LENGTH"), ("minimum", "MINIMUM"), ("exclusiveMinimum", "EXCLUSIVE_MINIMUM")
-_LOWER += (("minProperties", "MIN_PROPERTIES"), ("minItems", "MIN_ITEMS"))
+_UPPER: tuple[tuple[str, str], ...] = (
+    *(("maxLength", "MAX_LENGTH"), ("maximum", "MAXIMUM"), ("exclusiveMaximum", "EXCLUSIVE_MAXIMUM")),
+    *(("maxProperties", "MAX_PROPERTIES"), ("maxItems", "MAX_ITEMS")),
+)
+_LOWER: tuple[tuple[str, str], ...] = (
+    *(("minLength", "MIN_LENGTH"), ("minimum", "MINIMUM"), ("exclusiveMinimum", "EXCLUSIVE_MINIMUM")),
+    *(("minProperties", "MIN_PROPERTIES"), ("minItems", "MIN_ITEMS")),
+)
 _COMBINERS = ("allOf", "anyOf", "oneOf")
 _JSON_TYPES = ("null", "boolean", "object", "array", "number", "integer", "string")
 
@@ -351,7 +396,7 @@ class JsonDiff:
             where = f"{path}properties/{name}"
             if o_model == "open":
                 empty = not _constraining(self._deref(schema, self._roots[1]))
-                kind = "PROPERTY_WITH_EMPTY_SCHEMA_ADDED_TO_OPEN_CONTENT_MODEL" if empty else None
+                kind = "PROPERTY_WITH_EMPTY_SCHEMA_ADDED_TO_OPEN_CONTENT_MODEL" if empty else ""
                 self._add(kind or "PROPERTY_ADDED_TO_OPEN_CONTENT_MODEL", where)
                 continue
             if o_model == "partial":
@@ -479,9 +524,23 @@ def _extra_schema(schema: dict[str, Any], name: str) -> Any:
 # ------------------------------------------------------------------------------------------ Protobuf
 
 PROTO_COMPATIBLE = frozenset(
-    """PACKAGE_CHANGED MESSAGE_ADDED MESSAGE_MOVED ENUM_ADDED ENUM_REMOVED ENUM_CONST_ADDED ENUM_CONST_CHANGED
-    ENUM_CONST_REMOVED FIELD_ADDED FIELD_REMOVED FIELD_NAME_CHANGED FIELD_STRING_OR_BYTES_LABEL_CHANGED
-    ONEOF_ADDED ONEOF_REMOVED ONEOF_FIELD_ADDED""".split()
+    [
+        "PACKAGE_CHANGED",
+        "MESSAGE_ADDED",
+        "MESSAGE_MOVED",
+        "ENUM_ADDED",
+        "ENUM_REMOVED",
+        "ENUM_CONST_ADDED",
+        "ENUM_CONST_CHANGED",
+        "ENUM_CONST_REMOVED",
+        "FIELD_ADDED",
+        "FIELD_REMOVED",
+        "FIELD_NAME_CHANGED",
+        "FIELD_STRING_OR_BYTES_LABEL_CHANGED",
+        "ONEOF_ADDED",
+        "ONEOF_REMOVED",
+        "ONEOF_FIELD_ADDED",
+    ]
 )
 """Confluent's protobuf ``SchemaDiff.COMPATIBLE_CHANGES``."""
 
@@ -537,7 +596,8 @@ class ProtoDiff:
             elif isinstance(o_el, ast.Enum) and isinstance(u_el, ast.Enum):
                 self._enum(o_el, u_el, where)
             elif isinstance(o_el, ast.Message) and isinstance(u_el, ast.Message):
-                assert o_full is not None and u_full is not None
+                assert o_full is not None
+                assert u_full is not None
                 self._message(o_full, u_full, where)
                 if name in o_msgs and name in u_msgs and o_msgs.index(name) != u_msgs.index(name):
                     self._add("MESSAGE_MOVED", where)
@@ -639,7 +699,9 @@ class ProtoDiff:
                 self._add("FIELD_SCALAR_KIND_CHANGED", path)
             elif o_label is not None and u_label is not None and o_label != u_label:
                 self._add(
-                    "FIELD_STRING_OR_BYTES_LABEL_CHANGED" if osk == "STRING_OR_BYTES" else "FIELD_NUMERIC_LABEL_CHANGED",
+                    "FIELD_STRING_OR_BYTES_LABEL_CHANGED"
+                    if osk == "STRING_OR_BYTES"
+                    else "FIELD_NUMERIC_LABEL_CHANGED",
                     path,
                 )
             return

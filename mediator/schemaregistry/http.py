@@ -122,13 +122,17 @@ class RegistryServer:
             log.info("registry.refused", code=exc.code.value, peer=call.origin.peer)
             return _error(401, 40101, f"Unauthorized: {exc.reason}", {"WWW-Authenticate": "Bearer"})
         if principal.anonymous:
-            return _error(401, 40101, "Unauthorized: the registry needs an authenticated caller",
-                          {"WWW-Authenticate": "Bearer"})
+            return _error(
+                401, 40101, "Unauthorized: the registry needs an authenticated caller", {"WWW-Authenticate": "Bearer"}
+            )
         writer = bool(principal.roles & self._write_roles)
         if not writer and self._read_roles and not principal.roles & self._read_roles:
             log.info("registry.refused", principal=principal.id, peer=call.origin.peer)
-            return _error(403, 40301, "Forbidden: reading the registry needs one of the roles "
-                          + ", ".join(sorted(self._read_roles)))
+            return _error(
+                403,
+                40301,
+                "Forbidden: reading the registry needs one of the roles " + ", ".join(sorted(self._read_roles)),
+            )
         return writer
 
     async def handle(self, call: MountRequest) -> web.StreamResponse:

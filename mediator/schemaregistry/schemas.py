@@ -27,7 +27,23 @@ SchemaType = Literal["AVRO", "JSON", "PROTOBUF"]
 SCHEMA_TYPES: tuple[SchemaType, ...] = ("AVRO", "JSON", "PROTOBUF")
 
 PROTO_SCALARS = frozenset(
-    "double float int32 int64 uint32 uint64 sint32 sint64 fixed32 fixed64 sfixed32 sfixed64 bool string bytes".split()
+    [
+        "double",
+        "float",
+        "int32",
+        "int64",
+        "uint32",
+        "uint64",
+        "sint32",
+        "sint64",
+        "fixed32",
+        "fixed64",
+        "sfixed32",
+        "sfixed64",
+        "bool",
+        "string",
+        "bytes",
+    ]
 )
 
 
@@ -204,9 +220,8 @@ class ProtoIndex:
             numbers: dict[int, str] = {}
             for f in message_fields(el):
                 if f.number in numbers:
-                    raise InvalidSchema(
-                        f"Invalid schema: {name}: field number {f.number} is used by {numbers[f.number]!r} and {f.name!r}"
-                    )
+                    used = f"field number {f.number} is used by {numbers[f.number]!r} and {f.name!r}"
+                    raise InvalidSchema(f"Invalid schema: {name}: {used}")
                 numbers[f.number] = f.name
                 for t in field_types(f):
                     if t in PROTO_SCALARS or self.resolve(t, name) is not None:

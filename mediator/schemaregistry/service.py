@@ -150,8 +150,10 @@ class Registry:
             found = next((v for v in versions if v.version == ref.version), None)
             if found is None:
                 raise RegistryError(
-                    422, 42201, f"Invalid schema: reference {ref.name!r} names {ref.subject} version {ref.version}, "
-                    "which does not exist"
+                    422,
+                    42201,
+                    f"Invalid schema: reference {ref.name!r} names {ref.subject} version {ref.version}, "
+                    "which does not exist",
                 )
             out[ref.name] = await self._parse_stored(found.schema)
         return out
@@ -332,7 +334,9 @@ class Registry:
 
         def compatible(live: list[Version]) -> list[str]:
             # run inside the store's transaction: versions another daemon added meanwhile are parsed here
-            olds = [previous.get(v.schema.id) or parse(v.schema.type, v.schema.schema, v.schema.references) for v in live]
+            olds = [
+                previous.get(v.schema.id) or parse(v.schema.type, v.schema.schema, v.schema.references) for v in live
+            ]
             return check(level, parsed, olds)
 
         try:

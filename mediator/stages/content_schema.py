@@ -303,7 +303,8 @@ def load_schemas(schemas: Sequence[SchemaConfig], base_dir: Path, file: str = "c
                 )
             )
             continue
-        assert cfg.file is not None and cfg.kind is not None  # the model insists
+        assert cfg.file is not None  # the model insists, and on kind too
+        assert cfg.kind is not None
         path = base_dir / cfg.file
         try:
             raw = path.read_bytes()

@@ -153,7 +153,13 @@ ORDER = "message Order { string id = 1; int32 qty = 2; Status status = 3; enum S
 SECOND = "message Refund { string id = 1; }"
 PROTOBUF = [
     ("field added", B, _proto(ORDER), _proto(ORDER.replace("enum Status", "string note = 4; enum Status")), True),
-    ("field added, full", FULL, _proto(ORDER), _proto(ORDER.replace("enum Status", "string note = 4; enum Status")), True),
+    (
+        "field added, full",
+        FULL,
+        _proto(ORDER),
+        _proto(ORDER.replace("enum Status", "string note = 4; enum Status")),
+        True,
+    ),
     ("field removed", B, _proto(ORDER), _proto(ORDER.replace("int32 qty = 2;", "")), True),
     ("field removed, full", FULL, _proto(ORDER), _proto(ORDER.replace("int32 qty = 2;", "")), True),
     ("field renamed", B, _proto(ORDER), _proto(ORDER.replace("int32 qty", "int32 quantity")), True),

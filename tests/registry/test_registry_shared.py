@@ -24,8 +24,11 @@ pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio(loop_scope="module")]
 
 SR_JSON = "application/vnd.schemaregistry.v1+json"
 DSN_ENV = "MEDIATOR_TEST_REGISTRY_DSN"
-KEYS = {"reader-key-0123456789": ("reader", "publisher"), "admin-key-0123456789": ("root", "admin"),
-        "dash-key-0123456789": ("dash", "dashboard")}
+KEYS = {
+    "reader-key-0123456789": ("reader", "publisher"),
+    "admin-key-0123456789": ("root", "admin"),
+    "dash-key-0123456789": ("dash", "dashboard"),
+}
 
 AUTH_TOML = """
 [auth.keys]
@@ -40,7 +43,9 @@ class Pair:
     b: str
     http: aiohttp.ClientSession
 
-    async def call(self, url: str, method: str, path: str, body: object = None, key: str | None = None) -> tuple[int, Any]:
+    async def call(
+        self, url: str, method: str, path: str, body: object = None, key: str | None = None
+    ) -> tuple[int, Any]:
         headers = {"Content-Type": SR_JSON, **({"X-API-Key": key} if key else {})}
         data = json.dumps(body) if body is not None else None
         async with self.http.request(method, url + path, data=data, headers=headers) as resp:
@@ -118,11 +123,13 @@ async def test_two_daemons_share_ids_and_versions(pair: Pair) -> None:
         pair.call(pair.a, "POST", f"/subjects/{subject}/versions", same, ADMIN),
         pair.call(pair.b, "POST", f"/subjects/{subject}/versions", same),
     )
-    assert s1 == s2 == 200 and b1 == b2
+    assert s1 == s2 == 200
+    assert b1 == b2
     status, latest = await pair.call(pair.a, "GET", f"/subjects/{subject}/versions/latest", key=READER)
     assert (status, latest["version"], latest["id"]) == (200, 22, b1["id"])
     status, by_id = await pair.call(pair.b, "GET", f"/schemas/ids/{ids[0]}")
-    assert status == 200 and json.loads(by_id["schema"])["name"] == "R1"
+    assert status == 200
+    assert json.loads(by_id["schema"])["name"] == "R1"
 
 
 async def test_the_listener_authenticators_guard_the_registry(pair: Pair) -> None:
