@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
+from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aio_pika
@@ -18,9 +21,12 @@ import pytest_asyncio
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
+from mediator.config import load
+from mediator.registry import load_specs
+from mediator.schemaregistry.check import subject_problems
 from tests.e2e.test_quickstart import bound_queue, get_one
 from tests.support.daemon import DaemonProcess, Quickstart
-from tests.support.net import RABBIT_URL, unique
+from tests.support.net import RABBIT_URL, free_port, unique
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio(loop_scope="module")]
 
@@ -236,3 +242,28 @@ async def test_publish_validated_against_latest_picks_up_a_new_version(running: 
         assert json.loads(message.body) == {"order": 3, "total": 9.5}
         headers = message.headers or {}
         assert f"/subjects/{subject}/versions/2" in str(headers.get("cloudEvents_dataschema", headers)), headers
+
+
+async def _check(config: Path) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mediator", "check", "--config", str(config), stdout=PIPE, stderr=STDOUT
+    )
+    async with asyncio.timeout(30):
+        out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+async def test_check_verifies_named_subjects_when_the_registry_answers(running: Running) -> None:
+    text = running.daemon.config.read_text()
+    missing = unique("missing-value")
+    named = running.daemon.config.with_name("check-missing.toml")
+    named.write_text(text.replace(running.subject, missing))
+    code, out = await _check(named)
+    assert code != 0, out
+    assert f"schemas[0].schema: the registry at {running.url} has no {missing!r} version latest" in out
+    unreachable = running.daemon.config.with_name("check-unreachable.toml")
+    unreachable.write_text(text.replace(f"port = {running.quickstart.registry_port}", f"port = {free_port()}"))
+    problems, warnings = await subject_problems(load(unreachable, load_specs()))  # what check prints: a warning
+    assert problems == []
+    assert len(warnings) == 1
+    assert "registry subjects not verified" in warnings[0]
