@@ -34,7 +34,7 @@ async def subject_problems(config: Config) -> tuple[list[str], list[str]]:
     if not named or not cfg.enabled:
         return [], []
     listener = config.adapters["http"].listeners[cfg.listener]
-    url = base_url(cfg, listener.host, listener.port, listener.tls is not None)
+    url = base_url(cfg, listener)
     problems: list[str] = []
     try:
         timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)

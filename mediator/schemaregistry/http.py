@@ -160,11 +160,13 @@ class RegistryServer:
         return _answer(status, value)
 
 
-def base_url(cfg: RegistryConfig, host: str, port: int, tls: bool) -> str:
+def base_url(cfg: RegistryConfig, listener: Any) -> str:
+    """``url``, or the listener's (an HTTP listener config: ``host``, ``port``, ``tls``) scheme, host and port."""
     if cfg.url:
         return cfg.url
+    host: str = listener.host
     shown = f"[{host}]" if ":" in host else host
-    return f"{'https' if tls else 'http'}://{shown}:{port}"
+    return f"{'https' if listener.tls is not None else 'http'}://{shown}:{listener.port}"
 
 
 def make_registry(cfg: RegistryConfig, listener: Any, outbox_path: str | None) -> Registry:
@@ -173,7 +175,7 @@ def make_registry(cfg: RegistryConfig, listener: Any, outbox_path: str | None) -
     import os
 
     store = store_for(cfg, outbox_path, dict(os.environ))
-    url = base_url(cfg, listener.host, listener.port, listener.tls is not None)
+    url = base_url(cfg, listener)
     return Registry(store, cfg.compatibility, url, cfg.latest_ttl_s)
 
 
