@@ -466,6 +466,14 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
     served_by = root.metrics.listener
     if served_by is not None and conn_kind.get(served_by) != "http":
         problems.append(f"metrics.listener: no http listener named {served_by!r}")
+    for compiled in routes:
+        for j, target in enumerate(compiled.destinations):
+            convert = target.egress.convert if target.egress is not None else None
+            if convert is not None and convert.config.subject is not None and not root.registry.enabled:
+                problems.append(
+                    f"routes[{compiled.name!r}].to[{j}].convert.subject: names a registry subject, but [registry] "
+                    "is not enabled"
+                )
     if root.registry.enabled and conn_kind.get(root.registry.listener) != "http":
         problems.append(f"registry.listener: no http listener named {root.registry.listener!r}")
     for i, schema in enumerate(root.schemas):

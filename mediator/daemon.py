@@ -356,6 +356,17 @@ class Daemon:
         self._started_root = config.root  # what the restart-only keys stay at (mediator/reloadable.py)
         self._loaded(config)
 
+    def _bind_conversions(self, config: Config) -> list[tuple[str, int | str]]:
+        """Give the conversions that name a registry subject the registry's cache; returns what they name."""
+        keys: list[tuple[str, int | str]] = []
+        for route in config.routes:
+            for dest in route.destinations:
+                convert = dest.egress.convert if dest.egress is not None else None
+                if convert is not None and convert.config.subject is not None:
+                    convert.source = self.registry
+                    keys.append((convert.config.subject, convert.config.version))
+        return keys
+
     @staticmethod
     def _make_registry(config: Config) -> Registry | None:
         cfg = config.root.registry
@@ -690,6 +701,8 @@ class Daemon:
                 self._refused(exc.file, exc.problems)
                 return
         running = stages or self.stages
+        if self.registry is not None:  # the new routes' conversions find their subjects in the cache
+            await self.registry.warm(self._bind_conversions(new))
         problems, environment = self._adapter_problems(new, running)
         if problems or environment:
             if stages is not None:
@@ -818,6 +831,7 @@ class Daemon:
                 except SchemaStoreError as exc:
                     log.error("registry.open_failed", error=str(exc))
                     raise
+                await self.registry_server.registry.warm(self._bind_conversions(self.config))
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tasks = [tg.create_task(self.aggregator.run(), name="aggregate")]

@@ -77,7 +77,8 @@ class Registry:
         self._parsed: dict[int, ParsedSchema] = {}
         self._resolved: dict[tuple[str, int | str], tuple[float, Resolved]] = {}
         self._inflight: dict[tuple[str, int | str], asyncio.Future[Resolved]] = {}
-        self.on_change: list[Callable[[str], None]] = []
+        self._refreshing: set[asyncio.Task[None]] = set()
+        self._watched: set[tuple[str, int | str]] = set()  # what conversions name (warm)
 
     # ------------------------------------------------------------------------------ for routes
 
@@ -109,10 +110,45 @@ class Registry:
         finally:
             del self._inflight[key]
 
-    def cached(self, subject: str, version: int | str) -> Resolved | None:
-        """What ``resolve`` last found for the key, fresh or not (None before any look-up)."""
-        hit = self._resolved.get((subject, version))
-        return hit[1] if hit is not None else None
+    def current(self, subject: str, version: int | str) -> tuple[int, str] | None:
+        """(id, Avro schema JSON) of the version, from the cache, for format conversion (``AvroSource``):
+        no I/O. A stale or missing entry is looked up in the background (the next call sees it)."""
+        key = (subject, version)
+        hit = self._resolved.get(key)
+        if hit is None or hit[0] <= time.monotonic():
+            self._refresh(key)
+        if hit is None or hit[1].parsed.type != "AVRO":
+            return None
+        return hit[1].id, hit[1].parsed.canonical
+
+    async def warm(self, keys: list[tuple[str, int | str]]) -> None:
+        """Look ``keys`` up now (at start-up: conversions find them in the cache); a missing one is logged."""
+        self._watched = set(keys)
+        for subject, version in keys:
+            try:
+                await self.resolve(subject, version)
+            except (RegistryError, StoreError) as exc:
+                log.warning("registry.subject_unresolved", subject=subject, version=version, error=str(exc))
+
+    def _refresh(self, key: tuple[str, int | str]) -> None:
+        if key in self._inflight:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+
+        async def run() -> None:
+            try:
+                await self.resolve(*key)
+            except NotFound:
+                self._resolved.pop(key, None)  # deleted: conversions stop using it
+            except (RegistryError, StoreError) as exc:
+                log.warning("registry.refresh_failed", subject=key[0], error=str(exc))
+
+        task = loop.create_task(run(), name=f"registry:refresh:{key[0]}")
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
 
     async def _lookup(self, subject: str, version: int | str) -> Resolved:
         versions = [v for v in await self.store.versions(subject) if not v.deleted]
@@ -124,11 +160,20 @@ class Registry:
         parsed = await self._parse_stored(found.schema)
         return Resolved(subject, found.version, found.schema.id, parsed, self.url_of(subject, found.version))
 
-    def _changed(self, subject: str) -> None:
-        for key in [k for k in self._resolved if k[0] == subject]:
-            del self._resolved[key]
-        for hook in self.on_change:
-            hook(subject)
+    async def _changed(self, subject: str) -> None:
+        """A version of ``subject`` was registered or deleted here: what routes use of it is looked up again
+        before the caller is answered, so the next event sees it (a validation, a conversion)."""
+        keys = {k for k in self._resolved if k[0] == subject} | {k for k in self._watched if k[0] == subject}
+        for key in keys:
+            if key in self._resolved:
+                self._resolved[key] = (0.0, self._resolved[key][1])
+        for key in keys:
+            try:
+                await self.resolve(*key)
+            except NotFound:
+                self._resolved.pop(key, None)
+            except (RegistryError, StoreError) as exc:
+                log.warning("registry.refresh_failed", subject=subject, error=str(exc))
 
     # ------------------------------------------------------------------------------ parsing
 
@@ -351,7 +396,7 @@ class Registry:
         except InvalidSchema as exc:
             raise RegistryError(422, 42201, str(exc)) from None
         if new:
-            self._changed(subject)
+            await self._changed(subject)
             log.info("registry.registered", subject=subject, version=version.version, id=version.schema.id)
         return {"id": version.schema.id}
 
@@ -435,7 +480,7 @@ class Registry:
                     404, 40405, f"Subject '{subject}' was not deleted first before being permanently deleted"
                 )
             await self.store.purge(subject, [v.version for v in versions])
-            self._changed(subject)
+            await self._changed(subject)
             log.info("registry.deleted", subject=subject, permanent=True)
             return [v.version for v in versions]
         if not live:
@@ -443,7 +488,7 @@ class Registry:
                 404, 40404, f"Subject '{subject}' was soft deleted.Set permanent=true to delete permanently"
             )
         await self.store.mark_deleted(subject, live)
-        self._changed(subject)
+        await self._changed(subject)
         log.info("registry.deleted", subject=subject, permanent=False)
         return live
 
@@ -476,7 +521,7 @@ class Registry:
                     f"Subject '{subject}' Version {number} was soft deleted.Set permanent=true to delete permanently",
                 )
             await self.store.mark_deleted(subject, [number])
-        self._changed(subject)
+        await self._changed(subject)
         log.info("registry.deleted", subject=subject, version=number, permanent=_flag(query, "permanent"))
         return number
 

@@ -11,6 +11,7 @@ import sys
 from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +20,9 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.schema_registry.error import SchemaRegistryError
+from confluent_kafka.serialization import MessageField, SerializationContext
 
 from mediator.config import load
 from mediator.registry import load_specs
@@ -38,6 +41,11 @@ ORDERS_SCHEMA = """
 name = "orders-from-registry"
 types = ["com.example.order.created"]
 schema = {{ subject = "{subject}", version = "latest" }}
+
+[[routes]]
+name = "avro-orders"
+match = {{ type = ["com.example.avro.order"] }}
+to = [{{ outbound = "orders-exchange", address = "orders.avro", convert = {{ to = "avro", subject = "{avro}" }} }}]
 """
 
 
@@ -48,6 +56,7 @@ class Running:
     url: str  # the registry's base URL
     http: aiohttp.ClientSession
     subject: str  # the subject the orders route validates against
+    avro_subject: str  # the subject the avro-orders route converts with
 
     def client(self) -> SchemaRegistryClient:
         return SchemaRegistryClient({"url": self.url})
@@ -64,13 +73,13 @@ async def running(
     tmp_path_factory: pytest.TempPathFactory, rabbitmq: str, mosquitto: tuple[str, int]
 ) -> AsyncIterator[Running]:
     tmp = tmp_path_factory.mktemp("registry")
-    subject = unique("orders-value")
-    qs = Quickstart(tmp, extra_toml=ORDERS_SCHEMA.format(subject=subject))
+    subject, avro = unique("orders-value"), unique("avro-orders-value")
+    qs = Quickstart(tmp, extra_toml=ORDERS_SCHEMA.format(subject=subject, avro=avro))
     daemon = DaemonProcess(qs.write(), qs.http_port, tmp / "daemon.log")
     await daemon.start()
     try:
         async with aiohttp.ClientSession() as http:
-            yield Running(daemon, qs, f"http://127.0.0.1:{qs.registry_port}", http, subject)
+            yield Running(daemon, qs, f"http://127.0.0.1:{qs.registry_port}", http, subject, avro)
     finally:
         code = await daemon.stop(signal.SIGTERM)
         assert code == 0, f"daemon exited with {code} on SIGTERM:\n{daemon.logs()}"
@@ -267,3 +276,42 @@ async def test_check_verifies_named_subjects_when_the_registry_answers(running: 
     assert problems == []
     assert len(warnings) == 1
     assert "registry subjects not verified" in warnings[0]
+
+
+async def test_avro_conversion_frames_data_with_the_registry_id(running: Running) -> None:
+    """JSON in, Avro out with the Confluent wire header: Confluent's own deserializer reads it, and a version
+    registered a moment before is the one used for the next event."""
+    v1 = {
+        "type": "record",
+        "name": "Order",
+        "fields": [{"name": "id", "type": "string"}, {"name": "qty", "type": "int"}],
+    }
+    v2 = {**v1, "fields": [*v1["fields"], {"name": "note", "type": "string", "default": "-"}]}
+    deserializer = AvroDeserializer(running.client())
+    context = SerializationContext("orders", MessageField.VALUE)
+    conn = await aio_pika.connect(RABBIT_URL)
+    async with conn:
+        queue = await bound_queue(await conn.channel(), running.quickstart.orders_exchange, "orders.avro")
+        for n, schema in enumerate((v1, v2), 1):
+            status, body, _ = await running.call(
+                "POST", f"/subjects/{running.avro_subject}/versions", {"schema": json.dumps(schema)}
+            )
+            assert status == 200, body
+            headers = {
+                "ce-specversion": "1.0",
+                "ce-id": unique("avro"),
+                "ce-source": "/tests/registry",
+                "ce-type": "com.example.avro.order",
+                "Content-Type": "application/json",
+            }
+            events = f"http://127.0.0.1:{running.quickstart.http_port}/events"
+            async with running.http.post(events, json={"id": f"o-{n}", "qty": n}, headers=headers) as resp:
+                assert resp.status == 202, await resp.text()
+            message = await get_one(queue)
+            assert message.body[0] == 0
+            assert int.from_bytes(message.body[1:5], "big") == body["id"]
+            value = await off_loop(partial(deserializer, message.body, context))
+            expected: dict[str, object] = {"id": f"o-{n}", "qty": n}
+            if n == 2:
+                expected["note"] = "-"
+            assert value == expected
