@@ -51,10 +51,15 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
 
     from mediator import supervisor
     from mediator.daemon import dry_build
+    from mediator.schemaregistry.check import subject_problems
     from mediator.stages import broad_rules
 
     problems, environment = asyncio.run(dry_build(config))
     problems += supervisor.problems(config, supervisor.worker_count(config))  # what `run` refuses with workers
+    missing, unverified = asyncio.run(subject_problems(config))  # registry subjects, when the registry answers
+    problems += missing
+    for warning in unverified:
+        print(f"  warning: {warning}", file=sys.stderr)
     for problem in environment:
         print(f"  warning: {problem} (needed by `mediator run`)", file=sys.stderr)
     for warning in broad_rules(config.adapters, config.root.authorization):  # valid, but likely not meant

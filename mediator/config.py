@@ -35,6 +35,7 @@ from mediator.core.seams import (
 from mediator.core.transform import Transform, TransformConfig, resolve_keyring
 from mediator.observability.metrics_config import MetricsConfig
 from mediator.observability.tracing_config import TracingConfig
+from mediator.schemaregistry.config import RegistryConfig
 from mediator.stages import problems as stage_problems
 from mediator.stages.aggregate import AggregateConfig
 from mediator.stages.aggregate import problems as aggregate_problems
@@ -193,6 +194,7 @@ class RootConfig(ConfigModel):
     encryption: dict[str, EncryptionConfig] = {}
     tracing: TracingConfig = TracingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    registry: RegistryConfig = RegistryConfig()
     listeners: dict[str, dict[str, Any]] = {}
     brokers: dict[str, dict[str, Any]] = {}
     inbound: dict[str, dict[str, Any]] = {}
@@ -488,6 +490,19 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
     served_by = root.metrics.listener
     if served_by is not None and conn_kind.get(served_by) != "http":
         problems.append(f"metrics.listener: no http listener named {served_by!r}")
+    for compiled in routes:
+        for j, target in enumerate(compiled.destinations):
+            convert = target.egress.convert if target.egress is not None else None
+            if convert is not None and convert.config.subject is not None and not root.registry.enabled:
+                problems.append(
+                    f"routes[{compiled.name!r}].to[{j}].convert.subject: names a registry subject, but [registry] "
+                    "is not enabled"
+                )
+    if root.registry.enabled and conn_kind.get(root.registry.listener) != "http":
+        problems.append(f"registry.listener: no http listener named {root.registry.listener!r}")
+    for i, schema in enumerate(root.schemas):
+        if schema.registry is not None and not root.registry.enabled:
+            problems.append(f"schemas[{i}].schema: names a registry subject, but [registry] is not enabled")
     adapters = {
         kind: AdapterConfig(
             listeners=by_section.get("listeners", {}),

@@ -50,10 +50,14 @@ from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOut
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
 from mediator.reloadable import in_force, restart_required
+from mediator.schemaregistry.http import RegistryServer, make_registry
+from mediator.schemaregistry.http import StoreError as SchemaStoreError
+from mediator.schemaregistry.service import Registry
 from mediator.stages import Stages
 from mediator.stages import build as build_stages
 from mediator.stages.aggregate import Aggregator
 from mediator.stages.aggstore import store_path
+from mediator.stages.content_schema import SchemaResolver, SchemaStage
 from mediator.status import LocalStatus, StatusBook, StatusOutbox
 from mediator.systemd import Notifier
 from mediator.units import Unit, UnitSpec, build_unit, plan, settled_text
@@ -220,13 +224,14 @@ def build_adapters(config: Config, runtime: Runtime) -> tuple[Built, list[str], 
     return built, problems, environment
 
 
-def make_stages(config: Config, *, environment: bool = True) -> Stages:
+def make_stages(config: Config, registry: SchemaResolver | None = None, *, environment: bool = True) -> Stages:
     """The ingress stages of ``config``; raises ConfigError when a key file or secret is missing or bad
-    (with ``environment``, also when a variable an [encryption] key ring names is not set)."""
+    (with ``environment``, also when a variable an [encryption] key ring names is not set). ``registry``:
+    what schemas naming a registry subject resolve it with."""
     root = config.root
     if environment and config.environment:
         raise ConfigError("environment", list(config.environment))
-    return build_stages(
+    stages = build_stages(
         config.adapters,
         root.auth,
         root.authorization,
@@ -238,6 +243,10 @@ def make_stages(config: Config, *, environment: bool = True) -> Stages:
         schemas=config.schemas,
         keyrings=config.keyrings,
     )
+    for stage in stages.stages:
+        if isinstance(stage, SchemaStage):
+            stage.resolver = registry
+    return stages
 
 
 async def dry_build(config: Config) -> tuple[list[str], list[str]]:
@@ -284,7 +293,9 @@ class Daemon:
             inner.status_max_events = config.outbox.status_max_events
             if self.metrics.counting:
                 inner.on_transaction = self.metrics.transaction
-        self.stages = make_stages(config)
+        # [registry]: the schema registry (mediator/schemaregistry/), a unit started and stopped with the daemon.
+        self.registry = self._make_registry(config)
+        self.stages = make_stages(config, self.registry)
         # Aggregation is the last stage; its store lives beside the outbox (in memory with a memory outbox).
         outbox_cfg = config.outbox
         self.aggregator = Aggregator(
@@ -328,6 +339,11 @@ class Daemon:
         # the counts adapters keep of their own (its subscribers), for /metrics and /admin/status.
         self.mounts = Mounts()
         self.reports = Reports()
+        self.registry_server = (
+            RegistryServer(config.root.registry, self.registry, self.mounts, self.sink, self.health)
+            if self.registry is not None
+            else None
+        )
         problems, environment = self._adapter_problems(config, self.stages)
         if problems or environment:
             raise ConfigError(config.file if problems else "environment", problems + environment)
@@ -347,6 +363,29 @@ class Daemon:
         self.lock: DaemonLock | None = None  # held by `mediator run`, which sets it (mediator/lock.py)
         self._started_root = config.root  # what the restart-only keys stay at (mediator/reloadable.py)
         self._loaded(config)
+
+    def _bind_conversions(self, config: Config) -> list[tuple[str, int | str]]:
+        """Give the conversions that name a registry subject the registry's cache; returns what they name."""
+        keys: list[tuple[str, int | str]] = []
+        for route in config.routes:
+            for dest in route.destinations:
+                convert = dest.egress.convert if dest.egress is not None else None
+                if convert is not None and convert.config.subject is not None:
+                    convert.source = self.registry
+                    keys.append((convert.config.subject, convert.config.version))
+        return keys
+
+    @staticmethod
+    def _make_registry(config: Config) -> Registry | None:
+        cfg = config.root.registry
+        if not cfg.enabled:
+            return None
+        listener = config.adapters["http"].listeners[cfg.listener]  # the config checked it is an HTTP one
+        outbox_path = config.outbox.path if config.outbox.kind == "sqlite" else None
+        try:
+            return make_registry(cfg, listener, outbox_path)
+        except ValueError as exc:
+            raise ConfigError("environment", [str(exc)]) from None
 
     @property
     def spans(self) -> SpanTotals | None:
@@ -668,11 +707,13 @@ class Daemon:
         stages: Stages | None = None
         if stages_changed:
             try:
-                stages = make_stages(new)
+                stages = make_stages(new, self.registry)
             except ConfigError as exc:
                 self._refused(exc.file, exc.problems)
                 return
         running = stages or self.stages
+        if self.registry is not None:  # the new routes' conversions find their subjects in the cache
+            await self.registry.warm(self._bind_conversions(new))
         problems, environment = self._adapter_problems(new, running)
         if problems or environment:
             if stages is not None:
@@ -795,9 +836,18 @@ class Daemon:
         await self.aggregator.open()
         self.stages.start()
         try:
+            if self.registry_server is not None:
+                try:
+                    await self.registry_server.open()
+                except SchemaStoreError as exc:
+                    log.error("registry.open_failed", error=str(exc))
+                    raise
+                await self.registry_server.registry.warm(self._bind_conversions(self.config))
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tasks = [tg.create_task(self.aggregator.run(), name="aggregate")]
+                if self.registry_server is not None:
+                    tasks.append(tg.create_task(self.registry_server.run(), name="registry"))
                 for unit in self._units.values():
                     self._run_unit(unit, guard=False)  # a bind failure at start-up stops the daemon
                 reload_task = tg.create_task(self._reload_loop(), name="config-reload")
@@ -848,6 +898,8 @@ class Daemon:
             self._remove_pid()
             await self.stages.close()
             await self.aggregator.close()
+            if self.registry_server is not None:
+                await self.registry_server.close()
             await self.outbox.close()
             if self.tracing is not None:  # the last spans, exported within the drain's budget
                 await self.tracing.close(self.config.daemon.drain_timeout_s)

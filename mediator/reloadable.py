@@ -38,6 +38,8 @@ SECTIONS: Mapping[str, Applied] = {
     "tracing": LIVE,
     # The counters and the /metrics endpoint are wired into the pipeline and the listeners at start.
     "metrics": RESTART,
+    # The schema store is opened and the registry's paths mounted at start (mediator/schemaregistry/).
+    "registry": RESTART,
     # The adapters, as units started, stopped and restarted one by one (mediator/units.py).
     "listeners": LIVE,
     "brokers": LIVE,

@@ -8,6 +8,14 @@ Avro binary (one datum, no container file); with ``schema_id = N`` it is framed 
 format (magic byte 0, the id as 4 bytes big-endian, then the datum) and ``to = "json"`` expects and
 checks that frame.
 
+``to = "avro", subject = "orders-value"`` (``version`` "latest" or a number) takes the Avro schema from
+the daemon's schema registry instead of a file, and frames the datum with the Confluent wire header
+carrying that version's registry id, as Confluent's serializers do, so Confluent deserializers read it.
+The conversion stays pure: it reads the registry's cache (``AvroSource``), which the daemon keeps
+current in the background (a version registered here applies at once; through another daemon sharing
+the registry, within ``[registry] latest_ttl_s``); a subject the registry does not have dead-letters
+the destination with that reason.
+
 JSON to Protobuf or Avro refuses what the target cannot hold, the same way for both (``conform.py``): a
 field the target lacks (unless ``unknown_fields = "drop"`` leaves such fields out), a value of the wrong
 kind, a required field that is absent (Avro: a field with no default that is not a nullable union;
@@ -27,7 +35,7 @@ import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -50,6 +58,14 @@ JSON = "application/json"
 _CONFLUENT = struct.Struct(">bI")
 
 
+class AvroSource(Protocol):
+    """Registry versions, from a cache (no I/O): what a ``subject`` conversion encodes with."""
+
+    def current(self, subject: str, version: int | str) -> tuple[int, str] | None:
+        """(registry id, Avro schema JSON) of the version; None while it is unknown."""
+        ...
+
+
 class ConvertConfig(BaseModel):
     """``convert = { to = ..., ... }`` on a destination. Files are relative to the config file."""
 
@@ -60,6 +76,10 @@ class ConvertConfig(BaseModel):
     message: str | None = Field(default=None, description="full Protobuf message name, e.g. shop.Order")
     avro_schema: str | None = Field(default=None, description="Avro schema file (.avsc, JSON)")
     schema_id: int | None = Field(default=None, ge=0, lt=2**32, description="Confluent wire format schema id")
+    subject: str | None = Field(
+        default=None, min_length=1, description="to = 'avro': the schema registry subject (instead of avro_schema)"
+    )
+    version: int | Literal["latest"] = Field(default="latest", description="with subject: a version, or 'latest'")
     unknown_fields: Literal["reject", "drop"] = Field(
         default="reject",
         description="a field the target lacks (JSON to Protobuf or Avro; a field number Protobuf bytes carry that "
@@ -71,6 +91,14 @@ class ConvertConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ConvertConfig:
+        if self.subject is not None:
+            if self.to != "avro" or self.avro_schema is not None or self.schema_id is not None:
+                raise ValueError("subject gives to = 'avro' its schema and id; no avro_schema or schema_id with it")
+            if self.descriptor_set is not None or self.message is not None:
+                raise ValueError("subject is for Avro; descriptor_set and message are for Protobuf")
+            return self
+        if "version" in self.model_fields_set:
+            raise ValueError("version goes with subject")
         proto = self.descriptor_set is not None or self.message is not None
         if proto and (self.descriptor_set is None or self.message is None):
             raise ValueError("Protobuf needs both descriptor_set and message")
@@ -169,6 +197,8 @@ class Converter:
         self._avro: Any = None
         self._conform: ProtobufConformer | AvroConformer | None = None
         self._target = ""
+        self.source: AvroSource | None = None  # the registry, for a subject (the daemon sets it)
+        self._by_id: dict[int, tuple[Any, AvroConformer, bytes]] = {}
         if cfg.descriptor_set is not None and cfg.message is not None:
             self._message = _load_message_class(base_dir / cfg.descriptor_set, cfg.message)
             self._conform = ProtobufConformer(self._message.DESCRIPTOR, drop=cfg.drops_unknown)
@@ -233,14 +263,48 @@ class Converter:
         body: bytes = msg.SerializeToString()
         return body
 
+    def _from_registry(self) -> tuple[Any, AvroConformer, bytes]:
+        """The parsed schema, conformer and wire header of the subject's version now (cached by id)."""
+        import fastavro
+
+        subject, version = self.config.subject, self.config.version
+        assert subject is not None
+        found = self.source.current(subject, version) if self.source is not None else None
+        if found is None:
+            raise TransformError(f"the schema registry has no version {version} of subject {subject!r}")
+        schema_id, text = found
+        hit = self._by_id.get(schema_id)
+        if hit is None:
+            try:
+                schema = fastavro.parse_schema(json.loads(text))
+            except Exception as exc:  # a schema the registry took and fastavro does not
+                raise TransformError(f"registry schema {schema_id} is not usable: {exc}") from None
+            if len(self._by_id) >= 64:
+                self._by_id.clear()
+            hit = self._by_id[schema_id] = (
+                schema,
+                AvroConformer(schema, drop=self.config.drops_unknown),
+                _CONFLUENT.pack(0, schema_id),
+            )
+        return hit
+
     def _to_avro(self, env: Envelope, data: DataGetter) -> bytes:
         import fastavro
 
-        value = self._conformed(env, data)
+        schema, header = self._avro, self._header
+        if self.config.subject is not None:
+            schema, conformer, header = self._from_registry()
+            value = self._json(env, data)
+            try:
+                value = conformer.conform(value)
+            except Mismatch as exc:
+                raise TransformError(f"cannot convert to Avro ({self.config.subject}): {exc}") from None
+        else:
+            value = self._conformed(env, data)
         buf = io.BytesIO()
-        buf.write(self._header)
+        buf.write(header)
         try:
-            fastavro.schemaless_writer(buf, self._avro, value)
+            fastavro.schemaless_writer(buf, schema, value)
         except Exception as exc:  # what the checks let through and fastavro refuses (a logical type's value)
             raise TransformError(f"cannot convert to {self._target}: {type(exc).__name__}: {exc}") from None
         return buf.getvalue()

@@ -40,6 +40,21 @@ class ValidationConfig(ConfigModel):
     )
 
 
+class RegistrySubjectConfig(ConfigModel):
+    """A subject of the daemon's schema registry (``[registry]``) and the version that applies: an int
+    pins one; "latest" is looked up as events arrive (a version registered at run time applies at once)."""
+
+    subject: str = Field(min_length=1)
+    version: int | Literal["latest"] = Field(default="latest", description='a version number, or "latest"')
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value < 2**31:
+            raise ValueError("a version is 1 or more")
+        return value
+
+
 class SchemaConfig(ConfigModel):
     """The data of the events it matches must follow a schema.
 
@@ -50,11 +65,21 @@ class SchemaConfig(ConfigModel):
     --descriptor_set_out``) and ``message`` a full message name; ``"avro"``: ``file`` is an ``.avsc``,
     the data binary Avro (with ``confluent = true``: after the Confluent wire header, magic byte 0 and a
     4-byte schema id, which must be ``schema_id`` if given).
+
+    Instead of a file, ``schema = { subject = "orders-value", version = "latest" }`` takes the schema from
+    the daemon's registry (``[registry]``; JSON or Avro, ``kind`` then optional and checked against the
+    registry's type): the event's ``dataschema`` is set to the registry URL of the version that validated
+    it, and with ``confluent = true`` the wire header must carry that version's id.
     """
 
     name: str = Field(min_length=1)
-    kind: Literal["json", "protobuf", "avro"]
-    file: str = Field(min_length=1, description="relative to the config file")
+    kind: Literal["json", "protobuf", "avro"] | None = Field(
+        default=None, description="required with file; with schema, the registry's type is used"
+    )
+    file: str | None = Field(default=None, min_length=1, description="relative to the config file")
+    registry: RegistrySubjectConfig | None = Field(
+        default=None, alias="schema", description="a registry subject and version instead of a file"
+    )
     types: list[str] = Field(default_factory=list, description="event types (globs)")
     inbounds: list[str] = Field(default_factory=list)
     dataschema: str | None = Field(default=None, min_length=1, description="the dataschema URI that selects it")
@@ -77,12 +102,20 @@ class SchemaConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _shape(self) -> SchemaConfig:
+        if (self.file is None) == (self.registry is None):
+            raise ValueError("give file (a schema file) or schema (a registry subject), one of them")
+        if self.file is not None and self.kind is None:
+            raise ValueError("a schema file needs kind ('json', 'protobuf' or 'avro')")
+        if self.registry is not None and self.kind == "protobuf":
+            raise ValueError("a registry subject validates JSON Schema or Avro data; Protobuf needs a descriptor file")
         if not (self.types or self.inbounds or self.dataschema):
             raise ValueError("say which events it is for: types, inbounds or dataschema")
         if (self.kind == "protobuf") != (self.message is not None):
             raise ValueError("kind = 'protobuf' needs message (a full message name), and only it takes one")
-        if self.kind != "avro" and (self.confluent or self.schema_id is not None):
+        if self.kind not in ("avro", None) and (self.confluent or self.schema_id is not None):
             raise ValueError("confluent and schema_id are for kind = 'avro'")
+        if self.registry is not None and self.schema_id is not None:
+            raise ValueError("schema_id comes from the registry with schema = {subject = ...}; leave it out")
         if self.schema_id is not None and not self.confluent:
             raise ValueError("schema_id needs confluent = true")
         return self

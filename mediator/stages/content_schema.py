@@ -35,7 +35,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from mediator.core.content import NOT_JSON, DataCache, content_type
 from mediator.core.envelope import Envelope, data_bytes
-from mediator.core.errors import ConfigError, ContentError, RejectCode, Rejected
+from mediator.core.errors import ConfigError, ContentError, NotReady, RejectCode, Rejected
 from mediator.core.ingress import Batch
 from mediator.core.patterns import compile_glob
 from mediator.core.transform import Transform, TransformError
@@ -220,6 +220,46 @@ def _zero_size_array(schema: Any, seen: set[int]) -> str | None:
     return None
 
 
+class ResolvedSchema(Protocol):
+    """A registry version, as ``mediator.schemaregistry.service.Resolved`` gives it."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def parsed(self) -> Any: ...  # ParsedSchema: .type ("AVRO", "JSON", ...) and .canonical
+
+
+class SchemaResolver(Protocol):
+    """The daemon's schema registry, as the stage uses it (``mediator.schemaregistry.service.Registry``)."""
+
+    async def resolve(self, subject: str, version: int | str) -> ResolvedSchema:
+        """The version (an int or "latest"); raises ``LookupError`` when the subject or version does not
+        exist, and any other exception when the registry cannot answer."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySource:
+    subject: str
+    version: int | str
+    kind: str | None  # the kind the config says, checked against the registry's type
+    confluent: bool
+
+
+class _FromRegistry:
+    """The placeholder checker of a schema that comes from the registry (the stage resolves it per event)."""
+
+    def errors(self, env: Envelope, data: DataCache, limit: int) -> list[ContentError]:
+        raise AssertionError("resolved by SchemaStage")
+
+
+_REGISTRY_KINDS = {"JSON": "json", "AVRO": "avro", "PROTOBUF": "protobuf"}
+
+
 @dataclass(slots=True)
 class CompiledSchema:
     name: str
@@ -231,6 +271,7 @@ class CompiledSchema:
     inbounds: frozenset[str]
     dataschema: str | None
     digest: str = ""  # SHA-256 of the file: a reload rebuilds the stages when a schema file changed
+    registry: RegistrySource | None = None  # schema = { subject = ..., version = ... }
 
     def matches(self, inbound: str, type_: str, dataschema: str | None) -> bool:
         if self.dataschema is not None and dataschema != self.dataschema:
@@ -247,6 +288,25 @@ def load_schemas(schemas: Sequence[SchemaConfig], base_dir: Path, file: str = "c
     problems: list[str] = []
     for i, cfg in enumerate(schemas):
         where = f"schemas[{i}].file"
+        if cfg.registry is not None:
+            ref = cfg.registry
+            out.append(
+                CompiledSchema(
+                    cfg.name,
+                    cfg.kind or "registry",
+                    cfg.on_invalid,
+                    cfg.max_errors,
+                    _FromRegistry(),
+                    tuple(compile_glob(t) for t in cfg.types),
+                    frozenset(cfg.inbounds),
+                    cfg.dataschema,
+                    f"registry:{ref.subject}:{ref.version}",
+                    RegistrySource(ref.subject, ref.version, cfg.kind, cfg.confluent),
+                )
+            )
+            continue
+        assert cfg.file is not None  # the model insists, and on kind too
+        assert cfg.kind is not None
         path = base_dir / cfg.file
         try:
             raw = path.read_bytes()
@@ -322,7 +382,9 @@ class SchemaStage:
     # dead-lettered event is kept with those fields encrypted (it is kept before the transform runs).
     sealed: Mapping[str, Transform] = field(default_factory=dict)
     name: str = "schema"
+    resolver: SchemaResolver | None = None  # the daemon's registry, for schemas that name a subject
     counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (schema, outcome) -> events
+    _compiled: dict[tuple[int, bool], Checker] = field(default_factory=dict)  # registry id, confluent
     _match: dict[tuple[str, str, str | None], tuple[CompiledSchema, ...]] = field(default_factory=dict)
     _warned: dict[str, _WarnLog] = field(default_factory=dict)
 
@@ -347,8 +409,16 @@ class SchemaStage:
         events = batch.events
         for i, env in enumerate(events):
             for schema in self.matching(env):
-                errors = schema.checker.errors(env, batch.data, schema.max_errors)
+                url: str | None = None
+                if schema.registry is None:
+                    errors = schema.checker.errors(env, batch.data, schema.max_errors)
+                else:
+                    checker, url, errors = await self._from_registry(schema.registry)
+                    if checker is not None:
+                        errors = checker.errors(env, batch.data, schema.max_errors)
                 if not errors:
+                    if url is not None:  # the version that validated it (CloudEvents dataschema)
+                        env.attributes["dataschema"].ce_uri = url
                     continue
                 self._count(schema.name, schema.on_invalid)
                 sealing = self.sealed.get(env.provenance.inbound)
@@ -382,6 +452,39 @@ class SchemaStage:
             kept.CopyFrom(env)
             kept.ClearField("data")  # cannot be encrypted (not a JSON object): kept without its data
             return kept
+
+    async def _from_registry(self, src: RegistrySource) -> tuple[Checker | None, str | None, list[ContentError]]:
+        """The checker of the version ``src`` names now, and its URL; or the errors that say why there is
+        none (no such subject or version, another type). Raises ``NotReady`` when the registry cannot
+        answer (its database is down): the sender retries, nothing is refused for the registry's fault."""
+        if self.resolver is None:
+            return None, None, [ContentError("the schema registry is not running in this daemon", pointer="")]
+        try:
+            found = await self.resolver.resolve(src.subject, src.version)
+        except LookupError as exc:
+            return None, None, [ContentError(f"registry subject {src.subject!r}: {exc}", pointer="")]
+        except Exception as exc:
+            raise NotReady(f"the schema registry cannot answer: {exc}") from exc
+        key = (found.id, src.confluent)
+        checker = self._compiled.get(key)
+        if checker is None:
+            kind = _REGISTRY_KINDS.get(found.parsed.type, "")
+            if src.kind is not None and kind != src.kind:
+                return None, None, [ContentError(f"registry subject {src.subject!r} holds {kind}, not {src.kind}", "")]
+            try:
+                document = json.loads(found.parsed.canonical)
+                if kind == "json":
+                    checker = JsonSchemaChecker(document)
+                elif kind == "avro":
+                    checker = AvroChecker(document, confluent=src.confluent, schema_id=found.id)
+                else:
+                    return None, None, [ContentError(f"registry subject {src.subject!r} holds {kind}", pointer="")]
+            except Exception as exc:  # a schema the registry took and the validator cannot compile
+                return None, None, [ContentError(f"registry schema {found.id} cannot be used: {exc}", pointer="")]
+            if len(self._compiled) >= _MATCH_CACHE_SIZE:
+                self._compiled.clear()
+            self._compiled[key] = checker
+        return checker, found.url, []
 
     def _count(self, name: str, outcome: str) -> None:
         key = (name, outcome)

@@ -53,6 +53,7 @@ class Quickstart:
     uid: str = field(default_factory=lambda: unique("t"))
     http_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
+    registry_port: int = field(default_factory=free_port)
     mqtt_port: int = 1883
     amqp_port: int = 5672
     outbox: str = "sqlite"
@@ -105,11 +106,11 @@ class Quickstart:
         ]
         # The ports in one pass, whole numbers only: a port put in by one replacement must never be matched
         # by the next (an HTTP port 18834 read as "port = 1883" then "4" became the test Mosquitto's + "4").
-        ports = {"8080": self.http_port, "50051": self.grpc_port, "1883": self.mqtt_port}
+        ports = {"8080": self.http_port, "50051": self.grpc_port, "1883": self.mqtt_port, "8081": self.registry_port}
         for shipped in ports:
             if not re.search(rf"port = {shipped}\b", text):
                 raise AssertionError(f"config.toml has no 'port = {shipped}'; update tests/support/daemon.py")
-        text = re.sub(r"port = (8080|50051|1883)\b", lambda m: f"port = {ports[m.group(1)]}", text)
+        text = re.sub(r"port = (8080|8081|50051|1883)\b", lambda m: f"port = {ports[m.group(1)]}", text)
         for old, new in replacements:
             if old not in text:
                 raise AssertionError(f"config.toml no longer contains {old!r}; update tests/support/daemon.py")
