@@ -32,8 +32,8 @@ services:
 	./scripts/services.sh
 
 install-brokers:
-	@echo "About to install RabbitMQ, Mosquitto, Redis, PostgreSQL and NATS, and the clients the README's quickstart and its test use (curl, amqp-tools, mosquitto-clients), from Debian packages (needs root): apt-get install -y rabbitmq-server mosquitto redis-server postgresql nats-server curl amqp-tools mosquitto-clients"
-	apt-get install -y rabbitmq-server mosquitto redis-server postgresql nats-server curl amqp-tools mosquitto-clients
+	@echo "About to install RabbitMQ, Mosquitto, Redis, PostgreSQL and NATS, and the clients the README's quickstart and its test use (curl, amqp-tools, mosquitto-clients), Chromium for the dashboard tests and Graphviz for docs/images/architecture.png, from Debian packages (needs root): apt-get install -y rabbitmq-server mosquitto redis-server postgresql nats-server curl amqp-tools mosquitto-clients chromium graphviz"
+	apt-get install -y rabbitmq-server mosquitto redis-server postgresql nats-server curl amqp-tools mosquitto-clients chromium graphviz
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
