@@ -232,7 +232,7 @@ def _print_letters(letters: list[dict[str, object]], as_json: bool | None) -> No
 async def _dead_letters(config: Config, args: argparse.Namespace) -> int:
     import aiohttp
 
-    from mediator.daemon import describe
+    from mediator.admin import describe
 
     action: str = args.action
     ids: list[int] | None = args.id or None
