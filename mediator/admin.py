@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+
 def describe(dl: DeadLetter) -> dict[str, object]:
     return {
         "id": dl.id,

@@ -157,7 +157,9 @@ class Admin(Protocol):
         pretty-printed, or base64), or None."""
         ...
 
-    async def edit_replay(self, id: int, data: bytes | None, attributes: Mapping[str, str] | None, who: str = "") -> int:
+    async def edit_replay(
+        self, id: int, data: bytes | None, attributes: Mapping[str, str] | None, who: str = ""
+    ) -> int:
         """Replace a dead letter's data and/or attributes (an empty value removes one), then replay it;
         returns 1, or 0 when there is none. Raises ValueError for an edit that cannot be made."""
         ...
