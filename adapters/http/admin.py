@@ -58,7 +58,7 @@ class Caller:
     by_cookie: bool = False  # admitted by the dashboard's session cookie: a JSON POST needs the CSRF token
 
 
-Identify = Callable[[web.BaseRequest], Awaitable[Caller | web.Response]]
+Identify = Callable[[web.BaseRequest, str | None], Awaitable[Caller | web.Response]]
 
 
 def with_security(resp: web.StreamResponse) -> web.StreamResponse:
@@ -75,17 +75,18 @@ class AdminApi:
         self.secure = secure  # the listener serves TLS: cookies are Secure
 
     # ------------------------------------------------------------------ who, and CSRF
-    async def caller(self, request: web.BaseRequest) -> Caller | web.Response:
-        """The caller, from the ``Authorization`` header or else the dashboard's session cookie."""
+    async def caller(self, request: web.BaseRequest, credential: str | None = None) -> Caller | web.Response:
+        """The caller, from ``credential`` (the login form's), the ``Authorization`` header, or else the
+        dashboard's session cookie."""
+        if credential is not None:
+            return await self._identify(request, f"Bearer {credential}")
         cookie = request.cookies.get(SESSION_COOKIE)
         if hdrs.AUTHORIZATION not in request.headers and cookie:
-            headers = request.headers.copy()
-            headers[hdrs.AUTHORIZATION] = f"Bearer {cookie}"
-            found = await self._identify(request.clone(headers=headers))
+            found = await self._identify(request, f"Bearer {cookie}")
             if isinstance(found, Caller):
                 return Caller(found.who, found.roles, by_cookie=True)
             return found
-        return await self._identify(request)
+        return await self._identify(request, None)
 
     @staticmethod
     def csrf_ok(request: web.BaseRequest, given: str | None) -> bool:

@@ -9,6 +9,7 @@ reloaded on SIGHUP; CORS for browsers; and who may use the admin endpoints.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import ssl
@@ -697,13 +698,15 @@ class HttpListener:
         body = json.dumps(self.health.snapshot()).encode("utf-8")
         return web.Response(status=200 if self.health.ready else 503, body=body, content_type="application/json")
 
-    async def _admin_caller(self, request: web.BaseRequest) -> Caller | web.Response:
+    async def _admin_caller(self, request: web.BaseRequest, authorization: str | None = None) -> Caller | web.Response:
         """Who may use admin, or the refusal: the admin token's holder, or (when the listener authenticates)
         a principal with one of the admin roles; with neither configured, admin is open (the config only
         allows that on loopback). 401 without a valid credential, 403 for an authenticated principal
-        without an admin role."""
+        without an admin role. ``authorization``: the credential to check instead of the request's
+        ``Authorization`` header (the dashboard's session cookie, its login form)."""
+        header = authorization if authorization is not None else request.headers.get(hdrs.AUTHORIZATION, "")
         if self._admin_auth is not None:
-            given = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape")
+            given = header.encode("utf-8", "surrogateescape")
             if hmac.compare_digest(given, self._admin_auth):  # constant time: the token is a secret
                 return Caller("admin-token")
         sink = self._admin_sink
@@ -712,6 +715,9 @@ class HttpListener:
                 return Caller(f"loopback {request.remote or ''}".rstrip())
             return error_response(401, "unauthenticated", "admin token required", {"WWW-Authenticate": "Bearer"})
         origin = make_origin(request, self.name, self._credential_names, self.cfg.tls is not None)
+        if authorization is not None:
+            others = tuple(c for c in origin.credentials if c[0] != "authorization")
+            origin = dataclasses.replace(origin, credentials=(("authorization", authorization), *others))
         try:
             principal = await sink.authenticate(origin)
         except Rejected as exc:

@@ -281,9 +281,7 @@ class Dashboard:
         if not self.api.csrf_ok(request, str(form.get(CSRF_FIELD, ""))):
             return self._page(request, "refused.html", status=403, reason="missing or wrong CSRF token")
         credential = str(form.get("credential", "")).strip()
-        headers = request.headers.copy()
-        headers[hdrs.AUTHORIZATION] = f"Bearer {credential}"
-        found = await self.api.caller(request.clone(headers=headers))
+        found = await self.api.caller(request, credential)
         if not credential or isinstance(found, web.Response):
             status = found.status if isinstance(found, web.Response) else 401
             reason = _reason(found) if isinstance(found, web.Response) else "enter a credential"
