@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
+AUTHCONTEXT = ("authtype", "authid", "authclaims")
+"""Set only from a verified principal (DESIGN section 5): an edit cannot forge who sent an event."""
+
+
 def describe(dl: DeadLetter) -> dict[str, object]:
     return {
         "id": dl.id,
@@ -116,6 +120,8 @@ def edited(event: Envelope, data: bytes | None, attributes: Mapping[str, str] | 
     for name, value in (attributes or {}).items():
         if name in ("id", "specversion"):
             raise ValueError(f"the attribute {name!r} cannot be edited")
+        if name in AUTHCONTEXT:
+            raise ValueError(f"the attribute {name!r} says who sent the event: only the gateway sets it")
         if not value and name not in ("source", "type"):
             if name in out.attributes:
                 del out.attributes[name]
