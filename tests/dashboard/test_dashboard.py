@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -18,7 +20,7 @@ from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from tests.e2e.test_quickstart import bound_queue, get_one
 from tests.support.browser import chromium, screenshot_path
-from tests.support.daemon import DaemonProcess, Quickstart
+from tests.support.daemon import ROOT, DaemonProcess, Quickstart
 from tests.support.net import RABBIT_URL
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio(loop_scope="module")]
@@ -262,6 +264,16 @@ async def test_dead_letter_is_edited_replayed_and_arrives(dash: Dash) -> None:
     await expect(audit.nth(1)).to_contain_text("subject")
     await shot(page, "audit-log")
     await ctx.close()
+    # The CLI reads the same audit log through the same admin API.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mediator", "dead-letters", "audit", "--config", str(dash.proc.config),
+        "--api-key-env", "DASH_ADMIN_KEY", stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, "DASH_ADMIN_KEY": ADMIN_KEY},
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    edits = [e for e in json.loads(out)["audit"] if e["action"] == "edit" and e["detail"]["event_id"] == event_id]
+    assert [e["who"] for e in edits] == ["ops-alice"]
 
 
 async def test_without_the_admin_role_the_dashboard_refuses(dash: Dash) -> None:
