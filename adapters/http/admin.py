@@ -14,7 +14,6 @@ their ``csrf`` field: the double-submit value of the ``CSRF_COOKIE`` cookie.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hmac
 import json
@@ -260,17 +259,16 @@ class AdminApi:
             await resp.write(f"event: ready\ndata: {json.dumps({'payloads': with_data})}\n\n".encode())
             idle = 0.0
             while not self.health.draining:
-                try:
-                    passed = await asyncio.wait_for(watcher.next(), STREAM_POLL_S)
-                except TimeoutError:
+                batch = await watcher.next(STREAM_POLL_S)
+                if not batch:
                     idle += STREAM_POLL_S
                     if idle >= TAIL_HEARTBEAT_S:
                         await resp.write(b": heartbeat\n\n")
                         idle = 0.0
                     continue
                 idle = 0.0
-                doc = json.dumps(passed_view(passed, with_data), ensure_ascii=False)
-                await resp.write(f"event: passed\ndata: {doc}\n\n".encode())
+                docs = (json.dumps(passed_view(p, with_data), ensure_ascii=False) for p in batch)
+                await resp.write("".join(f"event: passed\ndata: {doc}\n\n" for doc in docs).encode())
         except ConnectionResetError:
             pass  # the browser went away
         finally:

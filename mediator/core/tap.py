@@ -86,8 +86,24 @@ class Watcher:
     queue: asyncio.Queue[Passed] = field(default_factory=lambda: asyncio.Queue(WATCHER_QUEUE))
     dropped: int = 0
 
-    async def next(self) -> Passed:
-        return await self.queue.get()
+    async def next(self, timeout_s: float) -> list[Passed]:
+        """Every event waiting, at least one, or [] after ``timeout_s``: a watcher writes what piled up at
+        once (one write per wake-up, not per event)."""
+        queue = self.queue
+        if queue.empty():
+            try:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation that
+                # arrives as the item does, and a stream must stop when the listener stops.
+                async with asyncio.timeout(timeout_s):
+                    first = await queue.get()
+            except TimeoutError:
+                return []
+        else:
+            first = queue.get_nowait()
+        out = [first]
+        while not queue.empty():
+            out.append(queue.get_nowait())
+        return out
 
 
 class TooManyWatchers(Exception):
