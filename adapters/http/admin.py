@@ -14,12 +14,14 @@ their ``csrf`` field: the double-submit value of the ``CSRF_COOKIE`` cookie.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import hdrs, web
 
@@ -72,6 +74,19 @@ class AdminApi:
         self._identify = identify
         self.health = health
         self.secure = secure  # the listener serves TLS: cookies are Secure
+        self._streams: set[asyncio.Task[Any]] = set()  # the SSE handlers running now
+
+    def streaming(self) -> None:
+        """Called by a stream handler as it starts: ``close_streams`` ends it when the listener stops."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
+            task.add_done_callback(self._streams.discard)
+
+    def close_streams(self) -> None:
+        """End every open stream at once (the listener is stopping: its cleanup then waits for nothing)."""
+        for task in self._streams:
+            task.cancel()
 
     # ------------------------------------------------------------------ who, and CSRF
     async def caller(self, request: web.BaseRequest, credential: str | None = None) -> Caller | web.Response:
@@ -254,6 +269,7 @@ class AdminApi:
         from mediator.admin import passed_view  # the JSON shape of a passed event, beside the other views
 
         resp = self.event_stream()
+        self.streaming()
         try:
             await resp.prepare(request)
             await resp.write(f"event: ready\ndata: {json.dumps({'payloads': with_data})}\n\n".encode())

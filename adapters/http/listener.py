@@ -420,6 +420,7 @@ class HttpListener:
         self.inbounds = inbounds
         self.health = health
         self.admin = admin if cfg.admin else None
+        self._admin_api: AdminApi | None = None
         self._admin_auth = f"Bearer {admin_token}".encode() if admin_token else None
         # Admin by principal only when the listener authenticates; otherwise today's rules (token, loopback).
         self._admin_sink = sink if cfg.auth else None
@@ -452,7 +453,9 @@ class HttpListener:
         if self.metrics is not None:
             app.router.add_get(self.metrics.path, self._metrics)
         if self.admin is not None:
-            api = AdminApi(self.admin, self._admin_caller, self.health, secure=self.cfg.tls is not None)
+            api = self._admin_api = AdminApi(
+                self.admin, self._admin_caller, self.health, secure=self.cfg.tls is not None
+            )
             api.add_routes(app.router)
             Dashboard(api).add_routes(app.router)
         if self.status is not None:
@@ -633,6 +636,8 @@ class HttpListener:
             for task in self._reloads:
                 task.cancel()
             self._loop = None
+            if self._admin_api is not None:
+                self._admin_api.close_streams()  # an open dashboard never holds the stop
             if listening is not None:
                 listening.close()  # stop accepting; runner.cleanup then closes the connections
             try:

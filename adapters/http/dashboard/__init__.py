@@ -159,6 +159,7 @@ class Dashboard:
             return web.Response(status=503, text="too many dashboards open", headers={"Retry-After": "5"})
         self.overview_streams += 1
         resp = self.api.event_stream()
+        self.api.streaming()
         fragment = self.env.get_template("_overview.html")
         try:
             await resp.prepare(request)
