@@ -32,8 +32,8 @@ services:
 	./scripts/services.sh
 
 install-brokers:
-	@echo "About to install RabbitMQ, Mosquitto, Redis, PostgreSQL and NATS, and the clients the README's quickstart and its test use (curl, amqp-tools, mosquitto-clients), from Debian packages (needs root): apt-get install -y rabbitmq-server mosquitto redis-server postgresql nats-server curl amqp-tools mosquitto-clients"
-	apt-get install -y rabbitmq-server mosquitto redis-server postgresql nats-server curl amqp-tools mosquitto-clients
+	@echo "About to install RabbitMQ, Mosquitto, Redis, PostgreSQL and NATS, and the clients the README's quickstart and its test use (curl, amqp-tools, mosquitto-clients), Chromium for the dashboard tests and Graphviz for docs/images/architecture.png, from Debian packages (needs root): apt-get install -y rabbitmq-server mosquitto redis-server postgresql nats-server curl amqp-tools mosquitto-clients chromium graphviz"
+	apt-get install -y rabbitmq-server mosquitto redis-server postgresql nats-server curl amqp-tools mosquitto-clients chromium graphviz
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -54,12 +54,14 @@ check: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/mediator run --config config.toml
 
-# The benchmark (about 17 minutes on 2 cores, the push fan-out and request-reply included; prints one table, writes bench/results.json).
+# The benchmark (about 17 minutes on 2 cores, the push fan-out and request-reply included; prints one table, writes bench/results.json
+# and draws it: docs/images/bench-throughput.png, bench-latency.png).
 # BENCH_ARGS: e.g. --quick, --rounds 5, --paths http-amqp,mqtt-amqp, --no-peers, --profile (python -m bench --help).
 bench: $(STAMP) services
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.push
 	$(PY) -m bench.rpc
+	$(PY) -m bench.plots
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

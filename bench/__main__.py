@@ -41,6 +41,8 @@ TRACING_PATH = "http-amqp"
 """Beside the plain row (metrics on, as always; tracing off), in the same round: tracing at 100% sampling."""
 TRACING_SYSTEM = "mediator (tracing 100%)"
 METRICS_OFF_SYSTEM = "mediator (metrics off)"
+DASHBOARD_PATH = "http-amqp"  # with a dashboard open and the live tail on (bench/watch.py), beside the plain row
+DASHBOARD_SYSTEM = "mediator (dashboard + live tail open)"
 """Beside the plain row on TRACING_PATH: nothing counted ([metrics] enabled = false), what the metrics cost."""
 WORKERS = 2
 WORKERS_PATHS = ("http-amqp", "mqtt-amqp", "mqtt-mqtt")
@@ -96,6 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-peers", action="store_true", help="skip Node-RED and the RabbitMQ MQTT plugin")
     ap.add_argument("--no-memory", action="store_true", help="skip the in-memory outbox figure")
     ap.add_argument("--no-auth", action="store_true", help=f"skip the authenticated {AUTH_PATH} rows (JWT, API key)")
+    ap.add_argument(
+        "--no-dashboard", action="store_true", help=f"skip the {DASHBOARD_PATH} row with a dashboard and live tail open"
+    )
     ap.add_argument(
         "--no-tracing", action="store_true", help=f"skip the {TRACING_PATH} row with tracing at 100% sampling"
     )
@@ -264,6 +269,7 @@ class Bench:
         workers: int = 1,
         tracing: bool = False,
         metrics: bool = True,
+        dashboard: bool = False,
     ) -> dict[str, Any]:
         """One mediator cell; with ``auth`` the HTTP listener requires that credential, which every producer
         (wrk and the Python probes) then sends; with ``content`` the daemon checks a JSON Schema, routes by a
@@ -289,6 +295,9 @@ class Bench:
             system = TRACING_SYSTEM
         if not metrics:
             system = METRICS_OFF_SYSTEM
+        if dashboard:
+            system = DASHBOARD_SYSTEM
+        watcher: list[subprocess.Popen[str]] = []
         cell = Cell(
             label=path.name,
             system=CONTENT_SYSTEM if content else system,
@@ -305,10 +314,18 @@ class Bench:
             daemon.start()
             if auth is not None and wrk_url is not None:
                 _refused_without_credential(wrk_url)
+            if dashboard:
+                argv = [sys.executable, "-m", "bench.watch", f"http://127.0.0.1:{env.http_port}"]
+                watcher.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT))
 
+        watched: dict[str, Any] | None = None
         try:
             res = measure(cell, self.settings, start_system=start)
         finally:
+            for proc in watcher:
+                proc.terminate()
+                out, _ = proc.communicate(timeout=10)
+                watched = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"error": "no output"}
             rc = daemon.stop()
             problems = daemon.problems()
             if problems:
@@ -326,6 +343,9 @@ class Bench:
             res["workers"] = workers
         if not metrics:
             res["variant"] = "metrics_off"
+        if dashboard:
+            res["variant"] = "dashboard"
+            res["dashboard"] = watched
         if tracing:
             res["variant"] = "tracing"
             res["otlp_spans_received"] = self.otlp.spans - spans_before
@@ -659,6 +679,10 @@ class Bench:
             if name == TRACING_PATH and not a.no_metrics_off and not self.over_budget(f"{name} [metrics off]"):
                 entry["mediator_metrics_off"] = self._guard(
                     f"{name} [metrics off]", lambda n=name: self.mediator(PATHS[n], profile=first, metrics=False)
+                )
+            if name == DASHBOARD_PATH and not a.no_dashboard and not self.over_budget(f"{name} [dashboard]"):
+                entry["mediator_dashboard"] = self._guard(
+                    f"{name} [dashboard]", lambda n=name: self.mediator(PATHS[n], profile=first, dashboard=True)
                 )
             if name == CONTENT_PATH and not a.no_content and not self.over_budget(f"{name} [content]"):
                 entry["mediator_content"] = self._guard(

@@ -237,7 +237,7 @@ def _print_letters(letters: list[dict[str, object]], as_json: bool | None) -> No
 async def _dead_letters(config: Config, args: argparse.Namespace) -> int:
     import aiohttp
 
-    from mediator.daemon import describe
+    from mediator.admin import describe
 
     action: str = args.action
     ids: list[int] | None = args.id or None
@@ -253,6 +253,8 @@ async def _dead_letters(config: Config, args: argparse.Namespace) -> int:
                         if resp.status != 200:
                             return await _admin_failed(resp, origin)
                         _print_letters((await resp.json())["dead_letters"], as_json)
+                elif action in ("show", "delete", "audit"):
+                    return await _dead_letter_action(http, url, headers, origin, action, ids, limit)
                 else:
                     body = {"ids": ids} if ids is not None else {}
                     async with http.post(f"{url}/replay", json=body, headers=headers) as resp:
@@ -262,6 +264,9 @@ async def _dead_letters(config: Config, args: argparse.Namespace) -> int:
                 return 0
         except aiohttp.ClientConnectionError:
             pass  # no daemon running: work on the outbox file
+    if action in ("show", "delete", "audit"):
+        print(f"mediator: dead-letters {action} needs a running daemon's admin endpoint", file=sys.stderr)
+        return 1
     if config.outbox.kind != "sqlite":
         print("no running daemon answers, and an in-memory outbox keeps nothing on disk", file=sys.stderr)
         return 1
@@ -293,6 +298,36 @@ async def _dead_letters(config: Config, args: argparse.Namespace) -> int:
     finally:
         await outbox.close()
         lock.release()
+    return 0
+
+
+async def _dead_letter_action(
+    http: Any, url: str, headers: dict[str, str], origin: str, action: str, ids: list[int] | None, limit: int
+) -> int:
+    """``show`` (each --id whole: attributes and data), ``delete`` (the --id letters) and ``audit`` (who
+    changed what) through the admin API the dashboard uses (GET /admin/dead-letters/ID, POST
+    /admin/dead-letters/delete, GET /admin/audit); JSON on stdout."""
+    if action == "audit":
+        async with http.get(url.removesuffix("/dead-letters") + "/audit", params={"limit": str(limit)},
+                            headers=headers) as resp:  # fmt: skip
+            if resp.status != 200:
+                return await _admin_failed(resp, origin)
+            print(json.dumps(await resp.json(), indent=2))
+        return 0
+    if not ids:
+        print(f"mediator: dead-letters {action} needs --id", file=sys.stderr)
+        return 1
+    if action == "delete":
+        async with http.post(f"{url}/delete", json={"ids": ids}, headers=headers) as resp:
+            if resp.status != 200:
+                return await _admin_failed(resp, origin)
+            print(json.dumps(await resp.json()))
+        return 0
+    for i in ids:
+        async with http.get(f"{url}/{i}", headers=headers) as resp:
+            if resp.status != 200:
+                return await _admin_failed(resp, origin)
+            print(json.dumps(await resp.json(), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -604,10 +639,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "run":
             p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # started by the supervisor
         p.set_defaults(func=func)
-    dlq = sub.add_parser("dead-letters", help="list or replay dead letters (running daemon, else the outbox file)")
-    dlq.add_argument("action", choices=["list", "replay"])
+    dlq = sub.add_parser(
+        "dead-letters",
+        help="list or replay dead letters (running daemon, else the outbox file); show one whole, delete, "
+        "or read the audit log of these changes (running daemon)",
+    )
+    dlq.add_argument("action", choices=["list", "replay", "show", "delete", "audit"])
     dlq.add_argument("--config", "-c", default=_default_config(), help=f"path to config.toml (or ${CONFIG_ENV})")
-    dlq.add_argument("--id", type=int, action="append", help="replay only this dead letter (repeatable)")
+    dlq.add_argument("--id", type=int, action="append", help="replay (show, delete) only this dead letter (repeatable)")
     dlq.add_argument("--limit", type=int, default=100, help="list at most this many")
     shape = dlq.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", default=None, help="list as JSON (the default into a pipe)")

@@ -15,14 +15,14 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from mediator.admin import DeadLetterAdmin
 from mediator.config import Config, loads
-from mediator.core.deadletter import REMOVED_PREFIX, classify
+from mediator.core.deadletter import REMOVED_PREFIX
 from mediator.core.envelope import Envelope
 from mediator.core.errors import ConfigError, MediatorError, NotReady, Rejected
 from mediator.core.health import Health
@@ -44,10 +44,10 @@ from mediator.correlator import CorrelatorCollector
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.lock import DaemonLock
 from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
-from mediator.observability.status import status
 from mediator.observability.tracing import SpanTotals, Tracing
-from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox, StorageError
+from mediator.outbox import MemoryOutbox, Outbox, Pending, SqliteOutbox, StorageError
 from mediator.pipeline import Pipeline
+from mediator.rates import Rates
 from mediator.registry import load_specs
 from mediator.reloadable import in_force, restart_required
 from mediator.schemaregistry.http import RegistryServer, make_registry
@@ -323,6 +323,8 @@ class Daemon:
         self._retiring: set[asyncio.Task[None]] = set()
         self._set_tracing(Tracing(config.root.tracing) if config.root.tracing.enabled else None)
         self._admin = DeadLetterAdmin(self)
+        self.rates = Rates(self.metrics.totals)  # the dashboard's chart (GET /admin/rates)
+        self.last_reload: dict[str, object] | None = None  # the latest reload's outcome, for /admin/status
         self.metrics.register(StateCollector(self))
         if self.metrics.counting:
             self.metrics.register(CorrelatorCollector(self.pipeline.correlator))
@@ -666,6 +668,7 @@ class Daemon:
             "version": self.config_version,
             **details,
         }
+        self.last_reload = status
         write_reload_status(self._reload_status_path(), status)
 
     def _reload_status_path(self) -> Path:
@@ -848,6 +851,7 @@ class Daemon:
                 tasks = [tg.create_task(self.aggregator.run(), name="aggregate")]
                 if self.registry_server is not None:
                     tasks.append(tg.create_task(self.registry_server.run(), name="registry"))
+                tasks.append(tg.create_task(self.rates.run(), name="admin:rates"))
                 for unit in self._units.values():
                     self._run_unit(unit, guard=False)  # a bind failure at start-up stops the daemon
                 reload_task = tg.create_task(self._reload_loop(), name="config-reload")
@@ -964,49 +968,3 @@ class Daemon:
                         await fut
             if self._force.is_set():
                 break
-
-
-class DeadLetterAdmin:
-    """The operator's view of the dead letters of a running daemon (see ``mediator.core.seams.Admin``)."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
-
-    async def dead_letters(self, limit: int) -> list[dict[str, object]]:
-        return [describe(dl) for dl in await self._daemon.outbox.dead_letters(limit)]
-
-    async def replay(self, ids: Sequence[int] | None) -> int:
-        daemon = self._daemon
-        rows = await daemon.outbox.replay(ids)
-        for p in rows:
-            dispatcher = daemon.dispatchers.get(p.outbound)
-            if dispatcher is None:
-                reason = f"{REMOVED_PREFIX}outbound {p.outbound!r} is no longer configured"
-                await daemon.outbox.dead_letter(p, reason)
-                daemon.metrics.dead_letter(p.outbound, reason)
-                continue
-            daemon.backlog.add(1)
-            dispatcher.submit(p)
-        log.info("dead_letters.replayed", count=len(rows))
-        return len(rows)
-
-    async def status(self) -> dict[str, object]:
-        return await status(self._daemon)
-
-
-def describe(dl: DeadLetter) -> dict[str, object]:
-    return {
-        "id": dl.id,
-        "event_id": dl.event.id,
-        "type": dl.event.type,
-        "source": dl.event.source,
-        "inbound": dl.event.provenance.inbound,
-        "route": dl.route,
-        "outbound": dl.outbound,
-        "address": dl.address,
-        "reason": dl.reason,
-        "class": classify(dl.reason, dl.outbound),  # the reason label of mediator_dead_letters_total
-        "attempts": dl.attempts,
-        "at": datetime.fromtimestamp(dl.at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "replayable": bool(dl.format),
-    }

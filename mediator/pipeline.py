@@ -23,6 +23,7 @@ from mediator.core.ingress import Batch, Origin, Principal, Stage
 from mediator.core.patterns import TemplateError
 from mediator.core.router import Delivery, DestinationSpec, Router
 from mediator.core.seams import Reply, RequestOutbound
+from mediator.core.tap import Passed, Tap
 from mediator.correlator import Correlator, new_id
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.observability.metrics import DEFERRED_OVERLOADED, DEFERRED_UNAVAILABLE, Metrics
@@ -68,6 +69,7 @@ class Pipeline:
         # Request-reply: the waiter table and the outbounds that can carry requests (by name; the daemon
         # keeps it current as units come and go).
         self.correlator = Correlator()
+        self.tap = Tap()
         self.requesters: dict[str, RequestOutbound] = {}
 
     async def authenticate(self, origin: Origin) -> Principal:
@@ -151,6 +153,8 @@ class Pipeline:
             m.duplicates.inc(len(duplicates))
         m.accepted.inc(received - len(duplicates))
         self.metrics.committed(items, duplicates, m)
+        if self.tap.active:  # someone watches the live tail (mediator/tap.py): otherwise this is all it costs
+            self._show(items, duplicates)
         if self.dead_letter_destination is not None:
             for item in items:
                 if item.dead_reason is not None:
@@ -158,6 +162,21 @@ class Pipeline:
                 for fail in item.failures:
                     await self.forward_dead(item.event, fail.reason, fail.route, fail.outbound)
         return {items[i].event.id for i in duplicates}
+
+    def _show(self, items: list[Accepted], duplicates: list[int]) -> None:
+        dup = set(duplicates)
+        self.tap.offer(
+            [
+                Passed(
+                    item.event,
+                    tuple(dict.fromkeys(d.route for d in item.deliveries)),
+                    tuple(dict.fromkeys(d.outbound for d in item.deliveries)),
+                    i in dup,
+                    item.dead_reason,
+                )
+                for i, item in enumerate(items)
+            ]
+        )
 
     async def request(self, event: Envelope, origin: Origin, timeout_s: float) -> Reply:
         """``Requests.request``: the same stages as ``accept``, then one request-capable destination, with no

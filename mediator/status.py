@@ -36,7 +36,7 @@ from sys import intern
 
 from mediator.core.envelope import Envelope
 from mediator.core.seams import StatusLookup, WaitOutcome
-from mediator.outbox.base import Accepted, DeadLetter, OnCommit, Outbox, OutboxStats, Pending
+from mediator.outbox.base import Accepted, AuditEntry, DeadLetter, OnCommit, Outbox, OutboxStats, Pending
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -451,6 +451,21 @@ class StatusOutbox:
         rows = await self.inner.replay(ids)
         self.book.pending(rows)
         return rows
+
+    async def dead_letter_by_id(self, id: int) -> DeadLetter | None:
+        return await self.inner.dead_letter_by_id(id)
+
+    async def edit_dead_letter(self, id: int, event: Envelope) -> bool:
+        return await self.inner.edit_dead_letter(id, event)
+
+    async def delete_dead_letters(self, ids: Sequence[int]) -> int:
+        return await self.inner.delete_dead_letters(ids)
+
+    async def audit(self, who: str, action: str, detail: str) -> None:
+        await self.inner.audit(who, action, detail)
+
+    async def audit_log(self, limit: int = 100) -> list[AuditEntry]:
+        return await self.inner.audit_log(limit)
 
     async def stats(self) -> OutboxStats:
         return await self.inner.stats()

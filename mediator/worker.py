@@ -38,9 +38,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from mediator.admin import DeadLetterAdmin
 from mediator.config import Config
 from mediator.core.seams import StatusLookup, StatusReader, WaitOutcome
-from mediator.daemon import Daemon, DeadLetterAdmin
+from mediator.daemon import Daemon
 from mediator.status import lookup_from_json, lookup_to_json
 from mediator.supervisor import Slot
 
@@ -171,8 +172,38 @@ class FleetAdmin(DeadLetterAdmin):
     async def local_dead_letters(self, limit: int) -> list[dict[str, object]]:
         return await super().dead_letters(limit)
 
-    async def local_replay(self, ids: Sequence[int] | None) -> int:
-        return await super().replay(ids)
+    async def local_replay(self, ids: Sequence[int] | None, who: str = "") -> int:
+        return await super().replay(ids, who)
+
+    async def local_call(self, action: str, body: Mapping[str, Any]) -> Any:
+        """One dead-letter action of the dashboard's on this worker's outbox (``PeerServer``'s ``/act``)."""
+        who = str(body.get("who", ""))
+        if action == "get":
+            return await super().dead_letter(int(body["id"]))
+        if action == "edit":
+            data = body.get("data")
+            raw = data.encode("utf-8") if isinstance(data, str) else None
+            return await super().edit_replay(int(body["id"]), raw, body.get("attributes"), who)
+        if action == "delete":
+            return await super().delete([int(i) for i in body["ids"]], who)
+        if action == "audit":
+            return await super().audit(int(body.get("limit", 100)))
+        raise ValueError(f"unknown action {action!r}")
+
+    async def _on_worker(self, id: int, action: str, body: dict[str, Any]) -> Any:
+        """``action`` on the worker whose outbox holds the dead letter ``id`` (ids are stamped: ``_stamp``)."""
+        k, local = id % ID_SPAN, id // ID_SPAN
+        body = {**body, "id": local}
+        if k == self.slot.index:
+            return await self.local_call(action, body)
+        if k not in self.peers.others:
+            return None
+        try:
+            return await self.peers.call(k, "POST", f"/act/{action}", body)
+        except aiohttp.ClientResponseError as exc:
+            if exc.status == 400:
+                raise ValueError(f"worker {k} refused the {action}") from exc
+            raise
 
     async def local_status(self) -> dict[str, object]:
         return await super().status()
@@ -185,20 +216,48 @@ class FleetAdmin(DeadLetterAdmin):
         letters.sort(key=lambda letter: str(letter.get("at", "")))
         return letters[:limit]
 
-    async def replay(self, ids: Sequence[int] | None) -> int:
+    async def dead_letter(self, id: int) -> dict[str, object] | None:
+        found = await self._on_worker(id, "get", {})
+        return _stamp([found], id % ID_SPAN)[0] if isinstance(found, dict) else None
+
+    async def edit_replay(
+        self, id: int, data: bytes | None, attributes: Mapping[str, str] | None, who: str = ""
+    ) -> int:
+        text = data.decode("utf-8") if data is not None else None  # the dashboard edits text data
+        return int(await self._on_worker(id, "edit", {"data": text, "attributes": attributes, "who": who}) or 0)
+
+    async def delete(self, ids: Sequence[int], who: str = "") -> int:
+        total = 0
+        for i in ids:
+            k = i % ID_SPAN
+            if k == self.slot.index:
+                total += await self.local_call("delete", {"ids": [i // ID_SPAN], "who": who})
+            elif k in self.peers.others:
+                total += int(await self.peers.call(k, "POST", "/act/delete", {"ids": [i // ID_SPAN], "who": who}))
+        return total
+
+    async def audit(self, limit: int) -> list[dict[str, object]]:
+        own = await self.local_call("audit", {"limit": limit})
+        others = await self.peers.gather("POST", "/act/audit", {"limit": limit})
+        entries = [dict(e, worker=self.slot.index) for e in own]
+        entries += [dict(e, worker=k) for k, part in others.items() for e in part]
+        entries.sort(key=lambda e: str(e.get("at", "")), reverse=True)
+        return entries[:limit]
+
+    async def replay(self, ids: Sequence[int] | None, who: str = "") -> int:
         if ids is None:
-            others = await self.peers.gather("POST", "/replay", {"ids": None})
-            return await self.local_replay(None) + sum(int(n) for n in others.values())
+            others = await self.peers.gather("POST", "/replay", {"ids": None, "who": who})
+            return await self.local_replay(None, who) + sum(int(n) for n in others.values())
         by_worker: dict[int, list[int]] = {}
         for i in ids:
             by_worker.setdefault(i % ID_SPAN, []).append(i // ID_SPAN)
         total = 0
         for k, local_ids in sorted(by_worker.items()):
             if k == self.slot.index:
-                total += await self.local_replay(local_ids)
+                total += await self.local_replay(local_ids, who)
             elif k in self.peers.others:
                 try:
-                    total += int(await self.peers.call(k, "POST", "/replay", {"ids": local_ids}))
+                    total += int(await self.peers.call(k, "POST", "/replay", {"ids": local_ids, "who": who}))
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     log.warning("worker.peer_unreachable", peer=k, path="/replay", error=repr(exc))
         return total
@@ -267,7 +326,13 @@ class PeerServer:
 
         async def replay(request: web.Request) -> web.Response:
             body = await request.json()
-            return web.json_response(await admin.local_replay(body.get("ids")))
+            return web.json_response(await admin.local_replay(body.get("ids"), str(body.get("who", ""))))
+
+        async def act(request: web.Request) -> web.Response:
+            try:
+                return web.json_response(await admin.local_call(request.match_info["action"], await request.json()))
+            except ValueError as exc:
+                return web.json_response({"error": "invalid", "reason": str(exc)}, status=400)
 
         async def status(request: web.Request) -> web.Response:
             return web.json_response(await admin.local_status())
@@ -283,6 +348,7 @@ class PeerServer:
         app.router.add_get("/event-status", event_status)
         app.router.add_get("/dead-letters", dead_letters)
         app.router.add_post("/replay", replay)
+        app.router.add_post("/act/{action}", act)
         app.router.add_get("/status", status)
         app.router.add_get("/metrics", metrics)
         runner = web.AppRunner(app, access_log=None)

@@ -93,3 +93,16 @@ for tool in curl amqp-consume amqp-publish mosquitto_sub mosquitto_pub mosquitto
     exit 1
   fi
 done
+
+# Chromium: tests/dashboard drive Debian's browser through Playwright (Playwright's own build cannot be downloaded here).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "services: Chromium is missing (tests/dashboard need it); installing it: apt-get install -y chromium"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/tmp/mediator-chromium-install.log 2>&1 \
+      || { echo "services: apt-get install chromium failed (log: /tmp/mediator-chromium-install.log)" >&2; exit 1; }
+    echo "services: Chromium installed"
+  else
+    echo "services: Chromium is not installed. As root: make install-brokers (apt-get install chromium)" >&2
+    exit 1
+  fi
+fi

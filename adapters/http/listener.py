@@ -9,6 +9,7 @@ reloaded on SIGHUP; CORS for browsers; and who may use the admin endpoints.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import ssl
@@ -23,7 +24,9 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_urldispatcher import AbstractRoute
 
+from adapters.http.admin import AdminApi, Caller
 from adapters.http.config import CorsConfig, HttpListenerConfig
+from adapters.http.dashboard import Dashboard
 from adapters.http.inbound import (
     DEFAULT_CHALLENGE,
     DEFAULT_CREDENTIAL_HEADERS,
@@ -417,6 +420,7 @@ class HttpListener:
         self.inbounds = inbounds
         self.health = health
         self.admin = admin if cfg.admin else None
+        self._admin_api: AdminApi | None = None
         self._admin_auth = f"Bearer {admin_token}".encode() if admin_token else None
         # Admin by principal only when the listener authenticates; otherwise today's rules (token, loopback).
         self._admin_sink = sink if cfg.auth else None
@@ -449,9 +453,11 @@ class HttpListener:
         if self.metrics is not None:
             app.router.add_get(self.metrics.path, self._metrics)
         if self.admin is not None:
-            app.router.add_get("/admin/dead-letters", self._dead_letters)
-            app.router.add_post("/admin/dead-letters/replay", self._replay)
-            app.router.add_get("/admin/status", self._status)
+            api = self._admin_api = AdminApi(
+                self.admin, self._admin_caller, self.health, secure=self.cfg.tls is not None
+            )
+            api.add_routes(app.router)
+            Dashboard(api).add_routes(app.router)
         if self.status is not None:
             app.router.add_get(STATUS_PATH, self._event_status)
         for inbound in self.inbounds:
@@ -630,6 +636,8 @@ class HttpListener:
             for task in self._reloads:
                 task.cancel()
             self._loop = None
+            if self._admin_api is not None:
+                self._admin_api.close_streams()  # an open dashboard never holds the stop
             if listening is not None:
                 listening.close()  # stop accepting; runner.cleanup then closes the connections
             try:
@@ -695,21 +703,26 @@ class HttpListener:
         body = json.dumps(self.health.snapshot()).encode("utf-8")
         return web.Response(status=200 if self.health.ready else 503, body=body, content_type="application/json")
 
-    async def _admin_refusal(self, request: web.BaseRequest) -> web.Response | None:
-        """None when the caller may use admin: it presents the admin token, or (when the listener
-        authenticates) it is a principal with one of the admin roles; with neither configured, admin is
-        open (the config only allows that on loopback). 401 without a valid credential, 403 for an
-        authenticated principal without an admin role."""
+    async def _admin_caller(self, request: web.BaseRequest, authorization: str | None = None) -> Caller | web.Response:
+        """Who may use admin, or the refusal: the admin token's holder, or (when the listener authenticates)
+        a principal with one of the admin roles; with neither configured, admin is open (the config only
+        allows that on loopback). 401 without a valid credential, 403 for an authenticated principal
+        without an admin role. ``authorization``: the credential to check instead of the request's
+        ``Authorization`` header (the dashboard's session cookie, its login form)."""
+        header = authorization if authorization is not None else request.headers.get(hdrs.AUTHORIZATION, "")
         if self._admin_auth is not None:
-            given = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape")
+            given = header.encode("utf-8", "surrogateescape")
             if hmac.compare_digest(given, self._admin_auth):  # constant time: the token is a secret
-                return None
+                return Caller("admin-token")
         sink = self._admin_sink
         if sink is None:
             if self._admin_auth is None:
-                return None
+                return Caller(f"loopback {request.remote or ''}".rstrip())
             return error_response(401, "unauthenticated", "admin token required", {"WWW-Authenticate": "Bearer"})
         origin = make_origin(request, self.name, self._credential_names, self.cfg.tls is not None)
+        if authorization is not None:
+            others = tuple(c for c in origin.credentials if c[0] != "authorization")
+            origin = dataclasses.replace(origin, credentials=(("authorization", authorization), *others))
         try:
             principal = await sink.authenticate(origin)
         except Rejected as exc:
@@ -721,9 +734,13 @@ class HttpListener:
                 401, "unauthenticated", "admin needs an authenticated caller", {"WWW-Authenticate": DEFAULT_CHALLENGE}
             )
         if principal.roles & self._admin_roles:
-            return None
+            return Caller(principal.id, frozenset(principal.roles))
         self._log.info("admin.refused", code=RejectCode.FORBIDDEN.value, principal=principal.id, peer=origin.peer)
         return error_response(403, "forbidden", "admin needs one of the roles " + ", ".join(sorted(self._admin_roles)))
+
+    async def _admin_refusal(self, request: web.BaseRequest) -> web.Response | None:
+        caller = await self._admin_caller(request)
+        return caller if isinstance(caller, web.Response) else None
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         """The Prometheus exposition; on a listener with ``auth``, for admins only unless ``public``."""
@@ -734,13 +751,6 @@ class HttpListener:
             if refusal is not None:
                 return refusal
         return web.Response(body=metrics.render(), headers={hdrs.CONTENT_TYPE: metrics.content_type})
-
-    async def _status(self, request: web.BaseRequest) -> web.Response:
-        refusal = await self._admin_refusal(request)
-        if refusal is not None:
-            return refusal
-        assert self.admin is not None
-        return web.json_response(await self.admin.status())
 
     async def _event_status(self, request: web.BaseRequest) -> web.Response:
         """An event's delivery status (``mediator/status.py``), for its publisher or an admin.
@@ -776,37 +786,3 @@ class HttpListener:
         if found.document is None:
             return _status_problem(event_id, found.found == "expired", status)
         return web.json_response(found.document)
-
-    async def _dead_letters(self, request: web.BaseRequest) -> web.Response:
-        refusal = await self._admin_refusal(request)
-        if refusal is not None:
-            return refusal
-        assert self.admin is not None
-        try:
-            limit = int(request.query.get("limit", "100"))
-        except ValueError:
-            return web.json_response({"error": "invalid", "reason": "limit must be an integer"}, status=400)
-        letters = await self.admin.dead_letters(max(1, min(limit, 10_000)))
-        return web.json_response({"dead_letters": letters})
-
-    async def _replay(self, request: web.BaseRequest) -> web.Response:
-        refusal = await self._admin_refusal(request)
-        if refusal is not None:
-            return refusal
-        assert self.admin is not None
-        ids: list[int] | None = None
-        if request.can_read_body:
-            try:
-                body = await request.json()
-                raw = body.get("ids") if isinstance(body, dict) else None
-                if raw is not None:
-                    ids = [int(i) for i in raw]
-            except (ValueError, TypeError):
-                return web.json_response(
-                    {"error": "invalid", "reason": 'body must be {"ids": [integers]} or empty'}, status=400
-                )
-        replayed = await self.admin.replay(ids)
-        if ids and not replayed:
-            listed = ", ".join(str(i) for i in ids)
-            return error_response(404, "not_found", f"no replayable dead letter with id {listed}")
-        return web.json_response({"replayed": replayed})

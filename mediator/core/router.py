@@ -189,6 +189,11 @@ class Router:
     def __init__(self, routes: Sequence[RouteSpec]) -> None:
         self._routes = [_CompiledRoute(r) for r in routes]
 
+    @property
+    def specs(self) -> tuple[RouteSpec, ...]:
+        """The routes in table order, as compiled."""
+        return tuple(r.spec for r in self._routes)
+
     def route(
         self, env: Envelope, data: DataGetter | None = None, on_predicate_failed: PredicateFailed | None = None
     ) -> tuple[list[Delivery], list[Unroutable]]:
@@ -238,3 +243,10 @@ class Router:
             if route.final:
                 break
         return deliveries, failures
+
+
+def variables_for(env: Envelope, pred: Predicate) -> dict[str, Any]:
+    """The CEL variables ``pred`` reads of ``env`` (its data parsed from the envelope), as a route's ``when``
+    sees them: for a filter outside the table (the dashboard's live tail). Raises PredicateError when the
+    data says JSON and is not."""
+    return _Variables(env, parsed).for_(pred)

@@ -19,6 +19,7 @@ from mediator.core.errors import Rejected
 from mediator.core.health import Health
 from mediator.core.ingress import Origin, Principal
 from mediator.core.patterns import Template
+from mediator.core.tap import TailFilter, Watcher
 from mediator.core.transform import TransformConfig
 
 
@@ -146,14 +147,55 @@ class Admin(Protocol):
         """The oldest ``limit`` dead letters as JSON-ready dicts (ids, reason, attempts; never payloads)."""
         ...
 
-    async def replay(self, ids: Sequence[int] | None) -> int:
-        """Queue dead letters (all when ``ids`` is None) for delivery again; returns how many."""
+    async def replay(self, ids: Sequence[int] | None, who: str = "") -> int:
+        """Queue dead letters (all when ``ids`` is None) for delivery again; returns how many. ``who``
+        (the caller, for the audit log) is recorded with every change to the dead letters."""
+        ...
+
+    async def dead_letter(self, id: int) -> dict[str, object] | None:
+        """One dead letter whole: what ``dead_letters`` lists plus its attributes and data (text, JSON
+        pretty-printed, or base64), or None."""
+        ...
+
+    async def edit_replay(
+        self, id: int, data: bytes | None, attributes: Mapping[str, str] | None, who: str = ""
+    ) -> int:
+        """Replace a dead letter's data and/or attributes (an empty value removes one), then replay it;
+        returns 1, or 0 when there is none. Raises ValueError for an edit that cannot be made."""
+        ...
+
+    async def delete(self, ids: Sequence[int], who: str = "") -> int:
+        """Forget these dead letters; returns how many there were."""
+        ...
+
+    async def audit(self, limit: int) -> list[dict[str, object]]:
+        """The latest changes to the dead letters, newest first: id, at, who, action, detail."""
         ...
 
     async def status(self) -> dict[str, object]:
         """The daemon's state as JSON-ready dicts: listeners, brokers, inbounds, outbounds (state, counters,
         backlog, breaker), the outbox (size, oldest pending delivery) and the config's version."""
         ...
+
+    async def routes(self) -> dict[str, object]:
+        """The translation table as written and as resolved, with each route's count of matched events."""
+        ...
+
+    async def rates(self) -> dict[str, object]:
+        """Events per second of each inbound and outbound over the last minutes (``mediator.rates``)."""
+        ...
+
+    @property
+    def payload_roles(self) -> frozenset[str]:
+        """Roles whose holders see event data in the live tail (none by default)."""
+        ...
+
+    def tail(self, wanted: TailFilter) -> Watcher:
+        """Watch the events passing from now on that ``wanted`` matches (``mediator.core.tap``); ``untail``
+        it when done. Raises ValueError (a bad CEL expression) or TooManyWatchers."""
+        ...
+
+    def untail(self, watcher: Watcher) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

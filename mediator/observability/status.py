@@ -27,6 +27,11 @@ class StatusSource(Observed, Protocol):
     @property
     def outbox(self) -> Outbox: ...
 
+    @property
+    def last_reload(self) -> Mapping[str, object] | None:
+        """The latest reload's outcome (None before the first): seq, at, outcome, problems, version."""
+        ...
+
 
 def iso(t: float | None) -> str | None:
     if t is None:
@@ -151,6 +156,7 @@ async def status(daemon: StatusSource) -> dict[str, object]:
             "file": config.file,
             "version": daemon.config_version,
             "loaded_at": iso(daemon.config_loaded_at),
+            "last_reload": _reload(daemon.last_reload),
         },
         "listeners": listeners,
         "brokers": brokers,
@@ -159,6 +165,18 @@ async def status(daemon: StatusSource) -> dict[str, object]:
         "routes": routes,
         "dead_lettered_at_ingress": _by(totals.get("dead_letters", {}), ""),
         "outbox": outbox,
+    }
+
+
+def _reload(doc: Mapping[str, object] | None) -> dict[str, object] | None:
+    if doc is None:
+        return None
+    at = doc.get("at")
+    return {
+        "outcome": doc.get("outcome"),
+        "at": iso(at) if isinstance(at, float) else None,
+        "problems": doc.get("problems", []),
+        "version": doc.get("version"),
     }
 
 

@@ -41,6 +41,17 @@ class DeadLetter:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One operator action on the dead letters (who, when, what): kept in the outbox with them."""
+
+    id: int
+    at: float
+    who: str
+    action: str
+    detail: str  # JSON: the ids, and for an edit what changed (attribute names, data size; never the data)
+
+
+@dataclass(frozen=True, slots=True)
 class Accepted:
     """One event for commit: where it goes and which of its destinations already failed."""
 
@@ -103,6 +114,26 @@ class Outbox(Protocol):
 
     async def replay(self, ids: Sequence[int] | None = None) -> list[Pending]:
         """Turn dead letters (all when ``ids`` is None) back into pending deliveries; returns them."""
+        ...
+
+    async def dead_letter_by_id(self, id: int) -> DeadLetter | None:
+        """One dead letter, whole (its envelope with data), or None."""
+        ...
+
+    async def edit_dead_letter(self, id: int, event: Envelope) -> bool:
+        """Replace a dead letter's envelope (an operator's fix before a replay); False when there is none."""
+        ...
+
+    async def delete_dead_letters(self, ids: Sequence[int]) -> int:
+        """Forget these dead letters; returns how many there were."""
+        ...
+
+    async def audit(self, who: str, action: str, detail: str) -> None:
+        """Append to the audit log; returns once durable (for a durable store)."""
+        ...
+
+    async def audit_log(self, limit: int = 100) -> list[AuditEntry]:
+        """The latest ``limit`` audit entries, newest first."""
         ...
 
     async def stats(self) -> OutboxStats:

@@ -5,13 +5,14 @@ For operators who trade durability for speed (``[outbox] kind = "memory"``).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from mediator.core.envelope import Envelope
-from mediator.outbox.base import Accepted, DeadLetter, OnCommit, OutboxStats, Pending
+from mediator.outbox.base import Accepted, AuditEntry, DeadLetter, OnCommit, OutboxStats, Pending
 
 
 class MemoryOutbox:
@@ -19,6 +20,7 @@ class MemoryOutbox:
         self._ids = itertools.count(1)
         self._pending: dict[int, Pending] = {}
         self._dead: dict[int, DeadLetter] = {}
+        self._audit: list[AuditEntry] = []
         self._window = dedup_window_s
         self.on_commit: OnCommit | None = None
         self._seen: OrderedDict[str, float] = OrderedDict()  # oldest first; pruned past the window
@@ -85,6 +87,25 @@ class MemoryOutbox:
             self._pending[p.id] = p
             out.append(p)
         return out
+
+    async def dead_letter_by_id(self, id: int) -> DeadLetter | None:
+        return self._dead.get(id)
+
+    async def edit_dead_letter(self, id: int, event: Envelope) -> bool:
+        dl = self._dead.get(id)
+        if dl is None:
+            return False
+        self._dead[id] = dataclasses.replace(dl, event=event)
+        return True
+
+    async def delete_dead_letters(self, ids: Sequence[int]) -> int:
+        return sum(self._dead.pop(i, None) is not None for i in set(ids))
+
+    async def audit(self, who: str, action: str, detail: str) -> None:
+        self._audit.append(AuditEntry(len(self._audit) + 1, time.time(), who, action, detail))
+
+    async def audit_log(self, limit: int = 100) -> list[AuditEntry]:
+        return self._audit[::-1][:limit]
 
     async def stats(self) -> OutboxStats:
         dead = len(self._dead)

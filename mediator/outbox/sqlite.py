@@ -37,7 +37,7 @@ from typing import Any
 import structlog
 
 from mediator.core.envelope import Envelope
-from mediator.outbox.base import Accepted, DeadLetter, OnCommit, OutboxStats, Pending, StorageError
+from mediator.outbox.base import Accepted, AuditEntry, DeadLetter, OnCommit, OutboxStats, Pending, StorageError
 
 log = structlog.get_logger(__name__)
 
@@ -79,6 +79,14 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL,
     attempts INTEGER NOT NULL,
     at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    -- what operators did to the dead letters (replay, edit, delete): who, when, what; never payloads
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    who TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
 );
 """
 MIGRATE_FROM_1 = """
@@ -361,6 +369,39 @@ class SqliteOutbox:
 
     async def replay(self, ids: Sequence[int] | None = None) -> list[Pending]:
         result: list[Pending] = await self._call(lambda conn: _replay(conn, ids, self._ids))
+        return result
+
+    async def dead_letter_by_id(self, id: int) -> DeadLetter | None:
+        result: DeadLetter | None = await self._call(lambda conn: _dead_by_id(conn, id))
+        return result
+
+    async def edit_dead_letter(self, id: int, event: Envelope) -> bool:
+        blob = event.SerializeToString()
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute("UPDATE dead_letters SET envelope=? WHERE id=?", (blob, id)).rowcount
+
+        return bool(await self._call(work))
+
+    async def delete_dead_letters(self, ids: Sequence[int]) -> int:
+        rows = [(i,) for i in set(ids)]
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.executemany("DELETE FROM dead_letters WHERE id=?", rows).rowcount
+
+        return int(await self._call(work))
+
+    async def audit(self, who: str, action: str, detail: str) -> None:
+        row = (time.time(), who, action, detail)
+        await self._call(lambda conn: conn.execute("INSERT INTO audit(at,who,action,detail) VALUES (?,?,?,?)", row))
+
+    async def audit_log(self, limit: int = 100) -> list[AuditEntry]:
+        query = "SELECT id, at, who, action, detail FROM audit ORDER BY id DESC LIMIT ?"
+
+        def work(conn: sqlite3.Connection) -> list[AuditEntry]:
+            return [AuditEntry(*row) for row in conn.execute(query, (limit,))]
+
+        result: list[AuditEntry] = await self._call(work)
         return result
 
     async def stats(self) -> OutboxStats:
@@ -662,6 +703,17 @@ def _list_dead(conn: sqlite3.Connection, limit: int) -> list[DeadLetter]:
         DeadLetter(i, Envelope.FromString(blob), route, outbound, address, fmt, reason, attempts, at)
         for i, blob, route, outbound, address, fmt, reason, attempts, at in rows
     ]
+
+
+def _dead_by_id(conn: sqlite3.Connection, id: int) -> DeadLetter | None:
+    row = conn.execute(
+        "SELECT id, envelope, route, outbound, address, format, reason, attempts, at FROM dead_letters WHERE id=?",
+        (id,),
+    ).fetchone()
+    if row is None:
+        return None
+    i, blob, route, outbound, address, fmt, reason, attempts, at = row
+    return DeadLetter(i, Envelope.FromString(blob), route, outbound, address, fmt, reason, attempts, at)
 
 
 def _replay(conn: sqlite3.Connection, ids: Sequence[int] | None, new_ids: Callable[[int], range]) -> list[Pending]:

@@ -306,3 +306,8 @@ class SecurityConfig(ConfigModel):
         default_factory=list, description="more attribute names stripped from what arrives, like authcontext's"
     )
     admin_roles: list[str] = Field(default_factory=lambda: ["admin"])
+    payload_roles: list[str] = Field(
+        default_factory=list,
+        description="roles whose holders see event data in the dashboard's live tail (GET /admin/tail); "
+        "none by default, since payloads may be personal data (the admin token has no role)",
+    )
