@@ -650,9 +650,16 @@ async def test_rabbitmq_outage_under_load(
                 await rabbit_node.stop_app()
             else:
                 await rabbit_node.akill()
-            # HTTP producers keep getting 202s meanwhile: the outbox holds their events.
-            await asyncio.sleep(2.0)
-            during = books.acked_by(http_pids) - sum(before[p] for p in http_pids)
+            # HTTP producers keep getting 202s meanwhile: the outbox holds their events (waited for with a
+            # deadline, not a fixed 2 s that a slow machine may spend before the first one).
+            acked_before = sum(before[p] for p in http_pids)
+            await until(
+                lambda: books.acked_by(http_pids) - acked_before >= 20,
+                20,
+                "HTTP acks while RabbitMQ is down",
+                lambda: books.report(title),
+            )
+            during = books.acked_by(http_pids) - acked_before
             if fault == "stop_app":
                 await rabbit_node.start_app()
             else:
