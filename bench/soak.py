@@ -413,18 +413,19 @@ class Rig:
         code, out = await self.reload()
         if code == 0:
             self.failures.append(f"a bad config was not refused by reload: {out}")
-        log(f"  bad edit: reload exit {code}: {out[:200]}")
+        log(f"  bad edit: reload exit {code}: {' '.join(out.split())[:300]}")
         await asyncio.sleep(5)
-        # A good edit: a different log level, applied.
-        level = "warning" if 'log_level = "info"' in good else "info"
-        good = good.replace('log_level = "info"', f'log_level = "{level}"').replace(
-            'log_level = "warning"', f'log_level = "{level}"'
-        )
+        # A good edit, applied live under load: the orders exchange outbound's retry cap (that outbound is
+        # restarted by the reload, its undelivered events kept in the outbox).
+        old, new = ("backoff_max_s = 2.0", "backoff_max_s = 3.0")
+        if old not in good:
+            old, new = new, old
+        good = good.replace(old, new, 1)
         self.config.write_text(good)
         code, out = await self.reload()
         if code != 0:
             self.failures.append(f"a good config was not applied by reload: {out}")
-        log(f"  good edit: reload exit {code}: {out[:200]}")
+        log(f"  good edit: reload exit {code}: {' '.join(out.split())[:300]}")
 
     def faults_in_turn(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
         return [
@@ -714,10 +715,11 @@ async def _run(
     if rig.crashes:
         problems.append(f"the daemon died outside a fault: {rig.crashes}")
     if baseline is None:
-        log("RSS/fd check: no full fault cycle in this run; baseline is the sample 30 s after the first fault")
-    if start.rss_mb and end_sample.rss_mb > start.rss_mb * (1 + RSS_GROWTH_MAX):
+        # Before the dedup window (300 s) and the caches are full, growth is warm-up, not a leak.
+        log("RSS/fd check skipped: no full fault cycle in this run (rss_start is the sample 30 s after fault 1)")
+    elif start.rss_mb and end_sample.rss_mb > start.rss_mb * (1 + RSS_GROWTH_MAX):
         problems.append(f"RSS grew from {start.rss_mb:.1f} to {end_sample.rss_mb:.1f} MiB (> {RSS_GROWTH_MAX:.0%})")
-    if start.fds and end_sample.fds > start.fds + FD_SLACK:
+    if baseline is not None and start.fds and end_sample.fds > start.fds + FD_SLACK:
         problems.append(f"open descriptors grew from {start.fds} to {end_sample.fds} (> {FD_SLACK} more)")
     achieved = calm_rate(load, rig.fault_windows, t_start + 10, t_end)
     lag_p99 = statistics.quantiles(lags, n=100)[98] if len(lags) >= 100 else max(lags, default=0.0)
@@ -755,7 +757,14 @@ def main() -> int:
     minutes = float(os.environ.get("SOAK_MINUTES", "30"))
     fault_s = float(os.environ.get("SOAK_FAULT_S", "120"))
     rate = float(os.environ.get("SOAK_RATE", "300"))
-    return asyncio.run(soak(workdir(), minutes, fault_s, rate))
+    try:  # the generator's own CPU is part of its rate budget: uvloop (the "fast" extra) when installed
+        import uvloop
+
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(soak(workdir(), minutes, fault_s, rate))
 
 
 if __name__ == "__main__":
