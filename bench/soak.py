@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +44,16 @@ import grpc
 
 from bench.infra import rss_mb
 from mediator.v1 import service_pb2_grpc
-from tests.faults.test_crash_faults import Books, Key, MqttReceiver, Sent, declare_queue, grpc_event, payload
+from tests.faults.test_crash_faults import (
+    Books,
+    Key,
+    MqttReceiver,
+    Sent,
+    consuming,
+    declare_queue,
+    grpc_event,
+    payload,
+)
 from tests.support.brokers import MosquittoInstance, RabbitNode
 from tests.support.daemon import ROOT, DaemonProcess, Quickstart
 from tests.support.net import free_port
@@ -271,28 +280,6 @@ class AmqpSender:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
                     await conn.close()
-
-
-@contextlib.asynccontextmanager
-async def robust_consumer(url: str, queue_name: str, books: Books, dest: str) -> AsyncIterator[None]:
-    """A consumer of a durable queue that comes back after the node was stopped (aio-pika's robust
-    connection re-declares and re-consumes); what was unacknowledged then is delivered again (counted)."""
-    conn = await aio_pika.connect_robust(url, timeout=10, reconnect_interval=1)
-    try:
-        channel = await conn.channel()
-        await channel.set_qos(prefetch_count=500)
-        queue = await channel.declare_queue(queue_name, durable=True)
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            books.receive(dest, message.body)
-            await message.ack()
-
-        await queue.consume(on_message)
-        yield
-    finally:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(5):
-                await conn.close()
 
 
 # ------------------------------------------------------------------------------------------- the rig
@@ -605,8 +592,8 @@ async def _run(
                 await rig.daemon.kill()
 
     stack.push_async_callback(stop_daemon)
-    await stack.enter_async_context(robust_consumer(url, f"soak.orders-{qs.uid}", books, "amqp-orders"))
-    await stack.enter_async_context(robust_consumer(url, f"soak.telemetry-{qs.uid}", books, "amqp-telemetry"))
+    await stack.enter_async_context(consuming(url, f"soak.orders-{qs.uid}", books, "amqp-orders", robust=True))
+    await stack.enter_async_context(consuming(url, f"soak.telemetry-{qs.uid}", books, "amqp-telemetry", robust=True))
     await stack.enter_async_context(
         MqttReceiver(rig.mosquitto.port, [f"{qs.topic_prefix}orders/created"], books, "mqtt-orders")
     )

@@ -401,8 +401,12 @@ async def delete_queue(url: str, name: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def consuming(url: str, queue_name: str, books: Books, dest: str) -> AsyncIterator[None]:
-    conn = await aio_pika.connect(url, timeout=10)
+async def consuming(url: str, queue_name: str, books: Books, dest: str, robust: bool = False) -> AsyncIterator[None]:
+    """A consumer of a durable queue. ``robust``: it comes back after the node was stopped (aio-pika's robust
+    connection re-declares and re-consumes); what was unacknowledged then is delivered again (counted)."""
+    conn = await (
+        aio_pika.connect_robust(url, timeout=10, reconnect_interval=1) if robust else aio_pika.connect(url, timeout=10)
+    )
     try:
         channel = await conn.channel()
         await channel.set_qos(prefetch_count=500)
