@@ -178,7 +178,7 @@ class DaemonProcess:
         self.log_path = log
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, wait_ready: bool = True, timeout_s: float = 30.0) -> None:
+    async def start(self, wait_ready: bool = True, timeout_s: float = 60.0) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
@@ -202,7 +202,7 @@ class DaemonProcess:
                 await self.kill()
                 raise
 
-    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Until /readyz answers 200; fails with the last answer and the log's tail (what it saw)."""
         url = f"http://127.0.0.1:{self.http_port}/readyz"
         last = "no answer"
