@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install proto docs services install-brokers lint typecheck test run check bench clean activate
+.PHONY: install proto docs services install-brokers lint typecheck test run check bench flake soak clean activate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,17 @@ bench: $(STAMP) services
 	$(PY) -m bench.push
 	$(PY) -m bench.rpc
 	$(PY) -m bench.plots
+
+# The flake check (not part of `make test`): the end-to-end and fault directories three times in a row, then
+# every test that failed at least once (docs/testing.md). FLAKE_ARGS: e.g. --rounds 5, or test paths.
+flake: $(STAMP) services
+	nice -n 5 $(PY) scripts/flake.py $(FLAKE_ARGS)
+
+# The soak (docs/testing.md): SOAK_MINUTES (default 30) of mixed load on all four front-ends with a fault every
+# 2 minutes, on its own RabbitMQ node, Mosquitto and tmpfs outbox (needs root); prints one `soak:` line.
+SOAK_MINUTES ?= 30
+soak: $(STAMP)
+	SOAK_MINUTES=$(SOAK_MINUTES) nice -n 5 $(PY) -m bench.soak
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

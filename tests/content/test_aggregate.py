@@ -129,17 +129,17 @@ async def test_count_completion_dedup_and_late_new_group(tmp_path: Path) -> None
 
 async def test_inactivity_and_interval_timers_and_late_dead_letter(tmp_path: Path) -> None:
     sink = Recorder()
-    # The inactivity window is long beside the pause between the members, so a loaded machine's late
-    # wake-up from the sleep cannot make the second one late (seen at 0.4 s under a load of 13).
+    # The second member comes 0.25 s after the first, well inside the 1 s of inactivity even when a loaded
+    # machine stretches the sleep (with 0.4 s, a stall of 0.15 s closed the window on the first alone).
     quiet = cfg(name="quiet", timeout_s=1.0, late="dead_letter")
     agg, task = await started(tmp_path / "a.sqlite", quiet, sink=sink)
     try:
         await offer(agg, line("k", 1))
         await asyncio.sleep(0.25)
         await offer(agg, line("k", 2))  # re-arms the inactivity timer
-        t1 = time.monotonic()
+        t_rearmed = time.monotonic()
         await sink.wait(1)
-        assert time.monotonic() - t1 >= 0.95  # counted from the second member, not the first
+        assert time.monotonic() - t_rearmed >= 0.95
         assert attribute(sink.events[0], "aggregatedids") == "k-1,k-2"
         b = await offer(agg, line("k", 3))
         assert b.events == []
@@ -157,7 +157,7 @@ async def test_inactivity_and_interval_timers_and_late_dead_letter(tmp_path: Pat
             await asyncio.sleep(0.05)
         await sink.wait(1)
         elapsed = time.monotonic() - t0
-        assert 0.35 <= elapsed < 5, elapsed  # the interval's tick, not the members' arrival, closed it
+        assert 0.35 <= elapsed < 1.5, elapsed
         assert attribute(sink.events[0], "aggregatecount") == "4"
     finally:
         await stop(agg, task)

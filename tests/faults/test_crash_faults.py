@@ -401,8 +401,12 @@ async def delete_queue(url: str, name: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def consuming(url: str, queue_name: str, books: Books, dest: str) -> AsyncIterator[None]:
-    conn = await aio_pika.connect(url, timeout=10)
+async def consuming(url: str, queue_name: str, books: Books, dest: str, robust: bool = False) -> AsyncIterator[None]:
+    """A consumer of a durable queue. ``robust``: it comes back after the node was stopped (aio-pika's robust
+    connection re-declares and re-consumes); what was unacknowledged then is delivered again (counted)."""
+    conn = await (
+        aio_pika.connect_robust(url, timeout=10, reconnect_interval=1) if robust else aio_pika.connect(url, timeout=10)
+    )
     try:
         channel = await conn.channel()
         await channel.set_qos(prefetch_count=500)
@@ -650,9 +654,16 @@ async def test_rabbitmq_outage_under_load(
                 await rabbit_node.stop_app()
             else:
                 await rabbit_node.akill()
-            # HTTP producers keep getting 202s meanwhile: the outbox holds their events.
-            await asyncio.sleep(2.0)
-            during = books.acked_by(http_pids) - sum(before[p] for p in http_pids)
+            # HTTP producers keep getting 202s meanwhile: the outbox holds their events (waited for with a
+            # deadline, not a fixed 2 s that a slow machine may spend before the first one).
+            acked_before = sum(before[p] for p in http_pids)
+            await until(
+                lambda: books.acked_by(http_pids) - acked_before >= 20,
+                20,
+                "HTTP acks while RabbitMQ is down",
+                lambda: books.report(title),
+            )
+            during = books.acked_by(http_pids) - acked_before
             if fault == "stop_app":
                 await rabbit_node.start_app()
             else:

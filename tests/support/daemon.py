@@ -179,7 +179,7 @@ class DaemonProcess:
         self.log_path = log
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, wait_ready: bool = True, timeout_s: float = 30.0) -> None:
+    async def start(self, wait_ready: bool = True, timeout_s: float = 60.0) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
@@ -195,21 +195,35 @@ class DaemonProcess:
                 env=env,
             )
         if wait_ready:
-            await self.wait_ready(timeout_s)
+            try:
+                await self.wait_ready(timeout_s)
+            except BaseException:
+                # Never leave a daemon behind that was not ready: the test's teardown (which only runs once
+                # start returned) would not stop it, and it would hold its ports and load the machine.
+                await self.kill()
+                raise
 
-    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Until /readyz answers 200; fails with the last answer and the log's tail (what it saw)."""
         url = f"http://127.0.0.1:{self.http_port}/readyz"
-        async with asyncio.timeout(timeout_s), aiohttp.ClientSession() as session:
-            while True:
-                if self.proc is not None and self.proc.returncode is not None:
-                    raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
-                try:
-                    async with session.get(url) as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+        last = "no answer"
+        try:
+            async with asyncio.timeout(timeout_s), aiohttp.ClientSession() as session:
+                while True:
+                    if self.proc is not None and self.proc.returncode is not None:
+                        raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
+                    try:
+                        async with session.get(url) as resp:
+                            if resp.status == 200:
+                                return
+                            last = f"{resp.status} {(await resp.text())[:2000]}"
+                    except aiohttp.ClientError as exc:
+                        last = f"no answer ({exc.__class__.__name__})"
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise AssertionError(
+                f"daemon not ready after {timeout_s} s; /readyz: {last}\n{self.logs()[-6000:]}"
+            ) from None
 
     async def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
         assert self.proc is not None
