@@ -14,8 +14,8 @@ timeout, a lost connection or a JetStream 503 is retried.
 Request-reply (``send_request``, core NATS): the request's reply subject is ``<inbox>.<correlation id>``
 on this connection's own inbox, to which it subscribes at connect. No-one subscribed to the subject means
 a 503 no-responders status on that subject (nats-py sends ``no_responders`` in CONNECT), which is
-answered at once as undeliverable; anything else there is the reply, its ``mediator-error: true`` header
-marking the consumer's error. ``send_request`` returns once the first message for its correlation id came
+answered at once as undeliverable for now (HTTP 503: a responder may be starting); anything else there
+is the reply, its ``mediator-error: true`` header marking the consumer's error. ``send_request`` returns once the first message for its correlation id came
 (the pipeline bounds the wait): core NATS has no expiry for a request in flight, and none is needed, since
 a request is never stored: a responder that comes later never sees it.
 """
@@ -91,7 +91,8 @@ class NatsOutboundLink(NatsLink):
         waiting = self.awaiting.get(correlation_id)
         if headers.get("Status") == NO_RESPONDERS and not msg.data:
             if waiting is not None and not waiting.done():
-                waiting.set_exception(TerminalDeliveryError(f"{UNROUTABLE_PREFIX}no responder on the subject"))
+                # Retryable: a responder that is starting or restarting is the usual cause (HTTP 503).
+                waiting.set_exception(RetryableDeliveryError("no responder on the subject (NATS 503)"))
             return
         if waiting is not None and not waiting.done():
             waiting.set_result(None)
