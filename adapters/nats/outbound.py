@@ -15,9 +15,10 @@ Request-reply (``send_request``, core NATS): the request's reply subject is ``<i
 on this connection's own inbox, to which it subscribes at connect. No-one subscribed to the subject means
 a 503 no-responders status on that subject (nats-py sends ``no_responders`` in CONNECT), which is
 answered at once as undeliverable for now (HTTP 503: a responder may be starting); anything else there
-is the reply, its ``mediator-error: true`` header marking the consumer's error. ``send_request`` returns once the first message for its correlation id came
-(the pipeline bounds the wait): core NATS has no expiry for a request in flight, and none is needed, since
-a request is never stored: a responder that comes later never sees it.
+is the reply, its ``mediator-error: true`` header marking the consumer's error. ``send_request`` returns
+once the first message for its correlation id came (the pipeline bounds the wait): core NATS has no expiry
+for a request in flight, and none is needed, since a request is never stored: a responder that comes
+later never sees it.
 """
 
 from __future__ import annotations
