@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import aio_pika
 import aiomqtt
 import nats
+from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from adapters.amqp import AmqpInbound, AmqpOutbound
@@ -40,7 +42,8 @@ from mediator.core.health import Health
 from mediator.core.seams import Outbound, Runtime, Service
 from tests.adapters.test_amqp import broker_config, cleanup, client, inbound_config, outbound_config
 from tests.adapters.test_mqtt import access, drop_session, inbound_cfg, publish_props
-from tests.support.brokers import MosquittoInstance, NatsServer
+from tests.support.brokers import BrokerTls, MosquittoInstance, NatsServer
+from tests.support.certs import Pki
 from tests.support.net import unique
 
 BINARY_ONLY_ATTRS = ("id", "source", "type", "subject", "specversion")
@@ -50,8 +53,9 @@ ACK_AFTER_COMMIT = "ack_after_commit"  # an unacknowledged message survives the 
 UNROUTABLE = "unroutable"  # a publish no one stores is a failure, not a success
 RECONNECT = "reconnect"  # an own broker restarts; nothing published meanwhile is lost
 BACK_PRESSURE = "back_pressure"  # the outbox's bound is what the broker is told (window)
+TLS = "tls"  # an own broker requiring a client certificate the test generates
 
-ALL_CAPS = frozenset({ACK_AFTER_COMMIT, UNROUTABLE, RECONNECT, BACK_PRESSURE})
+ALL_CAPS = frozenset({ACK_AFTER_COMMIT, UNROUTABLE, RECONNECT, BACK_PRESSURE, TLS})
 
 WHY_NOT = {
     ("nats-core", ACK_AFTER_COMMIT): "core NATS has no acknowledgement: at most once (JetStream has it)",
@@ -60,6 +64,7 @@ WHY_NOT = {
     ("nats-core", BACK_PRESSURE): "core NATS has no flow control: its slow-consumer limit drops",
     ("mqtt", UNROUTABLE): "an MQTT broker accepts a publish to a topic nobody subscribes to",
     ("amqp", RECONNECT): "an own RabbitMQ node takes 10+ s to start: tests/adapters/test_amqp_restart.py has it",
+    ("amqp", TLS): "an own RabbitMQ node takes 10+ s to start: tests/security/test_broker_tls.py has amqps",
 }
 
 
@@ -69,6 +74,14 @@ ADAPTERS = ("amqp", "mqtt", "nats-core", "nats-jetstream")
 def capable(cap: str) -> list[str]:
     """The harnesses a case needing ``cap`` runs for: every one without a ``WHY_NOT`` for it."""
     return [name for name in ADAPTERS if (name, cap) not in WHY_NOT]
+
+
+def tls_table(pki: Pki, client_cert: bool) -> dict[str, str]:
+    """A ``[brokers.X.tls]`` table trusting ``pki``'s CA, with its client certificate when ``client_cert``."""
+    table = {"ca_file": str(pki.ca_file)}
+    if client_cert:
+        table |= {"cert_file": str(pki.client.cert_file), "key_file": str(pki.client.key_file)}
+    return table
 
 
 @dataclass
@@ -118,6 +131,12 @@ class Harness:
 
     async def own_broker(self, tmp: Path) -> Any:
         """Switch the harness to an own broker instance (started) it may restart; returns it."""
+        raise NotImplementedError
+
+    async def own_tls_broker(self, tmp: Path, pki: Pki, client_cert: bool) -> Any:
+        """Switch the adapter to an own broker that requires TLS with a client certificate signed by
+        ``pki``'s CA, presenting ``pki``'s client certificate when ``client_cert``; the peer client still
+        gets through. Returns the broker (started)."""
         raise NotImplementedError
 
 
@@ -223,7 +242,7 @@ class MqttHarness(Harness):
 
     def outbound(self, health: Health) -> tuple[Outbound, Service]:
         cfg = MqttOutboundConfig.model_validate({"kind": "mqtt", "broker": "test-broker"})
-        out = MqttOutbound("conf", cfg, self.access, health)
+        out = MqttOutbound("conf-out", cfg, self.access, health)  # a client id of its own beside the inbound's
         return out, out.service
 
     @contextlib.asynccontextmanager
@@ -257,6 +276,16 @@ class MqttHarness(Harness):
         self.access = access(self.host, self.port)
         return self.own
 
+    async def own_tls_broker(self, tmp: Path, pki: Pki, client_cert: bool) -> Any:
+        self.own = MosquittoInstance(
+            tmp / "mosquitto", tls=BrokerTls(pki.ca_file, pki.server.cert_file, pki.server.key_file)
+        )
+        await self.own.start()
+        assert self.own.tls_port is not None
+        self.port = self.own.port  # the peer publishes on the plain listener
+        self.access = access(self.host, self.own.tls_port, tls=tls_table(pki, client_cert))
+        return self.own
+
 
 # ---------------------------------------------------------------- NATS
 
@@ -266,6 +295,7 @@ class NatsHarness(Harness):
 
     def __init__(self, url: str, jetstream: bool) -> None:
         self.url = url
+        self.peer_tls: ssl.SSLContext | None = None
         self.jetstream = jetstream
         self.name = "nats-jetstream" if jetstream else "nats-core"
 
@@ -284,13 +314,13 @@ class NatsHarness(Harness):
             await self.own.stop()
             return
         if self.jetstream:
-            nc = await nats.connect(self.url)
+            nc = await self._peer()
             with contextlib.suppress(Exception):
                 await nc.jetstream().delete_stream(self.stream)
             await nc.close()
 
     async def _ensure_stream(self) -> None:
-        nc = await nats.connect(self.url)
+        nc = await self._peer()
         try:
             with contextlib.suppress(Exception):
                 await nc.jetstream().add_stream(StreamConfig(name=self.stream, subjects=[self.address]))
@@ -313,7 +343,7 @@ class NatsHarness(Harness):
             headers, body = {"Content-Type": JSON_CONTENT_TYPE}, to_structured(event)
         else:
             headers, body = {"Content-Type": JSON_CONTENT_TYPE}, b"{not json"
-        nc = await nats.connect(self.url)
+        nc = await self._peer()
         try:
             if self.jetstream:
                 await self._ensure_stream()
@@ -331,7 +361,7 @@ class NatsHarness(Harness):
 
     @contextlib.asynccontextmanager
     async def consume(self) -> AsyncIterator[Callable[[], Any]]:
-        nc = await nats.connect(self.url)
+        nc = await self._peer()
         try:
             if self.jetstream:
                 await self._ensure_stream()
@@ -366,7 +396,7 @@ class NatsHarness(Harness):
 
     async def window_seen(self, service: Service) -> int:
         assert isinstance(service, NatsInbound)
-        nc = await nats.connect(self.url)
+        nc = await self._peer()
         try:
             info = await nc.jetstream().consumer_info(self.stream, service.durable)
             return int(info.config.max_ack_pending or 0)
@@ -380,3 +410,23 @@ class NatsHarness(Harness):
         self.broker = NatsBrokerConfig.model_validate({"servers": [self.url], "reconnect_wait_s": 0.1})
         await self._ensure_stream()
         return self.own
+
+    async def own_tls_broker(self, tmp: Path, pki: Pki, client_cert: bool) -> Any:
+        self.own = NatsServer(tmp / "nats", tls=BrokerTls(pki.ca_file, pki.server.cert_file, pki.server.key_file))
+        await self.own.start()
+        self.url = self.own.url
+        self.peer_tls = ssl.create_default_context(cafile=str(pki.ca_file))
+        self.peer_tls.load_cert_chain(pki.client.cert_file, pki.client.key_file)
+        self.broker = NatsBrokerConfig.model_validate(
+            {
+                "servers": [self.url],
+                "reconnect_wait_s": 0.1,
+                "connect_timeout_s": 1.0,
+                "tls": tls_table(pki, client_cert),
+            }
+        )
+        await self._ensure_stream()
+        return self.own
+
+    async def _peer(self) -> Client:
+        return await nats.connect(self.url, tls=self.peer_tls)

@@ -29,6 +29,7 @@ from tests.conformance.harness import (
     ADAPTERS,
     BACK_PRESSURE,
     RECONNECT,
+    TLS,
     UNROUTABLE,
     AmqpHarness,
     Harness,
@@ -36,7 +37,8 @@ from tests.conformance.harness import (
     NatsHarness,
     capable,
 )
-from tests.support.fakes import ListSink
+from tests.support.certs import Pki, make_pki
+from tests.support.fakes import ListSink, RejectingSink
 from tests.support.net import unique, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -129,19 +131,44 @@ async def test_attributes_survive_the_outbound(harness: Harness, mode: str) -> N
 
 
 async def test_poison_message_becomes_a_dead_letter(harness: Harness) -> None:
+    """Undecodable (its content type says CloudEvents JSON, and it is not): dead-lettered with the ingress
+    reason and acknowledged, so an inbound started again does not see it (and what follows it arrives)."""
     sink, health = ListSink(), Health()
-    service = harness.inbound(Runtime(sink=sink, health=health))
-    async with running(service, health):
+    async with running(harness.inbound(Runtime(sink=sink, health=health)), health):
         await harness.publish(sample(), "poison")
         await sink.wait_for(0, dead=1)
-        good = sample()
-        await harness.publish(good, "binary")  # the poison did not block what follows
+    good = sample()
+    health = Health()
+    async with running(harness.inbound(Runtime(sink=sink, health=health)), health):
+        await harness.publish(good, "binary")
         await sink.wait_for(1)
-    assert len(sink.dead) == 1
-    env, reason = sink.dead[0]
-    assert reason.startswith("undecodable: ")
+    [(env, reason)] = sink.dead
+    assert reason.startswith("undecodable: "), reason
+    assert "JSON" in reason
+    assert env.type == "io.mediator.undecodable"
+    assert env.source == "conf"  # the inbound's name
     assert env.binary_data == b"{not json"
-    assert [e.id for e in sink.events] == [good.id]  # not delivered again either
+    assert env.provenance.topic
+    assert [e.id for e in sink.events] == [good.id]
+
+
+async def test_an_event_a_stage_refuses_becomes_a_dead_letter(harness: Harness) -> None:
+    """Nobody can be answered on a broker: the refusal is a dead letter with the ingress reason, then the
+    message is acknowledged (not seen again by an inbound started after)."""
+    sink, health = RejectingSink(), Health()
+    sent = sample()
+    async with running(harness.inbound(Runtime(sink=sink, health=health)), health):
+        await harness.publish(sent, "binary")
+        await sink.wait_for(0, dead=1)
+    again, health = ListSink(), Health()
+    async with running(harness.inbound(Runtime(sink=again, health=health)), health):
+        good = sample()
+        await harness.publish(good, "binary")
+        await again.wait_for(1)
+    [(env, reason)] = sink.dead
+    assert reason == "rejected: forbidden: not allowed"
+    same_event(env, sent)
+    assert [e.id for e in again.events] == [good.id]
 
 
 @pytest.mark.parametrize("harness", capable(ACK_AFTER_COMMIT), indirect=True)
@@ -194,3 +221,47 @@ async def test_a_broker_restart_loses_nothing(harness: Harness, tmp_path: Path) 
         await harness.publish(second, "binary")
         await sink.wait_for(2, timeout_s=30)
     assert {e.id for e in sink.events} >= {first.id, second.id}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.mark.parametrize("harness", capable(TLS), indirect=True)
+async def test_tls_with_a_client_certificate(harness: Harness, tmp_path: Path, pki: Pki) -> None:
+    """Over TLS to an own broker that requires a client certificate signed by the test's CA: events get
+    through both ways; without the certificate, the inbound stays not ready and says why."""
+    await harness.own_tls_broker(tmp_path, pki, client_cert=True)
+    sink, health = ListSink(), Health()
+    inbound = harness.inbound(Runtime(sink=sink, health=health))
+    outbound, link = harness.outbound(health)
+    sent = sample()
+    async with running(inbound, health), running(link, health), harness.consume() as read:
+        await harness.publish(sent, "binary")
+        await sink.wait_for(1)
+        await outbound.send(sent, harness.address, "binary")
+        async with asyncio.timeout(10):
+            got = await read()
+    same_event(sink.events[0], sent)
+    assert got.attrs["id"] == sent.id
+
+    await harness.stop()
+    await harness.own_tls_broker(tmp_path / "again", pki, client_cert=False)
+    health = Health()
+    refused = harness.inbound(Runtime(sink=ListSink(), health=health))
+    task = asyncio.create_task(refused.run(), name=refused.name)
+    try:
+        await wait_until(
+            lambda: (
+                "cannot connect" in str(health.snapshot()[refused.name]["detail"])
+                or "lost" in str(health.snapshot()[refused.name]["detail"])
+            ),
+            timeout_s=15,
+            what="the refused connect to be reported",
+        )
+        assert not health.is_ready(refused.name)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
