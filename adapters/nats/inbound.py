@@ -45,7 +45,7 @@ from nats.js.errors import BadRequestError
 from adapters.nats.codec import NatsMessage, to_envelope, undecodable
 from adapters.nats.config import NatsInboundConfig
 from adapters.nats.connection import Backoff, BrokerAccess, NatsLink, declare_streams, stream_exists
-from mediator.core.deadletter import EXHAUSTED_PREFIX, REJECTED_PREFIX, UNDECODABLE_PREFIX
+from mediator.core.deadletter import REJECTED_PREFIX, UNDECODABLE_PREFIX
 from mediator.core.envelope import Envelope
 from mediator.core.errors import NotReady, Rejected, RequestTimeout, RequestUndeliverable
 from mediator.core.ingress import Origin
@@ -195,7 +195,8 @@ class NatsInbound(NatsLink):
                 await self._dead_letter(msg, undecodable(message, self.admin_name), f"{UNDECODABLE_PREFIX}{reason}")
                 continue
             if deliveries >= self.cfg.dead_letter_after:
-                reason = f"{EXHAUSTED_PREFIX}{deliveries} deliveries by the stream without a commit"
+                # The ingress class: the gateway refuses it (it never got through a commit).
+                reason = f"{REJECTED_PREFIX}delivered {deliveries} times by the stream without a commit"
                 await self._dead_letter(msg, env, reason)
                 continue
             self.log.debug("envelope.received", event_id=env.id, size=len(msg.data), subject=msg.subject)
