@@ -201,7 +201,7 @@ async def test_jetstream_outbound_refuses_what_no_stream_or_another_stream_store
                 await wrong.send(event("e1"), subject + "x", "binary")  # stored by the other stream
             with pytest.raises(TerminalDeliveryError, match="unroutable: no JetStream stream"):
                 await wrong.send(event("e2"), subject + "none", "binary")
-            with pytest.raises(TerminalDeliveryError, match="unroutable: .*wildcards"):
+            with pytest.raises(TerminalDeliveryError, match=r"unroutable: .*wildcards"):
                 await wrong.send(event("e3"), subject + ".*", "binary")
 
 
@@ -216,14 +216,14 @@ class FlakySink(ListSink):
 
     def __init__(self, refusals: int, retry_after_s: float) -> None:
         super().__init__()
-        self.refusals = refusals
+        self.left = refusals
         self.retry_after_s = retry_after_s
         self.times: list[float] = []
 
     async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
         self.times.append(time.monotonic())
-        if self.refusals > 0:
-            self.refusals -= 1
+        if self.left > 0:
+            self.left -= 1
             self.calls += 1
             raise NotReady("outbox busy", retry_after_s=self.retry_after_s)
         await super().accept(events, origin)
