@@ -13,6 +13,7 @@ declares), driven by nats-py, aio-pika, aiomqtt and HTTP clients as users would:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -24,13 +25,14 @@ import aiohttp
 import aiomqtt
 import nats
 import pytest
+import pytest_asyncio
 from nats.aio.msg import Msg
 
 from tests.adapters.test_amqp import get_one
 from tests.support.daemon import ROOT, DaemonProcess, Quickstart
-from tests.support.net import RABBIT_URL
+from tests.support.net import RABBIT_URL, wait_until
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio(loop_scope="module")]
 
 
 def nats_toml(u: str, url: str) -> str:
@@ -59,6 +61,7 @@ broker = "nats"
 jetstream = true
 stream = "T_{u}"
 subjects = ["{u}.js.in.>"]
+ack_wait_s = 2.0            # what a killed daemon had fetched comes back after it
 
 [outbound.nats-js]
 kind = "nats"
@@ -100,10 +103,12 @@ to = [{{ outbound = "nats-rpc", address = "{u}.rpc.echo" }}]
 """
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def run(
-    tmp_path: Path, rabbitmq: str, mosquitto: tuple[str, int], nats_url: str
+    tmp_path_factory: pytest.TempPathFactory, rabbitmq: str, mosquitto: tuple[str, int], nats_url: str
 ) -> AsyncIterator[tuple[Quickstart, DaemonProcess, str]]:
+    """One daemon for the module (each test uses subjects of its own under the module's prefix)."""
+    tmp_path = tmp_path_factory.mktemp("nats-e2e")
     qs = Quickstart(tmp_path)
     u = qs.uid.replace("-", "")
     qs.extra_toml = nats_toml(u, nats_url)
@@ -240,14 +245,15 @@ async def test_ops_name_the_nats_components(run: tuple[Quickstart, DaemonProcess
     assert "nats-js" in out.stdout, out.stdout + out.stderr
 
 
-def test_check_names_the_bad_nats_keys(tmp_path: Path) -> None:
+async def test_check_names_the_bad_nats_keys(tmp_path: Path) -> None:
     qs = Quickstart(tmp_path)
     text = qs.render() + nats_toml("x", "nats://127.0.0.1:4222")
     text = text.replace('subjects = ["x.sensors.*.temperature"]', 'subjects = ["x.sensors.*t.temperature"]')
     text = text.replace('jetstream = true\nstream = "T_x"\nsubjects', "jetstream = true\nsubjects")
     config = tmp_path / "bad.toml"
     config.write_text(text)
-    out = subprocess.run(
+    out = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "mediator", "check", "--config", str(config)],
         cwd=ROOT,
         capture_output=True,
@@ -260,3 +266,47 @@ def test_check_names_the_bad_nats_keys(tmp_path: Path) -> None:
     assert "a wildcard must be a whole token" in report
     assert "inbound.nats-js" in report, report
     assert "needs stream" in report
+
+
+async def test_kill9_mid_stream_loses_nothing_from_the_stream(
+    run: tuple[Quickstart, DaemonProcess, str], mosquitto: tuple[str, int], nats_url: str
+) -> None:
+    """kill -9 while JetStream messages are fetched and being committed: what the daemon had not committed
+    was never acknowledged, so the restarted daemon's durable consumer gets it again; every message
+    reaches the MQTT subscriber (duplicates allowed: at least once)."""
+    _, proc, u = run
+    host, port = mosquitto
+    total = 1000
+    seen: set[str] = set()
+    async with aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V5) as mqtt:
+        await mqtt.subscribe(f"{u}/nats/+", qos=1)
+
+        async def collect() -> None:
+            async for message in mqtt.messages:
+                seen.add(dict(getattr(message.properties, "UserProperty", []))["id"])
+
+        collector = asyncio.create_task(collect())
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            acks = [
+                js.publish(
+                    f"{u}.js.in.k",
+                    b"{}",
+                    headers={"ce-specversion": "1.0", "ce-id": f"k-{n}", "ce-type": "t.k", "ce-source": "/k"},
+                )
+                for n in range(total)
+            ]
+            await asyncio.gather(*acks)
+            await wait_until(lambda: len(seen) >= 50, timeout_s=20, what="the first messages through")
+            await proc.kill()
+            killed_at = len(seen)
+            await proc.start()
+            await wait_until(lambda: len(seen) == total, timeout_s=60, what=f"all {total} after the restart")
+        finally:
+            await nc.close()
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
+    assert killed_at < total, "the kill came after everything was through: it tested nothing"
+    assert seen == {f"k-{n}" for n in range(total)}
