@@ -192,11 +192,15 @@ async def _amqp_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[s
 
 
 async def ensure_stream(nc: Any, stream: str, subjects: list[str]) -> None:
-    """Create the JetStream stream unless it exists (the daemon declares the same one from its config)."""
+    """Create the JetStream stream unless it exists, with the very config the daemon declares from its
+    ``[[brokers.nats.streams]]`` (its defaults), so that the daemon's declaration finds it as it is."""
     from nats.js.errors import BadRequestError
 
+    from adapters.nats.config import NatsStreamConfig
+    from adapters.nats.connection import stream_config
+
     with contextlib.suppress(BadRequestError):
-        await nc.jetstream().add_stream(name=stream, subjects=subjects)
+        await nc.jetstream().add_stream(stream_config(NatsStreamConfig(name=stream, subjects=tuple(subjects))))
 
 
 async def _nats_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[str, Any], Any]:
@@ -206,7 +210,7 @@ async def _nats_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[s
 
     nc = await nats.connect(spec["url"])
     await ensure_stream(nc, spec["stream"], [spec["subject"]])
-    config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.NEW, max_waiting=1)
+    config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.NEW)
     sub = await nc.jetstream().pull_subscribe(spec["subject"], stream=spec["stream"], config=config)
 
     async def follow() -> None:
@@ -214,6 +218,9 @@ async def _nats_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[s
             try:
                 msgs = await sub.fetch(1000, timeout=1.0)
             except nats.errors.TimeoutError:
+                continue
+            except Exception:  # a status the server answered a pull with (409 and the like): pull again
+                await asyncio.sleep(0.01)
                 continue
             for m in msgs:
                 tracker.record(m.data)
