@@ -22,7 +22,18 @@ from bench import intake, report
 from bench.clients import GENERATOR, SUBSCRIBER
 from bench.infra import ROOT, WORK, Daemon, Mosquitto, NodeRed, OtlpSink, OwnRabbit, free_port, log
 from bench.intake import INTAKE_PATHS
-from bench.paths import GENERATOR_CEILING, PATHS, Env, PathDef, content_files, credentials, mqtt_generator_spec
+from bench.paths import (
+    GENERATOR_CEILING,
+    NATS_CEILING,
+    PATHS,
+    Env,
+    PathDef,
+    content_files,
+    credentials,
+    mqtt_generator_spec,
+    nats_consumer_spec,
+    nats_producer_spec,
+)
 from bench.report import aggregate
 from bench.runner import Cell, Settings, measure, next_run
 
@@ -181,6 +192,24 @@ def amqp_cleanup(url: str, exchanges: list[str], queues: list[str]) -> None:
         asyncio.run(asyncio.wait_for(_amqp_cleanup(url, exchanges, queues), 20))
 
 
+async def _nats_cleanup(url: str, streams: list[str]) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        for stream in streams:
+            with contextlib.suppress(Exception):
+                await nc.jetstream().delete_stream(stream)
+    finally:
+        await nc.close()
+
+
+def nats_cleanup(env: Env) -> None:
+    """Delete the cell's JetStream streams (what a run stored stays on the shared server otherwise)."""
+    with contextlib.suppress(Exception):
+        asyncio.run(asyncio.wait_for(_nats_cleanup(env.nats_url, [env.stream_in, env.stream_out]), 20))
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -333,6 +362,8 @@ class Bench:
             if rc not in (0, None):
                 self.results["problems"].append({"cell": f"{path.name} [{cell.system}]", "exit": rc})
             amqp_cleanup(SHARED_AMQP, [env.exchange_in, env.exchange_out], [env.queue_in, env.queue_out])
+            if "nats" in (path.producer, path.consumer):
+                nats_cleanup(env)
         if auth is not None:
             res["auth"] = {"kind": auth.kind, "jwt_cache_size": auth.jwt_cache_size}
             res["variant"] = auth.key
@@ -369,6 +400,10 @@ class Bench:
             }
             cons = {"kind": "amqp", "url": SHARED_AMQP, "exchange": env.exchange_out, "queue": env.queue_out}
             label = "AMQP direct: aio-pika publish (confirms, persistent) -> consume"
+        elif kind == NATS_CEILING:
+            prod = nats_producer_spec(env, env.stream_out, env.subject("out.p1"))
+            cons = nats_consumer_spec(env, env.stream_out, env.subject("out.>"))
+            label = "NATS direct: nats-py JetStream publish (acks, 512 in flight) -> pull consumer"
         elif kind == GENERATOR_CEILING:
             # The load generator of the MQTT paths and their peers, straight into mosquitto_sub: what it
             # can drive at most, in the same round as the systems it drives.
@@ -390,6 +425,8 @@ class Bench:
             return measure(cell, self.settings)
         finally:
             amqp_cleanup(SHARED_AMQP, [env.exchange_out], [env.queue_out])
+            if kind == NATS_CEILING:
+                nats_cleanup(env)
 
     # ------------------------------------------------------------------------------------------ peers
 

@@ -152,7 +152,7 @@ def consumer_main(spec: dict[str, Any], conn: Connection) -> None:
             _mqtt_consumer(spec, conn, tracker)
             return
         loop = _loop_in_thread()
-        starter = {"amqp": _amqp_consumer, "http": _http_consumer, "grpc": _grpc_consumer}[kind]
+        starter = {"amqp": _amqp_consumer, "http": _http_consumer, "grpc": _grpc_consumer, "nats": _nats_consumer}[kind]
         fut = asyncio.run_coroutine_threadsafe(starter(spec, tracker), loop)
         info, closer = fut.result(timeout=60)
         try:
@@ -189,6 +189,51 @@ async def _amqp_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[s
         await conn.close()
 
     return {"queue": spec["queue"]}, close
+
+
+async def ensure_stream(nc: Any, stream: str, subjects: list[str]) -> None:
+    """Create the JetStream stream unless it exists, with the very config the daemon declares from its
+    ``[[brokers.nats.streams]]`` (its defaults), so that the daemon's declaration finds it as it is."""
+    from nats.js.errors import BadRequestError
+
+    from adapters.nats.config import NatsStreamConfig
+    from adapters.nats.connection import stream_config
+
+    with contextlib.suppress(BadRequestError):
+        await nc.jetstream().add_stream(stream_config(NatsStreamConfig(name=stream, subjects=tuple(subjects))))
+
+
+async def _nats_consumer(spec: dict[str, Any], tracker: Tracker) -> tuple[dict[str, Any], Any]:
+    """A pull consumer (no acks: a counter) of the stream, fetching up to 1,000 messages per request."""
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    nc = await nats.connect(spec["url"])
+    await ensure_stream(nc, spec["stream"], [spec["subject"]])
+    config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.NEW)
+    sub = await nc.jetstream().pull_subscribe(spec["subject"], stream=spec["stream"], config=config)
+
+    async def follow() -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(1000, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception:  # a status the server answered a pull with (409 and the like): pull again
+                await asyncio.sleep(0.01)
+                continue
+            for m in msgs:
+                tracker.record(m.data)
+
+    task = asyncio.create_task(follow())
+
+    async def close() -> None:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await nc.close()
+
+    return {"stream": spec["stream"]}, close
 
 
 class RawAmqpConsumer:
@@ -438,7 +483,8 @@ def producer_main(spec: dict[str, Any], conn: Connection) -> None:
             runner: Any = uvloop.run
         except ImportError:
             runner = asyncio.run
-        runner({"http": _http_producer, "amqp": _amqp_producer, "grpc": _grpc_producer}[spec["kind"]](spec, conn))
+        producers = {"http": _http_producer, "amqp": _amqp_producer, "grpc": _grpc_producer, "nats": _nats_producer}
+        runner(producers[spec["kind"]](spec, conn))
     except Exception:
         conn.send(("error", traceback.format_exc()))
 
@@ -563,6 +609,24 @@ async def _amqp_producer(spec: dict[str, Any], conn: Connection) -> None:
         return True
 
     await _serve_producer(conn, _windowed_run(send_one, window), connection.close)
+
+
+async def _nats_producer(spec: dict[str, Any], conn: Connection) -> None:
+    """JetStream publishes, each accepted once the stream's ack came (as the daemon's outbound waits)."""
+    import nats
+
+    nc = await nats.connect(spec["url"], pending_size=64 * 1024 * 1024)
+    subject = spec["subject"]
+    await ensure_stream(nc, spec["stream"], [subject.rsplit(".", 1)[0] + ".>"])
+    js = nc.jetstream()
+    window = spec.get("window", 512)
+
+    async def send_one(seq: int) -> bool:
+        body = payload.make(seq, time.monotonic_ns())
+        await js.publish(subject, body, timeout=10, headers={"Nats-Msg-Id": f"b-{seq}"})
+        return True
+
+    await _serve_producer(conn, _windowed_run(send_one, window), nc.close)
 
 
 async def _grpc_producer(spec: dict[str, Any], conn: Connection) -> None:

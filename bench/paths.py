@@ -1,4 +1,4 @@
-"""The eight benchmarked paths: each is a daemon config snippet, a producer spec and a consumer spec."""
+"""The benchmarked paths: each is a daemon config snippet, a producer spec and a consumer spec."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ class Env:
     metrics: bool = True  # False: [metrics] enabled = false (nothing counted)
     stalled_port: int | None = None  # the outbound is HTTP to this port, which never answers (bench.intake)
     workers: int = 1  # [daemon] workers: N worker processes sharing the load (mediator/supervisor.py)
+    nats_url: str = "nats://127.0.0.1:4222"
 
     @property
     def exchange_out(self) -> str:
@@ -52,13 +53,42 @@ class Env:
     def topic(self, leaf: str) -> str:
         return f"bench/{self.uid}/{leaf}"
 
+    @property
+    def token(self) -> str:
+        """The uid as one NATS subject token and stream-name part."""
+        return "".join(ch if ch.isalnum() else "_" for ch in self.uid)
+
+    @property
+    def stream_in(self) -> str:
+        return f"BENCH_IN_{self.token}"
+
+    @property
+    def stream_out(self) -> str:
+        return f"BENCH_OUT_{self.token}"
+
+    def subject(self, leaf: str) -> str:
+        return f"bench.{self.token}.{leaf}"
+
+
+NATS_CEILING = "nats"
+"""The direct nats-py client: JetStream publishes with their acks (window 512) into a stream, read back by a
+pull consumer; the ceiling of the NATS paths, measured in the same round."""
+
+
+def nats_producer_spec(env: Env, stream: str, subject: str) -> dict[str, Any]:
+    return {"kind": "nats", "url": env.nats_url, "stream": stream, "subject": subject, "window": 512}
+
+
+def nats_consumer_spec(env: Env, stream: str, subject: str) -> dict[str, Any]:
+    return {"kind": "nats", "url": env.nats_url, "stream": stream, "subject": subject}
+
 
 @dataclass(frozen=True)
 class PathDef:
     name: str
     title: str
-    producer: str  # http | mqtt | amqp | grpc
-    consumer: str  # amqp | mqtt | http | grpc
+    producer: str  # http | mqtt | amqp | grpc | nats (JetStream)
+    consumer: str  # amqp | mqtt | http | grpc | nats (JetStream)
     ceilings: tuple[str, ...]  # the direct broker round trips the path involves
 
     def config(self, env: Env) -> str:
@@ -77,6 +107,8 @@ class PathDef:
                 "routing_key": "p1",
                 "window": 512,
             }
+        if self.producer == "nats":
+            return nats_producer_spec(env, env.stream_in, env.subject("in.p1"))
         return {"kind": "grpc", "port": env.grpc_port, "window": 512}
 
     def consumer_spec(self, env: Env) -> dict[str, Any]:
@@ -86,6 +118,8 @@ class PathDef:
             return {"kind": "mqtt", "host": "127.0.0.1", "port": env.mqtt_port, "topic": env.topic("out/+")}
         if self.consumer == "http":
             return {"kind": "http", "port": env.hook_port}
+        if self.consumer == "nats":
+            return nats_consumer_spec(env, env.stream_out, env.subject("out.>"))
         return {"kind": "grpc", "port": env.grpc_port, "outbound": "dst"}
 
 
@@ -120,6 +154,8 @@ PATHS: dict[str, PathDef] = {
         PathDef("grpc-amqp", "gRPC PublishStream -> AMQP", "grpc", "amqp", ("amqp",)),
         PathDef("mqtt-http", "MQTT -> HTTP webhook", "mqtt", "http", (GENERATOR_CEILING,)),
         PathDef("amqp-grpc", "AMQP -> gRPC Subscribe", "amqp", "grpc", ("amqp",)),
+        PathDef("nats-amqp", "NATS JetStream -> AMQP", "nats", "amqp", (NATS_CEILING, "amqp")),
+        PathDef("mqtt-nats", "MQTT QoS 1 -> NATS JetStream", "mqtt", "nats", (GENERATOR_CEILING, NATS_CEILING)),
     )
 }
 
@@ -235,6 +271,22 @@ kind = "amqp"
 url = "{env.amqp_url}"
 """
     ]
+    if "nats" in (path.producer, path.consumer):
+        parts.append(
+            f"""
+[brokers.nats]
+kind = "nats"
+servers = ["{env.nats_url}"]
+
+[[brokers.nats.streams]]
+name = "{env.stream_in}"
+subjects = ["{env.subject("in.>")}"]
+
+[[brokers.nats.streams]]
+name = "{env.stream_out}"
+subjects = ["{env.subject("out.>")}"]
+"""
+        )
     if "grpc" in (path.producer, path.consumer):
         parts.append(
             f"""
@@ -281,6 +333,19 @@ type = "com.example.bench"
 source = "amqp://bench"
 """
         )
+    elif path.producer == "nats":
+        parts.append(
+            f"""
+[inbound.src]
+kind = "nats"
+broker = "nats"
+jetstream = true
+stream = "{env.stream_in}"
+subjects = ["{env.subject("in.>")}"]
+type = "com.example.bench"
+source = "nats://bench"
+"""
+        )
     else:
         parts.append(
             """
@@ -303,6 +368,9 @@ listener = "grpc"
         out, address = 'kind = "mqtt"\nbroker = "mosquitto"\nqos = 1', env.topic(f"out/{leaf}")
     elif path.consumer == "http":
         out, address = f'kind = "http"\nurl = "http://127.0.0.1:{env.hook_port}/hook"', ""
+    elif path.consumer == "nats":
+        out = f'kind = "nats"\nbroker = "nats"\njetstream = true\nstream = "{env.stream_out}"'
+        address = env.subject("out.{topic.3}" if path.producer == "mqtt" else "out.p1")
     else:
         # A live stream: the default queue (1,024) would disconnect the benchmark's Python subscriber at
         # saturation; the benchmark measures the daemon, so it gives the subscriber room.

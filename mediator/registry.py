@@ -11,7 +11,14 @@ import importlib
 
 from mediator.core.seams import AdapterSpec
 
-ADAPTER_PACKAGES = ("adapters.http", "adapters.grpc", "adapters.mqtt", "adapters.amqp", "adapters.push")
+ADAPTER_PACKAGES = (
+    "adapters.http",
+    "adapters.grpc",
+    "adapters.mqtt",
+    "adapters.amqp",
+    "adapters.nats",
+    "adapters.push",
+)
 
 
 def load_specs() -> dict[str, AdapterSpec]:

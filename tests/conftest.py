@@ -37,6 +37,14 @@ def mosquitto() -> tuple[str, int]:
 
 
 @pytest.fixture(scope="session")
+def nats_url() -> str:
+    """The shared NATS (with JetStream). A test that needs it fails (never skips) when it is not reachable."""
+    if not reachable("127.0.0.1", 4222):
+        pytest.fail("NATS is not reachable on 127.0.0.1:4222; `make test` starts it (see README)")
+    return "nats://127.0.0.1:4222"
+
+
+@pytest.fixture(scope="session")
 def postgres() -> str:
     """The shared PostgreSQL's admin DSN. A test that needs it fails (never skips) when it is not reachable;
     use ``tests.support.postgres.fresh_database`` for a database of the test's own."""

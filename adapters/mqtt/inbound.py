@@ -46,7 +46,7 @@ from adapters.mqtt.connection import (
     properties,
     stop_if_cancelled,
 )
-from mediator.core.deadletter import REJECTED_PREFIX
+from mediator.core.deadletter import REJECTED_PREFIX, UNDECODABLE_PREFIX
 from mediator.core.envelope import Envelope
 from mediator.core.errors import NotReady, RejectCode, Rejected, RequestTimeout, RequestUndeliverable
 from mediator.core.ingress import Origin
@@ -379,7 +379,7 @@ class MqttInbound:
                 reason = exc.reason if isinstance(exc, Rejected) else f"cannot decode: {exc!r}"
                 env = undecodable(wire, self.inbound)
                 self._log.error("envelope.undecodable", topic=wire.topic, size=len(wire.payload), reason=reason)
-                await self._until_safe(self._rt.sink.dead_letter, env, reason)
+                await self._until_safe(self._rt.sink.dead_letter, env, f"{UNDECODABLE_PREFIX}{reason}")
                 continue
             self._log.debug("envelope.received", event_id=decoded[0].id, topic=wire.topic, size=len(wire.payload))
             events += decoded

@@ -21,9 +21,11 @@ def compile_glob(pattern: str) -> Callable[[str], bool]:
 class TopicPattern:
     """An MQTT-style topic filter applied to a topic split on its own separator.
 
-    ``+`` (or ``*``, as AMQP writes it) matches exactly one segment, ``#`` zero or more trailing
-    segments. The pattern is written with the separator of the topics it is meant for
-    (``devices/+/telemetry`` for MQTT and HTTP paths, ``telemetry.#`` for AMQP routing keys).
+    ``+`` (or ``*``, as AMQP and NATS write it) matches exactly one segment, ``#`` zero or more trailing
+    segments (NATS's ``>``, one or more, is read as ``#``: a route's pattern is a filter over topics, and
+    the inbound's own subscription already decided what arrives). The pattern is written with the
+    separator of the topics it is meant for (``devices/+/telemetry`` for MQTT and HTTP paths,
+    ``telemetry.#`` for AMQP routing keys, ``sensors.*.temperature`` or ``sensors.>`` for NATS subjects).
     """
 
     text: str
@@ -35,7 +37,7 @@ class TopicPattern:
         pattern = self.segments(separator)
         parts = topic.split(separator)
         for i, seg in enumerate(pattern):
-            if seg == "#":
+            if seg in ("#", ">"):
                 return i == len(pattern) - 1
             if i >= len(parts):
                 return False
@@ -50,8 +52,8 @@ def validate_topic_pattern(text: str) -> str | None:
     """A reason the pattern is malformed, or None."""
     for sep in ("/", "."):
         segs = text.split(sep)
-        if "#" in segs[:-1]:
-            return "'#' may only be the last segment"
+        if "#" in segs[:-1] or ">" in segs[:-1]:
+            return "'#' (or '>') may only be the last segment"
     return None
 
 

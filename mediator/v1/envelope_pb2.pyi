@@ -176,14 +176,15 @@ class Provenance(_message.Message):
     VOUCHED_USER_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     TRACESTATE_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
     inbound: _builtins.str
     """admin-chosen inbound name"""
     protocol: _builtins.str
-    """"http", "grpc", "mqtt", "amqp" """
+    """"http", "grpc", "mqtt", "amqp", "nats" (an adapter's kind)"""
     topic: _builtins.str
-    """MQTT topic, AMQP routing key, HTTP path, gRPC method"""
+    """MQTT topic, AMQP routing key, NATS subject, HTTP path, gRPC method"""
     topic_separator: _builtins.str
-    """"/" for MQTT and HTTP, "." for AMQP routing keys"""
+    """"/" for MQTT and HTTP, "." for AMQP routing keys and NATS subjects"""
     principal: _builtins.str
     id_minted: _builtins.bool
     """The gateway made the id up (the sender gave none): no sender can repeat it, so the deduplication
@@ -200,6 +201,11 @@ class Provenance(_message.Message):
     the gateway's receive span, the parent of every send span of the event. Never written to a consumer.
     """
     tracestate: _builtins.str
+    deliveries: _builtins.int
+    """How many times the broker has delivered this message, this delivery included (JetStream's
+    num_delivered): 0 where the protocol does not count (HTTP, gRPC, MQTT, AMQP 0-9-1's redelivered flag is
+    no count). Never written to a consumer.
+    """
     @_builtins.property
     def claims(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -218,10 +224,11 @@ class Provenance(_message.Message):
         vouched_user: _builtins.str = ...,
         traceparent: _builtins.str = ...,
         tracestate: _builtins.str = ...,
+        deliveries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["received", b"received"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "id_minted", b"id_minted", "inbound", b"inbound", "principal", b"principal", "protocol", b"protocol", "received", b"received", "topic", b"topic", "topic_separator", b"topic_separator", "traceparent", b"traceparent", "tracestate", b"tracestate", "vouched_user", b"vouched_user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "deliveries", b"deliveries", "id_minted", b"id_minted", "inbound", b"inbound", "principal", b"principal", "protocol", b"protocol", "received", b"received", "topic", b"topic", "topic_separator", b"topic_separator", "traceparent", b"traceparent", "tracestate", b"tracestate", "vouched_user", b"vouched_user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,8 +27,6 @@ from mediator.core.envelope import Envelope, attribute, context_attributes, data
 from mediator.core.errors import (
     ConfigError,
     NotReady,
-    RejectCode,
-    Rejected,
     RetryableDeliveryError,
     TerminalDeliveryError,
 )
@@ -350,71 +348,6 @@ async def test_inbound_acks_only_after_accept(rabbitmq: str) -> None:
         await sink.wait_for(1)
     assert [e.id for e in sink.events][:1] == ["k-1"]
     assert data_bytes(sink.events[0]) == b"keep me"
-
-
-async def test_inbound_unacked_message_survives_a_stop(rabbitmq: str) -> None:
-    """Cancelled while the sink refuses: the message is not acknowledged and stays in the queue."""
-    sink = ListSink()
-    sink.fail_with = NotReady("draining", retry_after_s=0.05)
-    inbound = _Inbound(rabbitmq, sink)
-    try:
-        async with running(inbound.service):
-            await wait_until(is_ready(inbound.health, "inbound:commands"), what="ready")
-            await inbound.publish(aio_pika.Message(b"x"))
-            await wait_until(lambda: sink.calls >= 1, what="delivery")
-        assert not inbound.health.snapshot()["inbound:commands"]["ready"]
-        assert await ready_count(rabbitmq, inbound.queue) == 1
-    finally:
-        await cleanup(rabbitmq, [inbound.queue], [inbound.exchange])
-
-
-async def test_inbound_poison_message_is_dead_lettered_and_acked(rabbitmq: str) -> None:
-    sink = ListSink()
-    inbound = _Inbound(rabbitmq, sink)
-    try:
-        async with running(inbound.service):
-            await wait_until(is_ready(inbound.health, "inbound:commands"), what="ready")
-            await inbound.publish(
-                aio_pika.Message(b"{not json", content_type="application/cloudevents+json"), routing_key="bad.one"
-            )
-            await sink.wait_for(0, dead=1)
-        # The consumer is gone: an unacknowledged message would be back in the queue by now.
-        assert await ready_count(rabbitmq, inbound.queue) == 0
-    finally:
-        await cleanup(rabbitmq, [inbound.queue], [inbound.exchange])
-    env, reason = sink.dead[0]
-    assert sink.events == []
-    assert env.type == "io.mediator.undecodable"
-    assert env.source == "commands"
-    assert data_bytes(env) == b"{not json"
-    assert env.provenance.topic == "bad.one"
-    assert "undecodable" in reason
-    assert "JSON" in reason
-
-
-class _RejectingSink(ListSink):
-    """A sink whose ingress stages refuse everything (dead letters still work)."""
-
-    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
-        self.calls += 1
-        raise Rejected(RejectCode.FORBIDDEN, "not allowed")
-
-
-async def test_inbound_rejected_event_is_dead_lettered(rabbitmq: str) -> None:
-    sink = _RejectingSink()
-    inbound = _Inbound(rabbitmq, sink)
-    try:
-        async with running(inbound.service):
-            await wait_until(is_ready(inbound.health, "inbound:commands"), what="ready")
-            await inbound.publish(aio_pika.Message(b"payload", message_id="rej-1"))
-            await sink.wait_for(0, dead=1)
-        assert await ready_count(rabbitmq, inbound.queue) == 0
-    finally:
-        await cleanup(rabbitmq, [inbound.queue], [inbound.exchange])
-    env, reason = sink.dead[0]
-    assert env.id == "rej-1"
-    assert data_bytes(env) == b"payload"
-    assert "not allowed" in reason
 
 
 class _SlowSink(ListSink):

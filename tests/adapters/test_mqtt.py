@@ -134,14 +134,6 @@ def sample_event(id: str = "evt-1") -> Envelope:
     return env
 
 
-class RejectingSink(ListSink):
-    """Refuses every event, as an ingress stage would; dead letters still work."""
-
-    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
-        self.calls += 1
-        raise Rejected(RejectCode.FORBIDDEN, "not allowed")
-
-
 class GatedSink(ListSink):
     """Holds every accept until ``gate`` opens, records each call's size; refuses batches holding a
     payload in ``refuse`` (as an ingress stage would refuse one event)."""
@@ -523,42 +515,6 @@ async def test_inbound_one_refused_event_does_not_dead_letter_its_batch(mosquitt
     assert max(sink.sizes) > 1  # there were batches, and the refusal split only the one holding b"5"
     assert [env.binary_data for env, _ in sink.dead] == [b"5"]
     assert sorted(int(e.binary_data) for e in sink.events) == [i for i in range(12) if i != 5]
-
-
-async def test_inbound_undecodable_is_dead_lettered_and_acked(mosquitto: tuple[str, int]) -> None:
-    host, port = mosquitto
-    broker = access(host, port)
-    topic = unique("bad")
-    sink = ListSink()
-    cfg = inbound_cfg([topic])
-    async with inbound(broker, cfg, sink), publisher(host, port) as pub:
-        await pub.publish(topic, b"{not json", qos=1, properties=publish_props(formats.JSON_CONTENT_TYPE))
-        await sink.wait_for(0, dead=1)
-    async with inbound(broker, cfg, sink) as again, publisher(host, port) as pub:
-        await pub.publish(topic, b"ok", qos=1)
-        await sink.wait_for(1)
-    await drop_session(broker, again.client_id)
-    [(env, reason)] = sink.dead  # acknowledged: the second run did not see it again
-    assert env.type == "io.mediator.undecodable"
-    assert env.source == "devices"
-    assert env.binary_data == b"{not json"
-    assert env.provenance.topic == topic
-    assert "not valid JSON" in reason
-
-
-async def test_inbound_rejected_event_is_dead_lettered(mosquitto: tuple[str, int]) -> None:
-    host, port = mosquitto
-    broker = access(host, port)
-    topic = unique("rej")
-    sink = RejectingSink()
-    async with inbound(broker, inbound_cfg([topic]), sink) as service, publisher(host, port) as pub:
-        await pub.publish(topic, b"nope", qos=1)
-        await sink.wait_for(0, dead=1)
-    await drop_session(broker, service.client_id)
-    [(env, reason)] = sink.dead
-    assert env.binary_data == b"nope"
-    assert env.type == "io.mediator.mqtt.message"
-    assert reason == "rejected: forbidden: not allowed"  # as the AMQP inbound writes it: the ingress class
 
 
 # ---------------------------------------------------------------- outbound

@@ -20,20 +20,17 @@ from pydantic import ValidationError
 
 from adapters.amqp import AmqpOutbound
 from adapters.amqp.config import AmqpBrokerConfig
-from adapters.mqtt import MqttInbound, MqttOutbound, broker_access
+from adapters.mqtt import MqttOutbound, broker_access
 from adapters.mqtt.config import MqttBrokerConfig, MqttOutboundConfig
 from adapters.mqtt.connection import BrokerAccess
-from mediator.core.envelope import Envelope, data_bytes, new_event
+from mediator.core.envelope import Envelope, new_event
 from mediator.core.errors import ConfigError
 from mediator.core.health import Health
-from mediator.core.seams import Runtime
 from tests.adapters.test_amqp import get_one, is_ready, outbound_config
 from tests.adapters.test_amqp import running as running_amqp
-from tests.adapters.test_mqtt import inbound_cfg
 from tests.adapters.test_mqtt import running as running_mqtt
 from tests.support.brokers import BrokerTls, MosquittoInstance, RabbitNode
 from tests.support.certs import Pki, make_pki
-from tests.support.fakes import ListSink
 from tests.support.net import unique, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -136,24 +133,6 @@ def mqtt_access(broker: MosquittoInstance, table: dict[str, Any]) -> BrokerAcces
         }
     )
     return broker_access("secure", cfg)
-
-
-async def test_mqtt_round_trip_over_tls_with_a_client_certificate(mosquitto_tls: MosquittoInstance, pki: Pki) -> None:
-    access = mqtt_access(mosquitto_tls, tls(pki, pki))
-    topic = unique("tls/readings")
-    sink, health = ListSink(), Health()
-    inbound = MqttInbound("devices", inbound_cfg([f"{topic}/#"]), access, Runtime(sink=sink, health=health))
-    outbound = MqttOutbound("dashboards", outbound_cfg_mqtt(), access, health)
-    async with (
-        running_mqtt(inbound, health, inbound.name),
-        running_mqtt(outbound.service, health, outbound.component),
-    ):
-        assert "connected to 127.0.0.1" in str(health.snapshot()[outbound.component]["detail"])
-        for n in range(3):
-            await outbound.send(event(f"tls-{n}"), f"{topic}/{n}", "binary")
-        await sink.wait_for(3)
-    assert sorted(e.id for e in sink.events) == ["tls-0", "tls-1", "tls-2"]
-    assert data_bytes(sink.events[0]) == b'{"t":21.5}'
 
 
 async def refused(access: BrokerAccess) -> str:

@@ -278,3 +278,43 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+class NatsServer:
+    """A nats-server with JetStream on a free loopback port, its store in ``workdir`` (so a restart keeps
+    streams, consumers and messages): never the shared one on 4222, so a test may stop and restart it.
+    With ``tls``, clients must speak TLS and present a certificate signed by ``tls.ca_file``."""
+
+    def __init__(self, workdir: Path, tls: BrokerTls | None = None) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.url = f"{'tls' if tls else 'nats'}://127.0.0.1:{self.port}"
+        self.argv = ["nats-server", "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(workdir / "js")]
+        if tls is not None:
+            self.argv += ["--tlsverify", "--tlscert", str(tls.cert_file), "--tlskey", str(tls.key_file)]
+            self.argv += ["--tlscacert", str(tls.ca_file)]
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with (self.workdir / "nats-server.log").open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(*self.argv, stdout=asyncio.subprocess.DEVNULL, stderr=log)
+        async with asyncio.timeout(10):
+            while not reachable("127.0.0.1", self.port, 0.2):
+                if self.proc.returncode is not None:
+                    raise AssertionError(f"nats-server exited with {self.proc.returncode}")
+                await asyncio.sleep(0.05)
+
+    async def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        async with asyncio.timeout(10):
+            await self.proc.wait()
+        self.proc = None
+
+    async def restart(self, kill: bool = False, down_s: float = 0.5) -> None:
+        await self.stop(kill=kill)
+        await asyncio.sleep(down_s)
+        await self.start()

@@ -54,3 +54,11 @@ class ListSink:
             while len(self.events) < count or len(self.dead) < dead:
                 self._changed.clear()
                 await self._changed.wait()
+
+
+class RejectingSink(ListSink):
+    """Refuses every event, as an ingress stage would; dead letters still work."""
+
+    async def accept(self, events: Sequence[Envelope], origin: Origin | None = None) -> None:
+        self.calls += 1
+        raise Rejected(RejectCode.FORBIDDEN, "not allowed")
