@@ -42,6 +42,7 @@ from mediator.core.seams import (
 )
 from mediator.correlator import CorrelatorCollector
 from mediator.dispatch import Backlog, Dispatcher
+from mediator.history.unit import History, HistoryCollector
 from mediator.lock import DaemonLock
 from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
 from mediator.observability.status import status
@@ -294,6 +295,17 @@ class Daemon:
             metrics=self.metrics,
         )
         self.aggregator.sink = self.pipeline
+        # [store]: every accepted event kept (in the outbox's transaction), queried and replayed.
+        self.history = History(
+            config.root.store,
+            self.outbox,
+            inner,
+            self.health,
+            router=lambda: self.pipeline.router,
+            outbounds=lambda: self.config.outbound_configs(),
+            routes=lambda: [r.name for r in self.config.root.routes],
+            room=lambda: self.backlog.value < self.config.outbox.max_pending // 2,
+        )
         # [tracing]: spans observed at the seams (mediator/observability/tracing.py); off: None, nothing wrapped.
         # A reload replaces it (``_set_tracing``): the sink is switched and every outbound rewrapped.
         self._span_totals = SpanTotals()
@@ -305,6 +317,7 @@ class Daemon:
         self._set_tracing(Tracing(config.root.tracing) if config.root.tracing.enabled else None)
         self._admin = DeadLetterAdmin(self)
         self.metrics.register(StateCollector(self))
+        self.metrics.register(HistoryCollector(self.history))
         if self.metrics.counting:
             self.metrics.register(CorrelatorCollector(self.pipeline.correlator))
         metrics_cfg = config.root.metrics  # read at start: a change of [metrics] takes a restart
@@ -781,12 +794,20 @@ class Daemon:
 
     async def _run(self) -> None:
         pending = await self.outbox.open()
+        try:
+            await self.history.open()
+        except BaseException:
+            await self.outbox.close()
+            raise
         await self.aggregator.open()
         self.stages.start()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                tasks = [tg.create_task(self.aggregator.run(), name="aggregate")]
+                tasks = [
+                    tg.create_task(self.aggregator.run(), name="aggregate"),
+                    tg.create_task(self.history.run(), name="history"),
+                ]
                 for unit in self._units.values():
                     self._run_unit(unit, guard=False)  # a bind failure at start-up stops the daemon
                 reload_task = tg.create_task(self._reload_loop(), name="config-reload")
@@ -837,6 +858,7 @@ class Daemon:
             self._remove_pid()
             await self.stages.close()
             await self.aggregator.close()
+            await self.history.close()
             await self.outbox.close()
             if self.tracing is not None:  # the last spans, exported within the drain's budget
                 await self.tracing.close(self.config.daemon.drain_timeout_s)
@@ -928,7 +950,13 @@ class DeadLetterAdmin:
         return len(rows)
 
     async def status(self) -> dict[str, object]:
-        return await status(self._daemon)
+        doc = await status(self._daemon)
+        doc.update(self._daemon.history.status())
+        return doc
+
+    async def history(self, method: str, path: str, query: Mapping[str, str], body: object) -> tuple[int, object]:
+        """The event store's and the replays' admin API (``mediator.history.unit.History.handle``)."""
+        return await self._daemon.history.handle(method, path, query, body)
 
 
 def describe(dl: DeadLetter) -> dict[str, object]:

@@ -452,6 +452,11 @@ class HttpListener:
             app.router.add_get("/admin/dead-letters", self._dead_letters)
             app.router.add_post("/admin/dead-letters/replay", self._replay)
             app.router.add_get("/admin/status", self._status)
+            # The event store and replays (mediator/history/): the admin's history answers, this only routes.
+            for path in ("/admin/events", "/admin/events/{id}", "/admin/replays", "/admin/replays/{id}"):
+                app.router.add_get(path, self._history)
+            app.router.add_post("/admin/replays", self._history)
+            app.router.add_delete("/admin/replays/{id}", self._history)
         if self.status is not None:
             app.router.add_get(STATUS_PATH, self._event_status)
         for inbound in self.inbounds:
@@ -788,6 +793,27 @@ class HttpListener:
             return web.json_response({"error": "invalid", "reason": "limit must be an integer"}, status=400)
         letters = await self.admin.dead_letters(max(1, min(limit, 10_000)))
         return web.json_response({"dead_letters": letters})
+
+    async def _history(self, request: web.BaseRequest) -> web.Response:
+        """``/admin/events``, ``/admin/events/{id}``, ``/admin/replays``, ``/admin/replays/{id}``: answered
+        by the admin's ``history`` (the id from the raw path: the low-level dispatch has no match info)."""
+        refusal = await self._admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        assert self.admin is not None
+        history = getattr(self.admin, "history", None)
+        if history is None:
+            return error_response(404, "not_found", "this daemon keeps no event history")
+        head, _, rest = request.rel_url.raw_path.removeprefix("/admin/").partition("/")
+        path = f"{head}/{unquote(rest)}" if rest else head
+        body: object = None
+        if request.method == hdrs.METH_POST and request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                return error_response(400, "invalid", "the body must be JSON")
+        status, doc = await history(request.method, path, dict(request.query), body)
+        return web.json_response(doc, status=status)
 
     async def _replay(self, request: web.BaseRequest) -> web.Response:
         refusal = await self._admin_refusal(request)

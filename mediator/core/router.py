@@ -238,3 +238,9 @@ class Router:
             if route.final:
                 break
         return deliveries, failures
+
+
+def event_variables(env: Envelope, data: DataGetter, pred: Predicate) -> dict[str, Any]:
+    """The CEL variables ``pred`` reads of ``env``, as a route's ``when`` sees them (the event store's
+    ``where`` evaluates with these too). Raises PredicateError when the data it reads is broken."""
+    return _Variables(env, data).for_(pred)
