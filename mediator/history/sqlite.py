@@ -86,6 +86,8 @@ class Totals:
         self.bytes = 0
         self.expired = 0
         self.written = 0
+        self.expiry_batches = 0  # expiry statements that deleted something
+        self.largest_batch = 0  # the most one of them deleted (at most expiry_batch)
 
 
 def tee_into(outbox: SqliteOutbox, cfg: StoreConfig, totals: Totals) -> None:
@@ -188,6 +190,8 @@ class SqliteEventStore:
             totals.events -= count
             totals.bytes -= size
             totals.expired += count
+            totals.expiry_batches += 1
+            totals.largest_batch = max(totals.largest_batch, count)
             log.debug("store.expired", events=count, bytes=size)
         return count >= batch
 
@@ -211,7 +215,14 @@ class SqliteEventStore:
 
     def stats(self) -> dict[str, object]:
         t = self.totals
-        return {"backend": self.backend, "events": t.events, "bytes": t.bytes, "expired": t.expired}
+        return {
+            "backend": self.backend,
+            "events": t.events,
+            "bytes": t.bytes,
+            "expired": t.expired,
+            "expiry_batches": t.expiry_batches,
+            "largest_expiry_batch": t.largest_batch,
+        }
 
 
 def _reading(path: Path, work: Any) -> Any:
