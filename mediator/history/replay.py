@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS replays (
 MARKER = "replayed"
 """The extension attribute a replayed copy carries: the replay's id."""
 DEFAULT_RATE = 1000.0
+CANCEL_WAIT_S = 5.0
+"""A cancel waits this long for the chunk being committed, then cancels the job outright."""
 KEPT = 100
 """Finished replays listed at most (the oldest finished ones are forgotten first)."""
 
@@ -89,6 +91,7 @@ class Job:
     ended_mono: float | None = None
     done_at_start: int = 0
     task: asyncio.Task[None] | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # cancel: ends the job between two chunks
 
     def end(self, state: str, error: str | None = None) -> None:
         self.state, self.error = state, error
@@ -267,10 +270,17 @@ class Replays:
         if job is None:
             return None
         if job.state == "running":
+            # Between two chunks, so that ``done`` is exactly what was committed; a chunk waiting for room
+            # in the outbox is cancelled outright.
+            job.stop.set()
             if job.task is not None:
-                job.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await job.task
+                try:
+                    async with asyncio.timeout(CANCEL_WAIT_S):
+                        await asyncio.shield(job.task)
+                except TimeoutError:
+                    job.task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await job.task
             job.end("cancelled")
             await self._persist(job)
             log.info("replay.cancelled", replay=job.id, done=job.done, total=job.total)
@@ -293,7 +303,7 @@ class Replays:
         chunk = max(1, min(500, int(spec.rate / 10)))
         paced_from, paced = time.monotonic(), 0
         try:
-            while True:
+            while not job.stop.is_set():
                 await self._wait_for_room()
                 page = await self._store.query(self._query(spec, job.cursor, chunk))
                 items = [i for e in page.events if (i := self._item(job, e.event)) is not None]
@@ -308,9 +318,13 @@ class Replays:
                 paced += len(page.events)
                 wait = paced_from + paced / spec.rate - time.monotonic()
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await job.stop.wait()
                 elif wait < -1.0:  # far behind (the outbox was full): no burst to catch up
                     paced_from, paced = time.monotonic(), 0
+            if job.stop.is_set():
+                return  # cancelled: ``cancel`` records it
             job.end("done")
             await self._persist(job)
             log.info("replay.finished", replay=job.id, done=job.done, total=job.total)
