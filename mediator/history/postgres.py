@@ -8,8 +8,10 @@ then deletes them from the spool (a bounded DELETE in the outbox's group commit)
 ships the batch again; ``(origin, origin_seq)`` is unique, so the repeat inserts nothing. While the server
 is down the shipper backs off (up to ``MAX_BACKOFF_S``) and the spool grows on disk (no bound but the
 disk: dropping would lose accepted events silently); ``/admin/status`` and ``/metrics`` show its size and
-the last error, and the ``store`` health component is not ready meanwhile (``/readyz`` is not affected:
-intake works). Queries go to PostgreSQL, so an event is queryable once shipped (a batch: milliseconds).
+the last error (``mediator_store_connected`` 0). Not a health component: ``/readyz`` stays ready, because
+intake and delivery do not need PostgreSQL, and a shared server's outage must not take every daemon
+behind a load balancer out of it at once. Queries go to PostgreSQL, so an event is queryable once shipped
+(a batch: milliseconds).
 
 Expiry runs in every daemon, in bounded batches, ``FOR UPDATE SKIP LOCKED`` so that two daemons expiring
 at once never wait for each other.
@@ -30,7 +32,6 @@ import asyncpg
 import structlog
 
 from mediator.core.errors import ConfigError
-from mediator.core.health import Health
 from mediator.history.base import EventQuery, Page, StoredEvent, filters, matches, order_by, stored_event
 from mediator.history.config import StoreConfig
 from mediator.history.sqlite import SCAN_CHUNK, Totals, prepare, tee_into
@@ -39,7 +40,6 @@ from mediator.outbox.sqlite import SqliteOutbox
 
 log = structlog.get_logger(__name__)
 
-COMPONENT = "store"
 MAX_BACKOFF_S = 10.0
 IDLE_S = 0.05
 """The shipper looks at the spool this often while it is empty."""
@@ -90,11 +90,11 @@ def dsn_of(cfg: StoreConfig) -> str:
 class PostgresEventStore:
     backend = "postgresql"
 
-    def __init__(self, outbox: SqliteOutbox, cfg: StoreConfig, health: Health | None = None) -> None:
+    def __init__(self, outbox: SqliteOutbox, cfg: StoreConfig) -> None:
         self._outbox = outbox
         self._cfg = cfg
         self._dsn = dsn_of(cfg)
-        self._health = health
+        self.connected = False  # the last shipping attempt reached PostgreSQL
         self._pool: asyncpg.Pool | None = None
         self.spool = Totals()  # what the outbox's table holds: not shipped yet
         self.shipped = 0
@@ -111,9 +111,6 @@ class PostgresEventStore:
         except StorageError as exc:
             raise StorageError(f"cannot open the event store's spool: {exc}") from exc
         tee_into(self._outbox, self._cfg, self.spool)
-        if self._health is not None:
-            self._health.register(COMPONENT)
-            self._health.set(COMPONENT, False, "connecting to PostgreSQL")
         log.info("store.opened", backend=self.backend, origin=self.origin, spooled=self.spool.events)
 
     async def _connect(self) -> asyncpg.Pool:
@@ -145,8 +142,7 @@ class PostgresEventStore:
     def _failed(self, what: str, exc: BaseException) -> None:
         self.last_error = f"{what}: {exc}"
         log.warning("store.postgres_failed", action=what, error=str(exc), spooled=self.spool.events)
-        if self._health is not None:
-            self._health.set(COMPONENT, False, self.last_error)
+        self.connected = False
 
     async def _ship_loop(self) -> None:
         backoff = 0.5
@@ -163,10 +159,9 @@ class PostgresEventStore:
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
                 continue
             backoff = 0.5
-            if self.last_error is not None or (self._health is not None and not self._health.is_ready(COMPONENT)):
-                self.last_error = None
-                if self._health is not None:
-                    self._health.set(COMPONENT, True, "connected")
+            if not self.connected:
+                log.info("store.postgres_connected", spooled=self.spool.events)
+                self.connected, self.last_error = True, None
             if not shipped:
                 await asyncio.sleep(IDLE_S)
 
@@ -317,6 +312,7 @@ class PostgresEventStore:
     def stats(self) -> dict[str, object]:
         return {
             "backend": self.backend,
+            "connected": self.connected,
             "spooled": self.spool.events,
             "spooled_bytes": self.spool.bytes,
             "shipped": self.shipped,

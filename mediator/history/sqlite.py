@@ -44,7 +44,9 @@ log = structlog.get_logger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,  -- insertion order: with received, a page's order and its cursor
+    -- insertion order: with received, a page's order and its cursor. AUTOINCREMENT: a seq is never used
+    -- twice, even once every row expired or was shipped (PostgreSQL keys a shipped row by it)
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     received REAL NOT NULL,  -- Unix seconds, the gateway's clock
     expires REAL NOT NULL,  -- received + the retention of the event's type
     id TEXT NOT NULL,

@@ -52,7 +52,7 @@ class History:
         elif cfg.backend == "postgresql":
             from mediator.history.postgres import PostgresEventStore
 
-            self.store = PostgresEventStore(inner, cfg, health)
+            self.store = PostgresEventStore(inner, cfg)
         else:
             from mediator.history.sqlite import SqliteEventStore
 
@@ -176,6 +176,11 @@ class HistoryCollector(Collector):
             )
             yield CounterMetricFamily(
                 f"{NAMESPACE}_store_shipped_events", "Events shipped to PostgreSQL.", value=_num(stats, "shipped")
+            )
+            yield GaugeMetricFamily(
+                f"{NAMESPACE}_store_connected",
+                "1 while the event store's PostgreSQL answers the shipping, else 0.",
+                value=1.0 if stats.get("connected") else 0.0,
             )
         yield CounterMetricFamily(
             f"{NAMESPACE}_store_expired_events", "Events the store's expiry deleted.", value=_num(stats, "expired")
