@@ -40,6 +40,10 @@ CONTENT_SYSTEM = "mediator (schema+CEL+transform)"
 TRACING_PATH = "http-amqp"
 """Beside the plain row (metrics on, as always; tracing off), in the same round: tracing at 100% sampling."""
 TRACING_SYSTEM = "mediator (tracing 100%)"
+STORE_PATH = "http-amqp"
+STORE_SYSTEM = "mediator (store on, SQLite)"
+"""Beside the plain row (the bench config has no [store]: off), in the same round: every event kept for 7 days
+in the outbox's transaction; its cell also reports the store's bytes per event (``store``)."""
 METRICS_OFF_SYSTEM = "mediator (metrics off)"
 """Beside the plain row on TRACING_PATH: nothing counted ([metrics] enabled = false), what the metrics cost."""
 WORKERS = 2
@@ -105,6 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--no-metrics-off", action="store_true", help=f"skip the {TRACING_PATH} row with metrics off (nothing counted)"
     )
+    ap.add_argument("--no-store", action="store_true", help=f"skip the {STORE_PATH} row with the event store on")
     ap.add_argument(
         "--no-content", action="store_true", help=f"skip the {CONTENT_PATH} row with a schema, a CEL route, a transform"
     )
@@ -176,6 +181,30 @@ def amqp_cleanup(url: str, exchanges: list[str], queues: list[str]) -> None:
         asyncio.run(asyncio.wait_for(_amqp_cleanup(url, exchanges, queues), 20))
 
 
+def store_figures(http_port: int, db: Path) -> dict[str, Any]:
+    """What the store holds after a cell: its events, their envelope bytes (from /admin/status) and the
+    pages its table and indexes take in the database file (SQLite's dbstat), each per event."""
+    import sqlite3
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/admin/status", timeout=30) as resp:
+        store = json.loads(resp.read())["store"]
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        pages = conn.execute("SELECT SUM(pgsize) FROM dbstat WHERE name = 'events' OR name LIKE 'events_%'").fetchone()[
+            0
+        ]
+    finally:
+        conn.close()
+    events = int(store.get("events") or 0)
+    return {
+        "events": events,
+        "envelope_bytes": store.get("bytes"),
+        "disk_bytes": pages,
+        "envelope_bytes_per_event": round(store["bytes"] / events, 1) if events else None,
+        "disk_bytes_per_event": round(pages / events, 1) if events and pages else None,
+    }
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -220,6 +249,7 @@ class Bench:
         tracing: bool = False,
         metrics: bool = True,
         stalled_port: int | None = None,
+        store: bool = False,
     ) -> Env:
         uid = (
             f"{self.uid}-{name}"
@@ -229,6 +259,7 @@ class Bench:
             + (f"-w{workers}" if workers > 1 else "")
             + ("-tracing" if tracing else "")
             + ("" if metrics else "-nometrics")
+            + ("-store" if store else "")
         )
         workdir = WORK / "daemon" / uid
         workdir.mkdir(parents=True, exist_ok=True)
@@ -264,11 +295,12 @@ class Bench:
         workers: int = 1,
         tracing: bool = False,
         metrics: bool = True,
+        store: bool = False,
     ) -> dict[str, Any]:
         """One mediator cell; with ``auth`` the HTTP listener requires that credential, which every producer
         (wrk and the Python probes) then sends; with ``content`` the daemon checks a JSON Schema, routes by a
         CEL predicate over the data and transforms it (``bench.paths.CONTENT_TOML``)."""
-        env = self.env(path.name, outbox, auth, content, workers, tracing, metrics)
+        env = self.env(path.name, outbox, auth, content, workers, tracing, metrics, store=store)
         spans_before = self.otlp.spans
         headers = credentials(env)
         content_files(env)
@@ -281,6 +313,7 @@ class Bench:
             + (f"-workers{workers}" if workers > 1 else "")
             + ("-tracing" if tracing else "")
             + ("" if metrics else "-nometrics")
+            + ("-store" if store else "")
         )
         system = auth.system if auth else ("mediator (memory outbox)" if outbox == "memory" else "mediator")
         if workers > 1:
@@ -289,6 +322,8 @@ class Bench:
             system = TRACING_SYSTEM
         if not metrics:
             system = METRICS_OFF_SYSTEM
+        if store:
+            system = STORE_SYSTEM
         cell = Cell(
             label=path.name,
             system=CONTENT_SYSTEM if content else system,
@@ -306,8 +341,11 @@ class Bench:
             if auth is not None and wrk_url is not None:
                 _refused_without_credential(wrk_url)
 
+        store_stats: dict[str, Any] | None = None
         try:
             res = measure(cell, self.settings, start_system=start)
+            if store:
+                store_stats = store_figures(env.http_port, Path(env.workdir) / "outbox.sqlite")
         finally:
             rc = daemon.stop()
             problems = daemon.problems()
@@ -326,6 +364,9 @@ class Bench:
             res["workers"] = workers
         if not metrics:
             res["variant"] = "metrics_off"
+        if store:
+            res["variant"] = "store"
+            res["store"] = store_stats
         if tracing:
             res["variant"] = "tracing"
             res["otlp_spans_received"] = self.otlp.spans - spans_before
@@ -659,6 +700,10 @@ class Bench:
             if name == TRACING_PATH and not a.no_metrics_off and not self.over_budget(f"{name} [metrics off]"):
                 entry["mediator_metrics_off"] = self._guard(
                     f"{name} [metrics off]", lambda n=name: self.mediator(PATHS[n], profile=first, metrics=False)
+                )
+            if name == STORE_PATH and not a.no_store and not self.over_budget(f"{name} [store]"):
+                entry["mediator_store"] = self._guard(
+                    f"{name} [store]", lambda n=name: self.mediator(PATHS[n], profile=first, store=True)
                 )
             if name == CONTENT_PATH and not a.no_content and not self.over_budget(f"{name} [content]"):
                 entry["mediator_content"] = self._guard(

@@ -68,7 +68,7 @@ class EventQuery:
     limit: int = 100
     cursor: tuple[float, int] | None = None  # exclusive: the rows after it in ``order``
     where: Predicate | None = None
-    max_examined: int = 10_000  # with ``where``: rows one page examines at most
+    max_examined: int = 5000  # with ``where``: rows one page examines at most
 
 
 @dataclass(slots=True)

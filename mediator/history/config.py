@@ -76,7 +76,7 @@ class StoreConfig(ConfigModel):
         default=1.0, gt=0, description="how often expiry runs (again at once while a batch came back full)"
     )
     query_max_examined: int = Field(
-        default=10_000, ge=1, description="rows a page of GET /admin/events with a `where` examines at most"
+        default=5000, ge=1, description="rows a page of GET /admin/events with a `where` examines at most"
     )
     pg_batch: int = Field(default=500, ge=1, le=10_000, description="postgresql: events one insert carries at most")
 

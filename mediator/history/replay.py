@@ -164,7 +164,7 @@ class Replays:
         outbounds: Callable[[], Mapping[str, OutboundConfigBase]],
         routes: Callable[[], list[str]],
         room: Callable[[], bool],
-        max_examined: int = 10_000,
+        max_examined: int = 5000,
     ) -> None:
         self._store = store
         self._outbox = outbox
