@@ -281,6 +281,7 @@ class Bench:
             tracing_endpoint=self.otlp.endpoint if tracing else None,
             metrics=metrics,
             stalled_port=stalled_port,
+            store=store,
         )
 
     # ------------------------------------------------------------------------------------------ mediator
@@ -719,7 +720,7 @@ class Bench:
                     f"{name} [memory]", lambda n=name: self.mediator(PATHS[n], "memory", profile=first)
                 )
             variants = [k for k in entry if k.startswith("mediator_") and k != "mediator_memory"]
-            if len(variants) > 1 and not self.over_budget(f"{name} [plain, again]"):
+            if variants and not self.over_budget(f"{name} [plain, again]"):
                 # The plain row once more after the variants: the machine drifts within a round (later cells
                 # ran slower than the first one, whatever they were), so /plain compares each variant with the
                 # mean of the plain runs before and after it (report.aggregate).

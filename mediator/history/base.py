@@ -127,8 +127,11 @@ class Retention:
         return value
 
 
-def rows_of(items: Sequence[Accepted], skipped: Sequence[int], retention: Retention) -> list[Row]:
-    """The rows to store for one commit: every item but the duplicates and the copies (``stored`` False)."""
+def rows_of(
+    items: Sequence[Accepted], skipped: Sequence[int], retention: Retention, blobs: Sequence[bytes] = ()
+) -> list[Row]:
+    """The rows to store for one commit: every item but the duplicates and the copies (``stored`` False).
+    ``blobs``: the events as the outbox serialized them (b"" where it did not), not serialized twice."""
     out: list[Row] = []
     skip = set(skipped) if skipped else ()
     for i, item in enumerate(items):
@@ -141,7 +144,7 @@ def rows_of(items: Sequence[Accepted], skipped: Sequence[int], retention: Retent
         prov = env.provenance
         ts = prov.received
         received = ts.seconds + ts.nanos * 1e-9
-        blob = env.SerializeToString()
+        blob = (blobs[i] if blobs else b"") or env.SerializeToString()
         subject = attribute(env, "subject")
         out.append(
             (received, received + keep, env.id, env.source, env.type, subject, prov.inbound, prov.principal,

@@ -59,7 +59,6 @@ CREATE TABLE IF NOT EXISTS events (
     envelope BLOB NOT NULL  -- the canonical envelope (Protobuf), provenance included
 );
 CREATE INDEX IF NOT EXISTS events_received ON events(received);
-CREATE INDEX IF NOT EXISTS events_expires ON events(expires);
 CREATE INDEX IF NOT EXISTS events_type ON events(type, received);
 CREATE INDEX IF NOT EXISTS events_source ON events(source, received);
 CREATE INDEX IF NOT EXISTS events_subject ON events(subject, received) WHERE subject IS NOT NULL;
@@ -96,8 +95,10 @@ def tee_into(outbox: SqliteOutbox, cfg: StoreConfig, totals: Totals) -> None:
     """Make every commit of ``outbox`` also store its accepted events (in the same transaction)."""
     retention = Retention(cfg)
 
-    def tee(conn: sqlite3.Connection, items: Sequence[Accepted], skipped: Sequence[int]) -> None:
-        rows = rows_of(items, skipped, retention)
+    def tee(
+        conn: sqlite3.Connection, items: Sequence[Accepted], skipped: Sequence[int], blobs: Sequence[bytes]
+    ) -> None:
+        rows = rows_of(items, skipped, retention, blobs)
         if not rows:
             return
         conn.executemany(INSERT, rows)
@@ -111,11 +112,18 @@ def tee_into(outbox: SqliteOutbox, cfg: StoreConfig, totals: Totals) -> None:
     outbox.tee = tee
 
 
-def prepare(conn: sqlite3.Connection) -> tuple[int, int]:
+EXPIRES_INDEX = "CREATE INDEX IF NOT EXISTS events_expires ON events(expires)"
+"""Only with [[store.overrides]]: without them ``expires`` is ``received`` + one retention, so expiry goes by
+the ``received`` index, and every insert saves one B-tree (measured: about a tenth of what storing costs)."""
+
+
+def prepare(conn: sqlite3.Connection, overrides: bool = False) -> tuple[int, int]:
     """Inside a transaction of the outbox's (``executescript`` would commit it: one statement at a time)."""
     for statement in SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
+    if overrides:
+        conn.execute(EXPIRES_INDEX)
     row = conn.execute("SELECT events, bytes FROM event_totals").fetchone()
     return int(row[0]), int(row[1])
 
@@ -137,7 +145,8 @@ class SqliteEventStore:
         """After the outbox opened: create the table (in a transaction of the outbox's) and read the totals,
         then tee every commit into it."""
         try:
-            self.totals.events, self.totals.bytes = await self._outbox.transact(prepare)
+            overrides = bool(self._cfg.overrides)
+            self.totals.events, self.totals.bytes = await self._outbox.transact(lambda c: prepare(c, overrides))
         except StorageError as exc:
             raise StorageError(f"cannot open the event store: {exc}") from exc
         tee_into(self._outbox, self._cfg, self.totals)
@@ -168,11 +177,14 @@ class SqliteEventStore:
             per = max(1, totals.bytes // totals.events)
             over = max(over, (totals.bytes - self._max_bytes + per - 1) // per)
 
+        # Without overrides, expires = received + retention: the received index finds the expired rows.
+        by, horizon = ("expires", when) if cfg.overrides else ("received", when - cfg.retention_s)
+
         def work(conn: sqlite3.Connection) -> tuple[int, int]:
             sizes = conn.execute(
-                "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE expires < ? ORDER BY expires LIMIT ?)"
+                f"DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE {by} < ? ORDER BY {by} LIMIT ?)"
                 " RETURNING size",
-                (when, batch),
+                (horizon, batch),
             ).fetchall()
             room = batch - len(sizes)
             if over and room > 0:  # the size bounds: the oldest go first

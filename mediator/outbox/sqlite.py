@@ -102,9 +102,10 @@ DROP TABLE events;
 statements per single-destination delivery instead of two."""
 
 _Work = Callable[[sqlite3.Connection], Any]
-Tee = Callable[[sqlite3.Connection, Sequence[Accepted], Sequence[int]], None]
-"""Run inside every commit's transaction with its items and the positions the dedup window skipped: the
-event store (mediator/history/sqlite.py) writes its rows there, so storing costs no fsync of its own."""
+Tee = Callable[[sqlite3.Connection, Sequence[Accepted], Sequence[int], Sequence[bytes]], None]
+"""Run inside every commit's transaction with its items, the positions the dedup window skipped and each
+item's serialized event where the commit made it (b"" where not): the event store (mediator/history/sqlite.py)
+writes its rows there, so storing costs no fsync of its own, and no second serialization."""
 DeliveredRow = tuple[str, str, str, str, str, str, str, int, float]
 """A ``delivered`` row: event id, source, inbound, principal, route, outbound, address, attempts, when."""
 
@@ -555,6 +556,7 @@ def _commit(
 ) -> list[Pending]:
     out: list[Pending] = []
     skipped: list[int] = []
+    blobs: list[bytes] = [b""] * len(items) if tee is not None else []
     rows: list[tuple[int, bytes, str, str, str, str]] = []
     now = time.time()
     if duplicates is not None:
@@ -574,6 +576,8 @@ def _commit(
                 continue
         # Serialized only if stored as it is: a destination with its own transformed copy stores that.
         blob = item.event.SerializeToString() if item.dead_reason or item.failures or _shares(item) else b""
+        if tee is not None:
+            blobs[i] = blob
         if item.dead_reason is not None:
             conn.execute(
                 "INSERT INTO dead_letters(envelope,route,outbound,address,format,reason,attempts,at)"
@@ -595,7 +599,7 @@ def _commit(
     if rows:
         conn.executemany("INSERT INTO deliveries(id,envelope,route,outbound,address,format) VALUES (?,?,?,?,?,?)", rows)
     if tee is not None:
-        tee(conn, items, skipped)
+        tee(conn, items, skipped, blobs)
     return out
 
 
