@@ -51,12 +51,13 @@ check: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/mediator run --config config.toml
 
-# The benchmark (about 17 minutes on 2 cores, the push fan-out and request-reply included; prints one table, writes bench/results.json).
+# The benchmark (about 20 minutes on 2 cores, the push fan-out and request-reply included; prints one table, writes bench/results.json).
 # BENCH_ARGS: e.g. --quick, --rounds 5, --paths http-amqp,mqtt-amqp, --no-peers, --profile (python -m bench --help).
 bench: $(STAMP) services
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.push
 	$(PY) -m bench.rpc
+	$(PY) -m bench.store_query
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
