@@ -54,13 +54,14 @@ check: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/mediator run --config config.toml
 
-# The benchmark (about 17 minutes on 2 cores, the push fan-out and request-reply included; prints one table, writes bench/results.json
+# The benchmark (about 20 minutes on 2 cores, the push fan-out and request-reply included; prints one table, writes bench/results.json
 # and draws it: docs/images/bench-throughput.png, bench-latency.png).
 # BENCH_ARGS: e.g. --quick, --rounds 5, --paths http-amqp,mqtt-amqp, --no-peers, --profile (python -m bench --help).
 bench: $(STAMP) services
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.push
 	$(PY) -m bench.rpc
+	$(PY) -m bench.store_query
 	$(PY) -m bench.plots
 
 # The flake check (not part of `make test`): the end-to-end and fault directories three times in a row, then

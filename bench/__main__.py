@@ -51,6 +51,10 @@ CONTENT_SYSTEM = "mediator (schema+CEL+transform)"
 TRACING_PATH = "http-amqp"
 """Beside the plain row (metrics on, as always; tracing off), in the same round: tracing at 100% sampling."""
 TRACING_SYSTEM = "mediator (tracing 100%)"
+STORE_PATH = "http-amqp"
+STORE_SYSTEM = "mediator (store on, SQLite)"
+"""Beside the plain row (the bench config has no [store]: off), in the same round: every event kept for 7 days
+in the outbox's transaction; its cell also reports the store's bytes per event (``store``)."""
 METRICS_OFF_SYSTEM = "mediator (metrics off)"
 DASHBOARD_PATH = "http-amqp"  # with a dashboard open and the live tail on (bench/watch.py), beside the plain row
 DASHBOARD_SYSTEM = "mediator (dashboard + live tail open)"
@@ -121,6 +125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--no-metrics-off", action="store_true", help=f"skip the {TRACING_PATH} row with metrics off (nothing counted)"
     )
+    ap.add_argument("--no-store", action="store_true", help=f"skip the {STORE_PATH} row with the event store on")
     ap.add_argument(
         "--no-content", action="store_true", help=f"skip the {CONTENT_PATH} row with a schema, a CEL route, a transform"
     )
@@ -210,6 +215,30 @@ def nats_cleanup(env: Env) -> None:
         asyncio.run(asyncio.wait_for(_nats_cleanup(env.nats_url, [env.stream_in, env.stream_out]), 20))
 
 
+def store_figures(http_port: int, db: Path) -> dict[str, Any]:
+    """What the store holds after a cell: its events, their envelope bytes (from /admin/status) and the
+    pages its table and indexes take in the database file (SQLite's dbstat), each per event."""
+    import sqlite3
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/admin/status", timeout=30) as resp:
+        store = json.loads(resp.read())["store"]
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        pages = conn.execute("SELECT SUM(pgsize) FROM dbstat WHERE name = 'events' OR name LIKE 'events_%'").fetchone()[
+            0
+        ]
+    finally:
+        conn.close()
+    events = int(store.get("events") or 0)
+    return {
+        "events": events,
+        "envelope_bytes": store.get("bytes"),
+        "disk_bytes": pages,
+        "envelope_bytes_per_event": round(store["bytes"] / events, 1) if events else None,
+        "disk_bytes_per_event": round(pages / events, 1) if events and pages else None,
+    }
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -254,6 +283,7 @@ class Bench:
         tracing: bool = False,
         metrics: bool = True,
         stalled_port: int | None = None,
+        store: bool = False,
     ) -> Env:
         uid = (
             f"{self.uid}-{name}"
@@ -263,6 +293,7 @@ class Bench:
             + (f"-w{workers}" if workers > 1 else "")
             + ("-tracing" if tracing else "")
             + ("" if metrics else "-nometrics")
+            + ("-store" if store else "")
         )
         workdir = WORK / "daemon" / uid
         workdir.mkdir(parents=True, exist_ok=True)
@@ -284,6 +315,7 @@ class Bench:
             tracing_endpoint=self.otlp.endpoint if tracing else None,
             metrics=metrics,
             stalled_port=stalled_port,
+            store=store,
         )
 
     # ------------------------------------------------------------------------------------------ mediator
@@ -299,11 +331,12 @@ class Bench:
         tracing: bool = False,
         metrics: bool = True,
         dashboard: bool = False,
+        store: bool = False,
     ) -> dict[str, Any]:
         """One mediator cell; with ``auth`` the HTTP listener requires that credential, which every producer
         (wrk and the Python probes) then sends; with ``content`` the daemon checks a JSON Schema, routes by a
         CEL predicate over the data and transforms it (``bench.paths.CONTENT_TOML``)."""
-        env = self.env(path.name, outbox, auth, content, workers, tracing, metrics)
+        env = self.env(path.name, outbox, auth, content, workers, tracing, metrics, store=store)
         spans_before = self.otlp.spans
         headers = credentials(env)
         content_files(env)
@@ -316,6 +349,7 @@ class Bench:
             + (f"-workers{workers}" if workers > 1 else "")
             + ("-tracing" if tracing else "")
             + ("" if metrics else "-nometrics")
+            + ("-store" if store else "")
         )
         system = auth.system if auth else ("mediator (memory outbox)" if outbox == "memory" else "mediator")
         if workers > 1:
@@ -327,6 +361,8 @@ class Bench:
         if dashboard:
             system = DASHBOARD_SYSTEM
         watcher: list[subprocess.Popen[str]] = []
+        if store:
+            system = STORE_SYSTEM
         cell = Cell(
             label=path.name,
             system=CONTENT_SYSTEM if content else system,
@@ -348,8 +384,11 @@ class Bench:
                 watcher.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT))
 
         watched: dict[str, Any] | None = None
+        store_stats: dict[str, Any] | None = None
         try:
             res = measure(cell, self.settings, start_system=start)
+            if store:
+                store_stats = store_figures(env.http_port, Path(env.workdir) / "outbox.sqlite")
         finally:
             for proc in watcher:
                 proc.terminate()
@@ -377,6 +416,9 @@ class Bench:
         if dashboard:
             res["variant"] = "dashboard"
             res["dashboard"] = watched
+        if store:
+            res["variant"] = "store"
+            res["store"] = store_stats
         if tracing:
             res["variant"] = "tracing"
             res["otlp_spans_received"] = self.otlp.spans - spans_before
@@ -721,6 +763,10 @@ class Bench:
                 entry["mediator_dashboard"] = self._guard(
                     f"{name} [dashboard]", lambda n=name: self.mediator(PATHS[n], profile=first, dashboard=True)
                 )
+            if name == STORE_PATH and not a.no_store and not self.over_budget(f"{name} [store]"):
+                entry["mediator_store"] = self._guard(
+                    f"{name} [store]", lambda n=name: self.mediator(PATHS[n], profile=first, store=True)
+                )
             if name == CONTENT_PATH and not a.no_content and not self.over_budget(f"{name} [content]"):
                 entry["mediator_content"] = self._guard(
                     f"{name} [content]", lambda n=name: self.mediator(PATHS[n], profile=first, content=True)
@@ -735,7 +781,7 @@ class Bench:
                     f"{name} [memory]", lambda n=name: self.mediator(PATHS[n], "memory", profile=first)
                 )
             variants = [k for k in entry if k.startswith("mediator_") and k != "mediator_memory"]
-            if len(variants) > 1 and not self.over_budget(f"{name} [plain, again]"):
+            if variants and not self.over_budget(f"{name} [plain, again]"):
                 # The plain row once more after the variants: the machine drifts within a round (later cells
                 # ran slower than the first one, whatever they were), so /plain compares each variant with the
                 # mean of the plain runs before and after it (report.aggregate).

@@ -40,6 +40,7 @@ from typing import Any
 
 from bench.infra import WORK, free_port
 from bench.runner import run_wrk
+from mediator.core.envelope import now_timestamp
 from mediator.core.ingress import Origin, Principal
 from mediator.stages.authn import ANONYMOUS_PRINCIPAL
 
@@ -326,7 +327,7 @@ class _Returning:
         return None
 
 
-async def core(count: int, callers: int, outbox: str, metrics: bool = True) -> str:
+async def core(count: int, callers: int, outbox: str, metrics: bool = True, store: bool = False) -> str:
     from bench.paths import PATHS, Env
     from mediator.config import load
     from mediator.daemon import Daemon
@@ -343,6 +344,7 @@ async def core(count: int, callers: int, outbox: str, metrics: bool = True) -> s
         workdir=workdir,
         outbox=outbox,
         metrics=metrics,
+        store=store,
     )
     config_file = Path(workdir) / "config.toml"
     config_file.write_text(PATHS["http-amqp"].config(env))
@@ -351,6 +353,7 @@ async def core(count: int, callers: int, outbox: str, metrics: bool = True) -> s
         dispatcher._outbound = _Returning()  # the layer under test ends here
         daemon.health.set(f"outbound:{dispatcher.name}", True)
     await daemon.outbox.open()
+    await daemon.history.open()  # with --store: the events written in the outbox's transactions
     numbers = itertools.count()
     try:
         async with asyncio.TaskGroup() as tg:
@@ -362,6 +365,7 @@ async def core(count: int, callers: int, outbox: str, metrics: bool = True) -> s
                     prov = env_.provenance
                     prov.inbound, prov.protocol, prov.topic, prov.topic_separator = "src", "http", "bench", "/"
                     prov.id_minted = True
+                    prov.received.CopyFrom(now_timestamp())
                     await daemon.pipeline.accept([env_])
 
             started = clock()
@@ -369,12 +373,14 @@ async def core(count: int, callers: int, outbox: str, metrics: bool = True) -> s
                 for _ in range(callers):
                     callers_group.create_task(caller())
             await until(lambda: daemon.backlog.value == 0, 60)
-            line = report(f"core ({outbox} outbox{'' if metrics else ', metrics off'})", count, started)
+            what = f"{outbox} outbox{'' if metrics else ', metrics off'}{', store on' if store else ''}"
+            line = report(f"core ({what})", count, started)
             for task in dispatchers:
                 task.cancel()
     except* asyncio.CancelledError:
         pass
     finally:
+        await daemon.history.close()
         await daemon.outbox.close()
     return line
 
@@ -451,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="http-in: how long wrk runs (default 6)")
     ap.add_argument("--outbox", choices=["sqlite", "memory"], default="sqlite", help="core: which outbox")
     ap.add_argument("--no-metrics", action="store_true", help="core: [metrics] enabled = false")
+    ap.add_argument("--store", action="store_true", help="core: [store] on (SQLite, in the outbox's transaction)")
     ap.add_argument(
         "--bare",
         action="store_true",
@@ -467,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "http-in": lambda: http_in(args.seconds, args.bare),
         "grpc-in": lambda: grpc_in(args.count, args.window, args.bare),
         "amqp-client": lambda: amqp_client(args.count, args.window),
-        "core": lambda: core(args.count, 64, args.outbox, not args.no_metrics),
+        "core": lambda: core(args.count, 64, args.outbox, not args.no_metrics, args.store),
         "tracing": lambda: tracing(args.count),
     }
     try:

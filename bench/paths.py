@@ -33,6 +33,7 @@ class Env:
     stalled_port: int | None = None  # the outbound is HTTP to this port, which never answers (bench.intake)
     workers: int = 1  # [daemon] workers: N worker processes sharing the load (mediator/supervisor.py)
     nats_url: str = "nats://127.0.0.1:4222"
+    store: bool = False  # [store] retention = "7d" on SQLite: every accepted event kept (mediator/history/)
 
     @property
     def exchange_out(self) -> str:
@@ -392,4 +393,6 @@ match = {{ inbound = ["src"] }}
         parts.append(f'\n[tracing]\nenabled = true\nsample_ratio = 1.0\nendpoint = "{env.tracing_endpoint}"\n')
     if not env.metrics:
         parts.append("\n[metrics]\nenabled = false\n")
+    if env.store:
+        parts.append('\n[store]\nbackend = "sqlite"\nretention = "7d"\n')
     return "".join(parts)

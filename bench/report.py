@@ -254,6 +254,24 @@ def _short_system(cell: dict[str, Any] | None, default: str) -> str:
     return s[:30]
 
 
+def store_note(results: dict[str, Any]) -> str:
+    """The event store's size per event after each round's store-on cell (bench.__main__.store_figures)."""
+    figures = [
+        cell["store"]
+        for r in results.get("rounds", [])
+        for entry in r.get("paths", {}).values()
+        if isinstance(cell := entry.get("mediator_store"), dict) and isinstance(cell.get("store"), dict)
+    ]
+    if not figures:
+        return ""
+    parts = [
+        f"{f['events']} events: {_f(f['envelope_bytes_per_event'])} B envelope, {_f(f['disk_bytes_per_event'])} B"
+        " on disk with its indexes"
+        for f in figures
+    ]
+    return "store on (SQLite, [store] retention = 7d): per event after each round's cell: " + "; ".join(parts) + "."
+
+
 def table(results: dict[str, Any]) -> str:
     rows: list[list[str]] = []
     ceilings = results.get("ceilings", {})
@@ -324,6 +342,9 @@ def table(results: dict[str, Any]) -> str:
             f" {_f(gen.get('generator_cpu_percent'))}% of a core). It cannot stamp each message with its send time:"
             " e2e@sat there comes from 50 msgs/s paho probes beside it, and e2e@1k from the paho producer."
         )
+    store = store_note(results)
+    if store:
+        notes.append(store)
     intake = intake_table(results)
     if intake:
         notes.append(intake)

@@ -203,7 +203,13 @@ class DeadLetterAdmin:
         await self._daemon.outbox.audit(who or "anonymous", action, json.dumps(detail, separators=(",", ":")))
 
     async def status(self) -> dict[str, object]:
-        return await status(self._daemon)
+        doc = await status(self._daemon)
+        doc.update(self._daemon.history.status())
+        return doc
+
+    async def history(self, method: str, path: str, query: Mapping[str, str], body: object) -> tuple[int, object]:
+        """The event store's and the replays' admin API (``mediator.history.unit.History.handle``)."""
+        return await self._daemon.history.handle(method, path, query, body)
 
     async def routes(self) -> dict[str, object]:
         return routes_view(self._daemon)

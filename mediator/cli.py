@@ -372,7 +372,7 @@ async def _admin_get(
         ):
             if resp.status == 404 and not_found is not None:
                 body = await resp.json(content_type=None)
-                detail = body.get("detail") if isinstance(body, dict) else None
+                detail = (body.get("detail") or body.get("reason")) if isinstance(body, dict) else None
                 print(f"mediator: {detail or not_found}", file=sys.stderr)
                 return 1
             if resp.status != 200:
@@ -433,6 +433,175 @@ async def _event_status(config: Config, args: argparse.Namespace) -> int:
         rows.append([d["route"], d["outbound"], d["address"], d["state"], str(d["attempts"]), at, d.get("reason", "")])
     print(table(rows, fold=True))
     return 0
+
+
+def _admin_base(config: Config, args: argparse.Namespace) -> tuple[str, dict[str, str], str] | None:
+    """The admin listener's base URL (``http://HOST:PORT/admin``), headers and the credential's origin."""
+    target = _admin_url(config, args)
+    if target is None:
+        print("mediator: the config has no HTTP listener serving the admin endpoints", file=sys.stderr)
+        return None
+    url, headers, origin = target
+    return url.removesuffix("/dead-letters"), headers, origin
+
+
+def _print_json(doc: object) -> None:
+    print(json.dumps(doc, indent=2))
+
+
+async def _events(config: Config, args: argparse.Namespace) -> int:
+    """``mediator events list`` (GET /admin/events, following ``next`` up to --limit) and ``show ID``."""
+    from urllib.parse import quote, urlencode
+
+    from mediator.client import table
+
+    base = _admin_base(config, args)
+    if base is None:
+        return 1
+    url, headers, origin = base
+    if args.action == "show":
+        if not args.id:
+            print("mediator: events show needs an event id", file=sys.stderr)
+            return EXIT_CONFIG
+        query = f"?{urlencode({'source': args.source})}" if args.source else ""
+        doc = await _admin_get(f"{url}/events/{quote(args.id, safe='')}{query}", headers, origin, "no such event")
+        if isinstance(doc, int):
+            return doc
+        _print_json(doc)
+        return 0
+    params = {
+        k: v
+        for k, v in {
+            "type": args.type,
+            "source": args.source,
+            "subject": args.subject,
+            "since": args.since,
+            "until": args.until,
+            "where": args.where,
+            "order": args.order,
+        }.items()
+        if v
+    }
+    wanted: int = args.limit
+    events: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while len(events) < wanted:
+        page_params = {**params, "limit": str(min(1000, wanted - len(events)))}
+        if cursor:
+            page_params["cursor"] = cursor
+        doc = await _admin_get(f"{url}/events?{urlencode(page_params)}", headers, origin)
+        if isinstance(doc, int):
+            return doc
+        events += doc["events"]
+        cursor = doc.get("next")
+        if not cursor:
+            break
+    if args.json:
+        for e in events:
+            print(json.dumps(e, separators=(",", ":")))
+        return 0
+    if not events:
+        print("no stored events match")
+        return 0
+    rows = [["RECEIVED", "TYPE", "SOURCE", "SUBJECT", "INBOUND", "ID"]]
+    for e in events:
+        ev = e["event"]
+        rows.append(
+            [
+                e["received"],
+                ev.get("type", ""),
+                ev.get("source", ""),
+                str(ev.get("subject", "")),
+                e["inbound"],
+                ev["id"],
+            ]
+        )
+    print(table(rows))
+    if cursor:
+        print(f"(more: --limit {wanted * 2} for more)")
+    return 0
+
+
+async def _replay(config: Config, args: argparse.Namespace) -> int:
+    """``mediator replay``: POST /admin/replays, then follow the job until it ends (``--detach``: do not)."""
+    import asyncio
+
+    import aiohttp
+
+    base = _admin_base(config, args)
+    if base is None:
+        return 1
+    url, headers, origin = base
+    if args.cancel:
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+                http.delete(f"{url}/replays/{args.cancel}", headers=headers) as resp,
+            ):
+                if resp.status != 200:
+                    return await _admin_failed(resp, origin)
+                _print_json(await resp.json())
+                return 0
+        except aiohttp.ClientConnectionError as exc:
+            print(f"mediator: no running daemon answers at {url}: {exc}", file=sys.stderr)
+            return 1
+    if not args.since or (args.to is None) == (args.route is None):
+        print("mediator: replay needs --since and one of --to OUTBOUND[:ADDRESS] or --route NAME", file=sys.stderr)
+        return EXIT_CONFIG
+    body: dict[str, object] = {
+        k: v
+        for k, v in {
+            "type": args.type,
+            "source": args.source,
+            "subject": args.subject,
+            "since": args.since,
+            "until": args.until,
+            "where": args.where,
+            "to": args.to,
+            "route": args.route,
+        }.items()
+        if v
+    }
+    body["rate"] = args.rate
+    body["dry_run"] = args.dry_run
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            async with http.post(f"{url}/replays", json=body, headers=headers) as resp:
+                if resp.status not in (200, 201):
+                    return await _admin_failed(resp, origin)
+                job = await resp.json()
+            if args.dry_run:
+                print(f"dry run: {job['total']} events would be replayed" if not args.json else json.dumps(job))
+                return 0
+            print(f"replay {job['id']}: {job['total']} events", file=sys.stderr)
+            while not args.detach and job["state"] == "running":
+                await asyncio.sleep(1.0)
+                async with http.get(f"{url}/replays/{job['id']}", headers=headers) as resp:
+                    if resp.status != 200:
+                        return await _admin_failed(resp, origin)
+                    job = await resp.json()
+                print(f"replay {job['id']}: {job['done']}/{job['total']} at {job['rate']}/s", file=sys.stderr)
+    except aiohttp.ClientConnectionError as exc:
+        print(f"mediator: no running daemon answers at {url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(job) if args.json else f"replay {job['id']}: {job['state']}, {job['done']}/{job['total']}")
+    return 0 if job["state"] in ("done", "running") else 1
+
+
+def cmd_events(args: argparse.Namespace, config: Config) -> int:
+    from mediator import client
+    from mediator.logs import configure
+
+    configure("warning", "console")
+    return client.run(_events(config, args))
+
+
+def cmd_replay(args: argparse.Namespace, config: Config) -> int:
+    from mediator import client
+    from mediator.logs import configure
+
+    configure("warning", "console")
+    return client.run(_replay(config, args))
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -667,6 +836,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape.add_argument("--table", dest="json", action="store_false", help="as tables (the default on a terminal)")
     _credential_options(st, admin=True)
     st.set_defaults(func=cmd_status)
+    ev = sub.add_parser("events", help="list or show the events the running daemon's store keeps ([store])")
+    ev.add_argument("action", choices=["list", "show"])
+    ev.add_argument("id", nargs="?", metavar="ID", help="show: the event's id")
+    ev.add_argument("--config", "-c", default=_default_config(), help=f"path to config.toml (or ${CONFIG_ENV})")
+    ev.add_argument("--type", help="event type, exact or a glob ('com.example.*')")
+    ev.add_argument("--source", help="event source (exact)")
+    ev.add_argument("--subject", help="event subject (exact)")
+    ev.add_argument("--since", help="received at or after: '10m', '2h', '7d' ago, or an RFC 3339 time")
+    ev.add_argument("--until", help="received before: as --since")
+    ev.add_argument("--where", help="CEL over attributes and data, e.g. 'data.total > 100.0'")
+    ev.add_argument("--order", choices=["newest", "oldest"], help="newest first (the default) or oldest first")
+    ev.add_argument("--limit", type=int, default=100, help="list at most this many (default 100)")
+    ev.add_argument("--json", action="store_true", help="one JSON object per line (the event and the gateway's facts)")
+    _credential_options(ev, admin=True)
+    ev.set_defaults(func=cmd_events)
+    rp = sub.add_parser(
+        "replay",
+        help="send stored events again through the outbox (a durable, rate-limited job of the running daemon)",
+    )
+    rp.add_argument("--config", "-c", default=_default_config(), help=f"path to config.toml (or ${CONFIG_ENV})")
+    rp.add_argument("--type", help="event type, exact or a glob")
+    rp.add_argument("--source", help="event source (exact)")
+    rp.add_argument("--subject", help="event subject (exact)")
+    rp.add_argument("--since", help="received at or after (required): '1h' ago or an RFC 3339 time")
+    rp.add_argument("--until", help="received before (default: now)")
+    rp.add_argument("--where", help="CEL over attributes and data")
+    rp.add_argument("--to", metavar="OUTBOUND[:ADDRESS]", help="one destination (the address may be a template)")
+    rp.add_argument("--route", metavar="NAME", help="through today's route NAME ('*': every route)")
+    rp.add_argument("--rate", type=float, default=1000.0, help="events a second at most (default 1000)")
+    rp.add_argument("--dry-run", action="store_true", help="count the events, send nothing")
+    rp.add_argument("--detach", action="store_true", help="start it and exit (follow with `mediator status`)")
+    rp.add_argument("--cancel", metavar="REPLAY-ID", help="cancel a running replay")
+    rp.add_argument("--json", action="store_true", help="the replay's final document as JSON")
+    _credential_options(rp, admin=True)
+    rp.set_defaults(func=cmd_replay)
     pub = sub.add_parser("publish", help="publish one event through the running daemon's gRPC API")
     pub.add_argument("data", nargs="?", help="the event data: text, @FILE for a file's bytes, - for stdin")
     pub.add_argument("--type", required=True, help="event type, e.g. com.example.order.created")

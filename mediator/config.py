@@ -33,6 +33,7 @@ from mediator.core.seams import (
     OutboundConfigBase,
 )
 from mediator.core.transform import Transform, TransformConfig, resolve_keyring
+from mediator.history.config import StoreConfig
 from mediator.observability.metrics_config import MetricsConfig
 from mediator.observability.tracing_config import TracingConfig
 from mediator.schemaregistry.config import RegistryConfig
@@ -181,6 +182,7 @@ class DeadLettersConfig(ConfigModel):
 class RootConfig(ConfigModel):
     daemon: DaemonConfig = DaemonConfig()
     outbox: OutboxConfig = OutboxConfig()
+    store: StoreConfig = StoreConfig()
     dead_letters: DeadLettersConfig = DeadLettersConfig()
     routing: RoutingConfig = RoutingConfig()
     security: SecurityConfig = SecurityConfig()

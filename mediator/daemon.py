@@ -42,6 +42,7 @@ from mediator.core.seams import (
 )
 from mediator.correlator import CorrelatorCollector
 from mediator.dispatch import Backlog, Dispatcher
+from mediator.history.unit import History, HistoryCollector
 from mediator.lock import DaemonLock
 from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
 from mediator.observability.tracing import SpanTotals, Tracing
@@ -313,6 +314,17 @@ class Daemon:
             metrics=self.metrics,
         )
         self.aggregator.sink = self.pipeline
+        # [store]: every accepted event kept (in the outbox's transaction), queried and replayed.
+        self.history = History(
+            config.root.store,
+            self.outbox,
+            inner,
+            self.health,
+            router=lambda: self.pipeline.router,
+            outbounds=lambda: self.config.outbound_configs(),
+            routes=lambda: [r.name for r in self.config.root.routes],
+            room=lambda: self.backlog.value < self.config.outbox.max_pending // 2,
+        )
         # [tracing]: spans observed at the seams (mediator/observability/tracing.py); off: None, nothing wrapped.
         # A reload replaces it (``_set_tracing``): the sink is switched and every outbound rewrapped.
         self._span_totals = SpanTotals()
@@ -326,6 +338,7 @@ class Daemon:
         self.rates = Rates(self.metrics.totals)  # the dashboard's chart (GET /admin/rates)
         self.last_reload: dict[str, object] | None = None  # the latest reload's outcome, for /admin/status
         self.metrics.register(StateCollector(self))
+        self.metrics.register(HistoryCollector(self.history))
         if self.metrics.counting:
             self.metrics.register(CorrelatorCollector(self.pipeline.correlator))
         metrics_cfg = config.root.metrics  # read at start: a change of [metrics] takes a restart
@@ -836,6 +849,11 @@ class Daemon:
 
     async def _run(self) -> None:
         pending = await self.outbox.open()
+        try:
+            await self.history.open()
+        except BaseException:
+            await self.outbox.close()
+            raise
         await self.aggregator.open()
         self.stages.start()
         try:
@@ -848,7 +866,10 @@ class Daemon:
                 await self.registry_server.registry.warm(self._bind_conversions(self.config))
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                tasks = [tg.create_task(self.aggregator.run(), name="aggregate")]
+                tasks = [
+                    tg.create_task(self.aggregator.run(), name="aggregate"),
+                    tg.create_task(self.history.run(), name="history"),
+                ]
                 if self.registry_server is not None:
                     tasks.append(tg.create_task(self.registry_server.run(), name="registry"))
                 tasks.append(tg.create_task(self.rates.run(), name="admin:rates"))
@@ -904,6 +925,7 @@ class Daemon:
             await self.aggregator.close()
             if self.registry_server is not None:
                 await self.registry_server.close()
+            await self.history.close()
             await self.outbox.close()
             if self.tracing is not None:  # the last spans, exported within the drain's budget
                 await self.tracing.close(self.config.daemon.drain_timeout_s)

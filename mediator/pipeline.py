@@ -293,7 +293,9 @@ class Pipeline:
             copy.attributes[name].ce_string = value
         try:
             address = dest.address.render(copy)
-            await self._commit([Accepted(copy, [Delivery(FORWARD_ROUTE, dest.outbound, address, dest.format)])])
+            await self._commit(
+                [Accepted(copy, [Delivery(FORWARD_ROUTE, dest.outbound, address, dest.format)], stored=False)]
+            )
         except (TemplateError, NotReady) as exc:
             log.error("dead_letter.forward_failed", event_id=event.id, reason=str(exc))
 

@@ -22,6 +22,8 @@ SECTIONS: Mapping[str, Applied] = {
     "daemon": LIVE,  # per key: DAEMON_KEYS
     # The outbox file is open, its dedup window and max_pending sized, from the start.
     "outbox": RESTART,
+    # The store's tables, backend connection and expiry task are set up with the outbox, at start.
+    "store": RESTART,
     "dead_letters": LIVE,  # the pipeline's forward destination
     "routing": LIVE,  # compiled into the routes
     # The ingress stages, built again and swapped whole (aggregate reconfigures its store).

@@ -29,10 +29,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from sys import intern
+from typing import Any
 
 from mediator.core.envelope import Envelope
 from mediator.core.seams import StatusLookup, WaitOutcome
@@ -430,6 +431,12 @@ class StatusOutbox:
         dups: list[int] = duplicates if duplicates is not None else []
         rows = await self.inner.commit(items, dups)
         self.book.refused(items, dups)
+        return rows
+
+    async def commit_with(self, items: Sequence[Accepted], also: Callable[[Any], None]) -> list[Pending]:
+        """The inner outbox's ``commit_with`` (a replay's deliveries with its cursor, in one transaction)."""
+        commit_with = self.inner.commit_with  # type: ignore[attr-defined]
+        rows: list[Pending] = await commit_with(items, also)
         return rows
 
     def done(self, delivery: Pending) -> None:

@@ -458,6 +458,11 @@ class HttpListener:
             )
             api.add_routes(app.router)
             Dashboard(api).add_routes(app.router)
+            # The event store and replays (mediator/history/): the admin's history answers, this only routes.
+            for path in ("/admin/events", "/admin/events/{id}", "/admin/replays", "/admin/replays/{id}"):
+                app.router.add_get(path, self._history)
+            app.router.add_post("/admin/replays", self._history)
+            app.router.add_delete("/admin/replays/{id}", self._history)
         if self.status is not None:
             app.router.add_get(STATUS_PATH, self._event_status)
         for inbound in self.inbounds:
@@ -786,3 +791,24 @@ class HttpListener:
         if found.document is None:
             return _status_problem(event_id, found.found == "expired", status)
         return web.json_response(found.document)
+
+    async def _history(self, request: web.BaseRequest) -> web.Response:
+        """``/admin/events``, ``/admin/events/{id}``, ``/admin/replays``, ``/admin/replays/{id}``: answered
+        by the admin's ``history`` (the id from the raw path: the low-level dispatch has no match info)."""
+        refusal = await self._admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        assert self.admin is not None
+        history = getattr(self.admin, "history", None)
+        if history is None:
+            return error_response(404, "not_found", "this daemon keeps no event history")
+        head, _, rest = request.rel_url.raw_path.removeprefix("/admin/").partition("/")
+        path = f"{head}/{unquote(rest)}" if rest else head
+        body: object = None
+        if request.method == hdrs.METH_POST and request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                return error_response(400, "invalid", "the body must be JSON")
+        status, doc = await history(request.method, path, dict(request.query), body)
+        return web.json_response(doc, status=status)

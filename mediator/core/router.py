@@ -250,3 +250,9 @@ def variables_for(env: Envelope, pred: Predicate) -> dict[str, Any]:
     sees them: for a filter outside the table (the dashboard's live tail). Raises PredicateError when the
     data says JSON and is not."""
     return _Variables(env, parsed).for_(pred)
+
+
+def event_variables(env: Envelope, data: DataGetter, pred: Predicate) -> dict[str, Any]:
+    """The CEL variables ``pred`` reads of ``env``, as a route's ``when`` sees them (the event store's
+    ``where`` evaluates with these too). Raises PredicateError when the data it reads is broken."""
+    return _Variables(env, data).for_(pred)

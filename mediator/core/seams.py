@@ -197,6 +197,11 @@ class Admin(Protocol):
 
     def untail(self, watcher: Watcher) -> None: ...
 
+    async def history(self, method: str, path: str, query: Mapping[str, str], body: object) -> tuple[int, object]:
+        """The event store's query and the replays (``path``: what follows ``/admin/``, e.g. ``events``,
+        ``replays/ID``): (HTTP status, JSON-ready answer). ``body``: the parsed JSON body, or None."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class StatusLookup:

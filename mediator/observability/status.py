@@ -305,4 +305,38 @@ def render(doc: Mapping[str, object]) -> str:
     ingress = doc.get("dead_lettered_at_ingress")
     if isinstance(ingress, Mapping) and ingress:
         out.append("dead-lettered before any outbound: " + _counts(dict(ingress)))
+    store = doc.get("store")
+    if isinstance(store, Mapping):
+        if not store.get("enabled"):
+            out.append(f"event store: off ({store.get('reason')})")
+        elif store.get("backend") == "postgresql":
+            out.append(
+                f"event store (postgresql, {store.get('retention')}): {store.get('shipped')} shipped,"
+                f" {store.get('spooled')} spooled, {store.get('expired')} expired"
+                + (f"; {store['error']}" if store.get("error") else "")
+            )
+        else:
+            out.append(
+                f"event store (sqlite, {store.get('retention')}): {store.get('events')} events,"
+                f" {store.get('bytes')} bytes, {store.get('expired')} expired"
+            )
+    replays = rows("replays")
+    if replays:
+        out += [
+            "",
+            table(
+                [["REPLAY", "STATE", "DONE", "TOTAL", "RATE", "TO"]]
+                + [
+                    [
+                        str(x.get("id")),
+                        str(x.get("state")),
+                        str(x.get("done")),
+                        str(x.get("total")),
+                        f"{x.get('rate')}/s",
+                        str(x.get("to") or f"route {x.get('route')}"),
+                    ]
+                    for x in replays
+                ]
+            ),
+        ]
     return "\n".join(out)

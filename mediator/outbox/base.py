@@ -60,6 +60,7 @@ class Accepted:
     failures: Sequence[Unroutable] = ()
     dead_reason: str | None = None  # set: store the whole event as one dead letter instead
     dedup_key: str | None = None  # set: skip the event if this key was committed within the dedup window
+    stored: bool = True  # kept in the event store ([store]); not a replay's copy or a forwarded dead letter
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,8 @@ import dataclasses
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from mediator.core.envelope import Envelope
 from mediator.outbox.base import Accepted, AuditEntry, DeadLetter, OnCommit, OutboxStats, Pending
@@ -27,6 +28,11 @@ class MemoryOutbox:
 
     async def open(self) -> list[Pending]:
         return []
+
+    async def commit_with(self, items: Sequence[Accepted], also: Callable[[Any], None]) -> list[Pending]:
+        """``commit`` without deduplication; ``also`` is given None (nothing here is durable)."""
+        also(None)
+        return await self.commit([dataclasses.replace(i, dedup_key=None) for i in items])
 
     async def commit(self, items: Sequence[Accepted], duplicates: list[int] | None = None) -> list[Pending]:
         out: list[Pending] = []

@@ -110,6 +110,10 @@ DROP TABLE events;
 statements per single-destination delivery instead of two."""
 
 _Work = Callable[[sqlite3.Connection], Any]
+Tee = Callable[[sqlite3.Connection, Sequence[Accepted], Sequence[int], Sequence[bytes]], None]
+"""Run inside every commit's transaction with its items, the positions the dedup window skipped and each
+item's serialized event where the commit made it (b"" where not): the event store (mediator/history/sqlite.py)
+writes its rows there, so storing costs no fsync of its own, and no second serialization."""
 DeliveredRow = tuple[str, str, str, str, str, str, str, int, float]
 """A ``delivered`` row: event id, source, inbound, principal, route, outbound, address, attempts, when."""
 
@@ -231,6 +235,7 @@ class SqliteOutbox:
         self._window = dedup_window_s
         self._last_prune = 0.0
         self.on_commit: OnCommit | None = None
+        self.tee: Tee | None = None
         # Called on the loop after each transaction with its operations and the seconds it took to write
         # (BEGIN to COMMIT, not the fsync): how well commits group, for the metrics.
         self.on_transaction: Callable[[int, float], None] | None = None
@@ -304,9 +309,34 @@ class SqliteOutbox:
                 horizon = now - window
                 self._lazy_write(lambda conn: conn.execute("DELETE FROM seen WHERE at < ?", (horizon,)))
         result: list[Pending] = await self._call(
-            lambda conn: _commit(conn, items, window, self._ids, duplicates), self._committed
+            lambda conn: _commit(conn, items, window, self._ids, duplicates, self.tee), self._committed
         )
         return result
+
+    async def commit_with(self, items: Sequence[Accepted], also: Callable[[sqlite3.Connection], None]) -> list[Pending]:
+        """``commit`` (no deduplication) with ``also`` run in the same transaction: a replay writes its
+        cursor with the deliveries it made, so a crash loses or repeats neither."""
+
+        def work(conn: sqlite3.Connection) -> list[Pending]:
+            rows = _commit(conn, items, 0.0, self._ids, None, self.tee)
+            also(conn)
+            return rows
+
+        result: list[Pending] = await self._call(work, self._committed)
+        return result
+
+    def ride_along(self, work: Callable[[sqlite3.Connection], object]) -> None:
+        """Run ``work`` in the next transaction (within LAZY_FLUSH_S), for writes nobody waits for (the
+        event store's expiry): a failure is retried with the next transactions, then dropped."""
+        self._lazy_write(work)
+
+    async def transact(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``work`` in a transaction of the group commit; returns its result once durable."""
+        return await self._call(work)
+
+    @property
+    def path(self) -> Path:
+        return self._path
 
     def _ids(self, count: int) -> range:
         """Reserve ``count`` delivery ids (a rolled-back transaction leaves a harmless gap)."""
@@ -563,8 +593,11 @@ def _commit(
     window: float,
     ids: Callable[[int], range],
     duplicates: list[int] | None = None,
+    tee: Tee | None = None,
 ) -> list[Pending]:
     out: list[Pending] = []
+    skipped: list[int] = []
+    blobs: list[bytes] = [b""] * len(items) if tee is not None else []
     rows: list[tuple[int, bytes, str, str, str, str]] = []
     now = time.time()
     if duplicates is not None:
@@ -578,11 +611,14 @@ def _commit(
                 (item.dedup_key, now, now - window),
             ).rowcount
             if not claimed:
+                skipped.append(i)
                 if duplicates is not None:
                     duplicates.append(i)
                 continue
         # Serialized only if stored as it is: a destination with its own transformed copy stores that.
         blob = item.event.SerializeToString() if item.dead_reason or item.failures or _shares(item) else b""
+        if tee is not None:
+            blobs[i] = blob
         if item.dead_reason is not None:
             conn.execute(
                 "INSERT INTO dead_letters(envelope,route,outbound,address,format,reason,attempts,at)"
@@ -603,6 +639,8 @@ def _commit(
             out.append(Pending(did, event, d.route, d.outbound, d.address, d.format, 0))
     if rows:
         conn.executemany("INSERT INTO deliveries(id,envelope,route,outbound,address,format) VALUES (?,?,?,?,?,?)", rows)
+    if tee is not None:
+        tee(conn, items, skipped, blobs)
     return out
 
 
