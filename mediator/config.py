@@ -34,6 +34,7 @@ from mediator.core.seams import (
 from mediator.core.transform import Transform, TransformConfig
 from mediator.observability.metrics_config import MetricsConfig
 from mediator.observability.tracing_config import TracingConfig
+from mediator.overload import OverloadConfig
 from mediator.stages import problems as stage_problems
 from mediator.stages.aggregate import AggregateConfig
 from mediator.stages.aggregate import problems as aggregate_problems
@@ -190,6 +191,7 @@ class RootConfig(ConfigModel):
     aggregate: list[AggregateConfig] = []
     tracing: TracingConfig = TracingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    overload: OverloadConfig = OverloadConfig()
     listeners: dict[str, dict[str, Any]] = {}
     brokers: dict[str, dict[str, Any]] = {}
     inbound: dict[str, dict[str, Any]] = {}

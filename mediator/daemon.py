@@ -47,6 +47,7 @@ from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
 from mediator.observability.status import status
 from mediator.observability.tracing import SpanTotals, Tracing
 from mediator.outbox import DeadLetter, MemoryOutbox, Outbox, Pending, SqliteOutbox, StorageError
+from mediator.overload import Overload, OverloadCollector
 from mediator.pipeline import Pipeline
 from mediator.registry import load_specs
 from mediator.reloadable import in_force, restart_required
@@ -294,6 +295,11 @@ class Daemon:
             metrics=self.metrics,
         )
         self.aggregator.sink = self.pipeline
+        # Shedding by priority: the pipeline asks it about HTTP and gRPC publishes, broker inbounds wait on it.
+        self.overload = Overload(
+            config.root.overload, config.outbox.max_pending, lambda: self.backlog.value, self.dispatchers
+        )
+        self.pipeline.overload = self.overload
         # [tracing]: spans observed at the seams (mediator/observability/tracing.py); off: None, nothing wrapped.
         # A reload replaces it (``_set_tracing``): the sink is switched and every outbound rewrapped.
         self._span_totals = SpanTotals()
@@ -305,6 +311,8 @@ class Daemon:
         self._set_tracing(Tracing(config.root.tracing) if config.root.tracing.enabled else None)
         self._admin = DeadLetterAdmin(self)
         self.metrics.register(StateCollector(self))
+        if self.metrics.counting:
+            self.metrics.register(OverloadCollector(self.overload))
         if self.metrics.counting:
             self.metrics.register(CorrelatorCollector(self.pipeline.correlator))
         metrics_cfg = config.root.metrics  # read at start: a change of [metrics] takes a restart
@@ -380,6 +388,9 @@ class Daemon:
         self.config = config
         self.config_version = config.sha256[:12]  # what the metrics and /admin/status report
         self.config_loaded_at = time.time()
+        self.overload.configure(
+            config.root.overload, {n: c for a in config.adapters.values() for n, c in a.inbounds.items()}
+        )
 
     @property
     def services(self) -> list[Service]:
@@ -411,6 +422,7 @@ class Daemon:
             reports=self.reports,
             replies=correlator,
             requests=self.pipeline,
+            admission=self.overload,
         )
 
     def _add_unit(self, unit: Unit) -> None:
@@ -786,7 +798,10 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                tasks = [tg.create_task(self.aggregator.run(), name="aggregate")]
+                tasks = [
+                    tg.create_task(self.aggregator.run(), name="aggregate"),
+                    tg.create_task(self.overload.run(), name="overload"),
+                ]
                 for unit in self._units.values():
                     self._run_unit(unit, guard=False)  # a bind failure at start-up stops the daemon
                 reload_task = tg.create_task(self._reload_loop(), name="config-reload")
