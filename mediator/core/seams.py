@@ -422,6 +422,11 @@ class Mounts:
     def prefixes(self, listener: str) -> list[str]:
         return sorted(self._by_listener.get(listener, {}))
 
+    def served(self, listener: str) -> list[HttpMount]:
+        """The mounts on ``listener`` now, by prefix."""
+        table = self._by_listener.get(listener, {})
+        return [table[p] for p in sorted(table)]
+
 
 @dataclass(frozen=True, slots=True)
 class Sample:
