@@ -208,6 +208,26 @@ async def test_the_description_follows_a_reload(served: Running, tmp_path: Path)
     assert "/orders" not in await paths()
 
 
+def make_check(
+    operation: Any, counts: dict[int, int], excluded: list[Any], session: requests.Session, base_url: str
+) -> Any:
+    """The hypothesis test of one operation (a function per operation: hypothesis takes no defaults)."""
+
+    @settings(
+        max_examples=EXAMPLES_PER_OPERATION,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operation.as_strategy())
+    def check(case: Case[Any]) -> None:
+        response = case.call_and_validate(base_url=base_url, session=session, excluded_checks=excluded, timeout=10)
+        counts[response.status_code] = counts.get(response.status_code, 0) + 1
+
+    return check
+
+
 def exercise(schema_url: str, base_url: str) -> dict[str, dict[int, int]]:
     """Every operation that is not a stream, with generated requests; raises at the first answer that breaks
     the description (schemathesis's checks: no 5xx, status code, content type, headers, body schema).
@@ -229,19 +249,7 @@ def exercise(schema_url: str, base_url: str) -> dict[str, dict[int, int]]:
         excluded = [positive_data_acceptance] if publish else []
         started = time.monotonic()
 
-        @settings(
-            max_examples=EXAMPLES_PER_OPERATION,
-            deadline=None,
-            database=None,
-            phases=[Phase.explicit, Phase.generate],
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(case=operation.as_strategy())
-        def check(case: Case[Any], counts: dict[int, int] = counts, excluded: list[Any] = excluded) -> None:
-            response = case.call_and_validate(base_url=base_url, session=session, excluded_checks=excluded, timeout=10)
-            counts[response.status_code] = counts.get(response.status_code, 0) + 1
-
-        check()
+        make_check(operation, counts, excluded, session, base_url)()
         took[operation.label] = round(time.monotonic() - started, 2)
     print("schemathesis: seconds per operation", took)
     return seen
