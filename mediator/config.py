@@ -36,6 +36,7 @@ from mediator.core.transform import Transform, TransformConfig, resolve_keyring
 from mediator.history.config import StoreConfig
 from mediator.observability.metrics_config import MetricsConfig
 from mediator.observability.tracing_config import TracingConfig
+from mediator.overload import OverloadConfig
 from mediator.schemaregistry.config import RegistryConfig
 from mediator.stages import problems as stage_problems
 from mediator.stages.aggregate import AggregateConfig
@@ -197,6 +198,7 @@ class RootConfig(ConfigModel):
     tracing: TracingConfig = TracingConfig()
     metrics: MetricsConfig = MetricsConfig()
     registry: RegistryConfig = RegistryConfig()
+    overload: OverloadConfig = OverloadConfig()
     listeners: dict[str, dict[str, Any]] = {}
     brokers: dict[str, dict[str, Any]] = {}
     inbound: dict[str, dict[str, Any]] = {}

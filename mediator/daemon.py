@@ -47,6 +47,7 @@ from mediator.lock import DaemonLock
 from mediator.observability.metrics import CONTENT_TYPE, Metrics, StateCollector
 from mediator.observability.tracing import SpanTotals, Tracing
 from mediator.outbox import MemoryOutbox, Outbox, Pending, SqliteOutbox, StorageError
+from mediator.overload import Overload, OverloadCollector
 from mediator.pipeline import Pipeline
 from mediator.rates import Rates
 from mediator.registry import load_specs
@@ -325,6 +326,11 @@ class Daemon:
             routes=lambda: [r.name for r in self.config.root.routes],
             room=lambda: self.backlog.value < self.config.outbox.max_pending // 2,
         )
+        # Shedding by priority: the pipeline asks it about HTTP and gRPC publishes, broker inbounds wait on it.
+        self.overload = Overload(
+            config.root.overload, config.outbox.max_pending, lambda: self.backlog.value, self.dispatchers
+        )
+        self.pipeline.overload = self.overload
         # [tracing]: spans observed at the seams (mediator/observability/tracing.py); off: None, nothing wrapped.
         # A reload replaces it (``_set_tracing``): the sink is switched and every outbound rewrapped.
         self._span_totals = SpanTotals()
@@ -339,6 +345,8 @@ class Daemon:
         self.last_reload: dict[str, object] | None = None  # the latest reload's outcome, for /admin/status
         self.metrics.register(StateCollector(self))
         self.metrics.register(HistoryCollector(self.history))
+        if self.metrics.counting:
+            self.metrics.register(OverloadCollector(self.overload))
         if self.metrics.counting:
             self.metrics.register(CorrelatorCollector(self.pipeline.correlator))
         metrics_cfg = config.root.metrics  # read at start: a change of [metrics] takes a restart
@@ -442,6 +450,9 @@ class Daemon:
         self.config = config
         self.config_version = config.sha256[:12]  # what the metrics and /admin/status report
         self.config_loaded_at = time.time()
+        self.overload.configure(
+            config.root.overload, {n: c for a in config.adapters.values() for n, c in a.inbounds.items()}
+        )
 
     @property
     def services(self) -> list[Service]:
@@ -473,6 +484,7 @@ class Daemon:
             reports=self.reports,
             replies=correlator,
             requests=self.pipeline,
+            admission=self.overload,
         )
 
     def _add_unit(self, unit: Unit) -> None:
@@ -869,6 +881,7 @@ class Daemon:
                 tasks = [
                     tg.create_task(self.aggregator.run(), name="aggregate"),
                     tg.create_task(self.history.run(), name="history"),
+                    tg.create_task(self.overload.run(), name="overload"),
                 ]
                 if self.registry_server is not None:
                     tasks.append(tg.create_task(self.registry_server.run(), name="registry"))

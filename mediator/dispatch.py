@@ -84,9 +84,24 @@ class Dispatcher:
         self._failures = 0
         self._open_until = 0.0
         self._log = log.bind(outbound=name)
+        # The overload manager's broker monitor (mediator/overload.py): when this dispatcher last made
+        # progress (a confirmed delivery, or work arriving while it held none), and whether it runs at all
+        # (a parked one, whose outbound a reload removed, is not a broker pushing back).
+        self._progress = time.monotonic()
+        self._running = False
 
     def submit(self, delivery: Pending) -> None:
+        if not self.backlog:
+            self._progress = time.monotonic()
         self._queue.put_nowait(delivery)
+
+    @property
+    def stalled_s(self) -> float:
+        """How long this running dispatcher has held deliveries without one confirmed (0: it holds none):
+        a broker that blocks publishers (RabbitMQ's connection.blocked), stops confirming, or is down."""
+        if not self._running or not self.backlog:
+            return 0.0
+        return time.monotonic() - self._progress
 
     @property
     def backlog(self) -> int:
@@ -121,11 +136,14 @@ class Dispatcher:
         queued here: a send cut short and a delivery waiting for its retry are queued again, so that a
         reload that stops a dispatcher (its outbound changed or went) and runs it again loses none."""
         self._sending = 0  # a worker cancelled in the middle of settling did not count down
+        self._running = True
+        self._progress = time.monotonic()
         try:
             async with asyncio.TaskGroup() as tg:
                 for i in range(self._outbound.max_in_flight):
                     tg.create_task(self._worker(), name=f"dispatch:{self.name}:{i}")
         finally:
+            self._running = False
             for timer, delivery in self._timers.values():
                 timer.cancel()
                 self._queue.put_nowait(delivery)
@@ -163,6 +181,7 @@ class Dispatcher:
                 await self._retry(delivery, f"{type(exc).__name__}: {exc}", None, FAILED_ERROR)
             else:
                 self._failures = 0
+                self._progress = time.monotonic()
                 self._outbox.done(delivery)
                 self._backlog.settle()
                 received = delivery.event.provenance.received

@@ -28,6 +28,7 @@ from mediator.correlator import Correlator, new_id
 from mediator.dispatch import Backlog, Dispatcher
 from mediator.observability.metrics import DEFERRED_OVERLOADED, DEFERRED_UNAVAILABLE, Metrics
 from mediator.outbox.base import Accepted, Outbox, Pending, StorageError
+from mediator.overload import Overload
 from mediator.stages.authn import Authenticate
 
 log = structlog.get_logger(__name__)
@@ -71,6 +72,8 @@ class Pipeline:
         self.correlator = Correlator()
         self.tap = Tap()
         self.requesters: dict[str, RequestOutbound] = {}
+        # Shedding by priority (mediator/overload.py); None: only max_pending refuses.
+        self.overload: Overload | None = None
 
     async def authenticate(self, origin: Origin) -> Principal:
         try:
@@ -103,6 +106,12 @@ class Pipeline:
         if self._backlog.value >= self._max_pending:
             m.deferred[DEFERRED_OVERLOADED].inc(len(events))
             raise Overloaded(f"outbox holds {self._backlog.value} undelivered events", retry_after_s=2.0)
+        overload = self.overload
+        if overload is not None and not origin.trusted:
+            shed = overload.refusal(origin.inbound)
+            if shed is not None:
+                m.deferred[DEFERRED_OVERLOADED].inc(len(events))
+                raise shed
         batch = Batch(origin, list(events))
         try:
             # The gateway's own events (aggregation composites) were made from events that passed already.

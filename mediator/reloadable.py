@@ -48,6 +48,8 @@ SECTIONS: Mapping[str, Applied] = {
     "inbound": LIVE,
     "outbound": LIVE,
     "routes": LIVE,
+    # Thresholds read by the overload manager at every check; priorities with the inbounds (mediator/overload.py).
+    "overload": LIVE,
 }
 
 DAEMON_KEYS: Mapping[str, Applied] = {

@@ -34,6 +34,7 @@ from mediator.core.seams import (
     AdapterConfig,
     AdapterSpec,
     Admin,
+    Admission,
     MetricsEndpoint,
     Mounts,
     Outbound,
@@ -134,6 +135,7 @@ def build_unit(
     reports: Reports | None = None,
     replies: Replies | None = None,
     requests: Requests | None = None,
+    admission: Admission | None = None,
 ) -> Unit:
     """Build ``spec`` (no I/O: the services connect or bind when run). Raises ConfigError like the
     adapter's ``build`` (which a dry build of the whole config has already run, so it should not)."""
@@ -152,6 +154,7 @@ def build_unit(
         mounts=mounts if mounts is not None else Mounts(),
         reports=reports if reports is not None else Reports(),
         outbox_path=spec.outbox_path,
+        admission=admission,
     )
     built = specs[spec.kind].build(spec.section, rt)
     return Unit(spec, built.services, built.outbounds, rt.reload_hooks)

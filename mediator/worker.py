@@ -62,7 +62,11 @@ def merge_status(parts: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-_NOT_SUMMED = frozenset({"pid", "port", "max_pending", "max_in_flight", "prefetch"})
+_NOT_SUMMED = frozenset(
+    {"pid", "port", "max_pending", "max_in_flight", "prefetch"}
+    # [overload]'s thresholds and each worker's own ratios and lags (mediator/overload.py)
+    | {"fill", "low", "normal", "lag_s", "max_lag_s", "low_s", "normal_s", "stall_s"}
+)
 
 
 def _merge(values: Sequence[Any], key: str = "") -> Any:

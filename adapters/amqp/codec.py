@@ -244,7 +244,12 @@ def from_envelope(env: Envelope, format: str, header_prefix: str = "cloudEvents_
     Provenance is never written (``to_protobuf`` strips it; the other formats never read it).
     """
     time = env.attributes.get("time")
-    timestamp = _datetime(time.ce_timestamp) if time is not None and time.WhichOneof("attr") == "ce_timestamp" else None
+    timestamp = None
+    if time is not None and time.WhichOneof("attr") == "ce_timestamp" and time.ce_timestamp.seconds >= 0:
+        # The AMQP timestamp is an unsigned count of seconds since the epoch: a time before 1970 (a valid
+        # CloudEvents time) has none, and travels only as the header or in the body. Encoding it raised
+        # struct.error inside pamqp (a 500 on request-reply, a crashed delivery otherwise).
+        timestamp = _datetime(time.ce_timestamp)
     if format == "binary":
         headers: dict[str, object] = {
             header_prefix + name: value for name, value in iter_attributes(env) if name != "datacontenttype"

@@ -52,6 +52,7 @@ class AmqpInbound(BrokerLink):
         super().__init__(name, broker, url, rt.health)
         self.cfg = cfg
         self.sink = rt.sink
+        self.admission = rt.admission
         self.prefetch = rt.window(cfg.prefetch)  # no more unacknowledged than the outbox takes
         # aio-pika's robust connection holds its channels weakly: without this reference the consumer's
         # channel is garbage once the connection drops, and a collection during the outage means the
@@ -136,6 +137,9 @@ class AmqpInbound(BrokerLink):
     async def _accept(self, decoded: list[tuple[AbstractIncomingMessage, Envelope]]) -> None:
         if not decoded:
             return
+        if self.admission is not None:
+            # Shed by priority: hold them unacknowledged (the prefetch stops the broker) until admitted.
+            await self.admission.admitted(self.admin_name)
         try:
             await self.sink.accept([env for _, env in decoded], self._origin)
         except NotReady as exc:

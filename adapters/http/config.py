@@ -118,6 +118,10 @@ class HttpListenerConfig(ListenerConfigBase):
     # /admin/dead-letters (list, replay). Off a loopback address it requires a bearer token, given by the
     # NAME of the environment variable that holds it, or authentication (``auth``) and an admin role.
     admin: bool = True
+    openapi: bool = Field(
+        default=True,
+        description="serve GET /openapi.json: an OpenAPI 3.1 description of this listener, from the config",
+    )
     admin_token_env: str | None = None
 
     @model_validator(mode="after")

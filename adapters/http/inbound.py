@@ -136,7 +136,15 @@ MAX_ERROR_DETAIL = 4096
 
 
 def _problem(status: int, kind: str, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
-    problem = {"type": f"urn:mediator:problem:{kind}", "title": title, "status": status, "detail": detail}
+    # With the "error" and "reason" every other refusal has, so that one reader serves every answer.
+    problem = {
+        "type": f"urn:mediator:problem:{kind}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "error": kind,
+        "reason": detail,
+    }
     body = json.dumps(problem, ensure_ascii=False).encode("utf-8")
     return web.Response(status=status, body=body, content_type=_PROBLEM, headers=headers)
 
@@ -306,6 +314,7 @@ class HttpInbound:
         status: StatusReader | None = None,
     ) -> None:
         self.name = name
+        self.cfg = cfg  # what the listener's OpenAPI description says of it (adapters/http/openapi.py)
         self._request = cfg.request
         self._requests = requests
         self._request_timeout_s = cfg.request_timeout_s

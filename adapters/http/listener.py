@@ -24,6 +24,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_urldispatcher import AbstractRoute
 
+from adapters.http import openapi
 from adapters.http.admin import AdminApi, Caller
 from adapters.http.config import CorsConfig, HttpListenerConfig
 from adapters.http.dashboard import Dashboard
@@ -450,6 +451,8 @@ class HttpListener:
         app = web.Application(client_max_size=self.cfg.max_body_bytes)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        if self.cfg.openapi:
+            app.router.add_get(openapi.OPENAPI_PATH, self._openapi)
         if self.metrics is not None:
             app.router.add_get(self.metrics.path, self._metrics)
         if self.admin is not None:
@@ -707,6 +710,25 @@ class HttpListener:
     async def _readyz(self, request: web.BaseRequest) -> web.Response:
         body = json.dumps(self.health.snapshot()).encode("utf-8")
         return web.Response(status=200 if self.health.ready else 503, body=body, content_type="application/json")
+
+    def surface(self) -> openapi.Surface:
+        """What this listener serves now, for its OpenAPI description."""
+        return openapi.Surface(
+            self._short_name,
+            self.inbounds,
+            admin=self.admin is not None,
+            admin_token=self._admin_auth is not None,
+            status=self.status is not None,
+            metrics_path=self.metrics.path if self.metrics is not None else None,
+            mounts=self._mounts.served(self._short_name),
+            authenticated=bool(self.cfg.auth),
+            credential_headers=self._credential_names,
+            max_body_bytes=self.cfg.max_body_bytes,
+        )
+
+    async def _openapi(self, request: web.BaseRequest) -> web.Response:
+        scheme = "https" if self.cfg.tls is not None else "http"
+        return web.json_response(openapi.describe(self.surface(), f"{scheme}://{request.host}"))
 
     async def _admin_caller(self, request: web.BaseRequest, authorization: str | None = None) -> Caller | web.Response:
         """Who may use admin, or the refusal: the admin token's holder, or (when the listener authenticates)

@@ -425,6 +425,9 @@ class MqttInbound:
             self._requests_in_flight.release()
 
     async def _accept(self, events: list[Envelope]) -> None:
+        if self._rt.admission is not None:
+            # Shed by priority: hold them, and their PUBACKs (Receive Maximum stops the broker), until admitted.
+            await self._rt.admission.admitted(self.inbound)
         try:
             await self._rt.sink.accept(events, self._origin)
         except Rejected as exc:

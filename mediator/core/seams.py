@@ -111,6 +111,16 @@ class RequestOutbound(Protocol):
         ...
 
 
+class Admission(Protocol):
+    """Shedding by priority for broker inbounds (the daemon's overload manager, mediator/overload.py)."""
+
+    async def admitted(self, inbound: str) -> None:
+        """Return once publishes of ``inbound``'s priority are admitted (at once when they are). A broker
+        inbound awaits it before handing messages to the sink, holding them unacknowledged meanwhile, so
+        its broker sends no more (paused). Cancellation stops the wait; it never raises otherwise."""
+        ...
+
+
 class Service(Protocol):
     """A long-lived part of an adapter: a listener, a consumer, a broker connection."""
 
@@ -337,7 +347,8 @@ class InboundConfigBase(ConfigModel):
     ``connection_kind``.
 
     ``auth`` names authenticators (``[auth.NAME]``); None takes the listener's. With authenticators,
-    a caller none of them vouches for is refused unless ``allow_anonymous``.
+    a caller none of them vouches for is refused unless ``allow_anonymous``. ``priority``: which of its
+    publishes are shed first under overload (mediator/overload.py).
     """
 
     connection_kind: ClassVar[str | None] = None  # None: a listener or broker of its own kind
@@ -345,6 +356,11 @@ class InboundConfigBase(ConfigModel):
     auth: list[str] | None = None
     allow_anonymous: bool | None = None
     transform: TransformConfig | None = None  # the ingress transform (mediator/stages/transform.py)
+    priority: Literal["critical", "normal", "low"] = Field(
+        default="normal",
+        description="under overload ([overload]) low publishes are shed first, then normal ones; critical ones "
+        "are taken up to [outbox] max_pending. A shed MQTT or AMQP inbound pauses",
+    )
 
     def connection(self) -> str | None:
         return None
@@ -453,6 +469,11 @@ class Mounts:
     def prefixes(self, listener: str) -> list[str]:
         return sorted(self._by_listener.get(listener, {}))
 
+    def served(self, listener: str) -> list[HttpMount]:
+        """The mounts on ``listener`` now, by prefix."""
+        table = self._by_listener.get(listener, {})
+        return [table[p] for p in sorted(table)]
+
 
 @dataclass(frozen=True, slots=True)
 class Sample:
@@ -506,6 +527,7 @@ class Runtime:
     ``reports``: adapters' own counts for the metrics and the status.
     ``outbox_path``: the SQLite outbox file, beside which an adapter keeps durable state of its own
     (None: the outbox is in memory, and so is that state).
+    ``admission``: what a broker inbound waits on while its priority is shed (None: never paused).
     """
 
     sink: Sink
@@ -522,6 +544,7 @@ class Runtime:
     mounts: Mounts = field(default_factory=Mounts)
     reports: Reports = field(default_factory=Reports)
     outbox_path: str | None = None
+    admission: Admission | None = None
 
     def window(self, asked: int, protocol_max: int = 65535) -> int:
         """How many unacknowledged messages a broker inbound should let its broker send (MQTT 5 Receive

@@ -165,6 +165,7 @@ async def status(daemon: StatusSource) -> dict[str, object]:
         "routes": routes,
         "dead_lettered_at_ingress": _by(totals.get("dead_letters", {}), ""),
         "outbox": outbox,
+        **({"overload": overload.status()} if (overload := getattr(daemon, "overload", None)) is not None else {}),
     }
 
 
@@ -302,6 +303,23 @@ def render(doc: Mapping[str, object]) -> str:
     if "error" in outbox:
         line += f"; {outbox['error']}"
     out.append(line)
+    overload = doc.get("overload")
+    if isinstance(overload, Mapping):
+        line = f"overload: {overload.get('level')}"
+        reasons = overload.get("reasons")
+        if isinstance(reasons, list) and reasons:
+            line += " (" + "; ".join(str(r.get("reason")) for r in reasons if isinstance(r, Mapping)) + ")"
+        paused = overload.get("paused")
+        if isinstance(paused, Mapping) and paused:
+            line += "; paused: " + ", ".join(str(k) for k in paused)
+        shed = overload.get("shed")
+        if isinstance(shed, list) and shed:
+            line += "; shed: " + ", ".join(
+                f"{s.get('inbound')} ({s.get('priority')}, {s.get('monitor')}) {s.get('refused')}"
+                for s in shed
+                if isinstance(s, Mapping)
+            )
+        out.append(line)
     ingress = doc.get("dead_lettered_at_ingress")
     if isinstance(ingress, Mapping) and ingress:
         out.append("dead-lettered before any outbound: " + _counts(dict(ingress)))

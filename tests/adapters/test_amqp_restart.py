@@ -4,7 +4,6 @@ under a running inbound and outbound; both must carry on by themselves."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 
 import aio_pika
@@ -25,7 +24,7 @@ from tests.adapters.test_amqp import (
     outbound_config,
     running,
 )
-from tests.support.brokers import RabbitNode
+from tests.support.brokers import RabbitNode, own_rabbit_node
 from tests.support.fakes import ListSink
 from tests.support.net import unique, wait_until
 
@@ -36,18 +35,8 @@ pytestmark = pytest.mark.slow
 def own_rabbitmq() -> Iterator[RabbitNode]:
     """A second RabbitMQ node on free loopback ports, with its own name, data and config (see
     shared/SERVICES.md). Started once per session; stopped at teardown."""
-    if shutil.which("rabbitmq-server") is None:
-        pytest.fail("rabbitmq-server is not installed; `make test` installs it (see README)")
-    rabbit = RabbitNode()
-    try:
-        try:
-            rabbit.start()
-        except AssertionError as exc:
-            pytest.fail(str(exc))
+    with own_rabbit_node() as rabbit:
         yield rabbit
-    finally:
-        rabbit.stop()
-        rabbit.remove()
 
 
 async def restart(rabbit: RabbitNode, health: Health, component: str) -> None:

@@ -430,7 +430,26 @@ def test_the_timestamp_property_is_the_time_attribute() -> None:
         ts = Timestamp(seconds=rng.randint(-62135596800, 253402300799), nanos=rng.randint(0, 10**9 - 1))
         env = new_event(type="t", source="/s", data=b"", id="x")
         env.attributes["time"].ce_timestamp.CopyFrom(ts)
-        assert from_envelope(env, "binary").timestamp == ts.ToDatetime(tzinfo=UTC)
+        # Before the epoch: no AMQP timestamp (an unsigned count of seconds), the time travels as the header.
+        want = ts.ToDatetime(tzinfo=UTC) if ts.seconds >= 0 else None
+        assert from_envelope(env, "binary").timestamp == want
     env.attributes["time"].ce_timestamp.seconds = 10**15  # past year 9999
     with pytest.raises(ValueError, match="out of range"):
         from_envelope(env, "binary")
+
+
+@pytest.mark.parametrize("fmt", ["binary", "structured", "protobuf"])
+def test_a_time_before_the_epoch_has_no_amqp_timestamp(fmt: str) -> None:
+    """Found by schemathesis (tests/adapters/test_openapi.py): time 0003-03-27T19:09:46Z made pamqp raise
+    struct.error while encoding the (unsigned) timestamp property: a 500 on request-reply."""
+    from adapters.amqp.speedups import FastProperties
+
+    env = sample_event()
+    env.attributes["time"].ce_timestamp.FromJsonString("0003-03-27T19:09:46.045460Z")
+    msg = from_envelope(env, fmt)
+    assert msg.timestamp is None
+    FastProperties(message_id=msg.message_id, timestamp=msg.timestamp, headers=msg.headers).marshal()  # type: ignore[arg-type]
+    if fmt == "binary":
+        assert msg.headers["cloudEvents_time"] == "0003-03-27T19:09:46.045460Z"
+    env.attributes["time"].ce_timestamp.FromJsonString("1970-01-01T00:00:00Z")
+    assert from_envelope(env, fmt).timestamp == datetime(1970, 1, 1, tzinfo=UTC)

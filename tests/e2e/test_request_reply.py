@@ -10,7 +10,7 @@ import asyncio
 import json
 import re
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -25,11 +25,11 @@ from paho.mqtt.properties import Properties
 from mediator.v1 import envelope_pb2, service_pb2_grpc
 from tests.support.daemon import DaemonProcess, Quickstart
 from tests.support.net import RABBIT_URL, unique
+from tests.support.responders import echo, reply, responder
 
 pytestmark = pytest.mark.timeout(120)
 
 TIMEOUT_S = 3.0
-Handler = Callable[[AbstractChannel, AbstractIncomingMessage], Awaitable[None]]
 
 
 @pytest.fixture
@@ -45,32 +45,6 @@ async def amqp() -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
     conn = await aio_pika.connect_robust(RABBIT_URL)
     async with conn:
         yield conn
-
-
-async def reply(channel: AbstractChannel, msg: AbstractIncomingMessage, body: bytes, **kw: object) -> None:
-    """What a responder does: publish to reply_to with the request's correlation_id."""
-    assert msg.reply_to is not None
-    message = aio_pika.Message(body, correlation_id=msg.correlation_id, **kw)  # type: ignore[arg-type]
-    await channel.default_exchange.publish(message, routing_key=msg.reply_to)
-
-
-async def echo(channel: AbstractChannel, msg: AbstractIncomingMessage) -> None:
-    await reply(channel, msg, msg.body, content_type=msg.content_type)
-
-
-async def responder(conn: aio_pika.abc.AbstractRobustConnection, queue_name: str, handler: Handler) -> AbstractChannel:
-    """Consume ``queue_name`` (declared by the daemon, durable: a durable declare of it passes) with
-    ``handler``; close the returned channel to stop."""
-    channel = await conn.channel()
-    await channel.set_qos(prefetch_count=500)
-    queue = await channel.declare_queue(queue_name, durable=True, passive=True)
-
-    async def on(msg: AbstractIncomingMessage) -> None:
-        await msg.ack()
-        await handler(channel, msg)
-
-    await queue.consume(on)
-    return channel
 
 
 async def post(session: aiohttp.ClientSession, qs: Quickstart, path: str, body: bytes) -> tuple[int, str, bytes]:

@@ -12,9 +12,10 @@ import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from tests.e2e.test_request_reply import echo, metric, responder
+from tests.e2e.test_request_reply import metric
 from tests.support.daemon import DaemonProcess, Quickstart
 from tests.support.net import RABBIT_URL
+from tests.support.responders import echo, responder
 
 pytestmark = pytest.mark.timeout(90)
 

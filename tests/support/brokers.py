@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,3 +320,23 @@ class NatsServer:
         await self.stop(kill=kill)
         await asyncio.sleep(down_s)
         await self.start()
+
+
+@contextlib.contextmanager
+def own_rabbit_node() -> Iterator[RabbitNode]:
+    """A ``RabbitNode`` started for a session or module fixture, stopped and removed afterwards; a node that
+    cannot start fails the test (never skips it)."""
+    import pytest
+
+    if shutil.which("rabbitmq-server") is None:
+        pytest.fail("rabbitmq-server is not installed; `make test` installs it (see README)")
+    node = RabbitNode()
+    try:
+        try:
+            node.start()
+        except AssertionError as exc:
+            pytest.fail(str(exc))
+        yield node
+    finally:
+        node.stop()
+        node.remove()
