@@ -202,7 +202,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit alone takes '²', which int() refuses
         return float(int(value))
     try:
         when = parsedate_to_datetime(value)
