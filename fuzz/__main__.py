@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         result = run_target(name, args.seconds, args.out, args.timeout, args.nice)
         results.append(result)
+        verdict = "ok" if result.ok else "FOUND"
         print(
-            f"fuzz: {name}: {'ok' if result.ok else 'FOUND'} in {result.seconds:.0f} s, {result.executions} executions, "
+            f"fuzz: {name}: {verdict} in {result.seconds:.0f} s, {result.executions} executions, "
             f"cov {result.cov} ft {result.ft}, corpus {result.corpus}, {result.exec_per_s} exec/s"
             + "".join(f"\n  finding: {f}" for f in result.findings)
             + (f"\n  exit status {result.returncode}: see {args.out / (name + '.log')}" if result.returncode else ""),
