@@ -16,6 +16,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import os
 import time
 import tomllib
@@ -291,8 +292,8 @@ class JwtAuthenticator:
         except jwt.PyJWTError as exc:
             raise _unauthenticated(f"invalid token: {type(exc).__name__}", self.name, token=True) from None
         principal = self._principal(claims)
-        exp = claims.get("exp")
-        valid_until = min(float(exp) + cfg.leeway_s if isinstance(exp, int | float) else now + 300.0, now + 3600.0)
+        exp = _seconds(claims.get("exp"))
+        valid_until = min(exp + cfg.leeway_s if exp is not None else now + 300.0, now + 3600.0)
         self._cache.put(token, principal, valid_until, generation)
         return principal
 
@@ -313,14 +314,14 @@ class JwtAuthenticator:
             for name in cfg.claims
             if (value := claims.get(name)) is not None
         }
-        exp = claims.get("exp")
+        exp = _seconds(claims.get("exp"))
         return Principal(
             pid,
             cfg.authtype,
             self.name,
             roles,
             MappingProxyType(copied),
-            expires_at=float(exp) + cfg.leeway_s if isinstance(exp, int | float) else None,
+            expires_at=exp + cfg.leeway_s if exp is not None else None,
         )
 
     async def close(self) -> None:
@@ -328,6 +329,17 @@ class JwtAuthenticator:
             await self._jwks.close()
         if self._http is not None:
             await self._http.close()
+
+
+def _seconds(value: object) -> float | None:
+    """A NumericDate claim PyJWT accepted, as float seconds: an integer too large for a float (JSON has no
+    bound: ``"exp": 1e400`` written out) is the far future, not an OverflowError (a 500; found by fuzzing)."""
+    if not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _peek_header(token: str) -> dict[str, Any] | None:
@@ -347,7 +359,7 @@ def unverified_issuer(token: str) -> str | None:
     try:
         segment = token.split(".", 2)[1]
         payload = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (IndexError, ValueError, binascii.Error):
+    except (IndexError, ValueError, binascii.Error, RecursionError):  # nested past the json module's stack
         return None
     iss = payload.get("iss") if isinstance(payload, dict) else None
     return iss if isinstance(iss, str) else None
