@@ -217,7 +217,8 @@ def amqp_inbound(data: bytes) -> None:
     list in its wire form (decoded by pamqp, as aiormq does, into aio-pika's ``IncomingMessage``), the
     body; ``wire_message`` then ``to_envelope``. The refusal is ``Rejected`` (the inbound dead-letters
     it). pamqp's own refusal of bytes that are no property list (its ``ValueError``) ends the input: RabbitMQ
-    never forwards such a frame. Anything else pamqp or aio-pika raise on a property list RabbitMQ
+    never forwards such a frame; nor a message whose ``expiration`` is not whole milliseconds (RabbitMQ refuses
+    the publish), which aio-pika would fail to read. Anything else pamqp or aio-pika raise on a property list RabbitMQ
     would forward is a finding too: it is raised inside the daemon's connection."""
     if not data:
         return
@@ -228,6 +229,9 @@ def amqp_inbound(data: bytes) -> None:
         header.unmarshal(struct.pack(">HHQ", 60, 0, len(body)) + props_raw)
     except ValueError:
         return
+    expiration = header.properties.expiration
+    if expiration is not None and not (expiration.isascii() and expiration.isdigit()):
+        return  # RabbitMQ refuses the publish (PRECONDITION_FAILED): no such delivery exists
     deliver = pamqp_commands.Basic.Deliver(routing_key=key_raw.decode("utf-8", "replace"))
     message = IncomingMessage(aiormq.abc.DeliveredMessage(deliver, header, body, None))  # type: ignore[arg-type]
     try:
