@@ -338,6 +338,8 @@ def load(path: str | Path, specs: Mapping[str, AdapterSpec]) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(file, [f"cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:  # as a reload says it (mediator.units.settled_text), not a traceback
+        raise ConfigError(file, [f"not UTF-8: {exc}"]) from exc
     return loads(text, specs, file)
 
 

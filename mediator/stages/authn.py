@@ -79,7 +79,11 @@ def parse_key_file(text: str, where: str, name: str, authtype: str) -> dict[byte
     extra = sorted(set(data) - {"keys"})
     if extra:
         problems.append(f"unknown key(s) {', '.join(extra)} (only [[keys]] tables)")
-    for i, entry in enumerate(data.get("keys", [])):
+    entries = data.get("keys", [])
+    if not isinstance(entries, list):  # `keys = 5`: a TypeError (a traceback at start or reload) before
+        problems.append("keys: must be an array of tables ([[keys]])")
+        entries = []
+    for i, entry in enumerate(entries):
         at = f"keys[{i}]"
         if not isinstance(entry, dict):
             problems.append(f"{at}: must be a table")
@@ -136,6 +140,8 @@ class ApiKeyAuthenticator:
                 text = self._path.read_text(encoding="utf-8")
             except OSError as exc:
                 raise ConfigError(self._where(), [f"auth.{self.name}.keys_file: cannot read: {exc.strerror}"]) from exc
+            except UnicodeDecodeError as exc:
+                raise ConfigError(self._where(), [f"auth.{self.name}.keys_file: not UTF-8: {exc}"]) from exc
         else:
             assert self.cfg.keys_env is not None
             value = os.environ.get(self.cfg.keys_env)
