@@ -4,7 +4,7 @@ Each target is a one-input function: it returns when the input was decoded, or r
 way (``Target.refusal`` says which exception, and the function catches exactly that); any other
 exception, a crash or a hang is a finding. Each decoded event then goes on as the daemon sends it on:
 through the ``wellformed`` checks (the first pipeline stage, same refusal) and, once accepted, through
-every outbound encoding (which must never fail on an accepted event).
+every outbound encoding (which must never fail on an accepted event, and whose JSON must be strict JSON).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiormq.abc
+import orjson
 from aio_pika.message import IncomingMessage
 from aiomqtt import Message as AiomqttMessage
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -80,7 +81,8 @@ _WELLFORMED = WellFormed(ValidationConfig())
 
 def _onward(events: list[Envelope], *, broker: bool) -> None:
     """The wellformed stage on the decoded events (``Rejected`` is its refusal), then every outbound
-    encoding of each accepted one: an event the gateway accepted must be deliverable in every format."""
+    encoding of each accepted one: an event the gateway accepted must be deliverable in every format, and
+    its structured and batch JSON must parse as strict JSON."""
     cache = DataCache()
     for env in events:
         try:
@@ -94,7 +96,9 @@ def _onward(events: list[Envelope], *, broker: bool) -> None:
             mqtt_codec.from_envelope(env, "t/x", fmt, v5=False)
             amqp_codec.from_envelope(env, fmt)
         grpc_codec.from_envelope(env)
-        formats.to_batch([env])
+        # What a consumer parses must be JSON by RFC 8259 (orjson is strict: no NaN, no Infinity).
+        orjson.loads(formats.to_structured(env))
+        orjson.loads(formats.to_batch([env]))
 
 
 # ------------------------------------------------------------ HTTP CloudEvents (binary, structured, batch, Protobuf)
