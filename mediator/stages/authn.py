@@ -249,6 +249,10 @@ class JwtAuthenticator:
         cfg = self.cfg
         if len(token) > cfg.max_token_bytes:
             raise _unauthenticated(f"token larger than {cfg.max_token_bytes} bytes", self.name, token=True)
+        if not token.isascii():
+            # A compact JWS is base64url and dots. Header bytes that are not UTF-8 arrive surrogate-escaped,
+            # and PyJWT's encode("utf-8") raised UnicodeEncodeError on them (a 500; found by atheris).
+            raise _unauthenticated("malformed token", self.name, token=True)
         now = time.time()
         generation = self._jwks.generation if self._jwks is not None else 0
         cached = self._cache.get(token, now, generation)
