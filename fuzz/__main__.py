@@ -23,12 +23,14 @@ from fuzz.targets import TARGETS
 _STATUS = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)/\S+.*?exec/s: (\d+)", re.MULTILINE)
 _EXECUTED = re.compile(r"stat::number_of_executed_units: (\d+)")
 _ARTIFACT = re.compile(r"Test unit written to (\S+)")
+MAX_SESSIONS = 8
 
 
 @dataclass(frozen=True, slots=True)
 class Result:
     name: str
-    seconds: float
+    seconds: float  # wall time, start-up included
+    fuzzed: float  # of which fuzzing
     executions: int
     cov: int
     ft: int
@@ -48,47 +50,92 @@ def _write_seeds(corpus: Path, seeds: list[bytes]) -> None:
         (corpus / f"seed-{hashlib.sha1(seed).hexdigest()}").write_bytes(seed)
 
 
+def _session(command: list[str], log: Path, limit_s: float) -> tuple[int, float, str]:
+    """One libFuzzer process: (exit status, seconds it fuzzed, its output). The fuzzing time starts at
+    libFuzzer's "INFO: Seed:" line, after the instrumented imports (a minute on a busy machine)."""
+    with log.open("a") as sink:
+        offset = sink.tell()
+        started = time.monotonic()
+        fuzzing_since: float | None = None
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None:
+                if time.monotonic() - started > limit_s:
+                    proc.kill()  # libFuzzer's own -max_total_time failed to end it: a hang in start-up
+                    proc.wait()
+                    break
+                if fuzzing_since is None and "INFO: Seed:" in log.read_text(errors="replace")[offset:]:
+                    fuzzing_since = time.monotonic()
+                time.sleep(1.0)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    ended = time.monotonic()
+    text = log.read_text(errors="replace")[offset:]
+    return proc.returncode, ended - (fuzzing_since or ended), text
+
+
 def run_target(name: str, seconds: int, out: Path, timeout_s: int, nice: int) -> Result:
+    """Fuzz ``name`` for ``seconds`` of fuzzing time. libFuzzer stops at a finding; the target is then
+    started again on the same corpus for the time left (up to ``MAX_SESSIONS`` sessions), so one finding
+    does not end the run and every finding of the run is listed."""
     target = TARGETS[name]
     corpus = out / "corpus" / name
     findings = out / "findings" / name
     findings.mkdir(parents=True, exist_ok=True)
     _write_seeds(corpus, target.seeds())
     log = out / f"{name}.log"
-    command = [
-        *(["nice", "-n", str(nice)] if nice else []),
-        sys.executable,
-        "-m",
-        "fuzz.run",
-        name,
-        f"-max_total_time={seconds}",
-        f"-timeout={timeout_s}",
-        f"-max_len={target.max_len}",
-        "-rss_limit_mb=2048",
-        "-print_final_stats=1",
-        f"-artifact_prefix={findings}/",
-        str(corpus),
-    ]
-    print(f"fuzz: {name} for {seconds} s ({' '.join(command)})", flush=True)
+    log.write_text("")
     started = time.monotonic()
-    with log.open("w") as sink:
-        # Bounded by libFuzzer's own -max_total_time; the margin covers start-up and a slow last input.
-        proc = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, timeout=seconds + 120 + timeout_s)
-    elapsed = time.monotonic() - started
-    text = log.read_text(errors="replace")
-    status = _STATUS.findall(text)
-    last = status[-1] if status else ("0", "0", "0", "0", "0")
-    executed = _EXECUTED.search(text)
+    fuzzed = 0.0
+    executions = 0
+    found: list[str] = []
+    worst = 0
+    last = ("0", "0", "0", "0", "0")
+    for _ in range(MAX_SESSIONS):
+        left = int(seconds - fuzzed)
+        if left < 5:
+            break
+        command = [
+            *(["nice", "-n", str(nice)] if nice else []),
+            sys.executable,
+            "-m",
+            "fuzz.run",
+            name,
+            f"-max_total_time={left}",
+            f"-timeout={timeout_s}",
+            f"-max_len={target.max_len}",
+            "-rss_limit_mb=2048",
+            "-print_final_stats=1",
+            f"-artifact_prefix={findings}/",
+            str(corpus),
+        ]
+        print(f"fuzz: {name} for {left} s ({' '.join(command)})", flush=True)
+        returncode, session_s, text = _session(command, log, limit_s=left + 900 + timeout_s)
+        fuzzed += session_s
+        status = _STATUS.findall(text)
+        last = status[-1] if status else last
+        executed = _EXECUTED.search(text)
+        executions += int(executed.group(1)) if executed else int(status[-1][0]) if status else 0
+        artifacts = _ARTIFACT.findall(text)
+        found += artifacts
+        if returncode != 0 and not artifacts:
+            worst = returncode  # failed without an input to show: a broken target, not a finding
+            break
+        if returncode == 0:
+            break
     return Result(
         name=name,
-        seconds=elapsed,
-        executions=int(executed.group(1)) if executed else int(last[0]),
+        seconds=time.monotonic() - started,
+        fuzzed=fuzzed,
+        executions=executions,
         cov=int(last[1]),
         ft=int(last[2]),
         corpus=int(last[3]),
-        exec_per_s=int(last[4]),
-        returncode=proc.returncode,
-        findings=tuple(_ARTIFACT.findall(text)),
+        exec_per_s=int(executions / fuzzed) if fuzzed else 0,
+        returncode=worst,
+        findings=tuple(found),
     )
 
 
@@ -110,16 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         verdict = "ok" if result.ok else "FOUND"
         print(
-            f"fuzz: {name}: {verdict} in {result.seconds:.0f} s, {result.executions} executions, "
+            f"fuzz: {name}: {verdict}, fuzzed {result.fuzzed:.0f} s ({result.seconds:.0f} s with start-up), "
+            f"{result.executions} executions, "
             f"cov {result.cov} ft {result.ft}, corpus {result.corpus}, {result.exec_per_s} exec/s"
             + "".join(f"\n  finding: {f}" for f in result.findings)
             + (f"\n  exit status {result.returncode}: see {args.out / (name + '.log')}" if result.returncode else ""),
             flush=True,
         )
-    print(f"\n{'target':<20} {'seconds':>8} {'executions':>11} {'cov':>6} {'ft':>7} {'exec/s':>7}  result")
+    print(f"\n{'target':<20} {'fuzzed s':>8} {'executions':>11} {'cov':>6} {'ft':>7} {'exec/s':>7}  result")
     for r in results:
-        verdict = "ok" if r.ok else f"FOUND {len(r.findings)} (exit {r.returncode})"
-        print(f"{r.name:<20} {r.seconds:>8.0f} {r.executions:>11} {r.cov:>6} {r.ft:>7} {r.exec_per_s:>7}  {verdict}")
+        verdict = "ok" if r.ok else f"FOUND {len(r.findings)}" + (f" (exit {r.returncode})" if r.returncode else "")
+        print(f"{r.name:<20} {r.fuzzed:>8.0f} {r.executions:>11} {r.cov:>6} {r.ft:>7} {r.exec_per_s:>7}  {verdict}")
     return 0 if all(r.ok for r in results) else 1
 
 
