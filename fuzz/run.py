@@ -8,7 +8,9 @@ them. ``python -m fuzz`` starts this once per target.
 
 from __future__ import annotations
 
+import hashlib
 import sys
+from pathlib import Path
 
 import atheris
 
@@ -20,7 +22,20 @@ def main() -> None:
     with atheris.instrument_imports(include=INSTRUMENTED):
         from fuzz.targets import TARGETS
     target = TARGETS[name]
-    atheris.Setup([sys.argv[0], *flags], target.one_input)
+    prefix = next((f.split("=", 1)[1] for f in flags if f.startswith("-artifact_prefix=")), "./")
+
+    def one_input(data: bytes) -> None:
+        try:
+            target.one_input(data)
+        except BaseException:
+            # libFuzzer writes the failing input on its way out, but not on every path out of an uncaught
+            # Python exception (seen in the final round): the input is kept here first, either way.
+            path = f"{prefix}crash-{hashlib.sha1(data).hexdigest()}"
+            Path(path).write_bytes(data)
+            print(f"fuzz: Test unit written to {path}", file=sys.stderr, flush=True)
+            raise
+
+    atheris.Setup([sys.argv[0], *flags], one_input)
     atheris.Fuzz()
 
 
