@@ -381,6 +381,9 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
             if kind is None:
                 problems.append(f"{where}.kind: required ({' | '.join(sorted(specs))})")
                 continue
+            if not isinstance(kind, str):  # `kind = [...]` was a TypeError (unhashable), found by atheris
+                problems.append(f"{where}.kind: must be a string ({' | '.join(sorted(specs))})")
+                continue
             spec = specs.get(kind)
             model = _model_for(spec, section) if spec else None
             if spec is None or model is None:
