@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install proto docs services install-brokers lint typecheck test run check bench flake soak clean activate
+.PHONY: install proto docs services install-brokers lint typecheck test run check bench flake soak fuzz clean activate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# atheris (the `fuzz` extra) only where `make fuzz` runs: a wheel for CPython 3.11 on Linux x86-64.
+FUZZ_STAMP := $(VENV)/.fuzz-stamp
+$(FUZZ_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev,fast,fuzz]'
+	touch $(FUZZ_STAMP)
 
 # The generated code is committed (so `pip install .` needs no protoc); this rewrites it after a .proto edit.
 # tests/test_proto_drift.py fails when the committed copy and the .proto files disagree.
@@ -74,6 +80,15 @@ flake: $(STAMP) services
 SOAK_MINUTES ?= 30
 soak: $(STAMP)
 	SOAK_MINUTES=$(SOAK_MINUTES) nice -n 5 $(PY) -m bench.soak
+
+# Coverage-guided fuzzing (atheris) of every decoder of outside bytes, one target after another, FUZZ_SECONDS
+# each (default 600: 80 minutes for the 8 targets); FUZZ_TARGETS=a,b for some (python -m fuzz --help).
+# Findings go to var/fuzz/findings/TARGET/; docs/fuzzing.md says what to do with them. Not part of `make test`
+# (tests/fuzz_regressions runs the targets on their seeds and on every input found so far).
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?=
+fuzz: $(FUZZ_STAMP)
+	$(PY) -m fuzz --seconds $(FUZZ_SECONDS) $(if $(FUZZ_TARGETS),--targets $(FUZZ_TARGETS))
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

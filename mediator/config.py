@@ -359,6 +359,8 @@ def load(path: str | Path, specs: Mapping[str, AdapterSpec]) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(file, [f"cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:  # as a reload says it (mediator.units.settled_text), not a traceback
+        raise ConfigError(file, [f"not UTF-8: {exc}"]) from exc
     return loads(text, specs, file)
 
 
@@ -399,6 +401,9 @@ def parse(raw: Mapping[str, Any], specs: Mapping[str, AdapterSpec], file: str = 
             kind = body.get("kind")
             if kind is None:
                 problems.append(f"{where}.kind: required ({' | '.join(sorted(specs))})")
+                continue
+            if not isinstance(kind, str):  # `kind = [...]` was a TypeError (unhashable), found by atheris
+                problems.append(f"{where}.kind: must be a string ({' | '.join(sorted(specs))})")
                 continue
             spec = specs.get(kind)
             model = _model_for(spec, section) if spec else None

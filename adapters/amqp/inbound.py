@@ -45,6 +45,20 @@ def _channel_of(message: AbstractIncomingMessage) -> object | None:
         return None
 
 
+def wire_message(message: AbstractIncomingMessage) -> AmqpMessage:
+    """What the binding reads of one delivery (``fuzz/targets.py`` decodes fuzzed properties through this too)."""
+    return AmqpMessage(
+        body=message.body,
+        routing_key=message.routing_key or "",
+        content_type=message.content_type,
+        headers=message.headers,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        user_id=message.user_id,
+    )
+
+
 class AmqpInbound(BrokerLink):
     role = "inbound"
 
@@ -108,16 +122,7 @@ class AmqpInbound(BrokerLink):
     async def _commit(self, batch: list[AbstractIncomingMessage]) -> None:
         decoded: list[tuple[AbstractIncomingMessage, Envelope]] = []
         for message in batch:
-            msg = AmqpMessage(
-                body=message.body,
-                routing_key=message.routing_key or "",
-                content_type=message.content_type,
-                headers=message.headers,
-                message_id=message.message_id,
-                timestamp=message.timestamp,
-                type=message.type,
-                user_id=message.user_id,
-            )
+            msg = wire_message(message)
             try:
                 env = to_envelope(
                     msg,

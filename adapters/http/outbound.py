@@ -57,7 +57,7 @@ def parse_consent(
         return True, "", 0.0
     if rate == "*":
         return True, "", 0.0
-    if not rate.isdigit() or int(rate) <= 0:
+    if not (rate.isascii() and rate.isdigit()) or int(rate) <= 0:  # isdigit alone takes '²', int() does not
         return False, f"HTTP {status}, WebHook-Allowed-Rate {rate[:40]!r} is not a positive integer or '*'", 0.0
     return True, "", 60.0 / int(rate)
 

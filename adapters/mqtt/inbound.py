@@ -65,6 +65,18 @@ DRAIN_QUIET_S = 2.0
 the broker sends what a session holds as soon as it connects, as fast as the acknowledgements let it."""
 
 
+def wire_message(message: aiomqtt.Message) -> MqttMessage:
+    """What the binding reads of one PUBLISH (``fuzz/targets.py`` decodes fuzzed properties through this too)."""
+    props = message.properties
+    payload = message.payload
+    return MqttMessage(
+        topic=message.topic.value,
+        payload=payload if isinstance(payload, bytes) else str(payload or "").encode(),
+        content_type=getattr(props, "ContentType", None) if props is not None else None,
+        user_properties=user_properties(getattr(props, "UserProperty", None)) if props is not None else (),
+    )
+
+
 async def _idle_ending(
     messages: AsyncIterator[aiomqtt.Message], idle_s: float, settled: Callable[[], bool]
 ) -> AsyncIterator[aiomqtt.Message]:
@@ -354,12 +366,7 @@ class MqttInbound:
             payload = message.payload
             if self._info is not None and self._info.take(message.topic.value, payload):
                 continue  # $SYS, QoS 0: nothing to acknowledge
-            wire = MqttMessage(
-                topic=message.topic.value,
-                payload=payload if isinstance(payload, bytes) else str(payload or "").encode(),
-                content_type=getattr(props, "ContentType", None) if props is not None else None,
-                user_properties=user_properties(getattr(props, "UserProperty", None)) if props is not None else (),
-            )
+            wire = wire_message(message)
             try:
                 decoded = to_envelope(wire, self._rules)
                 if self._cfg.request:

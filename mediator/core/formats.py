@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 
 from mediator.core.envelope import (
@@ -82,6 +83,18 @@ def to_json_dict(env: Envelope) -> dict[str, Any]:
 
 
 def from_json_dict(obj: object) -> Envelope:
+    try:
+        return _from_json_dict(obj)
+    except UnicodeEncodeError as exc:
+        # A JSON escape of half a surrogate pair ("\ud800") parses to a str that is not Unicode text: protobuf
+        # and UTF-8 refuse it. It was a bare UnicodeEncodeError (dead letters on broker inbounds with
+        # "cannot decode: ..."), seen through the mqtt_inbound fuzz target.
+        raise Rejected(
+            RejectCode.INVALID, f"a string holds a lone surrogate (a \\u{ord(exc.object[exc.start]):04x} escape)"
+        ) from None
+
+
+def _from_json_dict(obj: object) -> Envelope:
     if not isinstance(obj, dict):
         raise Rejected(RejectCode.INVALID, "a structured CloudEvent must be a JSON object")
     env = Envelope()
@@ -133,7 +146,7 @@ def to_structured(env: Envelope) -> bytes:
 
 
 def from_structured(body: bytes) -> Envelope:
-    return from_json_dict(_loads(body))
+    return from_json_dict(loads(body))
 
 
 def to_batch(events: list[Envelope]) -> bytes:
@@ -141,7 +154,7 @@ def to_batch(events: list[Envelope]) -> bytes:
 
 
 def from_batch(body: bytes) -> list[Envelope]:
-    obj = _loads(body)
+    obj = loads(body)
     if not isinstance(obj, list):
         raise Rejected(RejectCode.INVALID, "a CloudEvents batch must be a JSON array")
     return [from_json_dict(item) for item in obj]
@@ -168,9 +181,23 @@ def from_protobuf(body: bytes) -> Envelope:
     return env
 
 
-def _loads(body: bytes) -> Any:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (RFC 8259 has no NaN or Infinity)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:24]} is beyond a double")
+    return value
+
+
+def loads(body: bytes) -> Any:
+    """A structured or batch body: JSON by RFC 8259, which Python's json module is not by default (it reads
+    NaN, Infinity and 1e400 as floats that json.dumps writes back as NaN and Infinity, invalid JSON for
+    every consumer; seen through the fuzz targets). Raises ``Rejected(INVALID)``."""
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
     except ValueError as exc:
         raise Rejected(RejectCode.INVALID, f"body is not valid JSON: {exc}") from exc
     except RecursionError:  # the json module recurses per nesting level: 100,000 brackets are a 400, not a 500

@@ -16,6 +16,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import os
 import time
 import tomllib
@@ -78,7 +79,11 @@ def parse_key_file(text: str, where: str, name: str, authtype: str) -> dict[byte
     extra = sorted(set(data) - {"keys"})
     if extra:
         problems.append(f"unknown key(s) {', '.join(extra)} (only [[keys]] tables)")
-    for i, entry in enumerate(data.get("keys", [])):
+    entries = data.get("keys", [])
+    if not isinstance(entries, list):  # `keys = 5`: a TypeError (a traceback at start or reload) before
+        problems.append("keys: must be an array of tables ([[keys]])")
+        entries = []
+    for i, entry in enumerate(entries):
         at = f"keys[{i}]"
         if not isinstance(entry, dict):
             problems.append(f"{at}: must be a table")
@@ -135,6 +140,8 @@ class ApiKeyAuthenticator:
                 text = self._path.read_text(encoding="utf-8")
             except OSError as exc:
                 raise ConfigError(self._where(), [f"auth.{self.name}.keys_file: cannot read: {exc.strerror}"]) from exc
+            except UnicodeDecodeError as exc:
+                raise ConfigError(self._where(), [f"auth.{self.name}.keys_file: not UTF-8: {exc}"]) from exc
         else:
             assert self.cfg.keys_env is not None
             value = os.environ.get(self.cfg.keys_env)
@@ -242,6 +249,10 @@ class JwtAuthenticator:
         cfg = self.cfg
         if len(token) > cfg.max_token_bytes:
             raise _unauthenticated(f"token larger than {cfg.max_token_bytes} bytes", self.name, token=True)
+        if not token.isascii():
+            # A compact JWS is base64url and dots. Header bytes that are not UTF-8 arrive surrogate-escaped,
+            # and PyJWT's encode("utf-8") raised UnicodeEncodeError on them (a 500; found by atheris).
+            raise _unauthenticated("malformed token", self.name, token=True)
         now = time.time()
         generation = self._jwks.generation if self._jwks is not None else 0
         cached = self._cache.get(token, now, generation)
@@ -294,8 +305,8 @@ class JwtAuthenticator:
         except jwt.PyJWTError as exc:
             raise _unauthenticated(f"invalid token: {type(exc).__name__}", self.name, token=True) from None
         principal = self._principal(claims)
-        exp = claims.get("exp")
-        valid_until = min(float(exp) + cfg.leeway_s if isinstance(exp, int | float) else now + 300.0, now + 3600.0)
+        exp = _seconds(claims.get("exp"))
+        valid_until = min(exp + cfg.leeway_s if exp is not None else now + 300.0, now + 3600.0)
         self._cache.put(token, principal, valid_until, generation)
         return principal
 
@@ -316,14 +327,14 @@ class JwtAuthenticator:
             for name in cfg.claims
             if (value := claims.get(name)) is not None
         }
-        exp = claims.get("exp")
+        exp = _seconds(claims.get("exp"))
         return Principal(
             pid,
             cfg.authtype,
             self.name,
             roles,
             MappingProxyType(copied),
-            expires_at=float(exp) + cfg.leeway_s if isinstance(exp, int | float) else None,
+            expires_at=exp + cfg.leeway_s if exp is not None else None,
         )
 
     async def close(self) -> None:
@@ -331,6 +342,17 @@ class JwtAuthenticator:
             await self._jwks.close()
         if self._http is not None:
             await self._http.close()
+
+
+def _seconds(value: object) -> float | None:
+    """A NumericDate claim PyJWT accepted, as float seconds: an integer too large for a float (JSON has no
+    bound: ``"exp": 1e400`` written out) is the far future, not an OverflowError (a 500; found by fuzzing)."""
+    if not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _peek_header(token: str) -> dict[str, Any] | None:
@@ -376,7 +398,7 @@ def unverified_issuer(token: str) -> str | None:
     try:
         segment = token.split(".", 2)[1]
         payload = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (IndexError, ValueError, binascii.Error):
+    except (IndexError, ValueError, binascii.Error, RecursionError):  # nested past the json module's stack
         return None
     iss = payload.get("iss") if isinstance(payload, dict) else None
     return iss if isinstance(iss, str) else None

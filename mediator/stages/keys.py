@@ -30,7 +30,7 @@ def _field(data: Any, path: tuple[str, ...]) -> str:
             if seg not in value:
                 raise TemplateError(f"event data has no field {'.'.join(path)!r}")
             value = value[seg]
-        elif isinstance(value, list) and seg.isdigit() and int(seg) < len(value):
+        elif isinstance(value, list) and seg.isascii() and seg.isdigit() and int(seg) < len(value):
             value = value[int(seg)]
         else:
             raise TemplateError(f"event data has no field {'.'.join(path)!r}")

@@ -114,7 +114,8 @@ class WebhookAuthenticator:
         signature = headers.get(signatures.WEBHOOK_SIGNATURE, "")
         if not msg_id or not stamp or not signature.strip():
             raise _refused("webhook-id, webhook-timestamp and webhook-signature are all required", self.name)
-        if not stamp.isdigit() or len(stamp) > 12:
+        # isascii: str.isdigit is true of digits int() refuses, such as '²' (a 500 before; found by fuzzing).
+        if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
             raise _refused("webhook-timestamp is not whole seconds since the epoch", self.name)
         timestamp = int(stamp)
         skew = time.time() - timestamp
