@@ -200,7 +200,12 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         return float(int(value))
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (
+        TypeError,
+        ValueError,
+        IndexError,
+        OverflowError,
+    ):  # OverflowError: a year beyond a C long (found by make fuzz)
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)

@@ -86,6 +86,47 @@ def _path_params(names: Sequence[str]) -> list[dict[str, Any]]:
     return [{"name": n, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}} for n in names]
 
 
+ADMIN_EXTRAS: tuple[tuple[str, str, str, str, str], ...] = (
+    # (method, aiohttp route, operationId, summary, json | page | stream): adapters/http/admin.py,
+    # adapters/http/dashboard/ and the event store's routes in adapters/http/listener.py.
+    ("post", "/admin/dead-letters/delete", "deleteDeadLetters", "Delete the dead letters listed in ids", "json"),
+    ("get", r"/admin/dead-letters/{id:\d+}", "getDeadLetter", "One dead letter, whole", "json"),
+    (
+        "post",
+        r"/admin/dead-letters/{id:\d+}/replay",
+        "editReplayDeadLetter",
+        "Edit a dead letter and replay it",
+        "json",
+    ),
+    ("get", "/admin/audit", "auditLog", "Who changed which dead letters, when", "json"),
+    ("get", "/admin/routes", "adminRoutes", "The translation table as written and as resolved", "json"),
+    ("get", "/admin/rates", "adminRates", "Events per second of each inbound and outbound", "json"),
+    ("get", "/admin/tail", "adminTail", "The live tail (Server-Sent Events)", "stream"),
+    ("get", "/admin/events", "listEvents", "The event store: events by type, source, subject, time", "json"),
+    ("get", "/admin/events/{id}", "getEvent", "One stored event", "json"),
+    ("get", "/admin/replays", "listReplays", "Replay jobs and their progress", "json"),
+    ("post", "/admin/replays", "startReplay", "Start a replay of stored events", "json"),
+    ("get", "/admin/replays/{id}", "getReplay", "One replay job", "json"),
+    ("delete", "/admin/replays/{id}", "cancelReplay", "Cancel a replay job", "json"),
+    ("get", "/admin/", "dashboard", "The dashboard's overview page", "page"),
+    ("get", "/admin/ui/overview/stream", "dashboardOverviewStream", "The overview's live updates", "stream"),
+    ("get", "/admin/ui/routes", "dashboardRoutes", "The dashboard's routes page", "page"),
+    ("get", "/admin/ui/tail", "dashboardTail", "The dashboard's live tail page", "page"),
+    ("get", "/admin/ui/dead-letters", "dashboardDeadLetters", "The dashboard's dead letters", "page"),
+    ("get", r"/admin/ui/dead-letters/{id:\d+}", "dashboardDeadLetter", "One dead letter in the dashboard", "page"),
+    ("post", r"/admin/ui/dead-letters/{id:\d+}/replay", "dashboardEditReplay", "Edit and replay (form)", "page"),
+    ("post", "/admin/ui/dead-letters/replay", "dashboardReplay", "Replay dead letters (form)", "page"),
+    ("post", "/admin/ui/dead-letters/delete", "dashboardDelete", "Delete dead letters (form)", "page"),
+    ("get", "/admin/ui/history", "dashboardHistory", "The dashboard's history page", "page"),
+    ("get", "/admin/ui/login", "dashboardLoginPage", "The dashboard's login page", "page"),
+    ("post", "/admin/ui/login", "dashboardLogin", "Log in to the dashboard (form)", "page"),
+    ("post", "/admin/ui/logout", "dashboardLogout", "Log out of the dashboard (form)", "page"),
+    ("get", "/admin/ui/static/{name}", "dashboardStatic", "The dashboard's scripts and styles", "page"),
+)
+"""The admin routes beyond status and dead letters, as one table (the dashboard's pages and streams are
+described for completeness; a contract test does not call them)."""
+
+
 class Surface:
     """What one listener serves, read from the listener at the moment of the request."""
 
@@ -237,10 +278,10 @@ def describe(s: Surface, server_url: str) -> dict[str, Any]:
         paths["/admin/dead-letters/replay"] = {
             "post": {
                 "operationId": "replayDeadLetters",
-                "summary": "Replay dead letters: those listed in ids, or every replayable one without a body",
+                "summary": "Replay dead letters: those listed in ids, or every replayable one when ids is absent",
                 "tags": ["admin"],
                 "requestBody": {
-                    "required": False,
+                    "required": True,
                     "content": {
                         JSON: {
                             "schema": {
@@ -255,12 +296,44 @@ def describe(s: Surface, server_url: str) -> dict[str, Any]:
                         {"type": "object", "required": ["replayed"], "properties": {"replayed": {"type": "integer"}}},
                         "How many were replayed",
                     ),
-                    **_errors((400, 404)),
+                    **_errors((400, 404, 415)),
                     **admin_errors,
                 },
                 **guarded,
             }
         }
+        for method, route, op_id, summary, kind in ADMIN_EXTRAS:
+            path, names = _path_template(route)
+            params = [
+                {
+                    "name": n,
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^[0-9A-Za-z._-]+$"},
+                }
+                for n in names
+            ]
+            op: dict[str, Any] = {
+                "operationId": op_id,
+                "summary": summary,
+                "tags": ["admin"],
+                **({"parameters": params} if params else {}),
+                **guarded,
+            }
+            if kind == "json":
+                op["responses"] = {
+                    "200": _json({"type": "object"}, "The answer"),
+                    "202": _json({"type": "object"}, "Started (a replay job)"),
+                    **_errors((400, 404, 409, 415, 503)),
+                    **admin_errors,
+                }
+                if method == "post":
+                    op["requestBody"] = {"required": True, "content": {JSON: {"schema": {"type": "object"}}}}
+                    op["x-mediator-loose-body"] = True  # what the object must hold is in docs/, not in this schema
+            else:  # a page for a browser, or a stream a client keeps open: described, not called by a contract test
+                op["x-mediator-stream" if kind == "stream" else "x-mediator-page"] = True
+                op["responses"] = {"200": {"description": "HTML" if kind == "page" else "Server-Sent Events"}}
+            paths.setdefault(path, {})[method] = op
     for inbound in s.inbounds:
         path, names = _path_template(inbound.path)
         item = paths.setdefault(path, {})

@@ -239,14 +239,17 @@ def exercise(schema_url: str, base_url: str) -> dict[str, dict[int, int]]:
     for result in schema.get_all_operations():
         assert isinstance(result, Ok), result
         operation = result.ok()
-        if operation.definition.raw.get("x-mediator-stream"):
+        if operation.definition.raw.get("x-mediator-stream") or operation.definition.raw.get("x-mediator-page"):
             continue
         counts = seen.setdefault(operation.label, {})
         # A publish's content is checked against its own datacontenttype and the [validation] limits (data
         # that says JSON must parse, for one), which a JSON Schema of the envelope cannot say: a refusal of
         # such a schema-valid event is right, and its answer is still checked (status, media type, body).
         publish = "inbound" in operation.definition.raw.get("tags", [])
-        excluded = [positive_data_acceptance] if publish else []
+        # The admin actions' bodies (which ids, which replay) are described as objects: a generated {} is
+        # schema-valid and rightly refused 400 for what it leaves out; the answer is still checked.
+        loose = operation.definition.raw.get("x-mediator-loose-body", False)
+        excluded = [positive_data_acceptance] if publish or loose else []
         started = time.monotonic()
 
         make_check(operation, counts, excluded, session, base_url)()
