@@ -33,6 +33,7 @@ SECTIONS: Mapping[str, Applied] = {
     "rate_limits": LIVE,
     "validation": LIVE,
     "schemas": LIVE,
+    "encryption": LIVE,  # key rings: the stages are rebuilt with the new keys (daemon.SECURITY_SECTIONS)
     "enrich": LIVE,
     "aggregate": LIVE,
     # A new span recorder and exporter thread replace the old one (which flushes what it holds), or

@@ -40,7 +40,7 @@ def test_shipped_config_sections_validate() -> None:
     assert icfgs["cloudevents-http"].max_batch == 1000
     health = Health()
     built = build(AdapterConfig(listeners=lcfgs, inbounds=icfgs), Runtime(sink=ListSink(), health=health))
-    assert [s.name for s in built.services] == ["listener:http"]
+    assert [s.name for s in built.services] == ["listener:http", "listener:registry"]
     assert "listener:http" in health.snapshot()
 
 

@@ -166,10 +166,11 @@ async def test_overview_shows_listeners_and_a_rate_that_moves(dash: Dash) -> Non
     page = await ctx.new_page()
     await page.goto(f"{dash.base}/admin/")
     listeners = page.locator("#listeners tbody tr")
-    await expect(listeners).to_have_count(2)
+    await expect(listeners).to_have_count(3)  # the shipped config's http, grpc and the schema registry's
     await expect(listeners.nth(0)).to_contain_text("http")
     await expect(listeners.nth(0)).to_contain_text("up")
     await expect(listeners.nth(1)).to_contain_text("grpc")
+    await expect(listeners.nth(2)).to_contain_text("registry")
     await expect(page.locator("#brokers")).to_contain_text("rabbit")
     rate = page.locator('.rate[data-series="orders-http"]')
     accepted_before = int(await page.locator("#inbounds tr", has_text="orders-http").locator(".accepted").inner_text())

@@ -268,6 +268,7 @@ async def test_admin_status_and_the_status_command(observed: Observed) -> None:
     assert {x["name"]: (x["kind"], x["ready"]) for x in doc["listeners"]} == {
         "http": ("http", True),
         "grpc": ("grpc", True),
+        "registry": ("http", True),  # the shipped config's schema registry listener
         "secured": ("http", True),
     }
     brokers = {b["name"]: {c["component"]: c["ready"] for c in b["connections"]} for b in doc["brokers"]}

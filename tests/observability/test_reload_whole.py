@@ -331,6 +331,7 @@ def test_unit_plan_keys(tmp_path: Path) -> None:
         "inbound:rpc-mqtt",
         "listener:grpc",
         "listener:http",
+        "listener:registry",  # the schema registry's own listener (8081 in the shipped config)
         "outbound:browsers",  # a push outbound is a unit of its own: it mounts itself on listener:http
         "outbound:mqtt",
         "outbound:mqtt-rpc",
