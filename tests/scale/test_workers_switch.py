@@ -223,4 +223,7 @@ async def test_workers_switch_under_a_steady_stream_loses_nothing(
     assert not missing, missing[:20]
     assert not counted.strays, counted.strays[:5]
     assert sum(counted.tags.values()) == len(sent) + sum(n - 1 for n in twice.values())
-    assert len(twice) <= 30, sorted(twice)[:40]  # measured: 1-6 in a switch pair at 100 msgs/s
+    # Measured: 1-6 in a switch pair at 100 msgs/s on a quiet machine, 43 and 89 with the suite in two
+    # processes on 2 cores (the overlap is a round trip plus the new worker's start-up delay). The bound is
+    # half a second of the stream's traffic per switch: more than that is a drain that does not work.
+    assert len(twice) <= 100, sorted(twice)[:40]
